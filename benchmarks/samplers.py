@@ -1,0 +1,154 @@
+"""Sampler accuracy per model call: diffkit beside diffusers, on the same exact model and noise.
+
+The data are Gaussian, so the optimal eps-model is known in closed form and any error in the
+samples is the sampler's own. For every sampler and step count it prints the number of model
+calls and the KL divergence per dimension (nats) between the Gaussian fitted to the samples and
+the true data distribution.
+
+Two data sets:
+  A  16-D, mean linspace(-1, 1), std linspace(0.1, 1)       -- unit-scale data, the issue's test
+  B  16-D, mean 0, std log-spaced 0.05 .. 8                 -- multi-scale data, like the low
+                                                              frequencies of an image
+
+The starting noise is standardised per dimension (mean exactly 0, variance exactly 1), so
+deterministic samplers -- affine maps on Gaussian data -- are measured without a Monte-Carlo
+floor; stochastic samplers keep theirs (about 1/N).
+
+    python benchmarks/samplers.py                 # about 3 minutes on 2 CPU cores
+    python benchmarks/samplers.py --quick         # fewer samples and steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import diffkit
+from diffkit import Diffusion, GaussianData
+
+DATA_SETS = {
+    "A": GaussianData(torch.linspace(-1, 1, 16), torch.linspace(0.1, 1.0, 16)),
+    "B": GaussianData(torch.zeros(16), torch.logspace(math.log10(0.05), math.log10(8.0), 16)),
+}
+
+# (label, sampler, options for Diffusion.sample)
+DIFFKIT_CONFIGS = [
+    ("ddim (trailing)", "ddim", {}),
+    ("euler (karras)", "euler", {}),
+    ("heun (karras)", "heun", {}),
+    ("dpm++2m (logsnr)", "dpm++2m", {}),
+    ("dpm++3m (logsnr)", "dpm++3m", {}),
+    ("unipc (logsnr)", "unipc", {}),
+    ("unipc-3 (logsnr)", "unipc", {"sampler_options": {"order": 3}}),
+    ("unipc (logsnr -4..8)", "unipc", {"log_snr_range": (-4.0, 8.0)}),
+    ("unipc-3 (logsnr -4..8)", "unipc", {"log_snr_range": (-4.0, 8.0), "sampler_options": {"order": 3}}),
+    ("dpm++2m (logsnr -4..8)", "dpm++2m", {"log_snr_range": (-4.0, 8.0)}),
+]
+
+
+def diffusers_configs():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    common = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return [
+        ("DPM++2M default", lambda: DPMSolverMultistepScheduler(**common), torch.float64),
+        ("DPM++2M lu_lambdas", lambda: DPMSolverMultistepScheduler(**common, use_lu_lambdas=True), torch.float64),
+        ("DPM++2M karras", lambda: DPMSolverMultistepScheduler(**common, use_karras_sigmas=True), torch.float64),
+        ("DPM++3M lu_lambdas", lambda: DPMSolverMultistepScheduler(**common, solver_order=3, use_lu_lambdas=True), torch.float64),
+        # UniPC raises in float64 (mixed dtypes in its linear solve), so it runs in float32.
+        ("UniPC-2 karras", lambda: UniPCMultistepScheduler(**common, use_karras_sigmas=True), torch.float32),
+        ("UniPC-2 exponential", lambda: UniPCMultistepScheduler(**common, use_exponential_sigmas=True), torch.float32),
+        ("UniPC-3 exponential", lambda: UniPCMultistepScheduler(**common, solver_order=3, use_exponential_sigmas=True), torch.float32),
+        ("DDIM trailing", lambda: DDIMScheduler(**common, timestep_spacing="trailing", clip_sample=False), torch.float64),
+    ]
+
+
+def standard_noise(num: int, dims: int, seed: int) -> torch.Tensor:
+    z = torch.randn(num, dims, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (z - z.mean(0)) / z.std(0)
+
+
+def run_diffusers(make_scheduler, dtype, model, noise, steps):
+    scheduler = make_scheduler()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # diffusers builds its internal tables in the default dtype
+    try:
+        scheduler.set_timesteps(steps)
+        x = noise.to(dtype)
+        calls = 0
+        for t in scheduler.timesteps:
+            eps = model(x, t.expand(x.shape[0]).long())
+            calls += 1
+            x = scheduler.step(eps, t, x).prev_sample
+    finally:
+        torch.set_default_dtype(previous)
+    return x, calls
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=20000, help="samples per configuration (default 20000)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50, 100], help="step counts to measure")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="4000 samples, steps 5 10 20")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.steps = 4000, [5, 10, 20]
+
+    started = time.time()
+    diff = Diffusion("linear", 1000, prediction="eps")
+    noise = standard_noise(args.samples, 16, args.seed)
+    results = []
+    for data_name, data in DATA_SETS.items():
+        model = data.model(diff.schedule)
+        for label, sampler, options in DIFFKIT_CONFIGS:
+            for steps in args.steps:
+                x = diff.sample(model, noise.shape, sampler=sampler, steps=steps, noise=noise, dtype=torch.float64,
+                                generator=torch.Generator().manual_seed(args.seed + 1), **options)
+                results.append(dict(data=data_name, library="diffkit", config=label, steps=steps,
+                                    calls=diffkit.model_calls(sampler, steps), kl=data.kl_per_dim(x)))
+        for label, make, dtype in diffusers_configs():
+            for steps in args.steps:
+                try:
+                    x, calls = run_diffusers(make, dtype, model, noise, steps)
+                    kl = data.kl_per_dim(x)
+                except Exception as error:  # report a reference's failure instead of hiding the row
+                    calls, kl = steps, float("nan")
+                    print(f"diffusers {label} at {steps} steps failed: {error}")
+                results.append(dict(data=data_name, library="diffusers", config=label, steps=steps, calls=calls, kl=kl))
+
+    print(f"# Sampler accuracy: KL(samples || data) per dimension, nats; {args.samples} samples, seed {args.seed}")
+    print(f"# exact eps-model, linear schedule (1e-4..0.02), T=1000; torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    for data_name in DATA_SETS:
+        print(f"\n## data {data_name}\n")
+        print("| library | configuration | " + " | ".join(f"{s} steps (calls)" for s in args.steps) + " |")
+        print("|---|---|" + "---|" * len(args.steps))
+        configs = dict.fromkeys((r["library"], r["config"]) for r in results if r["data"] == data_name)
+        for library, config in configs:
+            rows = {r["steps"]: r for r in results if r["data"] == data_name and r["config"] == config and r["library"] == library}
+            cells = [f"{rows[s]['kl']:.1e} ({rows[s]['calls']})" for s in args.steps]
+            print(f"| {library} | {config} | " + " | ".join(cells) + " |")
+        print()
+        for calls in args.steps:
+            best = {lib: min((r for r in results if r["data"] == data_name and r["library"] == lib and r["calls"] <= calls
+                              and not math.isnan(r["kl"])), key=lambda r: r["kl"], default=None)
+                    for lib in ("diffkit", "diffusers")}
+            if best["diffkit"] and best["diffusers"]:
+                ratio = best["diffusers"]["kl"] / best["diffkit"]["kl"]
+                print(f"- at <= {calls} calls: diffkit best {best['diffkit']['kl']:.1e} ({best['diffkit']['config']}), "
+                      f"diffusers best {best['diffusers']['kl']:.1e} ({best['diffusers']['config']}): ratio {ratio:.1f}x")
+    print(f"\nwall time {time.time() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Gaussian data: the one case where the optimal denoiser and the likelihood are known exactly.
+
+For x0 ~ N(mu, diag(s^2)) and x_t = alpha x0 + sigma eps, x_t is Gaussian too, and
+
+    E[eps | x_t]  = sigma (x_t - alpha mu) / (alpha^2 s^2 + sigma^2)
+    Var[x0 | x_t] = s^2 sigma^2 / (alpha^2 s^2 + sigma^2)
+
+so a network can be replaced by the exact answer. Tests and benchmarks use it to measure
+samplers and likelihood bounds against the truth instead of against each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .parameterization import from_x0_eps
+from .process import q_posterior
+from .schedules import NoiseSchedule
+
+
+class GaussianData:
+    """Independent Gaussian data x0 ~ N(mean, diag(std^2)) of any event shape."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean = torch.as_tensor(mean, dtype=torch.float64)
+        self.std = torch.as_tensor(std, dtype=torch.float64)
+        if self.mean.shape != self.std.shape:
+            raise ValueError(f"mean {tuple(self.mean.shape)} and std {tuple(self.std.shape)} must have one shape")
+        if (self.std <= 0).any():
+            raise ValueError("every std must be positive")
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.mean.shape)
+
+    def sample(self, num: int, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
+        noise = torch.randn((num, *self.event_shape), generator=generator, dtype=torch.float64)
+        return (self.mean + self.std * noise).to(dtype)
+
+    def nll_bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact -log2 density per dimension, one value per example."""
+        z = (x.to(torch.float64) - self.mean) / self.std
+        nats = 0.5 * (z**2 + math.log(2 * math.pi)) + torch.log(self.std)
+        return nats.reshape(x.shape[0], -1).mean(dim=1) / math.log(2)
+
+    def entropy_bits_per_dim(self) -> float:
+        """Differential entropy per dimension in bits: the expected exact NLL."""
+        return float((0.5 * math.log(2 * math.pi * math.e) + torch.log(self.std)).mean() / math.log(2))
+
+    def kl_per_dim(self, samples: torch.Tensor) -> float:
+        """KL(N(m_hat, s_hat^2) || data) per dimension, in nats, with (m_hat, s_hat) fitted to ``samples``."""
+        flat = samples.to(torch.float64).reshape(samples.shape[0], -1)
+        m_hat, v_hat = flat.mean(dim=0), flat.var(dim=0)
+        m, v = self.mean.flatten(), self.std.flatten() ** 2
+        kl = 0.5 * (torch.log(v / v_hat) + (v_hat + (m_hat - m) ** 2) / v - 1.0)
+        return float(kl.mean())
+
+    def model(self, schedule: NoiseSchedule, prediction: str = "eps", learn_variance: bool = False):
+        """The exact network for this data: ``model(x_t, t)`` returns E[target | x_t].
+
+        With ``learn_variance`` it also returns the variance channels that make p(x_{t-1} | x_t)
+        the exact reverse kernel q(x_{t-1} | x_t) (in range whenever std <= 1).
+        """
+        data = self
+
+        def exact_model(x_t: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
+            shape = (-1,) + (1,) * (x_t.ndim - 1)
+            alpha = schedule.alpha_at(t.cpu()).to(x_t.device).reshape(shape)
+            sigma = schedule.sigma_at(t.cpu()).to(x_t.device).reshape(shape)
+            mean, std = data.mean.to(x_t.device), data.std.to(x_t.device)
+            x = x_t.to(torch.float64)
+            denom = alpha**2 * std**2 + sigma**2
+            eps = sigma * (x - alpha * mean) / denom
+            x0 = mean + alpha * std**2 * (x - alpha * mean) / denom
+            out = from_x0_eps(prediction, x0, eps, alpha, sigma)
+            if learn_variance:
+                out = torch.cat([out, data._variance_channels(schedule, t, x0.shape, alpha, sigma)], dim=1)
+            return out.to(x_t.dtype)
+
+        return exact_model
+
+    def _variance_channels(self, schedule: NoiseSchedule, t: torch.Tensor, shape, alpha, sigma) -> torch.Tensor:
+        """v in [-1, 1] with exp(frac log beta + (1 - frac) log beta_tilde) = Var[x_{t-1} | x_t]."""
+        view = (-1,) + (1,) * (len(shape) - 1)
+        alpha_s = schedule.alpha_at(t.cpu() - 1).to(alpha.device).reshape(view)
+        sigma_s = schedule.sigma_at(t.cpu() - 1).to(alpha.device).reshape(view)
+        std = self.std.to(alpha.device)
+        posterior_x0_var = std**2 * sigma**2 / (alpha**2 * std**2 + sigma**2)
+        zero = torch.zeros((), dtype=torch.float64, device=alpha.device)
+        _, tilde = q_posterior(zero, zero, alpha, sigma, alpha_s, sigma_s)
+        coef_x0 = alpha_s * (sigma**2 - (alpha / alpha_s) ** 2 * sigma_s**2) / sigma**2
+        true_var = tilde + coef_x0**2 * posterior_x0_var
+        beta = 1 - (alpha / alpha_s) ** 2
+        # At t = 0 the bound's decoder uses beta-tilde of step 1 in place of the zero posterior variance.
+        one = torch.ones(1, dtype=torch.long)
+        a1, s1 = schedule.alpha_at(one).to(alpha.device), schedule.sigma_at(one).to(alpha.device)
+        a0, s0 = schedule.alpha_at(one - 1).to(alpha.device), schedule.sigma_at(one - 1).to(alpha.device)
+        tilde_1 = q_posterior(zero, zero, a1, s1, a0, s0)[1]
+        is_first = (t.cpu() == 0).to(alpha.device).reshape(view)
+        small = torch.where(is_first, tilde_1.expand_as(tilde), tilde)
+        beta = torch.where(is_first, beta.expand_as(tilde), beta)
+        frac = (torch.log(true_var) - torch.log(small)) / (torch.log(beta) - torch.log(small))
+        return (2 * frac.clamp(0, 1) - 1).expand(shape)

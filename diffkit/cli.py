@@ -1,0 +1,216 @@
+"""The ``diffkit`` command line.
+
+    diffkit generate image --checkpoint runs/cifar/checkpoint --num-samples 16 --out grid.png
+    diffkit generate image -h          # also lists the image modality's own options
+    diffkit modalities                 # what is installed
+    diffkit info runs/cifar/checkpoint # what a checkpoint holds
+
+Modalities add their own options to ``generate`` through ``add_cli_arguments(parser)``; those
+(and only those) are passed to the modality's ``generate`` as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffkit.checkpoint import CONFIG_FILE, CheckpointError, parameter_count, read_config
+from diffkit.registry import (
+    ENTRY_POINT_GROUP,
+    ModalityLoadError,
+    UnknownModalityError,
+    available_modalities,
+    generate,
+    get_modality,
+    modality_source,
+)
+from diffkit.sampling import SAMPLERS
+
+__all__ = ["main"]
+
+PROG = "diffkit"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, generate_parser, common_dests = _build_parser()
+    # First pass: find the command and modality without failing on the modality's own options,
+    # which the parser only knows once the modality is loaded.
+    args, _ = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "generate":
+            return _generate(argv, args, parser, generate_parser, common_dests)
+        if args.command == "modalities":
+            return _modalities(args)
+        return _info(args)
+    except (CheckpointError, UnknownModalityError, ModalityLoadError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, set[str]]:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "diffkit: one diffusion core serving image, audio, text and planning modalities. "
+            "Draw samples from trained models, list the installed modalities, inspect checkpoints."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = commands.add_parser(
+        "generate",
+        # Help is handled by hand so that `generate MODALITY -h` can list the modality's options.
+        add_help=False,
+        help="draw samples from a modality and save them",
+        description=(
+            "Draw samples from a modality's model and save them (a PNG grid, WAV files, ...). "
+            "Run `diffkit generate MODALITY -h` to also see that modality's own options."
+        ),
+    )
+    common = [
+        gen.add_argument("-h", "--help", action="store_true", help="show this help (with the modality's options) and exit"),
+        gen.add_argument("modality", nargs="?", metavar="MODALITY", help="which modality to sample from (see `diffkit modalities`)"),
+        gen.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory to load (default: the modality's default model)"),
+        gen.add_argument("--num-samples", type=_positive_int, default=16, metavar="N", help="how many samples to draw (default: 16)"),
+        gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed; the same seed gives the same samples (default: random)"),
+        gen.add_argument("--sampler", default=None, metavar="NAME", help=f"sampling algorithm: {', '.join(SAMPLERS)} (default: the modality's choice)"),
+        gen.add_argument("--steps", type=_positive_int, default=None, metavar="K", help="number of sampling steps (default: the modality's choice)"),
+        gen.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default: auto)"),
+        gen.add_argument("--out", metavar="PATH", help="where to write the samples (required)"),
+        gen.add_argument("--no-progress", action="store_true", help="do not show a progress bar"),
+    ]
+
+    mods = commands.add_parser(
+        "modalities",
+        help="list the installed modalities",
+        description=f"List the modalities diffkit can find (entry-point group {ENTRY_POINT_GROUP!r} and register_modality).",
+    )
+    mods.add_argument("-v", "--verbose", action="store_true", help="also show where each modality comes from")
+
+    info = commands.add_parser(
+        "info",
+        help="describe a checkpoint",
+        description="Print what a checkpoint holds: modality, step, model, diffusion and training settings.",
+    )
+    info.add_argument("checkpoint", metavar="DIR", help="checkpoint directory (holds config.json and model.safetensors)")
+    info.add_argument("--json", action="store_true", help=f"print the raw {CONFIG_FILE} instead of a summary")
+    return parser, gen, {action.dest for action in common} | {"command"}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _generate(
+    argv: list[str],
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    generate_parser: argparse.ArgumentParser,
+    common_dests: set[str],
+) -> int:
+    if args.modality is None:
+        if args.help:
+            generate_parser.print_help()
+            print(f"\navailable modalities: {', '.join(available_modalities()) or '(none installed)'}")
+            return 0
+        generate_parser.error(f"choose a modality: {', '.join(available_modalities()) or '(none installed)'}")
+    modality = get_modality(args.modality)
+    add_arguments = getattr(modality, "add_cli_arguments", None)
+    if add_arguments is not None:
+        add_arguments(generate_parser)
+    if args.help:
+        generate_parser.print_help()
+        return 0
+    # Second pass, now strict: unknown options are errors.
+    args = parser.parse_args(argv)
+    if args.out is None:
+        generate_parser.error("--out PATH is required: where to write the samples")
+    modality_kwargs = {key: value for key, value in vars(args).items() if key not in common_dests}
+    samples = generate(
+        modality,
+        checkpoint=args.checkpoint,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        save=args.out,
+        device=args.device,
+        sampler=args.sampler,
+        steps=args.steps,
+        progress=not args.no_progress,
+        **modality_kwargs,
+    )
+    count = len(samples) if hasattr(samples, "__len__") else args.num_samples
+    print(f"wrote {count} {args.modality} sample(s) to {args.out}")
+    return 0
+
+
+def _modalities(args: argparse.Namespace) -> int:
+    names = available_modalities()
+    if not names:
+        print(
+            f"no modalities installed. Install a package that registers one in the {ENTRY_POINT_GROUP!r} "
+            "entry-point group (for the built-in ones: `pip install -e .` in the diffkit repository)."
+        )
+        return 0
+    for name in names:
+        print(f"{name}\t{modality_source(name)}" if args.verbose else name)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    config = read_config(args.checkpoint)
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    directory = Path(args.checkpoint)
+    model = config.get("model") or {}
+    lines = [
+        f"checkpoint     {directory}",
+        f"modality       {config.get('modality')}",
+        f"step           {config.get('step')}",
+        f"model          {model.get('class', '?')}  {_compact(model.get('kwargs'))}",
+        f"parameters     {parameter_count(directory):,}",
+        f"files          {', '.join(_file_sizes(directory))}",
+    ]
+    diffusion = config.get("diffusion")
+    if isinstance(diffusion, dict):
+        # The schedule's beta table is long and says little; its name is enough for a summary.
+        summary = {k: v for k, v in diffusion.items() if k != "schedule"}
+        schedule = diffusion.get("schedule")
+        if isinstance(schedule, dict):
+            summary["schedule"] = schedule.get("name", "custom")
+        lines.append(f"diffusion      {_compact(summary)}")
+    train = config.get("train")
+    if isinstance(train, dict):
+        keys = ("max_steps", "batch_size", "lr", "warmup_steps", "ema_decay", "seed", "mixed_precision")
+        lines.append(f"training       {_compact({k: train[k] for k in keys if k in train})}")
+    lines.append(f"written by     {_compact(config.get('versions'))}")
+    if config.get("extra"):
+        lines.append(f"extra          {_compact(config['extra'])}")
+    print("\n".join(lines))
+    return 0
+
+
+def _file_sizes(directory: Path) -> list[str]:
+    return [f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in sorted(directory.glob("*")) if p.is_file()]
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in value.items())
+    return "" if value is None else json.dumps(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

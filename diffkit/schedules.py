@@ -1,0 +1,291 @@
+"""Noise schedules and respacing.
+
+A :class:`NoiseSchedule` is an immutable table of the discrete-time forward process
+
+    q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I),   alpha_t^2 = alpha_bar_t = prod_{s<=t} (1 - beta_s),
+    sigma_t^2 = 1 - alpha_bar_t,                  log-SNR lambda_t = log(alpha_t^2 / sigma_t^2),
+
+for integer timesteps t = 0 .. T-1 (t = 0 is the least noisy latent, the convention of diffusers
+and improved-diffusion). Between integer steps alpha_bar is interpolated linearly, so every
+quantity is also defined at continuous times in [0, T-1].
+
+Respacing to K sampling steps is the pure function :func:`respace`; nothing here holds state
+that a sampler could mutate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SCHEDULES = ("linear", "scaled_linear", "cosine", "sqrt", "sigmoid")
+SPACINGS = ("leading", "trailing", "linspace", "logsnr", "karras")
+
+# Betas are capped below 1 so that no step destroys the signal in one go (Nichol & Dhariwal).
+MAX_BETA = 0.999
+
+
+def _betas_from_alpha_bar(alpha_bar: Callable[[torch.Tensor], torch.Tensor], num_timesteps: int) -> torch.Tensor:
+    """Discretise a continuous alpha_bar(s), s in [0, 1], into T betas: beta_t = 1 - abar(t+1)/abar(t)."""
+    grid = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    values = alpha_bar(grid)
+    betas = 1.0 - values[1:] / values[:-1]
+    return betas.clamp(min=0.0, max=MAX_BETA)
+
+
+def _linear(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
+    # Scaled by 1000/T (improved-diffusion) so that a shorter chain destroys the signal as fully as DDPM's.
+    scale = 1000.0 / num_timesteps
+    start = beta_start if beta_start is not None else scale * 1e-4
+    end = beta_end if beta_end is not None else scale * 0.02
+    return torch.linspace(start, end, num_timesteps, dtype=torch.float64).clamp(max=MAX_BETA)
+
+
+def _scaled_linear(num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    # Linear in sqrt(beta): the latent-diffusion / Stable Diffusion schedule.
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+def _cosine(num_timesteps: int, offset: float = 0.008) -> torch.Tensor:
+    # alpha_bar(s) = cos^2(((s + offset) / (1 + offset)) * pi / 2)   (Nichol & Dhariwal, 2021)
+    return _betas_from_alpha_bar(
+        lambda s: torch.cos((s + offset) / (1 + offset) * math.pi / 2) ** 2, num_timesteps
+    )
+
+
+def _sqrt(num_timesteps: int, offset: float = 1e-4) -> torch.Tensor:
+    # alpha_bar(s) = 1 - sqrt(s + offset)   (Diffusion-LM, Li et al. 2022); it noises fast at the start.
+    return _betas_from_alpha_bar(lambda s: 1 - torch.sqrt(s + offset), num_timesteps)
+
+
+def _sigmoid(num_timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0) -> torch.Tensor:
+    # alpha_bar(s) = (sigmoid(end/tau) - sigmoid((s (end - start) + start)/tau)) / (sigmoid(end/tau) - sigmoid(start/tau))
+    # (Chen, "On the importance of noise scheduling", 2023)
+    v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+
+    def alpha_bar(s: torch.Tensor) -> torch.Tensor:
+        value = (v_end - torch.sigmoid((s * (end - start) + start) / tau)) / (v_end - v_start)
+        return value.clamp(min=1e-9, max=1.0)
+
+    return _betas_from_alpha_bar(alpha_bar, num_timesteps)
+
+
+_SCHEDULE_BUILDERS: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": _linear,
+    "scaled_linear": _scaled_linear,
+    "cosine": _cosine,
+    "sqrt": _sqrt,
+    "sigmoid": _sigmoid,
+}
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha_bar) so the last step has alpha_bar = 0 exactly (Lin et al., 2023).
+
+    The first step keeps its value; the SNR at t = T-1 becomes zero, so sampling starts from pure
+    noise as training assumed. Such a schedule needs a v- or x0-predicting model.
+    """
+    alpha_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alpha_bar_sqrt[0].clone(), alpha_bar_sqrt[-1].clone()
+    alpha_bar_sqrt = (alpha_bar_sqrt - last) * first / (first - last)
+    alpha_bar = alpha_bar_sqrt**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """An immutable discrete noise schedule, from which every per-step quantity is derived.
+
+    Build one with :meth:`from_name` or :meth:`from_betas`. All tables are float64 on the CPU;
+    the lookups return float64 tensors on the device of the query.
+    """
+
+    betas: torch.Tensor
+    name: str = "custom"
+    zero_terminal_snr: bool = False
+
+    def __post_init__(self) -> None:
+        betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu().flatten()
+        if betas.numel() < 1:
+            raise ValueError("a noise schedule needs at least one step (num_timesteps >= 1)")
+        if not torch.isfinite(betas).all():
+            raise ValueError("betas contain NaN or Inf")
+        if (betas <= 0).any() or (betas > 1).any():
+            raise ValueError("every beta must lie in (0, 1]; got min %.3g, max %.3g" % (betas.min(), betas.max()))
+        object.__setattr__(self, "betas", betas)
+        alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+        object.__setattr__(self, "alpha_bar", alpha_bar)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_name(
+        cls, name: str, num_timesteps: int = 1000, *, zero_terminal_snr: bool = False, **kwargs: float
+    ) -> "NoiseSchedule":
+        """A named schedule: linear, scaled_linear, cosine, sqrt or sigmoid (keyword arguments tune it)."""
+        if name not in _SCHEDULE_BUILDERS:
+            raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)} or pass betas")
+        if not isinstance(num_timesteps, int) or num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+        betas = _SCHEDULE_BUILDERS[name](num_timesteps, **kwargs)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas=betas, name=name, zero_terminal_snr=zero_terminal_snr)
+
+    @classmethod
+    def from_betas(cls, betas, *, zero_terminal_snr: bool = False) -> "NoiseSchedule":
+        """A schedule from explicit betas (a sequence or 1-D tensor of values in (0, 1])."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas=betas, name="custom", zero_terminal_snr=zero_terminal_snr)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.numel()
+
+    def config(self) -> dict:
+        """A JSON-able description from which :func:`schedule_from_config` rebuilds this schedule."""
+        return {"name": self.name, "betas": self.betas.tolist(), "zero_terminal_snr": self.zero_terminal_snr}
+
+    # ----------------------------------------------------------------- lookups
+    def alpha_bar_at(self, t: torch.Tensor | float | int) -> torch.Tensor:
+        """alpha_bar at integer or continuous times t in [0, T-1] (linear interpolation between steps).
+
+        t = -1 denotes clean data (alpha_bar = 1), which lets a sampler's last step land on x_0.
+        """
+        t = torch.as_tensor(t)
+        table = self.alpha_bar.to(t.device)
+        if not t.is_floating_point():
+            return torch.where(t < 0, torch.ones((), dtype=torch.float64, device=t.device), table[t.clamp(min=0)])
+        t = t.to(torch.float64)
+        if (t > self.num_timesteps - 1).any() or (t < -1).any():
+            raise ValueError(f"time outside [-1, {self.num_timesteps - 1}]")
+        padded = torch.cat([torch.ones(1, dtype=torch.float64, device=t.device), table])
+        position = t + 1.0
+        low = position.floor().long().clamp(max=self.num_timesteps - 1)
+        frac = position - low
+        return padded[low] * (1 - frac) + padded[(low + 1).clamp(max=self.num_timesteps)] * frac
+
+    def alpha_at(self, t) -> torch.Tensor:
+        """Signal scale alpha_t = sqrt(alpha_bar_t)."""
+        return self.alpha_bar_at(t).sqrt()
+
+    def sigma_at(self, t) -> torch.Tensor:
+        """Noise scale sigma_t = sqrt(1 - alpha_bar_t)."""
+        return (1.0 - self.alpha_bar_at(t)).clamp(min=0).sqrt()
+
+    def log_snr_at(self, t) -> torch.Tensor:
+        """lambda_t = log(alpha_t^2 / sigma_t^2); -inf where alpha is zero, +inf on clean data."""
+        alpha_bar = self.alpha_bar_at(t)
+        return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """log-SNR at every integer step, strictly decreasing in t."""
+        return torch.log(self.alpha_bar) - torch.log1p(-self.alpha_bar)
+
+    def timestep_for_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """Continuous time whose log-SNR equals ``log_snr`` (inverse of :meth:`log_snr_at`, clamped to [0, T-1])."""
+        # alpha_bar = sigmoid(log-SNR); invert the same linear interpolation alpha_bar_at uses.
+        target = torch.sigmoid(torch.as_tensor(log_snr, dtype=torch.float64))
+        table = self.alpha_bar
+        target = target.clamp(min=table[-1], max=table[0])
+        upper = torch.searchsorted(-table, -target).clamp(1, max(self.num_timesteps - 1, 1))
+        lower = upper - 1
+        if self.num_timesteps == 1:
+            return torch.zeros_like(target)
+        frac = (table[lower] - target) / (table[lower] - table[upper])
+        return lower.to(torch.float64) + frac
+
+
+def schedule_from_config(config: dict) -> NoiseSchedule:
+    """Rebuild a :class:`NoiseSchedule` from :meth:`NoiseSchedule.config`."""
+    try:
+        return NoiseSchedule(
+            betas=torch.tensor(config["betas"], dtype=torch.float64),
+            name=config.get("name", "custom"),
+            zero_terminal_snr=bool(config.get("zero_terminal_snr", False)),
+        )
+    except KeyError as error:
+        raise ValueError(f"schedule config lacks {error}; it must come from NoiseSchedule.config()") from error
+
+
+# --------------------------------------------------------------------------- respacing
+def _distinct_descending(times: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Round to integers and nudge collisions apart, keeping K distinct steps in [0, T-1], descending."""
+    ascending = torch.sort(times.round().long().clamp(0, num_timesteps - 1)).values
+    count = ascending.numel()
+    for i in range(1, count):  # push up collisions from the bottom ...
+        ascending[i] = max(ascending[i].item(), ascending[i - 1].item() + 1)
+    for i in range(count - 1, -1, -1):  # ... then pull down whatever overflowed the top
+        ascending[i] = min(ascending[i].item(), num_timesteps - count + i)
+    return ascending.flip(0)
+
+
+def respace(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str = "logsnr",
+    *,
+    karras_rho: float = 7.0,
+    log_snr_range: tuple[float | None, float | None] | None = None,
+) -> torch.Tensor:
+    """The K = ``steps`` training timesteps a sampler visits, in descending order (LongTensor (K,)).
+
+    spacings:
+      * ``leading``  -- t_i = i * (T // K), as DDIM and diffusers' default; never visits T-1.
+      * ``trailing`` -- evenly spaced down from T-1 (Lin et al. 2023); never visits 0.
+      * ``linspace`` -- evenly spaced from T-1 to 0 inclusive.
+      * ``logsnr``   -- uniform in log-SNR from lambda_{T-1} to lambda_0 (DPM-Solver's choice).
+      * ``karras``   -- sigma_i^(1/rho) uniform between the noise scales of T-1 and 0 (Karras et al. 2022),
+                        with sigma the variance-exploding scale sigma_t / alpha_t.
+
+    ``log_snr_range=(low, high)`` narrows the ``logsnr`` and ``karras`` grids: the first step still
+    starts at T-1, but the others are placed between log-SNR ``low`` and ``high`` (None keeps the
+    schedule's end). Few-step sampling gains from it because, for data of roughly unit scale,
+    nothing resolves below log-SNR -4 and little above 8, so no call is spent there
+    (benchmarks/samplers.py measures it).
+
+    A pure function: the same arguments always give the same steps and nothing is stored.
+    """
+    T = schedule.num_timesteps
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if steps > T:
+        raise ValueError(f"steps={steps} exceeds the {T} training timesteps; use at most {T} steps")
+    if spacing == "leading":
+        times = torch.arange(steps, dtype=torch.float64) * (T // steps)
+    elif spacing == "trailing":
+        times = torch.arange(T, 0, -T / steps, dtype=torch.float64)[:steps] - 1
+    elif spacing == "linspace":
+        times = torch.linspace(0, T - 1, steps, dtype=torch.float64)
+    elif spacing in ("logsnr", "karras"):
+        table = schedule.log_snr
+        # A zero-terminal-SNR schedule has lambda_{T-1} = -inf: space over the finite part and
+        # still start at T-1, where sampling begins.
+        top = T - 1 if torch.isfinite(table[-1]) else max(T - 2, 0)
+        low, high = table[top].item(), table[0].item()
+        if log_snr_range is not None:
+            requested_low, requested_high = log_snr_range
+            low = low if requested_low is None else min(max(requested_low, low), high)
+            high = high if requested_high is None else max(min(requested_high, high), low)
+        if steps == 1:
+            times = torch.tensor([float(T - 1)], dtype=torch.float64)
+        elif spacing == "logsnr":
+            grid = torch.linspace(low, high, steps, dtype=torch.float64)
+            times = schedule.timestep_for_log_snr(grid)
+        else:
+            sigma_max, sigma_min = math.exp(-0.5 * low), math.exp(-0.5 * high)
+            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+            sigmas = (sigma_max ** (1 / karras_rho) + ramp * (sigma_min ** (1 / karras_rho) - sigma_max ** (1 / karras_rho))) ** karras_rho
+            times = schedule.timestep_for_log_snr(-2 * torch.log(sigmas))
+        times[0] = T - 1  # sampling starts from the noise of the last step
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return _distinct_descending(times, T)

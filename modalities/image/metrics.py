@@ -1,0 +1,158 @@
+"""Sample-quality measures for digits: a small digit classifier, its feature space, and the
+Frechet distance in that space (an FID for 16x16 digits), plus a nearest-neighbour copy check.
+
+The classifier is trained by the project (``train_digit_classifier``; the shipped weights in
+``checkpoints/digits-classifier`` were written by ``benchmarks/image_quality.py
+--train-classifier``). It is stored as safetensors + JSON, never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from .data import load_digits
+
+__all__ = [
+    "CLASSIFIER_DIR",
+    "DigitClassifier",
+    "train_digit_classifier",
+    "load_digit_classifier",
+    "save_digit_classifier",
+    "frechet_distance",
+    "nearest_neighbour_distances",
+]
+
+CLASSIFIER_DIR = Path(__file__).parent / "checkpoints" / "digits-classifier"
+
+
+class DigitClassifier(nn.Module):
+    """A three-convolution CNN for (B, 1, 16, 16) digits in [-1, 1]; ``features`` is 64-d.
+
+    Other sizes are resized to 16x16 first, so 8x8 or 32x32 samples can be scored too.
+
+    64 features (not hundreds) keep the Frechet distance's covariance well estimated from the
+    few hundred held-out digits there are.
+    """
+
+    def __init__(self, num_classes: int = 10, feature_dim: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),   # 8x8
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),   # 4x4
+            nn.Flatten(), nn.Linear(64 * 16, feature_dim),
+        )
+        # Features are taken before this ReLU: no dead (constant zero) dimensions, so the
+        # feature covariance stays full rank.
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
+        self.config = {"num_classes": num_classes, "feature_dim": feature_dim}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (16, 16):
+            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Features of many images, in batches, in eval mode."""
+        self.eval()
+        return torch.cat([self.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        return self.head(self.embed(x)).argmax(1)
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to one pixel, so the classifier does not key on exact position."""
+    pad = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dy, dx = torch.randint(0, 3, (2,), generator=generator).tolist()
+    return pad[:, :, dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+
+
+def train_digit_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 64,
+                           progress: bool = False) -> tuple[DigitClassifier, float]:
+    """Train on the digits' train split; return the model and its held-out accuracy."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = load_digits(split="train")
+    xt, yt = load_digits(split="test")
+    model = DigitClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=2e-3, total_steps=epochs * ((len(x) + batch_size - 1) // batch_size)
+    )
+    for _ in tqdm(range(epochs), desc="classifier", disable=not progress):
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(_augment(x[idx], gen)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    acc = (model.predict(xt) == yt).float().mean().item()
+    return model, acc
+
+
+def save_digit_classifier(model: DigitClassifier, path: str | Path, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"kwargs": model.config, **extra}, indent=2))
+
+
+def load_digit_classifier(path: str | Path = CLASSIFIER_DIR) -> DigitClassifier:
+    """The shipped (or a given) digit classifier, in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no digit classifier at {path}; run: python benchmarks/image_quality.py "
+            "--train-classifier"
+        )
+    config = json.loads((path / "config.json").read_text())
+    model = DigitClassifier(**config["kwargs"])
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.eval()
+
+
+def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():
+        # Near-singular product: regularise both sides, as the reference FID code does.
+        eps = 1e-6 * np.eye(len(mu_a))
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                 - 2 * np.trace(covmean))
+
+
+def nearest_neighbour_distances(queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Pixel-space L2 distance from each query image to its nearest reference image (N,)."""
+    q = queries.flatten(1).double()
+    r = reference.flatten(1).double()
+    return torch.cdist(q, r).min(dim=1).values.float()

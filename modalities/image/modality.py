@@ -1,0 +1,507 @@
+"""The image modality: load a checkpoint, sample images, run the image tasks, save PNG grids.
+
+    import diffkit
+    imgs = diffkit.generate(modality="image")                                # shipped digits model
+    imgs = diffkit.generate(modality="image", labels=[3] * 64, num_samples=64, seed=0)
+    imgs = diffkit.generate(modality="image", prompt="a handwritten seven")  # shipped text model
+
+Images are (N, C, H, W) float tensors in [0, 1] at this API; the networks work in [-1, 1].
+The tasks are conditions of the same ``generate`` (and thin functions around it):
+
+- inpainting: ``known`` image + ``mask`` (True / white = keep that pixel), through the core's
+  replacement conditioning, so kept pixels come back exactly;
+- super-resolution: ``low_res`` image, for a checkpoint trained with a low-resolution input;
+- image-to-image and denoising: ``init`` image + ``strength`` in (0, 1] (SDEdit: noise the
+  image to that fraction of the chain and denoise it).
+
+With no ``checkpoint`` the shipped models in ``checkpoints/`` are used: the text-conditioned
+one when a prompt is given, the super-resolution one for ``low_res``, otherwise the
+class-conditional digits model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import diffkit
+from diffkit.checkpoint import CheckpointError, load_checkpoint
+
+from .data import to_model_range, to_unit_range
+from .text import TextEncoder, load_text_encoder
+from .unet import UNet
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "DEFAULT_CHECKPOINT",
+    "TEXT_CHECKPOINT",
+    "SUPER_RESOLUTION_CHECKPOINT",
+    "ImageModality",
+    "ImageModel",
+    "load_image_model",
+    "load_image",
+    "save_grid",
+    "make_grid",
+    "inpaint",
+    "super_resolve",
+    "img2img",
+]
+
+CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
+DEFAULT_CHECKPOINT = CHECKPOINTS_DIR / "digits"
+TEXT_CHECKPOINT = CHECKPOINTS_DIR / "digits-text"
+SUPER_RESOLUTION_CHECKPOINT = CHECKPOINTS_DIR / "digits-sr"
+
+# Network classes a checkpoint may name. A fixed table, not an import of whatever string the
+# config holds: loading a checkpoint must never run code the checkpoint chooses.
+NETWORKS = {"modalities.image.unet.UNet": UNet}
+
+# Used when a checkpoint does not say (e.g. one straight from a training run).
+FALLBACK_SAMPLER = "dpm++2m"
+FALLBACK_STEPS = 20
+FALLBACK_GUIDANCE = 1.0
+
+ImageInput = torch.Tensor | np.ndarray | str | os.PathLike
+
+
+# ---------------------------------------------------------------------------------- loading
+@dataclass
+class ImageModel:
+    """A loaded image checkpoint: the network (EMA weights when present), its diffusion and
+    what the modality needs to know about its inputs."""
+
+    path: Path
+    net: UNet
+    diffusion: diffkit.Diffusion
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return self.net.in_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.net.image_size
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.net.num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.info.get("class_names")
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.net.context_dim is not None
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return self.net.low_res_channels > 0
+
+    @property
+    def low_res_size(self) -> int | None:
+        return self.info.get("low_res_size")
+
+    def default(self, key: str, fallback: Any) -> Any:
+        """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale)."""
+        return (self.info.get("defaults") or {}).get(key, fallback)
+
+    def text_encoder(self) -> TextEncoder:
+        encoder = load_text_encoder(self.info.get("text_encoder"),
+                                    max_length=int(self.info.get("text_max_length", 16)),
+                                    device=_device_of(self.net))
+        if encoder.dim != self.net.context_dim:
+            raise ValueError(
+                f"text encoder {encoder.path} gives {encoder.dim}-d states but checkpoint "
+                f"{self.path} was trained on {self.net.context_dim}-d ones"
+            )
+        return encoder
+
+
+def _device_of(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def load_image_model(checkpoint: str | os.PathLike | None = None,
+                     device: str | torch.device = "auto") -> ImageModel:
+    """Load an image checkpoint directory (default: the shipped digits model) onto ``device``.
+
+    Loaded models are cached (keyed by path, file time and device), so repeated generate
+    calls do not reload weights.
+    """
+    path = Path(checkpoint if checkpoint is not None else DEFAULT_CHECKPOINT).expanduser().resolve()
+    dev = diffkit.resolve_device(device)
+    config_file = path / "config.json"
+    stamp = config_file.stat().st_mtime_ns if config_file.is_file() else 0
+    return _load_cached(str(path), stamp, str(dev))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, _stamp: int, device: str) -> ImageModel:
+    ckpt = load_checkpoint(path, modality="image")
+    model_config = ckpt.model_config or {}
+    cls = NETWORKS.get(model_config.get("class"))
+    if cls is None:
+        raise CheckpointError(
+            f"checkpoint {path} names the network {model_config.get('class')!r}; the image modality "
+            f"loads {', '.join(NETWORKS)} only"
+        )
+    if ckpt.diffusion_config is None:
+        raise CheckpointError(f"checkpoint {path} has no diffusion config; it cannot be sampled")
+    net = cls(**model_config.get("kwargs", {}))
+    state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
+    try:
+        net.load_state_dict(state)  # copies (and casts fp16 shipped weights to fp32)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights in {path} do not fit the network its config describes: {err}") from err
+    net.to(device).eval().requires_grad_(False)
+    info = dict(model_config.get("image") or {})
+    return ImageModel(Path(path), net, diffkit.Diffusion.from_config(ckpt.diffusion_config), info)
+
+
+# ---------------------------------------------------------------------------------- inputs
+def load_image(path: str | os.PathLike, channels: int) -> torch.Tensor:
+    """An image file as a (1, C, H, W) float tensor in [0, 1] (grey for C=1, RGB for C=3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.copy())[None]
+
+
+def _as_images(value: ImageInput, name: str, channels: int, size: int | None, n: int,
+               allow_single_channel: bool = False) -> torch.Tensor:
+    """Validate an image argument and broadcast it to (n, C, H, W) float in [0, 1].
+
+    Accepts (H, W), (C, H, W) or (N, C, H, W) tensors/arrays, or an image file path.
+    ``size`` None means any size (low-resolution inputs are checked separately).
+    """
+    if isinstance(value, (str, os.PathLike)):
+        x = load_image(value, channels)
+    else:
+        x = torch.as_tensor(value).float()
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be an image (H, W), (C, H, W) or (N, C, H, W); got shape "
+                         f"{tuple(x.shape)}")
+    ok_channels = (channels, 1) if allow_single_channel else (channels,)
+    if x.shape[1] not in ok_channels:
+        raise ValueError(f"{name} has {x.shape[1]} channels but the checkpoint works on {channels}")
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        raise ValueError(f"{name} is {x.shape[-2]}x{x.shape[-1]} but the checkpoint generates "
+                         f"{size}x{size} images; resize it first")
+    if x.shape[0] not in (1, n):
+        raise ValueError(f"{name} holds {x.shape[0]} images for {n} samples; pass 1 or {n}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{name} must lie in [0, 1] (got values in [{x.min():.3g}, {x.max():.3g}])")
+    return x.expand(n, -1, -1, -1)
+
+
+def _labels(labels: int | Sequence[int] | torch.Tensor, model: ImageModel, n: int) -> torch.Tensor:
+    if model.num_classes is None:
+        raise ValueError(f"checkpoint {model.path} is not class-conditional; it takes no labels")
+    y = torch.as_tensor(labels).long().flatten()
+    if y.numel() == 1:
+        y = y.expand(n)
+    if y.numel() != n:
+        raise ValueError(f"got {y.numel()} labels for {n} samples; pass one label or {n}")
+    bad = (y < 0) | (y >= model.num_classes)
+    if bad.any():
+        raise ValueError(f"labels must be in [0, {model.num_classes - 1}] for checkpoint "
+                         f"{model.path}; got {sorted(set(y[bad].tolist()))}")
+    return y.clone()
+
+
+def _prompts(prompt: str | Sequence[str], model: ImageModel, n: int) -> list[str]:
+    if not model.is_text_conditional:
+        raise ValueError(f"checkpoint {model.path} is not text-conditional, so it cannot follow a "
+                         "prompt; leave checkpoint unset to use the shipped text-conditioned model")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) == 1:
+        prompts = prompts * n
+    if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or {n} strings (one per sample)")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------- generate
+def _default_checkpoint(prompt, low_res) -> Path:
+    if prompt is not None and low_res is not None:
+        raise ValueError("no shipped checkpoint takes both a prompt and low_res; pass checkpoint=")
+    if prompt is not None:
+        return TEXT_CHECKPOINT
+    if low_res is not None:
+        return SUPER_RESOLUTION_CHECKPOINT
+    return DEFAULT_CHECKPOINT
+
+
+def _seeded_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()  # fresh entropy: different samples each call
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def generate_images(
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    num_samples: int = 16,
+    seed: int | None = None,
+    device: str | torch.device = "auto",
+    sampler: str | None = None,
+    steps: int | None = None,
+    progress: bool = False,
+    labels: int | Sequence[int] | torch.Tensor | None = None,
+    prompt: str | Sequence[str] | None = None,
+    guidance_scale: float | None = None,
+    known: ImageInput | None = None,
+    mask: ImageInput | None = None,
+    init: ImageInput | None = None,
+    strength: float | None = None,
+    low_res: ImageInput | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Sample ``num_samples`` images (N, C, H, W) in [0, 1]; see the module docstring.
+
+    Args:
+        checkpoint: an image checkpoint directory; None picks a shipped one.
+        seed: the same seed (and batch_size) gives the same images; None draws fresh ones.
+        sampler, steps: any of ``diffkit.SAMPLERS``; defaults come from the checkpoint.
+        labels: one class index or one per sample (class-conditional checkpoints). Without
+            labels a class-conditional model samples its unconditional (null-class) mode.
+        prompt: one prompt or one per sample (text-conditional checkpoints).
+        guidance_scale: classifier-free guidance weight for labels/prompt (1 = none).
+        known, mask: inpainting; ``mask`` is True (or white) where ``known`` is kept.
+        init, strength: image-to-image / denoising from ``init`` noised to ``strength``.
+        low_res: the low-resolution image(s) for a super-resolution checkpoint.
+        batch_size: images per network call batch, to bound memory.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if checkpoint is None:
+        checkpoint = _default_checkpoint(prompt, low_res)
+    model = load_image_model(checkpoint, device)
+    dev = _device_of(model.net)
+    n, c, s = num_samples, model.channels, model.image_size
+
+    cond: dict[str, torch.Tensor] = {}
+    conditional = False
+    if labels is not None:
+        cond["labels"] = _labels(labels, model, n)
+        conditional = True
+    elif model.num_classes is not None:
+        cond["labels"] = torch.zeros(n, dtype=torch.long)
+    if prompt is not None:
+        context, context_mask = model.text_encoder().encode(_prompts(prompt, model, n))
+        cond["context"], cond["context_mask"] = context, context_mask
+        conditional = True
+    elif model.is_text_conditional:
+        # No prompt: a placeholder context; drop_cond below selects the learned null prompt.
+        cond["context"] = torch.zeros(n, 1, model.net.context_dim)
+        cond["context_mask"] = torch.ones(n, 1, dtype=torch.bool)
+    if model.is_super_resolution:
+        if low_res is None:
+            raise ValueError(f"checkpoint {model.path} is a super-resolution model: pass low_res=")
+        lr = _as_images(low_res, "low_res", c, model.low_res_size, n)
+        if model.low_res_size is None and lr.shape[-1] >= s:
+            raise ValueError(f"low_res must be smaller than the {s}x{s} output")
+        cond["low_res"] = to_model_range(lr)
+    elif low_res is not None:
+        raise ValueError(f"checkpoint {model.path} is not a super-resolution model; it takes no "
+                         "low_res (leave checkpoint unset to use the shipped one)")
+    uses_null = (model.num_classes is not None and labels is None) or (
+        model.is_text_conditional and prompt is None)
+    if uses_null:
+        if conditional:
+            raise ValueError("this checkpoint is conditioned on both labels and text; give both")
+        cond["drop_cond"] = torch.ones(n, dtype=torch.bool)
+
+    if guidance_scale is None:
+        guidance_scale = model.default("guidance_scale", FALLBACK_GUIDANCE) if conditional else 1.0
+    elif guidance_scale != 1.0 and not conditional:
+        raise ValueError("guidance_scale needs a condition to guide towards (labels or prompt)")
+
+    tasks: dict[str, Any] = {}
+    if (known is None) != (mask is None):
+        raise ValueError("inpainting needs both known= (the image) and mask= (True = keep)")
+    if known is not None:
+        known_img = _as_images(known, "known", c, s, n)
+        keep = _as_images(mask, "mask", c, s, n, allow_single_channel=True) > 0.5
+        tasks["known"], tasks["mask"] = to_model_range(known_img), keep.expand(n, c, s, s)
+    if (init is None) != (strength is None):
+        raise ValueError("image-to-image needs both init= (the image) and strength= in (0, 1]")
+    if init is not None:
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        tasks["init"], tasks["strength"] = to_model_range(_as_images(init, "init", c, s, n)), float(strength)
+
+    sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
+    steps = steps or model.default("steps", FALLBACK_STEPS)
+    if sampler not in diffkit.SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
+    gen = _seeded_generator(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        part = slice(start, min(start + batch_size, n))
+        b = part.stop - part.start
+        batch_cond = {k: v[part].to(dev) for k, v in cond.items()}
+        batch_tasks = {k: v[part].to(dev) if torch.is_tensor(v) else v for k, v in tasks.items()}
+        x = model.diffusion.sample(
+            model.net, (b, c, s, s), sampler=sampler, steps=steps, generator=gen, device=dev,
+            guidance_scale=float(guidance_scale), clip_denoised=(-1.0, 1.0), progress=progress,
+            **batch_tasks, **batch_cond,
+        )
+        out.append(x.float().cpu())
+    images = to_unit_range(torch.cat(out))
+    if known is not None:
+        # The core keeps known values exactly in [-1, 1]; this undoes the float rounding of the
+        # range conversion so kept pixels are bit-identical to the input.
+        images = torch.where(tasks["mask"].cpu(), known_img, images)
+    return images
+
+
+# ---------------------------------------------------------------------------------- tasks
+def _count(image: ImageInput) -> int:
+    if isinstance(image, (str, os.PathLike)):
+        return 1
+    x = torch.as_tensor(image)
+    return x.shape[0] if x.ndim == 4 else 1
+
+
+def inpaint(known: ImageInput, mask: ImageInput, *, num_samples: int | None = None,
+            **kwargs: Any) -> torch.Tensor:
+    """Fill the pixels of ``known`` where ``mask`` is False; kept pixels come back exactly.
+
+    ``known``: (N, C, H, W) / (C, H, W) in [0, 1] or an image file; ``mask``: the same spatial
+    size, True (or white) = keep. Other keyword arguments as in ``generate`` (labels, prompt,
+    seed, sampler, steps, checkpoint, ...).
+    """
+    return generate_images(known=known, mask=mask, num_samples=num_samples or _count(known), **kwargs)
+
+
+def super_resolve(low_res: ImageInput, *, num_samples: int | None = None,
+                  **kwargs: Any) -> torch.Tensor:
+    """Upsample ``low_res`` images (e.g. 8x8 digits) with a super-resolution checkpoint
+    (default: the shipped 8x8 -> 16x16 digits model)."""
+    return generate_images(low_res=low_res, num_samples=num_samples or _count(low_res), **kwargs)
+
+
+def img2img(init: ImageInput, strength: float = 0.5, *, num_samples: int | None = None,
+            **kwargs: Any) -> torch.Tensor:
+    """SDEdit: noise ``init`` to ``strength`` of the chain and denoise it with the model.
+
+    Small strengths (0.1-0.4) denoise or clean up an image while keeping its content; large
+    ones (0.6-0.9) keep only its layout (e.g. turn a rough sketch into a digit, guided by
+    ``labels``/``prompt``); 1 ignores ``init``.
+    """
+    return generate_images(init=init, strength=strength, num_samples=num_samples or _count(init),
+                           **kwargs)
+
+
+# ---------------------------------------------------------------------------------- saving
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
+              pad_value: float = 0.5) -> torch.Tensor:
+    """Tile (N, C, H, W) images in [0, 1] into one (C, H', W') image, ``nrow`` per row
+    (default: a near-square grid), separated by ``padding`` pixels of ``pad_value``."""
+    if images.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """Write images (N, C, H, W) in [0, 1] as one PNG grid (8-bit; grey or RGB)."""
+    from PIL import Image
+
+    images = torch.as_tensor(images).detach().float().cpu()
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1 or 3, H, W) images, got shape {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf")
+    grid = make_grid(images.clamp(0, 1), nrow)
+    arr = (grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"images are saved as a PNG grid; give a .png path, not {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- modality
+class ImageModality:
+    """The ``image`` modality object registered with diffkit (see docs/interfaces.md)."""
+
+    name = "image"
+
+    def generate(self, *, checkpoint=None, num_samples: int = 16, seed: int | None = None,
+                 device="auto", sampler: str | None = None, steps: int | None = None,
+                 progress: bool = False, **cond: Any) -> torch.Tensor:
+        """Images (N, C, H, W) in [0, 1]; conditions as in :func:`generate_images`."""
+        return generate_images(checkpoint=checkpoint, num_samples=num_samples, seed=seed,
+                               device=device, sampler=sampler, steps=steps, progress=progress,
+                               **cond)
+
+    def save(self, samples: torch.Tensor, path: str | os.PathLike) -> None:
+        """A PNG grid of the samples."""
+        save_grid(samples, path)
+
+    def add_cli_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Options of ``diffkit generate image``; their names match generate's arguments."""
+        group = parser.add_argument_group(
+            "image options",
+            "With no --checkpoint the shipped digits models are used (the text one for --prompt, "
+            "the super-resolution one for --low-res). Image inputs are files (PNG, ...).",
+        )
+        group.add_argument("--labels", type=int, nargs="+", metavar="Y",
+                           help="class label(s): one for all samples or one per sample")
+        group.add_argument("--prompt", metavar="TEXT",
+                           help='text prompt for a text-conditioned model, e.g. "a handwritten 7"')
+        group.add_argument("--guidance-scale", type=float, metavar="W",
+                           help="classifier-free guidance weight for --labels/--prompt "
+                                "(1 = none; default: the checkpoint's)")
+        group.add_argument("--known", metavar="IMAGE",
+                           help="inpainting: the image whose pixels are kept where --mask is white")
+        group.add_argument("--mask", metavar="IMAGE",
+                           help="inpainting: white = keep the pixel of --known, black = generate it")
+        group.add_argument("--init", metavar="IMAGE",
+                           help="image-to-image / denoising: start from this image (with --strength)")
+        group.add_argument("--strength", type=float, metavar="S",
+                           help="image-to-image: how far to noise --init, in (0, 1]")
+        group.add_argument("--low-res", metavar="IMAGE",
+                           help="super-resolution: the low-resolution input image")
+        group.add_argument("--batch-size", type=int, default=256, metavar="B",
+                           help="images per batch while sampling (default: 256)")

@@ -1,0 +1,91 @@
+"""Tiny models, datasets and a toy modality shared by the trainer/checkpoint/registry/CLI tests.
+
+Kept importable as a plain module (tests/ is on sys.path under pytest) so the torchrun helper
+script of test_distributed.py can use the same model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+NUM_TIMESTEPS = 50
+DIM = 4
+
+
+class TinyDenoiser(nn.Module):
+    """An MLP eps-predictor for (B, DIM) vectors, optionally conditioned on an integer label.
+
+    ``nan_after``: from that forward call on the output is NaN (to test divergence handling).
+    """
+
+    def __init__(self, dim: int = DIM, hidden: int = 16, num_classes: int = 0, nan_after: int | None = None):
+        super().__init__()
+        self.time = nn.Embedding(NUM_TIMESTEPS, hidden)
+        self.inp = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, dim)
+        # The extra row is the learned null label used when drop_cond is True.
+        self.label = nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.nan_after = nan_after
+        self.seen_cond: list[dict] = []
+
+    def forward(self, x, t, label=None, drop_cond=None):
+        self.calls += 1
+        h = self.inp(x) + self.time(t)
+        if self.label is not None and label is not None:
+            self.seen_cond.append({"label": label, "drop_cond": drop_cond})
+            if drop_cond is not None:
+                label = torch.where(drop_cond, torch.full_like(label, self.label.num_embeddings - 1), label)
+            h = h + self.label(label)
+        y = self.out(torch.relu(h))
+        if self.nan_after is not None and int(self.calls) >= self.nan_after:
+            y = y * float("nan")
+        return y
+
+
+def vectors(n: int = 20, seed: int = 0) -> list[torch.Tensor]:
+    """A map-style dataset of n random (DIM,) vectors."""
+    return list(torch.randn(n, DIM, generator=torch.Generator().manual_seed(seed)))
+
+
+def labelled(n: int = 20, num_classes: int = 3) -> list[dict]:
+    return [{"x": x, "label": i % num_classes} for i, x in enumerate(vectors(n))]
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    """Exact equality of two (possibly nested) state dicts, tensors compared element-wise."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class ToyModality:
+    """A modality that "generates" seeded noise and saves it as a text file, one sample a line."""
+
+    name = "toy"
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def generate(self, *, checkpoint=None, num_samples=16, seed=None, device="auto", sampler=None, steps=None,
+                 progress=False, **cond):
+        self.calls.append(dict(checkpoint=checkpoint, num_samples=num_samples, seed=seed, device=device,
+                               sampler=sampler, steps=steps, progress=progress, **cond))
+        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        scale = cond.get("scale", 1.0)
+        return scale * torch.randn(num_samples, DIM, generator=generator)
+
+    def save(self, samples, path):
+        Path(path).write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in samples.tolist()))
+
+    def add_cli_arguments(self, parser):
+        parser.add_argument("--scale", type=float, default=1.0, help="multiply the samples by this")
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--flavour", choices=["plain", "fancy"], default="plain", help="a toy choice")

@@ -1,0 +1,157 @@
+"""Closed-form truth: Gaussian data has an exact optimal denoiser and an exact likelihood.
+
+Every sampler must reproduce the data distribution from the exact model, and the variational
+bound must sit above the exact NLL (and on it once the reverse variances are exact).
+"""
+
+import pytest
+import torch
+
+import diffkit
+from diffkit import Diffusion, GaussianData
+
+DATA = GaussianData(mean=torch.linspace(-1.0, 1.0, 8), std=torch.linspace(0.2, 1.0, 8))
+
+
+def standard_noise(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Noise whose per-dimension mean and variance are exactly 0 and 1, which removes the
+    Monte-Carlo floor of the KL estimate for deterministic (affine) samplers."""
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (z - z.mean(0)) / z.std(0)
+
+
+# sampler, steps, KL bound (nats/dim) for 4000 samples
+CASES = [
+    ("ddpm", 1000, 3e-3),
+    ("ddpm", 100, 5e-3),
+    ("ddim", 100, 3e-3),
+    ("euler", 100, 3e-3),
+    ("heun", 30, 1e-3),
+    ("dpm++2m", 20, 1e-3),
+    ("dpm++3m", 20, 1e-3),
+    ("unipc", 10, 1e-3),
+]
+
+
+@pytest.mark.parametrize("sampler, steps, bound", CASES)
+def test_every_sampler_reproduces_gaussian_data(sampler, steps, bound):
+    diff = Diffusion("linear", 1000)
+    model = DATA.model(diff.schedule)
+    noise = standard_noise(4000, 8)
+    samples = diff.sample(model, noise.shape, sampler=sampler, steps=steps, noise=noise, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))
+    kl = DATA.kl_per_dim(samples)
+    assert kl < bound, f"{sampler} at {steps} steps: KL {kl:.2e} nats/dim"
+    assert torch.allclose(samples.mean(0), DATA.mean, atol=0.06)
+    assert torch.allclose(samples.std(0), DATA.std, rtol=0.06)
+
+
+@pytest.mark.parametrize("prediction", diffkit.PREDICTIONS)
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "unipc", "heun"])
+def test_predictions_agree_on_the_same_trajectory(prediction, sampler):
+    diff_eps, diff_other = Diffusion("cosine", 200), Diffusion("cosine", 200, prediction=prediction)
+    noise = standard_noise(64, 8)
+    ref = diff_eps.sample(DATA.model(diff_eps.schedule), noise.shape, sampler=sampler, steps=12, noise=noise, dtype=torch.float64)
+    out = diff_other.sample(DATA.model(diff_other.schedule, prediction), noise.shape, sampler=sampler, steps=12,
+                            noise=noise, dtype=torch.float64)
+    assert torch.allclose(ref, out, atol=1e-8)
+
+
+@pytest.mark.parametrize("sampler", diffkit.SAMPLERS)
+def test_zero_terminal_snr_with_v_prediction_samples_correctly(sampler):
+    diff = Diffusion("scaled_linear", 1000, prediction="v", zero_terminal_snr=True)
+    model = DATA.model(diff.schedule, "v")
+    noise = standard_noise(4000, 8)
+    steps = 200 if sampler in ("ddpm", "ddim", "euler") else 30
+    samples = diff.sample(model, noise.shape, sampler=sampler, steps=steps, noise=noise, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(samples).all()
+    assert DATA.kl_per_dim(samples) < 1e-2
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "unipc"])
+def test_samplers_work_on_any_tensor_shape(sampler):
+    data = GaussianData(mean=torch.zeros(2, 3, 2, 2), std=torch.full((2, 3, 2, 2), 0.5))
+    diff = Diffusion("linear", 100)
+    out = diff.sample(data.model(diff.schedule), (500, 2, 3, 2, 2), sampler=sampler, steps=20,
+                      generator=torch.Generator().manual_seed(0))
+    assert out.shape == (500, 2, 3, 2, 2)
+    assert abs(out.std().item() - 0.5) < 0.03
+
+
+def test_fast_sampler_targets_on_exact_model():
+    """The headline claim of benchmarks/samplers.py, in small: our best sampler at 10 calls
+    beats diffusers' best DPM-Solver++ configuration (log-SNR steps) at 10 calls."""
+    diffusers = pytest.importorskip("diffusers")
+    diff = Diffusion("linear", 1000)
+    data = GaussianData(mean=torch.linspace(-1, 1, 16), std=torch.linspace(0.1, 1.0, 16))
+    model = data.model(diff.schedule)
+    noise = standard_noise(4000, 16)
+    scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", use_lu_lambdas=True)
+    scheduler.set_timesteps(10)
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t.expand(len(x)).long()), t, x).prev_sample
+    reference = data.kl_per_dim(x)
+    ours = data.kl_per_dim(diff.sample(model, noise.shape, steps=10, noise=noise, dtype=torch.float64))
+    assert ours < 0.5 * reference, f"diffkit {ours:.2e} vs diffusers {reference:.2e}"
+
+
+def test_bound_is_above_the_exact_nll_with_fixed_variances():
+    data = GaussianData(mean=torch.tensor([0.3, -0.2, 0.0, 0.5]), std=torch.tensor([0.3, 0.5, 0.8, 1.0]))
+    diff = Diffusion("linear", 1000)
+    x0 = data.sample(512, torch.Generator().manual_seed(0))
+    bpd = diff.nll(data.model(diff.schedule), x0, generator=torch.Generator().manual_seed(1))
+    exact = data.nll_bits_per_dim(x0)
+    assert bpd.shape == (512,)
+    gap = (bpd - exact).mean().item()
+    assert 0.05 < gap < 1.5, f"fixed-variance bound gap {gap:.3f} bits/dim"
+
+
+def test_bound_is_tight_with_exact_reverse_variances():
+    data = GaussianData(mean=torch.tensor([0.3, -0.2, 0.0, 0.5]), std=torch.tensor([0.3, 0.5, 0.8, 1.0]))
+    diff = Diffusion("linear", 1000, variance="learned_range")
+    x0 = data.sample(512, torch.Generator().manual_seed(0))
+    bpd, terms = diff.nll(data.model(diff.schedule, learn_variance=True), x0,
+                          generator=torch.Generator().manual_seed(1), return_terms=True)
+    exact = data.nll_bits_per_dim(x0)
+    gap = (bpd - exact).mean().item()
+    assert -0.02 < gap < 0.02, f"bound with exact variances is {gap:.4f} bits/dim from the exact NLL"
+    assert terms["kl"].shape == (512, 999)
+    assert torch.allclose(bpd, terms["prior"] + terms["kl"].sum(1) + terms["decoder"])
+    assert (terms["kl"] >= -1e-6).all()
+
+
+def test_respaced_bound_is_a_looser_bound():
+    data = GaussianData(mean=torch.zeros(4), std=torch.full((4,), 0.5))
+    diff = Diffusion("linear", 1000, variance="learned_range")
+    x0 = data.sample(512, torch.Generator().manual_seed(0))
+    model = data.model(diff.schedule, learn_variance=True)
+    full = diff.nll(model, x0, generator=torch.Generator().manual_seed(1)).mean()
+    coarse = diff.nll(model, x0, steps=50, generator=torch.Generator().manual_seed(1)).mean()
+    exact = data.nll_bits_per_dim(x0).mean()
+    assert exact - 0.02 < full < coarse
+
+
+def test_discretized_bound_of_8bit_data_is_in_bits_per_pixel_range():
+    """For data quantised to 8 bits the discretised bound is a true probability: 0 <= bpd <= 8 + slack."""
+    data = GaussianData(mean=torch.zeros(6), std=torch.full((6,), 0.4))
+    diff = Diffusion("linear", 1000, decoder="discretized")
+    x0 = (data.sample(256, torch.Generator().manual_seed(0)).clamp(-1, 1) * 127.5).round() / 127.5
+    bpd = diff.nll(data.model(diff.schedule), x0, steps=100)
+    assert (bpd > 0).all()
+    # The entropy of the quantised Gaussian is about h + 7 bits (bin width 2/255 on [-1, 1]).
+    assert 4.0 < bpd.mean().item() < 9.0
+
+
+def test_loss_of_the_exact_model_is_its_irreducible_error():
+    """E||eps - E[eps|x_t]||^2 per dim equals E Var[eps | x_t] = 1 - sigma^2/(alpha^2 s^2 + sigma^2)."""
+    data = GaussianData(mean=torch.zeros(4), std=torch.full((4,), 0.5))
+    diff = Diffusion("linear", 1000)
+    model = data.model(diff.schedule)
+    x0 = data.sample(20000, torch.Generator().manual_seed(0))
+    t = torch.full((20000,), 300)
+    _, terms = diff.loss(model, x0, t=t, generator=torch.Generator().manual_seed(1), return_terms=True)
+    a, s = diff.schedule.alpha_at(torch.tensor(300)), diff.schedule.sigma_at(torch.tensor(300))
+    expected = 1 - s**2 / (a**2 * 0.25 + s**2)
+    assert terms["mse"].mean().item() == pytest.approx(expected.item(), rel=0.03)

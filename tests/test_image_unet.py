@@ -1,0 +1,102 @@
+"""The image U-Net: shapes, conditioning, the null condition and input checks."""
+
+import pytest
+import torch
+
+from modalities.image.unet import UNet
+
+TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+            num_heads=2, norm_groups=4)
+
+
+def _randomise(net: torch.nn.Module) -> torch.nn.Module:
+    """Fresh nets output zeros (zero-initialised output layers); perturb every weight so
+    conditioning effects become visible."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def test_fresh_network_outputs_zeros_and_keeps_shape():
+    net = UNet(in_channels=3, image_size=16, **TINY)
+    x = torch.randn(2, 3, 16, 16)
+    out = net(x, torch.tensor([0, 999]))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.is_contiguous()
+    assert torch.all(out == 0)
+
+
+def test_learned_variance_doubles_the_channels_and_trains():
+    net = UNet(in_channels=1, image_size=8, learn_sigma=True, **TINY)
+    out = net(torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,)))
+    assert out.shape == (4, 2, 8, 8)
+    out.square().mean().backward()  # every layer is reachable by the gradient
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_class_conditioning_and_null_class():
+    net = _randomise(UNet(image_size=8, num_classes=10, **TINY))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([500, 500])
+    a = net(x, t, labels=torch.tensor([1, 1]))
+    b = net(x, t, labels=torch.tensor([2, 2]))
+    null = net(x, t, labels=torch.tensor([1, 2]), drop_cond=torch.tensor([True, True]))
+    assert not torch.allclose(a, b)
+    # Dropped examples ignore their label: both use the same null class.
+    null_ref = net(x, t, labels=torch.tensor([10, 10]))
+    torch.testing.assert_close(null, null_ref)
+    mixed = net(x, t, labels=torch.tensor([1, 2]), drop_cond=torch.tensor([False, True]))
+    torch.testing.assert_close(mixed[0], a[0])
+    torch.testing.assert_close(mixed[1], null_ref[1])
+
+
+def test_text_conditioning_uses_tokens_and_mask():
+    net = _randomise(UNet(image_size=8, context_dim=12, **TINY))
+    x, t = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1), torch.tensor([300, 300])
+    ctx = torch.randn(2, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = net(x, t, context=ctx, context_mask=mask)
+    # Changing padded tokens must not change the output of the first example.
+    ctx2 = ctx.clone()
+    ctx2[0, 3:] = 100.0
+    out2 = net(x, t, context=ctx2, context_mask=mask)
+    torch.testing.assert_close(out[0], out2[0])
+    assert not torch.allclose(out[0], net(x, t, context=torch.randn(2, 5, 12), context_mask=mask)[0])
+    dropped = net(x, t, context=ctx, context_mask=mask, drop_cond=torch.tensor([True, True]))
+    torch.testing.assert_close(dropped[0], dropped[1])  # the null prompt is the same for all
+
+
+def test_super_resolution_input():
+    net = _randomise(UNet(image_size=8, low_res_channels=1, **TINY))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 10])
+    a = net(x, t, low_res=torch.zeros(2, 1, 4, 4))
+    b = net(x, t, low_res=torch.ones(2, 1, 4, 4))
+    assert a.shape == x.shape and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, cond, message",
+    [
+        ({}, {"labels": torch.tensor([1])}, "not class-conditional"),
+        ({"num_classes": 3}, {}, "pass labels"),
+        ({}, {"context": torch.randn(1, 2, 4)}, "not text-conditional"),
+        ({"context_dim": 4}, {}, "pass context"),
+        ({}, {"low_res": torch.randn(1, 1, 4, 4)}, "not a super-resolution model"),
+        ({"low_res_channels": 1}, {}, "pass low_res"),
+    ],
+)
+def test_missing_or_unexpected_conditions_are_errors(kwargs, cond, message):
+    net = UNet(image_size=8, **TINY, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        net(torch.randn(1, 1, 8, 8), torch.tensor([1]), **cond)
+
+
+def test_wrong_channels_and_sizes_are_errors():
+    net = UNet(in_channels=1, image_size=8, **TINY)
+    with pytest.raises(ValueError, match=r"expected images \(B, 1, H, W\)"):
+        net(torch.randn(1, 3, 8, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.randn(1, 1, 7, 7), torch.tensor([1]))
+    with pytest.raises(ValueError, match="not divisible"):
+        UNet(image_size=10, channel_mult=(1, 2, 2))
