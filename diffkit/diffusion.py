@@ -257,7 +257,9 @@ class Diffusion:
             # The hybrid loss lets the bound train only the variance: the mean is frozen.
             frozen = prediction.detach() if self.loss_type == "hybrid" else prediction
             x0_hat, _ = to_x0_eps(self.prediction, frozen, x_t, alpha, sigma)
-            vb = self._bound_term(x0, x_t, x0_hat, frac, t)
+            alpha_s, sigma_s = self._scales(t - 1, x0)
+            vb = self._bound_term(x0, x_t, x0_hat, frac, (alpha, sigma, alpha_s, sigma_s),
+                                  append_dims(t == 0, x0.ndim), self._first_posterior_variance(x0))
             terms["vb"] = vb
             scale = self.num_timesteps  # a uniform t makes T * L_t an unbiased estimate of the bound
             per_example = scale * vb if self.loss_type == "vlb" else mse + self.hybrid_lambda * scale * vb
@@ -275,21 +277,25 @@ class Diffusion:
             weight_x0 = snr.clamp(min=1.0)
         return weight_x0 / x0_error_scale(self.prediction, alpha, sigma)
 
-    def _bound_term(self, x0, x_t, x0_hat, frac, t) -> torch.Tensor:
-        """L_t of the bound in bits/dim for each example: a KL for t > 0, the decoder NLL at t = 0."""
-        a_t, s_t = self._scales(t, x0)
-        a_s, s_s = self._scales(t - 1, x0)
+    def _bound_term(self, x0, x_t, x0_hat, frac, scales, is_last, decoder_small, decoder=None, bin_width=None):
+        """One term of the bound in bits/dim per example: KL(q(x_s|x_t,x0) || p(x_s|x_t)) for a step
+        between noisy points, -log p(x0 | x_t) (the decoder) for the last step to clean data.
+
+        ``scales`` = (alpha_t, sigma_t, alpha_s, sigma_s); ``is_last`` marks the decoder step (a
+        bool or a per-example mask); ``decoder_small`` is beta-tilde of the step before it.
+        """
+        a_t, s_t, a_s, s_s = scales
         true_mean, true_var = q_posterior(x0, x_t, a_t, s_t, a_s, s_s)
         model_mean, _ = q_posterior(x0_hat, x_t, a_t, s_t, a_s, s_s)
-        is_last = append_dims(t == 0, x0.ndim)
-        next_var = self._first_posterior_variance(x0)
-        log_var = self._reverse_log_variance(frac if frac is not None else 0.0, a_t, s_t, a_s, s_s,
-                                             is_last=False)
-        log_var_last = self._reverse_log_variance(frac if frac is not None else 0.0, a_t, s_t, a_s, s_s,
-                                                  is_last=True, next_posterior_var=next_var)
-        log_var = torch.where(is_last, log_var_last, log_var)
-        kl = normal_kl(true_mean, torch.log(true_var.clamp(min=1e-20)), model_mean, log_var)
-        decoder_nll = -self._decoder_log_likelihood(x0, model_mean, log_var)
+        frac = frac if frac is not None else 0.0
+        is_last = torch.as_tensor(is_last, device=x0.device)
+        log_var = torch.where(
+            is_last,
+            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=True, next_posterior_var=decoder_small),
+            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=False),
+        ).expand_as(x0)
+        kl = normal_kl(true_mean, torch.log(true_var.clamp(min=1e-20)).expand_as(x0), model_mean, log_var)
+        decoder_nll = -self._decoder_log_likelihood(x0, model_mean, log_var, decoder, bin_width)
         return mean_flat(torch.where(is_last, decoder_nll, kl)) / LOG2
 
     def _first_posterior_variance(self, like: torch.Tensor) -> torch.Tensor:
@@ -347,34 +353,27 @@ class Diffusion:
             return values[i].to(device=x0.device, dtype=x0.dtype)
 
         prior = sum_flat(prior_kl(x0, scalar(grid.alphas, 0), scalar(grid.sigmas, 0))) / (num_dims * LOG2)
-        kls = []
-        decoder_bits = None
-        # beta-tilde of the last proper step stands in for the decoder's posterior variance
+        # beta-tilde of the last proper step stands in for the decoder's zero posterior variance
+        decoder_small = None
         if len(grid) >= 2:
-            decoder_small = q_posterior(torch.zeros(()), torch.zeros(()), grid.alphas[-3], grid.sigmas[-3],
-                                        grid.alphas[-2], grid.sigmas[-2])[1].to(x0.device, x0.dtype)
-        else:
-            decoder_small = None
+            zero = torch.zeros((), dtype=torch.float64)
+            decoder_small = q_posterior(zero, zero, grid.alphas[-3], grid.sigmas[-3], grid.alphas[-2],
+                                        grid.sigmas[-2])[1].to(x0.device, x0.dtype)
+        kls, decoder_bits = [], None
         for i in tqdm(range(len(grid)), desc="nll", disable=not progress, leave=False):
-            a_t, s_t, a_s, s_s = (scalar(grid.alphas, i), scalar(grid.sigmas, i),
-                                  scalar(grid.alphas, i + 1), scalar(grid.sigmas, i + 1))
+            scales = tuple(scalar(values, j) for values, j in
+                           ((grid.alphas, i), (grid.sigmas, i), (grid.alphas, i + 1), (grid.sigmas, i + 1)))
             noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = q_sample(x0, a_t, s_t, noise)
+            x_t = q_sample(x0, scales[0], scales[1], noise)
             t = grid.timesteps[i].to(x0.device).expand(x0.shape[0])
             output, frac = split_output(model(x_t, t, **cond), x_t, self.learn_variance)
-            x0_hat, _ = to_x0_eps(self.prediction, output, x_t, a_t, s_t)
-            model_mean, _ = q_posterior(x0_hat, x_t, a_t, s_t, a_s, s_s)
+            x0_hat, _ = to_x0_eps(self.prediction, output, x_t, scales[0], scales[1])
             is_last = i == len(grid) - 1
-            log_var = self._reverse_log_variance(frac if frac is not None else 0.0, a_t, s_t, a_s, s_s,
-                                                 is_last=is_last, next_posterior_var=decoder_small)
-            log_var = log_var.expand_as(x0) if torch.is_tensor(log_var) else log_var
+            bits = self._bound_term(x0, x_t, x0_hat, frac, scales, is_last, decoder_small, log_likelihood_kind, bin_width)
             if is_last:
-                log_p = self._decoder_log_likelihood(x0, model_mean, log_var, log_likelihood_kind, bin_width)
-                decoder_bits = -sum_flat(log_p) / (num_dims * LOG2)
+                decoder_bits = bits
             else:
-                true_mean, true_var = q_posterior(x0, x_t, a_t, s_t, a_s, s_s)
-                kl = normal_kl(true_mean, torch.log(true_var.clamp(min=1e-20)).expand_as(x0), model_mean, log_var)
-                kls.append(sum_flat(kl) / (num_dims * LOG2))
+                kls.append(bits)
         kl_terms = torch.stack(kls, dim=1) if kls else torch.zeros(x0.shape[0], 0, device=x0.device, dtype=x0.dtype)
         bpd = prior + kl_terms.sum(dim=1) + decoder_bits
         if return_terms:

@@ -1,0 +1,112 @@
+"""With the same eps-model and the same starting noise, diffkit's samplers agree with diffusers'.
+
+diffusers is a test-only dependency; its schedulers are stepped by hand with the same
+timesteps, so any disagreement is in the update rules themselves.
+"""
+
+import pytest
+import torch
+
+from diffkit import Diffusion, NoiseSchedule
+
+diffusers = pytest.importorskip("diffusers")
+
+BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def wavy_eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A deterministic, nonlinear, time-dependent stand-in for a trained network."""
+    scale = (t.to(x.dtype) / 1000.0).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.6 * torch.tanh(1.5 * x) * scale + 0.3 * torch.sin(2.0 * x) * (1 - scale) + 0.1 * x
+
+
+def run_scheduler(scheduler, noise, *, step_kwargs=None, generator=None):
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        eps = wavy_eps_model(x, t.expand(x.shape[0]).long())
+        kwargs = dict(step_kwargs or {})
+        if generator is not None:
+            kwargs["generator"] = generator
+        x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    return x
+
+
+@pytest.fixture
+def noise():
+    return torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+def test_ddim_matches_diffusers(noise, steps):
+    scheduler = diffusers.DDIMScheduler(**BETAS, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    reference = run_scheduler(scheduler, noise, step_kwargs={"eta": 0.0})
+    ours = Diffusion("linear", 1000).sample(wavy_eps_model, noise.shape, sampler="ddim", timesteps=scheduler.timesteps,
+                                             noise=noise)
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_stochastic_ddim_matches_diffusers_with_the_same_generator(noise):
+    scheduler = diffusers.DDIMScheduler(**BETAS, clip_sample=False)
+    scheduler.set_timesteps(20)
+    reference = run_scheduler(scheduler, noise, step_kwargs={"eta": 1.0}, generator=torch.Generator().manual_seed(7))
+    ours = Diffusion("linear", 1000).sample(wavy_eps_model, noise.shape, sampler="ddim", timesteps=scheduler.timesteps,
+                                             noise=noise, generator=torch.Generator().manual_seed(7),
+                                             sampler_options={"eta": 1.0})
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("order, sampler", [(2, "dpm++2m"), (3, "dpm++3m")])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpm_solver_pp_matches_diffusers(noise, order, sampler, steps):
+    scheduler = diffusers.DPMSolverMultistepScheduler(**BETAS, solver_order=order, algorithm_type="dpmsolver++")
+    scheduler.set_timesteps(steps)
+    reference = run_scheduler(scheduler, noise)
+    ours = Diffusion("linear", 1000).sample(wavy_eps_model, noise.shape, sampler=sampler, timesteps=scheduler.timesteps,
+                                             noise=noise)
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_unipc_matches_diffusers(noise, order):
+    scheduler = diffusers.UniPCMultistepScheduler(**BETAS, solver_order=order)
+    scheduler.set_timesteps(10)
+    reference = run_scheduler(scheduler, noise)
+    ours = Diffusion("linear", 1000).sample(wavy_eps_model, noise.shape, sampler="unipc", timesteps=scheduler.timesteps,
+                                             noise=noise, sampler_options={"order": order})
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_unipc_without_corrector_is_dpm_solver_pp_2m(noise):
+    diff = Diffusion("linear", 1000)
+    a = diff.sample(wavy_eps_model, noise.shape, sampler="unipc", steps=12, noise=noise,
+                    sampler_options={"order": 2, "corrector": False})
+    b = diff.sample(wavy_eps_model, noise.shape, sampler="dpm++2m", steps=12, noise=noise)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [None, 50])
+def test_ddpm_ancestral_matches_diffusers_with_the_same_generator(steps):
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=200, beta_schedule="linear", clip_sample=False)
+    scheduler.set_timesteps(steps or 200)
+    noise = torch.randn(16, 2, 8, generator=torch.Generator().manual_seed(1))
+    reference = run_scheduler(scheduler, noise, generator=torch.Generator().manual_seed(3))
+    diff = Diffusion(NoiseSchedule.from_betas(scheduler.betas))
+    ours = diff.sample(wavy_eps_model, noise.shape, sampler="ddpm", timesteps=scheduler.timesteps, noise=noise,
+                       generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_process_matches_diffusers_add_noise():
+    scheduler = diffusers.DDPMScheduler(**BETAS)
+    x0 = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 1, 10, 100, 500, 900, 998, 999])
+    reference = scheduler.add_noise(x0, eps, t)
+    ours = Diffusion("linear", 1000).q_sample(x0, t, eps)
+    assert torch.allclose(ours, reference, atol=1e-6)
+    velocity = scheduler.get_velocity(x0, eps, t)
+    _, terms = Diffusion("linear", 1000, prediction="v").loss(
+        lambda x, tt: velocity, x0, t=t, noise=eps, return_terms=True
+    )
+    assert terms["mse"].abs().max() < 1e-10  # diffusers' v target is ours

