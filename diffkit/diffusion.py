@@ -464,7 +464,7 @@ class Diffusion:
             init = torch.as_tensor(init).to(device=device, dtype=dtype).expand(shape)
             check_finite(init, "init")
             grid = grid.truncate(round(strength * (self.num_timesteps - 1)))
-            x = q_sample(init, grid.alphas[0].to(device, dtype), grid.sigmas[0].to(device, dtype), noise)
+            x = q_sample(init, float(grid.alphas[0]), float(grid.sigmas[0]), noise)
 
         denoise = model_denoiser(model, grid, prediction=self.prediction, learn_variance=self.learn_variance,
                                  cond=cond, guidance_scale=guidance_scale)

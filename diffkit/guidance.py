@@ -23,7 +23,6 @@ import torch
 
 from .parameterization import to_x0_eps
 from .sampling import Denoiser, Prediction, SamplingGrid
-from .utils import append_dims
 
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -71,8 +70,7 @@ def model_denoiser(
 
     def denoise(x: torch.Tensor, i: int) -> Prediction:
         t = grid.timesteps[i].to(x.device).expand(x.shape[0])
-        alpha = grid.alphas[i].to(device=x.device, dtype=x.dtype)
-        sigma = grid.sigmas[i].to(device=x.device, dtype=x.dtype)
+        alpha, sigma = float(grid.alphas[i]), float(grid.sigmas[i])
         out, frac = split_output(call_model(model, x, t, cond, False if use_cfg else None), x, learn_variance)
         x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
         if use_cfg:
@@ -97,8 +95,7 @@ def with_gradient_guidance(denoise: Denoiser, grid: SamplingGrid, guidance_fn: G
     def denoise_guided(x: torch.Tensor, i: int) -> Prediction:
         pred = denoise(x, i)
         t = grid.timesteps[i].to(x.device).expand(x.shape[0])
-        alpha = grid.alphas[i].to(device=x.device, dtype=x.dtype)
-        sigma = grid.sigmas[i].to(device=x.device, dtype=x.dtype)
+        alpha, sigma = float(grid.alphas[i]), float(grid.sigmas[i])
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             value = guidance_fn(x_in, t)
@@ -116,8 +113,7 @@ def with_clipping(denoise: Denoiser, grid: SamplingGrid, low: float, high: float
 
     def denoise_clipped(x: torch.Tensor, i: int) -> Prediction:
         pred = denoise(x, i)
-        alpha = grid.alphas[i].to(device=x.device, dtype=x.dtype)
-        sigma = grid.sigmas[i].to(device=x.device, dtype=x.dtype)
+        alpha, sigma = float(grid.alphas[i]), float(grid.sigmas[i])
         x0 = pred.x0.clamp(low, high)
         return Prediction(x0=x0, eps=(x - alpha * x0) / sigma, variance_frac=pred.variance_frac)
 
@@ -136,8 +132,7 @@ def with_known_values(
     mask = mask.to(torch.bool)
 
     def denoise_masked(x: torch.Tensor, i: int) -> Prediction:
-        alpha = grid.alphas[i].to(device=x.device, dtype=x.dtype)
-        sigma = grid.sigmas[i].to(device=x.device, dtype=x.dtype)
+        alpha, sigma = float(grid.alphas[i]), float(grid.sigmas[i])
         x_in = torch.where(mask, alpha * known + sigma * noise, x)
         pred = denoise(x_in, i)
         return Prediction(

@@ -23,6 +23,13 @@ def q_sample(x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, noise: 
     return alpha * x0 + sigma * noise
 
 
+def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s):
+    """(c_xt, c_x0, variance) with q(x_s | x_t, x_0) = N(c_xt x_t + c_x0 x_0, variance); see :func:`q_posterior`."""
+    alpha_ts = alpha_t / alpha_s
+    sigma_ts_sq = (sigma_t**2 - alpha_ts**2 * sigma_s**2).clamp(min=0)
+    return alpha_ts * sigma_s**2 / sigma_t**2, alpha_s * sigma_ts_sq / sigma_t**2, sigma_ts_sq * sigma_s**2 / sigma_t**2
+
+
 def q_posterior(
     x0: torch.Tensor,
     x_t: torch.Tensor,
@@ -40,11 +47,8 @@ def q_posterior(
 
     For s = clean data (alpha_s = 1, sigma_s = 0) the posterior collapses onto x_0.
     """
-    alpha_ts = alpha_t / alpha_s
-    sigma_ts_sq = (sigma_t**2 - alpha_ts**2 * sigma_s**2).clamp(min=0)
-    mean = (alpha_ts * sigma_s**2 / sigma_t**2) * x_t + (alpha_s * sigma_ts_sq / sigma_t**2) * x0
-    variance = sigma_ts_sq * sigma_s**2 / sigma_t**2
-    return mean, variance
+    coef_xt, coef_x0, variance = posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s)
+    return coef_xt * x_t + coef_x0 * x0, variance
 
 
 def transition_variance(alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .process import q_posterior, transition_variance
+from .process import posterior_coefficients, transition_variance
 from .schedules import NoiseSchedule
 from .utils import randn
 
@@ -85,9 +85,9 @@ class SamplingGrid:
         return SamplingGrid(self.timesteps[first:], self.alphas[first:], self.sigmas[first:])
 
 
-def _scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A float64 grid entry as a 0-dim tensor of ``like``'s dtype and device."""
-    return value.to(device=like.device, dtype=like.dtype)
+def _scalar(value: torch.Tensor) -> float:
+    """A float64 grid entry as a Python number: it scales a tensor on any device without a copy."""
+    return float(value)
 
 
 def _report(callback: Optional[Callback], i: int, grid: SamplingGrid, x: torch.Tensor, pred: Prediction) -> None:
@@ -108,23 +108,23 @@ def sample_ddpm(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
     for i in range(len(grid)):
         pred = denoise(x, i)
         _report(callback, i, grid, x, pred)
-        a_t, s_t = _scalar(grid.alphas[i], x), _scalar(grid.sigmas[i], x)
-        a_s, s_s = _scalar(grid.alphas[i + 1], x), _scalar(grid.sigmas[i + 1], x)
-        mean, posterior_var = q_posterior(pred.x0, x, a_t, s_t, a_s, s_s)
+        scales = (grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1])
+        coef_xt, coef_x0, posterior_var = map(_scalar, posterior_coefficients(*scales))
+        mean = coef_xt * x + coef_x0 * pred.x0
         if i == len(grid) - 1:
             x = mean
             continue
-        beta = transition_variance(a_t, s_t, a_s, s_s)
+        beta = _scalar(transition_variance(*scales))
         if variance == "fixed_small":
-            var = posterior_var
+            std = posterior_var**0.5
         elif variance == "fixed_large":
-            var = beta
+            std = beta**0.5
         else:
             if pred.variance_frac is None:
                 raise ValueError("variance='learned' needs a model that outputs variance channels (learn_variance=True)")
             frac = pred.variance_frac
-            var = torch.exp(frac * torch.log(beta) + (1 - frac) * torch.log(posterior_var.clamp(min=1e-20)))
-        x = mean + var.sqrt() * randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(max(posterior_var, 1e-20))))
+        x = mean + std * randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x
 
 
@@ -137,19 +137,19 @@ def sample_ddim(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
     for i in range(len(grid)):
         pred = denoise(x, i)
         _report(callback, i, grid, x, pred)
-        a_t, s_t = _scalar(grid.alphas[i], x), _scalar(grid.sigmas[i], x)
-        a_s, s_s = _scalar(grid.alphas[i + 1], x), _scalar(grid.sigmas[i + 1], x)
-        c = eta * q_posterior(pred.x0, x, a_t, s_t, a_s, s_s)[1].sqrt() if eta > 0 else torch.zeros_like(s_s)
-        x = a_s * pred.x0 + (s_s**2 - c**2).clamp(min=0).sqrt() * pred.eps
+        scales = (grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1])
+        a_s, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1])
+        c = eta * _scalar(posterior_coefficients(*scales)[2]) ** 0.5
+        x = a_s * pred.x0 + max(s_s**2 - c**2, 0.0) ** 0.5 * pred.eps
         if eta > 0 and i < len(grid) - 1:
             x = x + c * randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x
 
 
 # --------------------------------------------------------------------------- exponential integrators
-def _first_order_update(x, d0, a_t, s_t, s_s, h):
+def _first_order_update(x, d0, a_t: float, s_t: float, s_s: float, h: torch.Tensor):
     """x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D  -- exact for a constant data prediction."""
-    return (s_t / s_s) * x - a_t * torch.expm1(-h) * d0
+    return (s_t / s_s) * x - a_t * _scalar(torch.expm1(-h)) * d0
 
 
 def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callback) -> torch.Tensor:
@@ -160,38 +160,38 @@ def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callb
     first order, and on short grids (< 15 points) the second-to-last step is at most second
     order, where higher-order extrapolation has too few points to be stable.
     """
-    lambdas = grid.lambdas.to(device=x.device, dtype=torch.float64)
+    lambdas = grid.lambdas
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, D), newest last
     K = len(grid)
     for i in range(K):
         pred = denoise(x, i)
         _report(callback, i, grid, x, pred)
         history = (history + [(lambdas[i], pred.x0)])[-order:]
-        a_t, s_t, s_s = _scalar(grid.alphas[i + 1], x), _scalar(grid.sigmas[i + 1], x), _scalar(grid.sigmas[i], x)
+        a_t, s_t, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1]), _scalar(grid.sigmas[i])
         h = lambdas[i + 1] - lambdas[i]
         step_order = min(order, len(history), 1 if i == K - 1 else order, 2 if (i == K - 2 and K < 15) else order)
         # Points at lambda = -inf (zero-terminal SNR) carry no usable slope information.
         while step_order > 1 and not torch.isfinite(history[-step_order][0]):
             step_order -= 1
         d0 = pred.x0
-        x_next = _first_order_update(x, d0, a_t, s_t, s_s, _scalar(h, x))
+        x_next = _first_order_update(x, d0, a_t, s_t, s_s, h)
         if step_order >= 2:
             lam1, d_1 = history[-2]
             r0 = (lambdas[i] - lam1) / h
-            d1_0 = (d0 - d_1) / _scalar(r0, x)
+            d1_0 = (d0 - d_1) / _scalar(r0)
             if step_order == 2:
-                x_next = x_next - 0.5 * a_t * _scalar(torch.expm1(-h), x) * d1_0
+                x_next = x_next - 0.5 * a_t * _scalar(torch.expm1(-h)) * d1_0
             else:
                 lam2, d_2 = history[-3]
                 r1 = (lam1 - lam2) / h
-                d1_1 = (d_1 - d_2) / _scalar(r1, x)
-                d1 = d1_0 + _scalar(r0 / (r0 + r1), x) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / _scalar(r0 + r1, x)
+                d1_1 = (d_1 - d_2) / _scalar(r1)
+                d1 = d1_0 + _scalar(r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / _scalar(r0 + r1)
                 phi1 = torch.expm1(-h)
                 x_next = (
                     x_next
-                    + a_t * _scalar(phi1 / h + 1.0, x) * d1
-                    - a_t * _scalar((phi1 + h) / h**2 - 0.5, x) * d2
+                    + a_t * _scalar(phi1 / h + 1.0) * d1
+                    - a_t * _scalar((phi1 + h) / h**2 - 0.5) * d2
                 )
         x = x_next
     return x
@@ -247,7 +247,7 @@ def sample_unipc(
         raise ValueError(f"unknown UniPC variant {variant!r}; choose bh1 or bh2")
     if order not in (1, 2, 3, 4):
         raise ValueError(f"UniPC order must be 1-4, got {order}")
-    lambdas = grid.lambdas.to(device=x.device, dtype=torch.float64)
+    lambdas = grid.lambdas
     K = len(grid)
     history: list[tuple[torch.Tensor, torch.Tensor]] = []
     pending = None  # what the corrector needs from the last predictor step
@@ -258,8 +258,8 @@ def sample_unipc(
             x = _unipc_correct(pending, pred.x0, x)
         history = (history + [(lambdas[i], pred.x0)])[-order:]
         if i == K - 1:
-            x = _first_order_update(x, pred.x0, _scalar(grid.alphas[i + 1], x), _scalar(grid.sigmas[i + 1], x),
-                                    _scalar(grid.sigmas[i], x), _scalar(lambdas[i + 1] - lambdas[i], x))
+            x = _first_order_update(x, pred.x0, _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1]),
+                                    _scalar(grid.sigmas[i]), lambdas[i + 1] - lambdas[i])
             break
         step_order = min(order, len(history), K - i)
         while step_order > 1 and not torch.isfinite(history[-step_order][0]):
@@ -271,12 +271,12 @@ def sample_unipc(
 def _unipc_predict(x, stencil, lambda_t, grid: SamplingGrid, i: int, with_corrector: bool, variant: str):
     """UniP: step from grid point i to i + 1 using the last len(stencil) evaluations."""
     lam0, d0 = stencil[-1]
-    a_t, s_t, s_s = _scalar(grid.alphas[i + 1], x), _scalar(grid.sigmas[i + 1], x), _scalar(grid.sigmas[i], x)
+    a_t, s_t, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1]), _scalar(grid.sigmas[i])
     h = lambda_t - lam0
     hh = -h
     rks = [(lam - lam0) / h for lam, _ in stencil[:-1]]
-    diffs = [(d - d0) / _scalar(r, x) for r, (_, d) in zip(rks, stencil[:-1])]
-    base = _first_order_update(x, d0, a_t, s_t, s_s, _scalar(h, x))
+    diffs = [(d - d0) / _scalar(r) for r, (_, d) in zip(rks, stencil[:-1])]
+    base = _first_order_update(x, d0, a_t, s_t, s_s, h)
     b_h = torch.expm1(hh) if variant == "bh2" else hh
     R, b = _unipc_coefficients(rks + [torch.ones((), dtype=torch.float64, device=h.device)], hh, b_h)
     x_next = base
@@ -284,19 +284,19 @@ def _unipc_predict(x, stencil, lambda_t, grid: SamplingGrid, i: int, with_correc
         # With one difference the paper fixes rho = 1/2 (diffusers does the same), which keeps
         # the second-order predictor identical to the reference implementation.
         rhos = torch.linalg.solve(R[:-1, :-1], b[:-1]) if len(diffs) > 1 else torch.full((1,), 0.5, dtype=torch.float64, device=h.device)
-        x_next = base - a_t * _scalar(b_h, x) * sum(_scalar(rho, x) * d for rho, d in zip(rhos, diffs))
+        x_next = base - a_t * _scalar(b_h) * sum(_scalar(rho) * d for rho, d in zip(rhos, diffs))
     pending = None
     if with_corrector and torch.isfinite(h):
         rhos_c = torch.linalg.solve(R, b) if diffs else torch.full((1,), 0.5, dtype=torch.float64, device=h.device)
-        pending = (base, d0, diffs, rhos_c, a_t * _scalar(b_h, x))
+        pending = (base, d0, diffs, rhos_c, a_t * _scalar(b_h))
     return x_next, pending
 
 
 def _unipc_correct(pending, d_new: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """UniC: redo the last step's update with the new point's evaluation included in the stencil."""
     base, d0, diffs, rhos_c, scale = pending
-    correction = sum(_scalar(rho, x) * d for rho, d in zip(rhos_c[:-1], diffs)) if diffs else 0.0
-    correction = correction + _scalar(rhos_c[-1], x) * (d_new - d0)
+    correction = sum(_scalar(rho) * d for rho, d in zip(rhos_c[:-1], diffs)) if diffs else 0.0
+    correction = correction + _scalar(rhos_c[-1]) * (d_new - d0)
     return base - scale * correction
 
 
@@ -315,7 +315,7 @@ def sample_euler(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, ca
 
 
 def _euler_step(x, slope, x0, grid: SamplingGrid, i: int):
-    a_s, s_s = _scalar(grid.alphas[i + 1], x), _scalar(grid.sigmas[i + 1], x)
+    a_s, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1])
     # x_ve + (s_next - s) eps = x0 + s_next eps once x_ve = x0 + s eps is substituted, which
     # stays finite even where alpha_t = 0 (zero-terminal SNR).
     return a_s * x0 + s_s * slope
@@ -339,9 +339,9 @@ def sample_heun(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
             continue
         pred_next = denoise(x_euler, i + 1)
         s_ve, s_ve_next = grid.sigmas[i] / grid.alphas[i], grid.sigmas[i + 1] / grid.alphas[i + 1]
-        x_ve = x / _scalar(grid.alphas[i], x)
-        x_ve = x_ve + _scalar(s_ve_next - s_ve, x) * 0.5 * (pred.eps + pred_next.eps)
-        x = _scalar(grid.alphas[i + 1], x) * x_ve
+        x_ve = x / _scalar(grid.alphas[i])
+        x_ve = x_ve + _scalar(s_ve_next - s_ve) * 0.5 * (pred.eps + pred_next.eps)
+        x = _scalar(grid.alphas[i + 1]) * x_ve
         pred = denoise(x, i + 1)
     return x
 

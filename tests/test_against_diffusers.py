@@ -53,7 +53,7 @@ def test_stochastic_ddim_matches_diffusers_with_the_same_generator(noise):
     ours = Diffusion("linear", 1000).sample(wavy_eps_model, noise.shape, sampler="ddim", timesteps=scheduler.timesteps,
                                              noise=noise, generator=torch.Generator().manual_seed(7),
                                              sampler_options={"eta": 1.0})
-    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("order, sampler", [(2, "dpm++2m"), (3, "dpm++3m")])
