@@ -114,8 +114,9 @@ def save_digit_classifier(model: DigitClassifier, path: str | Path, extra: dict)
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(path / "model.safetensors"))
+    weights = path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights.chmod(0o644)  # safetensors creates the file private to its owner
     (path / "config.json").write_text(json.dumps({"kwargs": model.config, **extra}, indent=2))
 
 

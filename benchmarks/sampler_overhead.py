@@ -1,0 +1,90 @@
+"""A sampler's own cost per step, beside one forward pass of a small network.
+
+Times `Diffusion.sample` with a network that costs nothing (it returns its input), so all
+that is measured is the sampler's own bookkeeping (coefficients, updates, history, the
+denoiser wrapper), and sets it beside one forward pass of a small convolutional network.
+The issue's budget: under 5% of that forward pass.
+
+    python benchmarks/sampler_overhead.py            # about 1 minute on 2 CPU cores
+    python benchmarks/sampler_overhead.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import diffkit
+from diffkit import Diffusion
+
+
+class SmallConvNet(torch.nn.Module):
+    """Three 3x3 convolutions, 64 channels: about the cost of a tiny U-Net level."""
+
+    def __init__(self, channels: int = 3, width: int = 64):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, channels, 3, padding=1),
+        )
+
+    def forward(self, x, t):
+        return self.net(x)
+
+
+def timed(fn, repeats: int, sync) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = diffkit.resolve_device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = SmallConvNet().to(device).eval()
+    diff = Diffusion("linear", 1000)
+    shape = (args.batch, 3, args.size, args.size)
+    x = torch.randn(shape, device=device)
+    t = torch.full((args.batch,), 500, device=device)
+
+    def bare_calls(n):
+        for _ in range(n):
+            model(x, t)
+
+    timed(lambda: bare_calls(3), 1, sync)  # warm-up
+    forward = timed(lambda: bare_calls(args.steps), args.repeats, sync) / args.steps
+    print(f"# device {device}, batch {tuple(shape)}, {args.steps} steps, {torch.get_num_threads()} threads; "
+          f"forward pass {forward * 1e3:.2f} ms")
+    print("| sampler | calls | sampler overhead per call, ms | overhead / forward pass |")
+    print("|---|---|---|---|")
+    def free_model(x_t, t):
+        return x_t
+
+    for sampler in diffkit.SAMPLERS:
+        calls = diffkit.model_calls(sampler, args.steps)
+        run = lambda: diff.sample(free_model, shape, sampler=sampler, steps=args.steps, device=device,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(0))
+        run()
+        overhead = timed(run, args.repeats, sync) / calls
+        print(f"| {sampler} | {calls} | {overhead * 1e3:.3f} | {overhead / forward:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
