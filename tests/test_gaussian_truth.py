@@ -163,3 +163,13 @@ def test_loss_of_the_exact_model_is_its_irreducible_error():
     a, s = diff.schedule.alpha_at(torch.tensor(300)), diff.schedule.sigma_at(torch.tensor(300))
     expected = 1 - s**2 / (a**2 * 0.25 + s**2)
     assert terms["mse"].mean().item() == pytest.approx(expected.item(), rel=0.03)
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "learned_range"])
+def test_ddpm_with_large_or_learned_variance_reproduces_gaussian_data(variance):
+    diff = Diffusion("linear", 1000, variance=variance)
+    model = DATA.model(diff.schedule, learn_variance=variance == "learned_range")
+    noise = standard_noise(4000, 8)
+    samples = diff.sample(model, noise.shape, sampler="ddpm", noise=noise, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(5))
+    assert DATA.kl_per_dim(samples) < 2e-3
