@@ -35,6 +35,21 @@ def call_model(model, x: torch.Tensor, t: torch.Tensor, cond: dict, drop_cond: O
     return model(x, t, drop_cond=flags, **cond)
 
 
+def _conditional_and_unconditional(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model with its condition kept and dropped, as one doubled batch where the condition allows.
+
+    One call on 2B examples keeps an accelerator busy; conditions that are not per-example
+    tensors (a list of strings, a scalar) cannot be doubled, and then two calls are made.
+    """
+    batch = x.shape[0]
+    per_example = all(torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == batch for v in cond.values())
+    if not per_example:
+        return call_model(model, x, t, cond, False), call_model(model, x, t, cond, True)
+    doubled = {key: torch.cat([value, value]) for key, value in cond.items()}
+    drop = torch.cat([torch.zeros(batch, dtype=torch.bool, device=x.device), torch.ones(batch, dtype=torch.bool, device=x.device)])
+    return model(torch.cat([x, x]), torch.cat([t, t]), drop_cond=drop, **doubled).chunk(2, dim=0)
+
+
 def split_output(output: torch.Tensor, x: torch.Tensor, learn_variance: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Separate a network's prediction from its variance channels, checking the shape on the way.
 
@@ -71,16 +86,19 @@ def model_denoiser(
     def denoise(x: torch.Tensor, i: int) -> Prediction:
         t = grid.timesteps[i].to(x.device).expand(x.shape[0])
         alpha, sigma = float(grid.alphas[i]), float(grid.sigmas[i])
-        out, frac = split_output(call_model(model, x, t, cond, False if use_cfg else None), x, learn_variance)
+        if not use_cfg:
+            out, frac = split_output(call_model(model, x, t, cond, None), x, learn_variance)
+            x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+            return Prediction(x0=x0, eps=eps, variance_frac=frac)
+        out_c, out_u = _conditional_and_unconditional(model, x, t, cond)
+        out, frac = split_output(out_c, x, learn_variance)
         x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
-        if use_cfg:
-            out_u, _ = split_output(call_model(model, x, t, cond, True), x, learn_variance)
-            x0_u, eps_u = to_x0_eps(prediction, out_u, x, alpha, sigma)
-            # Mixing is affine in the prediction at fixed x_t, so doing it on eps and on x0
-            # gives one consistent pair.
-            eps = eps_u + guidance_scale * (eps - eps_u)
-            x0 = x0_u + guidance_scale * (x0 - x0_u)
-        return Prediction(x0=x0, eps=eps, variance_frac=frac)
+        out_u, _ = split_output(out_u, x, learn_variance)
+        x0_u, eps_u = to_x0_eps(prediction, out_u, x, alpha, sigma)
+        # Mixing is affine in the prediction at fixed x_t, so doing it on eps and on x0 gives
+        # one consistent pair.
+        return Prediction(x0=x0_u + guidance_scale * (x0 - x0_u), eps=eps_u + guidance_scale * (eps - eps_u),
+                          variance_frac=frac)
 
     return denoise
 

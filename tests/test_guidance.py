@@ -44,7 +44,7 @@ class TwoClassGaussian(torch.nn.Module):
         self.calls = []
 
     def forward(self, x, t, label=None, drop_cond=None):
-        self.calls.append(None if drop_cond is None else bool(drop_cond[0]))
+        self.calls.append(None if drop_cond is None else (x.shape[0], int(drop_cond.sum())))
         eps_c, eps_u = self.conditional(x, t), self.unconditional(x, t)
         if drop_cond is None:
             return eps_c
@@ -62,7 +62,23 @@ def test_classifier_free_guidance_scales_the_class_mean():
                               guidance_scale=scale, label=torch.ones(2000))
         assert samples.mean().item() == pytest.approx(scale * 1.0, abs=0.01)
         assert samples.std(0).mean().item() == pytest.approx(0.5, rel=0.02)
-        assert (True in model.calls) == (scale != 1.0)  # guidance off makes no unconditional call
+        if scale == 1.0:  # guidance off: no unconditional call at all
+            assert set(model.calls) == {None}
+        else:  # one doubled batch a step: 2000 kept and 2000 dropped conditions
+            assert set(model.calls) == {(4000, 2000)}
+
+
+def test_classifier_free_guidance_falls_back_to_two_calls_for_non_tensor_conditions():
+    diff = Diffusion("linear", 1000)
+    model = TwoClassGaussian(diff)
+    noise = standard_noise(500, 3)
+    batched = diff.sample(model, noise.shape, steps=10, noise=noise, dtype=torch.float64, guidance_scale=3.0,
+                          label=torch.ones(500))
+    model.calls.clear()
+    separate = diff.sample(model, noise.shape, steps=10, noise=noise, dtype=torch.float64, guidance_scale=3.0,
+                           label=["one"] * 500)
+    assert set(model.calls) == {(500, 0), (500, 500)}
+    assert torch.allclose(batched, separate, atol=1e-10)
 
 
 def test_condition_dropout_reaches_the_model_at_training_time():
