@@ -9,10 +9,10 @@ What it measures (all on the held-out split of the digits, which no model traine
 
 - FD: the Frechet distance between Gaussians fitted to the 64-d features of the project's
   digit classifier (``modalities/image/metrics.py``) for generated and held-out digits. As
-  references: the same distance for real training digits drawn like the samples (the floor a
-  perfect model would reach with this many samples; mean +- std over 5 draws), between two
-  random halves of all real digits, and for samples of a Gaussian fitted to the training
-  pixels (a trivial baseline).
+  references: the same distance for as many real training digits that the classifier never
+  saw (the floor a perfect model would reach with this many samples; mean +- std over 10
+  draws), between two random halves of all real digits, and for samples of a Gaussian fitted
+  to the training pixels (a trivial baseline).
 - acc: how often the classifier assigns class-conditional samples their label (text models:
   the digit named in the prompt, for training phrasings and for unseen ones).
 - NN: pixel distance from each sample to its nearest training image, as a ratio to the
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,34 +37,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from modalities.image.data import DIGIT_WORDS, digit_captions, load_digits, to_unit_range
 from modalities.image.metrics import (
     CLASSIFIER_DIR,
+    classifier_split,
     frechet_distance,
     load_digit_classifier,
     nearest_neighbour_distances,
     save_digit_classifier,
     train_digit_classifier,
 )
-from modalities.image.modality import DEFAULT_CHECKPOINT, generate_images, load_image_model
+from modalities.image.modality import DEFAULT_CHECKPOINT, bits_per_dim, generate_images, load_image_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from image_train import hardware_summary  # noqa: E402
 
 # Phrasings the text model never saw in training (see data.CAPTION_TEMPLATES for those it did).
 UNSEEN_TEMPLATES = ("a drawing of the number {w}", "digit {d}", "write a {w}")
-
-
-def hardware() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, " \
-           f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def reference_rows(clf, train, test, n: int, seed: int) -> dict[str, dict]:
     """FD of the real-data floor, the two-halves split and the Gaussian baseline."""
     g = torch.Generator().manual_seed(seed)
     ft = clf.embed(test)
-    floors = [frechet_distance(clf.embed(train[torch.randperm(len(train), generator=g)[:n]]), ft)
-              for _ in range(5)]
+    unseen = train[classifier_split()[1]]  # real digits the classifier never trained on
+    floors = [frechet_distance(clf.embed(unseen[torch.randperm(len(unseen), generator=g)[:n]]), ft)
+              for _ in range(10)]
     everything = torch.cat([train, test])
     perm = torch.randperm(len(everything), generator=g)
     half = len(everything) // 2
@@ -77,7 +74,7 @@ def reference_rows(clf, train, test, n: int, seed: int) -> dict[str, dict]:
         @ torch.linalg.cholesky(cov).T
     gauss = gauss.clamp(-1, 1).float().view(n, *train.shape[1:])
     return {
-        "real train vs held-out (floor)": {"fd": float(np.mean(floors)), "fd_std": float(np.std(floors)), "n": n},
+        "real (unseen by classifier) vs held-out: floor": {"fd": float(np.mean(floors)), "fd_std": float(np.std(floors)), "n": n},
         "two halves of all real digits": {"fd": halves, "n": half},
         "Gaussian fitted to pixels": {"fd": frechet_distance(clf.embed(gauss), ft), "n": n},
     }
@@ -157,29 +154,18 @@ def evaluate_super_resolution(model, args, clf, test) -> dict:
     return rows
 
 
-def bits_per_dim(model, test, args) -> dict:
+def held_out_bits_per_dim(model, test, args) -> dict:
     """Variational bound on held-out digits in bits/dim (discretised decoder, all T steps)."""
-    diff = model.diffusion
-    net = model.net
-    dev = next(net.parameters()).device
-    bin_width = model.info.get("bin_width", diff.bin_width)
-    g = torch.Generator().manual_seed(args.seed)
-    x = test[: args.nll_images].to(dev)
-    cond = {}
-    if model.num_classes is not None:  # the unconditional (null-class) likelihood
-        cond = {"labels": torch.zeros(len(x), dtype=torch.long, device=dev),
-                "drop_cond": torch.ones(len(x), dtype=torch.bool, device=dev)}
-    if model.is_text_conditional:
-        cond = {"context": torch.zeros(len(x), 1, net.context_dim, device=dev),
-                "context_mask": torch.ones(len(x), 1, dtype=torch.bool, device=dev),
-                "drop_cond": torch.ones(len(x), dtype=torch.bool, device=dev)}
+    x01 = to_unit_range(test[: args.nll_images])
+    low = None
     if model.is_super_resolution:
-        cond = {"low_res": F.interpolate(x, size=(model.low_res_size,) * 2, mode="area")}
+        low = F.interpolate(x01, size=(model.low_res_size,) * 2, mode="area")
     start = time.perf_counter()
-    bpd = diff.nll(net, x, decoder="discretized", bin_width=bin_width, generator=g,
-                   progress=args.progress, **cond)
-    return {"bits_per_dim": bpd.mean().item(), "bits_per_dim_std_err": (bpd.std() / len(bpd) ** 0.5).item(),
-            "images": len(x), "bin_width": bin_width, "seconds": round(time.perf_counter() - start, 1),
+    bpd = bits_per_dim(x01, checkpoint=model.path, low_res=low, seed=args.seed,
+                       batch_size=args.batch_size, progress=args.progress)
+    return {"bits_per_dim": bpd.mean().item(), "std_err": (bpd.std() / len(bpd) ** 0.5).item(),
+            "images": len(x01), "bin_width": model.info.get("bin_width", model.diffusion.bin_width),
+            "seconds": round(time.perf_counter() - start, 1),
             "conditioning": "low-res input" if model.is_super_resolution else "none (null condition)"}
 
 
@@ -207,12 +193,24 @@ def plot(rows: dict, refs: dict, path: Path, sampler: str) -> None:
 
 
 def markdown(rows: dict, refs: dict, extra: dict) -> str:
-    lines = ["| samples | FD | acc | NN ratio | copies | seconds |", "|---|---|---|---|---|---|"]
-    for name, r in {**refs, **rows}.items():
-        fd = f"{r['fd']:.1f}" + (f" ± {r['fd_std']:.1f}" if "fd_std" in r else "")
-        acc = f"{r['acc']:.3f}" if "acc" in r else "-"
-        nn = f"{r['nn_ratio']:.2f}" if "nn_ratio" in r else "-"
-        lines.append(f"| {name} | {fd} | {acc} | {nn} | {r.get('copies', '-')} | {r.get('seconds', '-')} |")
+    """One table; columns that no row has (e.g. PSNR for a generator) are left out."""
+    columns = [("fd", "FD"), ("acc", "acc"), ("nn_ratio", "NN ratio"), ("copies", "copies"),
+               ("psnr", "PSNR dB"), ("low_res_mae", "low-res MAE"), ("seconds", "seconds")]
+    table = {**refs, **rows}
+    columns = [(k, title) for k, title in columns if any(k in r for r in table.values())]
+    lines = ["| samples | " + " | ".join(t for _, t in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+
+    def cell(r, key):
+        if key not in r:
+            return "-"
+        value = r[key]
+        if key == "fd":
+            return f"{value:.1f}" + (f" ± {r['fd_std']:.1f}" if "fd_std" in r else "")
+        return f"{value:.3f}" if isinstance(value, float) and key != "seconds" else str(value)
+
+    for name, r in table.items():
+        lines.append(f"| {name} | " + " | ".join(cell(r, k) for k, _ in columns) + " |")
     for key, value in extra.items():
         lines.append(f"\n{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"
@@ -241,9 +239,10 @@ def main(argv=None) -> int:
         clf, acc = train_digit_classifier(seed=args.seed, progress=True)
         wall = time.perf_counter() - start
         save_digit_classifier(clf, CLASSIFIER_DIR, {
+            "trained_on": "half of the digits' train split (metrics.classifier_split, 719 images)",
             "held_out_accuracy": acc, "seed": args.seed, "wall_time_s": round(wall, 1),
             "command": "python benchmarks/image_quality.py --train-classifier",
-            "hardware": hardware()})
+            "hardware": hardware_summary()})
         print(f"digit classifier: held-out accuracy {acc:.4f}, trained in {wall:.1f} s -> {CLASSIFIER_DIR}")
         return 0
 
@@ -265,11 +264,11 @@ def main(argv=None) -> int:
         rows = evaluate_generator(model, args, clf, train, test)
     extra = {}
     if not args.no_nll:
-        extra["held-out bits/dim"] = bits_per_dim(model, test, args)
+        extra["held-out bits/dim"] = held_out_bits_per_dim(model, test, args)
         print("bits/dim", extra["held-out bits/dim"])
     wall = time.perf_counter() - start
     extra["setup"] = {"checkpoint": str(args.checkpoint), "samples per row": args.num_samples,
-                      "held-out digits": len(test), "seed": args.seed, "hardware": hardware(),
+                      "held-out digits": len(test), "seed": args.seed, "hardware": hardware_summary(),
                       "wall_time_s": round(wall, 1),
                       "command": "python benchmarks/image_quality.py " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out_dir)

@@ -8,14 +8,15 @@ Throughput: both networks train (diffkit loss, AdamW, batch 64 of 16x16 digits) 
 alternating rounds, so a slow-down of the machine hits both alike; the median steps/s of
 the rounds is reported. diffusers' model is the one the issue names: 1.6M parameters,
 ``block_out_channels=(32, 64, 64)``, attention at the middle level, two layers per block.
-Ours is the default digits network (``recipes/image_train.py``, preset ``digits``).
+Ours is the default digits network (``recipes/image_train.py``, preset ``digits``, 1.25M
+parameters); a wider variant with more parameters than diffusers' model is timed beside them.
 
 Quality at equal wall-clock time: diffusers' model trains for ``--quality-steps`` steps and
 ours for that many times the measured speed ratio, i.e. for the same time at the measured
 speeds (step counts rather than a stopwatch, so another process on the machine cannot tilt
 the comparison; the actual wall times are reported too). Both are then scored like
 ``benchmarks/image_quality.py`` does: Frechet distance in the digit classifier's features
-between 500 samples (same sampler and steps) and the held-out digits.
+between 1,000 samples (same sampler and steps) and the held-out digits.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import diffkit
 from modalities.image.data import load_digits
@@ -38,7 +38,7 @@ from modalities.image.metrics import frechet_distance, load_digit_classifier
 from modalities.image.unet import UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from image_train import PRESETS  # noqa: E402  (the recipe's default network is what we time)
+from image_train import PRESETS, hardware_summary  # noqa: E402  (the recipe's default network is timed)
 
 
 class DiffusersUNet(torch.nn.Module):
@@ -60,10 +60,17 @@ class DiffusersUNet(torch.nn.Module):
 
 
 def ours() -> UNet:
+    """The default digits network (unconditional here, like diffusers' model)."""
     p = PRESETS["digits"]
     return UNet(in_channels=1, image_size=16, base_channels=p["base_channels"],
                 channel_mult=p["channel_mult"], num_res_blocks=p["num_res_blocks"],
                 attention_levels=p["attention_levels"])
+
+
+def ours_wider() -> UNet:
+    """A variant with more parameters than diffusers' model (timed only): wider at 4x4."""
+    return UNet(in_channels=1, image_size=16, base_channels=32, channel_mult=(1, 2, 3),
+                num_res_blocks=(1, 1, 2), attention_levels=(2,))
 
 
 class Run:
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--quality-steps", type=int, default=1500,
                    help="diffusers' training steps for the equal-time quality check (0 = skip)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of both networks")
-    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--num-samples", type=int, default=1000, help="samples scored per network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/image_speed.json")
     args = p.parse_args(argv)
@@ -131,7 +138,9 @@ def main(argv=None) -> int:
     diff = diffkit.Diffusion(preset["schedule"], 1000, preset["prediction"])
     train, _ = load_digits(split="train")
     runs = [Run("diffusers UNet2DModel", DiffusersUNet(), diff, train, args.batch_size, args.lr, args.seed),
-            Run("diffkit image UNet", ours(), diff, train, args.batch_size, args.lr, args.seed)]
+            Run("diffkit image UNet", ours(), diff, train, args.batch_size, args.lr, args.seed),
+            Run("diffkit image UNet, wider", ours_wider(), diff, train, args.batch_size, args.lr,
+                args.seed)]
     start = time.perf_counter()
     speed = throughput(runs, args.rounds, args.steps_per_round)
     ratio = speed[runs[1].name] / speed[runs[0].name]
@@ -139,15 +148,15 @@ def main(argv=None) -> int:
         "throughput_steps_per_s": speed,
         "params": {r.name: r.params for r in runs},
         "speed_ratio": ratio,
+        "speed_ratio_wider": speed[runs[2].name] / speed[runs[0].name],
         "setup": {"batch_size": args.batch_size, "image_size": 16, "rounds": args.rounds,
                   "steps_per_round": args.steps_per_round, "seed": args.seed,
-                  "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-                  "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "hardware": hardware_summary(),
                   "command": "python benchmarks/image_speed.py " + " ".join(argv or sys.argv[1:])},
     }
     for r in runs:
-        print(f"{r.name:24s} {r.params / 1e6:.2f}M params  {speed[r.name]:.2f} steps/s")
-    print(f"speed ratio (ours / diffusers): {ratio:.2f}x")
+        print(f"{r.name:28s} {r.params / 1e6:.2f}M params  {speed[r.name]:.2f} steps/s  "
+              f"{speed[r.name] / speed[runs[0].name]:.2f}x")
 
     if args.quality_steps:
         clf = load_digit_classifier()
@@ -155,12 +164,10 @@ def main(argv=None) -> int:
         features = clf.embed(test)
         targets = {runs[0].name: args.quality_steps, runs[1].name: round(args.quality_steps * ratio)}
         quality = {}
-        for run in runs:
+        for run in runs[:2]:
             # Fresh networks: the timing rounds above must not count as training.
             fresh = Run(run.name, DiffusersUNet() if run is runs[0] else ours(), diff, train,
                         args.batch_size, args.lr, args.seed)
-            from tqdm.auto import tqdm
-
             for _ in tqdm(range(targets[run.name]), desc=run.name, leave=False):
                 fresh.step()
             g = torch.Generator().manual_seed(args.seed)
@@ -168,7 +175,7 @@ def main(argv=None) -> int:
                             generator=g, clip_denoised=(-1.0, 1.0))
             quality[run.name] = {"train_steps": fresh.steps, "train_seconds": round(fresh.seconds, 1),
                                  "fd": frechet_distance(clf.embed(x), features)}
-            print(f"{run.name:24s} {fresh.steps} steps in {fresh.seconds:.0f} s -> FD "
+            print(f"{run.name:28s} {fresh.steps} steps in {fresh.seconds:.0f} s -> FD "
                   f"{quality[run.name]['fd']:.1f}", flush=True)
         result["equal_time_quality"] = quality
         result["equal_time_quality_setup"] = {

@@ -235,6 +235,7 @@ def make_sample_fn(s, diffusion, dataset, num: int = 64):
     out = Path(s["output_dir"]) / "samples"
     fixed = {}
     cond = s["conditioning"]
+    num = min(num, len(dataset))
     if cond == "class":
         n_classes = int(dataset.labels.max()) + 1
         fixed["labels"] = torch.arange(num) % n_classes
@@ -258,37 +259,58 @@ def make_sample_fn(s, diffusion, dataset, num: int = 64):
     return sample_fn
 
 
-def export(s, trainer: Trainer, model_config, diffusion, path: Path, wall_time: float) -> Path:
+def hardware_summary() -> str:
+    """CPU model and core count (and the GPU, when there is one), for records."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def export(s, trainer: Trainer, model_config, diffusion, path: Path, wall_time: float,
+           argv: list[str]) -> Path:
     """A compact shipping checkpoint: EMA weights in float16, no optimizer state."""
     ckpt = load_checkpoint(trainer.checkpoint_dir, modality="image")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.ema_state.items()}
     extra = {
-        "recipe": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "recipe": "python " + shlex.join(["recipes/image_train.py", *argv]),
         "seed": s["seed"],
-        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-                    + (f", {torch.cuda.get_device_name()}" if trainer.device.type == "cuda" else ""),
-        "torch_threads": torch.get_num_threads(),
+        "hardware": hardware_summary(),
         "device": str(trainer.device),
         "wall_time_s": round(wall_time, 1),
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
         "weights": "EMA, float16",
     }
-    return save_checkpoint(path, model=weights, step=ckpt.step, extra=extra, config={
+    path = save_checkpoint(path, model=weights, step=ckpt.step, extra=extra, config={
         "modality": "image", "model": model_config, "diffusion": diffusion.config,
         "train": ckpt.config.get("train"),
     })
+    for file in path.iterdir():
+        file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     s = resolve_settings(args)
     images, labels, class_names, bin_width = load_data(s)
     net, model_config, diffusion = build(s, labels, class_names, bin_width)
     dataset = make_dataset(s, images, labels)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"preset {args.preset}: {len(dataset)} images {tuple(images.shape[1:])}, "
-          f"{s['conditioning']} conditioning, U-Net {n_params / 1e6:.2f}M parameters, "
-          f"{diffusion!r}")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun starts one per GPU
+    if main_process:
+        print(f"preset {args.preset}: {len(dataset)} images {tuple(images.shape[1:])}, "
+              f"{s['conditioning']} conditioning, U-Net {n_params / 1e6:.2f}M parameters, "
+              f"{diffusion!r}")
     config = TrainConfig(
         max_steps=s["max_steps"], batch_size=s["batch_size"], lr=s["lr"],
         warmup_steps=s["warmup_steps"], ema_decay=s["ema_decay"], seed=s["seed"],
@@ -302,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
-    if args.export and trainer.is_main:
-        path = export(s, trainer, model_config, diffusion, Path(args.export), wall)
+    if main_process:
+        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
+    if args.export and main_process:
+        path = export(s, trainer, model_config, diffusion, Path(args.export), wall, argv)
         print(f"exported {path}")
     return 0
 

@@ -1,5 +1,6 @@
 """Image data: the digits, the folder loader (and its bad-input handling), datasets."""
 
+import sys
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ from modalities.image.data import (
     ImageFolder,
     digit_captions,
     load_digits,
+    torchvision_dataset,
 )
 
 
@@ -82,3 +84,9 @@ def test_image_dataset_items():
     torch.testing.assert_close(item["low_res"].mean(), item["x"].mean())  # area downsampling
     with pytest.raises(ValueError, match="labels for"):
         ImageDataset(x[:10], y[:3])
+
+
+def test_torchvision_data_sets_say_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install torchvision"):
+        torchvision_dataset("CIFAR10", tmp_path)

@@ -12,6 +12,7 @@ from modalities.image import (
     DEFAULT_CHECKPOINT,
     SUPER_RESOLUTION_CHECKPOINT,
     TEXT_CHECKPOINT,
+    bits_per_dim,
     img2img,
     inpaint,
     load_digits,
@@ -91,20 +92,27 @@ def test_img2img_strength_controls_how_much_changes(digits01):
     assert (near - init).abs().mean() < 0.05 < (far - init).abs().mean()
 
 
+def test_bits_per_dim_of_held_out_digits(digits01):
+    bpd = bits_per_dim(digits01[0][:4], steps=100)  # a 100-step chain: a looser, cheaper bound
+    assert bpd.shape == (4,) and torch.isfinite(bpd).all()
+    assert (bpd > 0).all() and (bpd < 8).all()  # 8 bits/dim = uniform over 256 levels
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"labels": [10]}, r"labels must be in \[0, 9\]"),
         ({"labels": [-1]}, r"labels must be in \[0, 9\]"),
         ({"labels": [1, 2, 3]}, "3 labels for 4 samples"),
+        ({"labels": [1.5]}, "whole class indices"),
         ({"prompt": "a seven", "checkpoint": DEFAULT_CHECKPOINT}, "not text-conditional"),
         ({"labels": [1], "checkpoint": TEXT_CHECKPOINT}, "not class-conditional"),
         ({"known": torch.zeros(1, 1, 8, 8), "mask": torch.ones(1, 1, 8, 8)},
-         "8x8 but the checkpoint generates 16x16"),
+         "known is 8x8 but this checkpoint needs 16x16"),
         ({"known": torch.zeros(1, 3, 16, 16), "mask": torch.ones(1, 1, 16, 16)},
          "known has 3 channels but the checkpoint works on 1"),
         ({"known": torch.zeros(1, 1, 16, 16), "mask": torch.ones(1, 1, 16, 8)},
-         "mask is 16x8 but the checkpoint generates 16x16"),
+         "mask is 16x8 but this checkpoint needs 16x16"),
         ({"known": torch.zeros(1, 1, 16, 16)}, "needs both known="),
         ({"known": torch.full((1, 1, 16, 16), 2.0), "mask": torch.ones(1, 1, 16, 16)},
          r"must lie in \[0, 1\]"),
@@ -112,7 +120,7 @@ def test_img2img_strength_controls_how_much_changes(digits01):
         ({"low_res": torch.zeros(1, 1, 8, 8), "checkpoint": DEFAULT_CHECKPOINT},
          "not a super-resolution model"),
         ({"checkpoint": SUPER_RESOLUTION_CHECKPOINT}, "pass low_res="),
-        ({"low_res": torch.zeros(1, 1, 4, 4)}, "low_res is 4x4 but the checkpoint generates 8x8"),
+        ({"low_res": torch.zeros(1, 1, 4, 4)}, "low_res is 4x4 but this checkpoint needs 8x8"),
         ({"guidance_scale": 3.0}, "needs a condition"),
         ({"sampler": "nope"}, "unknown sampler"),
     ],

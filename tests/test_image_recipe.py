@@ -49,3 +49,24 @@ def test_help_explains_itself(capsys):
         image_train.main(["--help"])
     text = capsys.readouterr().out
     assert "--preset" in text and "torchrun" in text and "digits" in text
+
+
+def test_folder_data_with_classes_from_subfolders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / cls / f"{i}.png")
+    out = tmp_path / "run"
+    assert image_train.main(["--data", f"folder:{tmp_path / 'data'}", "--image-size", "8",
+                             "--channels", "3", "--max-steps", "2", "--output-dir", str(out),
+                             "--export", str(tmp_path / "export"), *TINY]) == 0
+    imgs = diffkit.generate(modality="image", checkpoint=tmp_path / "export", num_samples=2,
+                            labels=[0, 1], steps=2, seed=0)
+    assert imgs.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 1\]"):
+        diffkit.generate(modality="image", checkpoint=tmp_path / "export", labels=[2], steps=2)

@@ -100,3 +100,7 @@ def test_wrong_channels_and_sizes_are_errors():
         net(torch.randn(1, 1, 7, 7), torch.tensor([1]))
     with pytest.raises(ValueError, match="not divisible"):
         UNet(image_size=10, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        UNet(channel_mult=(1, 2), attention_levels=(2,))
+    with pytest.raises(ValueError, match="num_heads"):
+        UNet(base_channels=6, channel_mult=(1, 1), num_heads=4)

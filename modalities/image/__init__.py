@@ -15,6 +15,7 @@ from .modality import (
     TEXT_CHECKPOINT,
     ImageModality,
     ImageModel,
+    bits_per_dim,
     generate_images,
     img2img,
     inpaint,
@@ -28,6 +29,7 @@ from .text import TextEncoder, load_text_encoder
 from .unet import UNet
 
 __all__ = [
+    "bits_per_dim",
     "DEFAULT_CHECKPOINT",
     "DIGITS_BIN_WIDTH",
     "EIGHT_BIT_BIN_WIDTH",

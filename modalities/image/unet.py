@@ -135,12 +135,14 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """A residual block, followed by attention at the levels that have it."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, groups, dropout, attention, num_heads, context_dim):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float,
+                 attention: bool, num_heads: int, context_dim: int | None):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, groups, dropout)
         self.attn = Attention(out_ch, num_heads, groups, context_dim) if attention else None
 
-    def forward(self, x, emb, context=None, context_mask=None):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.res(x, emb)
         if self.attn is not None:
             x = self.attn(x, context, context_mask)
@@ -177,7 +179,7 @@ class UNet(nn.Module):
         in_channels: int = 1,
         image_size: int = 16,
         base_channels: int = 32,
-        channel_mult: Sequence[int] = (1, 2, 3),
+        channel_mult: Sequence[int] = (1, 2, 2),
         num_res_blocks: int | Sequence[int] = (1, 2, 2),
         attention_levels: Sequence[int] = (2,),
         num_heads: int = 4,
@@ -196,6 +198,14 @@ class UNet(nn.Module):
             raise ValueError(f"num_res_blocks has {len(num_res_blocks)} entries for {levels} levels")
         if image_size % 2 ** (levels - 1):
             raise ValueError(f"image_size {image_size} is not divisible by 2**{levels - 1}")
+        bad_levels = [lvl for lvl in attention_levels if not 0 <= lvl < levels]
+        if bad_levels:
+            raise ValueError(f"attention_levels {bad_levels} out of range for {levels} levels")
+        widths = [base_channels * m for m in channel_mult]
+        for level in sorted({*attention_levels, levels - 1}):  # the middle block attends too
+            if widths[level] % num_heads:
+                raise ValueError(f"width {widths[level]} of level {level} is not divisible by "
+                                 f"num_heads={num_heads}")
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
@@ -204,7 +214,6 @@ class UNet(nn.Module):
         self.learn_sigma = learn_sigma
         self.out_channels = in_channels * (2 if learn_sigma else 1)
 
-        widths = [base_channels * m for m in channel_mult]
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -216,7 +225,7 @@ class UNet(nn.Module):
             # The null condition for guidance: a single learned token stands in for the prompt.
             self.null_context = nn.Parameter(torch.zeros(1, 1, context_dim))
 
-        def make_block(i, o, level):
+        def make_block(i: int, o: int, level: int) -> Block:
             attn = level in attention_levels
             return Block(i, o, emb_dim, norm_groups, dropout, attn, num_heads, context_dim)
 
@@ -254,8 +263,9 @@ class UNet(nn.Module):
         self.out_conv = _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         self.to(memory_format=torch.channels_last)
 
-    def _embed(self, t, labels, context, context_mask, drop_cond, batch):
-        """Timestep embedding plus the class and pooled-text embeddings."""
+    def _embed(self, t, labels, context, context_mask, drop_cond, batch: int):
+        """Timestep embedding plus the class and pooled-text embeddings; also returns the
+        context and mask with dropped prompts replaced by the null token."""
         emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
         # A condition the network has no input for would be ignored silently: refuse it.
         if labels is not None and self.num_classes is None:
