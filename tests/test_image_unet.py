@@ -101,6 +101,6 @@ def test_wrong_channels_and_sizes_are_errors():
     with pytest.raises(ValueError, match="not divisible"):
         UNet(image_size=10, channel_mult=(1, 2, 2))
     with pytest.raises(ValueError, match="out of range"):
-        UNet(channel_mult=(1, 2), attention_levels=(2,))
+        UNet(channel_mult=(1, 2), num_res_blocks=1, attention_levels=(2,))
     with pytest.raises(ValueError, match="num_heads"):
-        UNet(base_channels=6, channel_mult=(1, 1), num_heads=4)
+        UNet(base_channels=6, channel_mult=(1, 1), num_res_blocks=1, attention_levels=(1,), num_heads=4)
