@@ -169,7 +169,11 @@ def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callb
         history = (history + [(lambdas[i], pred.x0)])[-order:]
         a_t, s_t, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1]), _scalar(grid.sigmas[i])
         h = lambdas[i + 1] - lambdas[i]
-        step_order = min(order, len(history), 1 if i == K - 1 else order, 2 if (i == K - 2 and K < 15) else order)
+        step_order = min(order, len(history))
+        if i == K - 1:  # the jump to clean data
+            step_order = 1
+        elif i == K - 2 and K < 15:
+            step_order = min(step_order, 2)
         # Points at lambda = -inf (zero-terminal SNR) carry no usable slope information.
         while step_order > 1 and not torch.isfinite(history[-step_order][0]):
             step_order -= 1
