@@ -29,6 +29,7 @@ from .process import (
     discretized_gaussian_log_likelihood,
     gaussian_log_likelihood,
     normal_kl,
+    posterior_coefficients,
     prior_kl,
     q_posterior,
     q_sample,
@@ -189,7 +190,7 @@ class Diffusion:
         does -- the next step's beta-tilde stands in for it (``next_posterior_var``).
         """
         beta = transition_variance(a_t, s_t, a_s, s_s)
-        small = q_posterior(torch.zeros_like(a_t), torch.zeros_like(a_t), a_t, s_t, a_s, s_s)[1]
+        small = posterior_coefficients(a_t, s_t, a_s, s_s)[2]
         if is_last:
             small = next_posterior_var if next_posterior_var is not None else beta
             if self.variance == "fixed_large":
@@ -303,9 +304,7 @@ class Diffusion:
         if self.num_timesteps < 2:
             return self.schedule.betas[0].to(like.device, like.dtype)
         one = torch.ones(1, dtype=torch.long)
-        a_t, s_t = self._scales(one, like)
-        a_s, s_s = self._scales(one - 1, like)
-        return q_posterior(torch.zeros_like(a_t), torch.zeros_like(a_t), a_t, s_t, a_s, s_s)[1]
+        return posterior_coefficients(*self._scales(one, like), *self._scales(one - 1, like))[2]
 
     def _decoder_log_likelihood(self, x0, mean, log_var, decoder=None, bin_width=None) -> torch.Tensor:
         decoder = decoder or self.decoder
@@ -356,9 +355,8 @@ class Diffusion:
         # beta-tilde of the last proper step stands in for the decoder's zero posterior variance
         decoder_small = None
         if len(grid) >= 2:
-            zero = torch.zeros((), dtype=torch.float64)
-            decoder_small = q_posterior(zero, zero, grid.alphas[-3], grid.sigmas[-3], grid.alphas[-2],
-                                        grid.sigmas[-2])[1].to(x0.device, x0.dtype)
+            decoder_small = posterior_coefficients(grid.alphas[-3], grid.sigmas[-3], grid.alphas[-2],
+                                                   grid.sigmas[-2])[2].to(x0.device, x0.dtype)
         kls, decoder_bits = [], None
         for i in tqdm(range(len(grid)), desc="nll", disable=not progress, leave=False):
             scales = tuple(scalar(values, j) for values, j in
