@@ -176,6 +176,8 @@ class ImageDataset(Dataset):
 class ImageFolder:
     """Every readable image under a folder, as an in-memory (N, C, S, S) tensor in [-1, 1].
 
+    Images are converted to grey or RGB and resized (bicubic, not cropped) to S x S.
+
     Images in sub-folders get a class label per sub-folder (sorted names, ``class_names``)
     when ``with_labels`` is set. Unreadable files are skipped with a warning and counted in
     ``num_skipped``; a folder without any readable image is an error.
