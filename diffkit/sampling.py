@@ -76,6 +76,10 @@ class SamplingGrid:
         """log(alpha / sigma) at every point: -inf where alpha = 0, +inf at the clean point."""
         return torch.log(self.alphas) - torch.log(self.sigmas)
 
+    def step_scales(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t, alpha_s, sigma_s) of the step from point i to point i + 1."""
+        return self.alphas[i], self.sigmas[i], self.alphas[i + 1], self.sigmas[i + 1]
+
     def truncate(self, start_timestep: int) -> "SamplingGrid":
         """The part of the grid at or below ``start_timestep`` (for SDEdit / img2img)."""
         keep = self.timesteps <= start_timestep
@@ -108,7 +112,7 @@ def sample_ddpm(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
     for i in range(len(grid)):
         pred = denoise(x, i)
         _report(callback, i, grid, x, pred)
-        scales = (grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1])
+        scales = grid.step_scales(i)
         coef_xt, coef_x0, posterior_var = map(_scalar, posterior_coefficients(*scales))
         mean = coef_xt * x + coef_x0 * pred.x0
         if i == len(grid) - 1:
@@ -137,7 +141,7 @@ def sample_ddim(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
     for i in range(len(grid)):
         pred = denoise(x, i)
         _report(callback, i, grid, x, pred)
-        scales = (grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1])
+        scales = grid.step_scales(i)
         a_s, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1])
         c = eta * _scalar(posterior_coefficients(*scales)[2]) ** 0.5
         x = a_s * pred.x0 + max(s_s**2 - c**2, 0.0) ** 0.5 * pred.eps
