@@ -34,7 +34,8 @@ class TinyDenoiser(nn.Module):
 
     def forward(self, x, t, label=None, drop_cond=None):
         self.calls += 1
-        h = self.inp(x) + self.time(t)
+        # The core passes float times; this toy was trained on integer steps only.
+        h = self.inp(x) + self.time(t.round().long())
         if self.label is not None and label is not None:
             self.seen_cond.append({"label": label, "drop_cond": drop_cond})
             if drop_cond is not None:
