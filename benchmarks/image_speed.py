@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                 fresh.step()
             g = torch.Generator().manual_seed(args.seed)
             x = diff.sample(fresh.ema, (args.num_samples, 1, 16, 16), sampler="dpm++2m", steps=20,
-                            generator=g, clip_denoised=(-1.0, 1.0))
+                            generator=g, wrappers=[diffkit.ClipX0(-1.0, 1.0)])
             quality[run.name] = {"train_steps": fresh.steps, "train_seconds": round(fresh.seconds, 1),
                                  "fd": frechet_distance(clf.embed(x), features)}
             print(f"{run.name:28s} {fresh.steps} steps in {fresh.seconds:.0f} s -> FD "

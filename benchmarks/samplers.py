@@ -37,7 +37,7 @@ DATA_SETS = {
     "B": GaussianData(torch.zeros(16), torch.logspace(math.log10(0.05), math.log10(8.0), 16)),
 }
 
-# (label, sampler, options for Diffusion.sample)
+# (label, sampler, options: log_snr_range for the grid, the rest for Diffusion.sample)
 DIFFKIT_CONFIGS = [
     ("ddim (trailing)", "ddim", {}),
     ("euler (karras)", "euler", {}),
@@ -110,7 +110,10 @@ def main(argv=None) -> None:
         model = data.model(diff.schedule)
         for label, sampler, options in DIFFKIT_CONFIGS:
             for steps in args.steps:
-                x = diff.sample(model, noise.shape, sampler=sampler, steps=steps, noise=noise, dtype=torch.float64,
+                options = dict(options)
+                log_snr_range = options.pop("log_snr_range", None)
+                grid = diff.sampling_grid(steps, sampler=sampler, log_snr_range=log_snr_range)
+                x = diff.sample(model, noise.shape, sampler=sampler, grid=grid, noise=noise, dtype=torch.float64,
                                 generator=torch.Generator().manual_seed(args.seed + 1), **options)
                 results.append(dict(data=data_name, library="diffkit", config=label, steps=steps,
                                     calls=diffkit.model_calls(sampler, steps), kl=data.kl_per_dim(x)))

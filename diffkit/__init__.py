@@ -11,17 +11,45 @@ __version__ = "0.1.0"
 
 from .schedules import SCHEDULES, SPACINGS, NoiseSchedule, rescale_zero_terminal_snr, respace  # noqa: E402
 from .parameterization import PREDICTIONS  # noqa: E402
-from .sampling import SAMPLERS, Prediction, SamplingGrid, get_sampler, model_calls  # noqa: E402
-from .diffusion import DECODERS, LOSS_TYPES, LOSS_WEIGHTINGS, VARIANCES, Diffusion  # noqa: E402
+from .sampling import SAMPLERS, TIME_INPUTS, Prediction, SamplingGrid, get_sampler, model_calls  # noqa: E402
+from .guidance import (  # noqa: E402
+    ClipX0,
+    GradientGuidance,
+    GradientSteps,
+    KnownValues,
+    SamplingContext,
+    StateHook,
+    X0Transform,
+)
+from .diffusion import (  # noqa: E402
+    DECODERS,
+    LOSS_TYPES,
+    LOSS_WEIGHTINGS,
+    TIME_SAMPLINGS,
+    VARIANCES,
+    Candidates,
+    Diffusion,
+)
 from .analytic import GaussianData  # noqa: E402
+from . import nn  # noqa: E402
 from .utils import resolve_device, seed_everything  # noqa: E402
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    Checkpoint,
+    CheckpointError,
+    LoadedNetwork,
+    load_checkpoint,
+    load_network,
+    save_checkpoint,
+)
 from .registry import (  # noqa: E402
+    CliCommand,
     ModalityLoadError,
+    Policy,
     UnknownModalityError,
     available_modalities,
     generate,
     get_modality,
+    load_policy,
     register_modality,
 )
 from .trainer import TrainConfig, Trainer, TrainingError  # noqa: E402
@@ -29,10 +57,19 @@ from .trainer import TrainConfig, Trainer, TrainingError  # noqa: E402
 __all__ = [
     "__version__",
     "Diffusion",
+    "Candidates",
     "NoiseSchedule",
     "SamplingGrid",
+    "SamplingContext",
     "Prediction",
+    "ClipX0",
+    "X0Transform",
+    "KnownValues",
+    "GradientGuidance",
+    "GradientSteps",
+    "StateHook",
     "GaussianData",
+    "nn",
     "respace",
     "rescale_zero_terminal_snr",
     "get_sampler",
@@ -45,6 +82,11 @@ __all__ = [
     "load_checkpoint",
     "Checkpoint",
     "CheckpointError",
+    "load_network",
+    "LoadedNetwork",
+    "CliCommand",
+    "Policy",
+    "load_policy",
     "generate",
     "register_modality",
     "available_modalities",
@@ -53,6 +95,8 @@ __all__ = [
     "ModalityLoadError",
     "seed_everything",
     "SAMPLERS",
+    "TIME_INPUTS",
+    "TIME_SAMPLINGS",
     "SCHEDULES",
     "SPACINGS",
     "PREDICTIONS",

@@ -16,7 +16,8 @@ import math
 import torch
 
 from .parameterization import from_x0_eps
-from .process import q_posterior
+from .process import posterior_coefficients
+from .sampling import SamplingGrid
 from .schedules import NoiseSchedule
 
 
@@ -88,18 +89,13 @@ class GaussianData:
         sigma_s = schedule.sigma_at(t.cpu() - 1).to(alpha.device).reshape(view)
         std = self.std.to(alpha.device)
         posterior_x0_var = std**2 * sigma**2 / (alpha**2 * std**2 + sigma**2)
-        zero = torch.zeros((), dtype=torch.float64, device=alpha.device)
-        _, tilde = q_posterior(zero, zero, alpha, sigma, alpha_s, sigma_s)
-        coef_x0 = alpha_s * (sigma**2 - (alpha / alpha_s) ** 2 * sigma_s**2) / sigma**2
+        coef_xt, coef_x0, tilde = posterior_coefficients(alpha, sigma, alpha_s, sigma_s)
         true_var = tilde + coef_x0**2 * posterior_x0_var
         beta = 1 - (alpha / alpha_s) ** 2
-        # At t = 0 the bound's decoder uses beta-tilde of step 1 in place of the zero posterior variance.
-        one = torch.ones(1, dtype=torch.long)
-        a1, s1 = schedule.alpha_at(one).to(alpha.device), schedule.sigma_at(one).to(alpha.device)
-        a0, s0 = schedule.alpha_at(one - 1).to(alpha.device), schedule.sigma_at(one - 1).to(alpha.device)
-        tilde_1 = q_posterior(zero, zero, a1, s1, a0, s0)[1]
+        # At t = 0 the reverse process uses the decoder variance in place of the zero beta-tilde,
+        # exactly as Diffusion does (one rule, in SamplingGrid.decoder_variance).
+        full_chain = SamplingGrid.from_times(schedule, torch.arange(schedule.num_timesteps - 1, -1, -1))
         is_first = (t.cpu() == 0).to(alpha.device).reshape(view)
-        small = torch.where(is_first, tilde_1.expand_as(tilde), tilde)
-        beta = torch.where(is_first, beta.expand_as(tilde), beta)
+        small = torch.where(is_first, torch.full_like(tilde, full_chain.decoder_variance()), tilde)
         frac = (torch.log(true_var) - torch.log(small)) / (torch.log(beta) - torch.log(small))
         return (2 * frac.clamp(0, 1) - 1).expand(shape)

@@ -3,14 +3,23 @@
 Layout (see docs/interfaces.md)::
 
     checkpoint/
-        config.json           format, modality, model/diffusion/train config, step, versions,
-                              and the non-tensor part of the optimizer / LR-scheduler state
+        config.json           format, modality, model/diffusion/train config, modality_config
+                              (the modality's own metadata), step, versions, the sha256 of
+                              every other file written, and the non-tensor part of the
+                              optimizer / LR-scheduler state
         model.safetensors     raw model weights
         ema.safetensors       EMA weights (optional)
         optimizer.safetensors tensors of the optimizer / LR-scheduler state (optional)
+        <side files>          e.g. a tokenizer, written with ``side_files=`` (optional)
 
 Why not ``torch.save``: pickle runs arbitrary code on load, so a downloaded checkpoint could
 own the machine. Everything here is plain JSON or safetensors, so loading is always safe.
+For the same reason :func:`load_network` builds only classes from an allow-list the caller
+passes: the checkpoint names a class, it never chooses what code runs.
+
+Why checksums: a weights file swapped or edited after saving (a partial re-copy, a file from
+another run dropped in) still parses, and would silently give a different model. Every file a
+save writes is recorded with its sha256 and verified when it is loaded.
 
 Why a directory swap: a crash (power loss, OOM kill, Ctrl-C) in the middle of a save must never
 leave a half-written checkpoint where the last good one was. The new checkpoint is written and
@@ -19,6 +28,7 @@ fsync'ed in a hidden sibling directory and then renamed into place; see :func:`s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -26,7 +36,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -38,8 +48,10 @@ __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "LoadedNetwork",
     "checkpoint_exists",
     "load_checkpoint",
+    "load_network",
     "parameter_count",
     "read_config",
     "save_checkpoint",
@@ -53,6 +65,15 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# Files whose meaning the format defines: a save never carries an old one over (a stale
+# ema.safetensors next to new weights would be loaded as their EMA).
+FORMAT_FILES = frozenset({CONFIG_FILE, MODEL_FILE, EMA_FILE, OPTIMIZER_FILE})
+
+CHECKSUM_ALGORITHM = "sha256"
+# Files are written by safetensors with owner-only permissions; checkpoints are shared
+# (shipped with the package, read by other users' jobs), so every file is made world-readable.
+FILE_MODE = 0o644
+_HASH_CHUNK = 1 << 20
 
 # Markers used to encode optimizer/scheduler state in JSON. Python tuples and dicts with
 # non-string keys (optimizer state is keyed by int parameter ids) do not survive plain JSON.
@@ -91,8 +112,17 @@ class Checkpoint:
         return self.config.get("diffusion")
 
     @property
+    def modality_config(self) -> dict[str, Any]:
+        """The modality's own metadata (class names, tokenizer file, sampling defaults...); {} if none."""
+        return self.config.get("modality_config") or {}
+
+    @property
     def extra(self) -> dict[str, Any]:
         return self.config.get("extra") or {}
+
+    def side_file(self, name: str) -> Path:
+        """The path of side file ``name`` (see ``save_checkpoint(side_files=...)``), checksum verified."""
+        return _side_file(self.path, self.config, name)
 
 
 def versions() -> dict[str, str]:
@@ -134,13 +164,22 @@ def save_checkpoint(
     lr_scheduler: Any = None,
     step: int = 0,
     extra: Mapping[str, Any] | None = None,
+    side_files: Mapping[str, str | os.PathLike | bytes] | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically and return its path.
 
     ``config`` holds the descriptive part ("modality", "model": {"class", "kwargs"},
-    "diffusion": diff.config, "train": ...); the format fields, ``step``, ``versions`` and
-    ``extra`` are filled in here. ``model``/``ema_model`` may be modules (DDP wrappers are
-    unwrapped) or state dicts.
+    "diffusion": diff.config or None, "modality_config": the modality's own metadata,
+    "train": ...); the format fields, ``step``, ``versions``, ``extra`` and ``checksums`` are
+    filled in here. ``model``/``ema_model`` may be modules (DDP wrappers are unwrapped) or
+    state dicts. ``side_files`` maps file names inside the checkpoint (``"tokenizer.json"``,
+    ``"vocab/merges.txt"``) to the bytes to write or a file to copy.
+
+    Files and sub-directories already in ``path`` that this save does not write (a README, a
+    side file of an earlier save) are kept; the format's own files (config, model, EMA,
+    optimizer) are always replaced, so an old ``ema.safetensors`` never outlives a save without
+    EMA. Every file written is recorded in ``config["checksums"]`` with its sha256 and made
+    readable by everyone (mode 0644).
 
     Atomicity: everything is written and fsync'ed into a hidden sibling directory, then moved
     into place. If ``path`` already exists it is first renamed aside, the new directory is
@@ -152,8 +191,23 @@ def save_checkpoint(
     state_files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: _tensors_for_saving(_state_dict(model))}
     if ema_model is not None:
         state_files[EMA_FILE] = _tensors_for_saving(_state_dict(ema_model))
+    side_sources = {_check_side_name(name, path): source for name, source in (side_files or {}).items()}
+    for name, source in side_sources.items():
+        if not isinstance(source, (bytes, str, os.PathLike)):
+            raise CheckpointError(
+                f"cannot save side file {name!r} to {path}: give its content as bytes or the path of a file to "
+                f"copy, not a {type(source).__name__}"
+            )
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            raise CheckpointError(f"cannot save side file {name!r} to {path}: {source} is not a file")
 
-    reserved = {"format", "format_version", "step", "versions", "extra", "optimizer", "lr_scheduler"}
+    modality_config = config.get("modality_config")
+    if modality_config is not None and not isinstance(modality_config, Mapping):
+        raise CheckpointError(
+            f"cannot save checkpoint to {path}: config['modality_config'] must be a dict of the modality's "
+            f"metadata, got {type(modality_config).__name__}"
+        )
+    reserved = {"format", "format_version", "step", "versions", "extra", "optimizer", "lr_scheduler", "checksums"}
     # Format fields first so that a person opening config.json sees what it is at once.
     full_config: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
     full_config.update((k, v) for k, v in config.items() if k not in reserved)
@@ -166,9 +220,9 @@ def save_checkpoint(
         full_config["lr_scheduler"] = _encode_state(lr_scheduler.state_dict(), "lr_scheduler", optimizer_tensors)
     if optimizer is not None or optimizer_tensors:
         state_files[OPTIMIZER_FILE] = _tensors_for_saving(optimizer_tensors)
-
     try:
-        config_text = json.dumps(full_config, indent=2, sort_keys=False)
+        # Checked before anything is written; the checksums added later are plain strings.
+        json.dumps(full_config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(
             f"cannot save checkpoint to {path}: the config is not JSON-serializable ({err}). "
@@ -180,17 +234,119 @@ def save_checkpoint(
     staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_text(staging / CONFIG_FILE, config_text)
+        checksums: dict[str, str] = {}
         for filename, tensors in state_files.items():
             save_file(tensors, str(staging / filename), metadata={"format": "pt"})
-            _fsync_file(staging / filename)
-        _fsync_dir(staging)
+            checksums[filename] = _finish_file(staging / filename)
+        for name, source in side_sources.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, bytes):
+                target.write_bytes(source)
+            else:
+                shutil.copyfile(source, target)
+            checksums[name] = _finish_file(target)
+        checksums.update(_carry_over(path, staging, written=set(checksums) | {CONFIG_FILE}))
+        full_config["checksums"] = dict(sorted(checksums.items()))
+        _write_text(staging / CONFIG_FILE, json.dumps(full_config, indent=2, sort_keys=False))
+        (staging / CONFIG_FILE).chmod(FILE_MODE)
+        # Sub-directories too: side files and carried entries may live in them.
+        for directory in (staging, *(p for p in staging.rglob("*") if p.is_dir() and not p.is_symlink())):
+            _fsync_dir(directory)
         _swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _remove_leftovers(path)
     return path
+
+
+def _is_inside_name(name: Any) -> bool:
+    """True for a relative '/'-separated path that stays inside the checkpoint directory."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    pure = PurePosixPath(name)
+    return not pure.is_absolute() and all(part not in (".", "..") for part in pure.parts)
+
+
+def _check_side_name(name: Any, path: Path) -> str:
+    """A side file's name: relative, inside the checkpoint, not one of the format's own files."""
+    if not _is_inside_name(name):
+        raise CheckpointError(
+            f"cannot save side file {name!r} to {path}: give a relative path inside the checkpoint using '/' "
+            "(e.g. 'tokenizer.json' or 'vocab/merges.txt'), without '..'"
+        )
+    top = PurePosixPath(name).parts[0]
+    if top in FORMAT_FILES:
+        raise CheckpointError(
+            f"cannot save side file {name!r} to {path}: {top} is written by save_checkpoint itself; choose another name"
+        )
+    return PurePosixPath(name).as_posix()
+
+
+def _finish_file(file: Path) -> str:
+    """fsync a written file, make it readable by everyone and return its checksum entry."""
+    _fsync_file(file)
+    file.chmod(FILE_MODE)
+    return _checksum(file)
+
+
+def _checksum(file: Path) -> str:
+    digest = hashlib.new(CHECKSUM_ALGORITHM)
+    with open(file, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def _carry_over(path: Path, staging: Path, written: set[str]) -> dict[str, str]:
+    """Put what the existing checkpoint holds beyond this save's files into ``staging``.
+
+    Entries are hard-linked (copied where the file system cannot link), never moved: the old
+    checkpoint stays complete until the swap, so a crash here loses nothing. Returns the
+    recorded checksums of carried files, so an earlier save's side files stay verifiable.
+    """
+    source = _locate(path)
+    if source is None:
+        return {}
+    try:
+        old_checksums = json.loads((source / CONFIG_FILE).read_text(encoding="utf-8")).get("checksums") or {}
+    except (OSError, ValueError, AttributeError):
+        old_checksums = {}  # a damaged old config: carry the files, there is nothing to vouch for them
+    if not isinstance(old_checksums, dict):
+        old_checksums = {}
+    for entry in source.iterdir():
+        target = staging / entry.name
+        # Whatever staging already holds was written by this save and wins over the old entry.
+        if entry.name in FORMAT_FILES or (target.exists() and not target.is_dir()):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            # Merged with a sub-directory this save writes into: only its other entries are kept.
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True,
+                            ignore=_ignore_written(source, written))
+        elif not target.exists():
+            _link_or_copy(entry, target)
+    carried = {name for name in old_checksums if name not in written and (staging / name).is_file()}
+    return {name: old_checksums[name] for name in carried if isinstance(old_checksums[name], str)}
+
+
+def _ignore_written(root: Path, written: set[str]):
+    """An ignore function for copytree that skips the files this save has written."""
+
+    def ignore(current: str, names: list[str]) -> set[str]:
+        relative = Path(current).relative_to(root).as_posix()
+        return {name for name in names if f"{relative}/{name}" in written}
+
+    return ignore
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst, follow_symlinks=False)
+        if not os.path.islink(dst):
+            _fsync_file(Path(dst))
 
 
 def _state_dict(obj: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
@@ -415,19 +571,84 @@ def _read_config(path: Path, modality: str | None) -> tuple[Path, dict[str, Any]
     return directory, config
 
 
-def _load_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
+def _recorded_checksums(directory: Path, config: Mapping[str, Any]) -> dict[str, str] | None:
+    """config["checksums"], or None for checkpoints written before diffkit recorded them."""
+    checksums = config.get("checksums")
+    if checksums is None:
+        return None
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} has an invalid 'checksums' entry (expected {{file name: 'sha256:<hex>'}}); "
+            "the file is damaged. Copy the checkpoint again."
+        )
+    return checksums
+
+
+def _verify(directory: Path, name: str, checksums: Mapping[str, str] | None) -> None:
+    """Refuse file ``name`` of the checkpoint in ``directory`` unless it is the file that was saved."""
+    if checksums is None:
+        return
+    expected = checksums.get(name)
+    if expected is None:
+        raise CheckpointError(
+            f"{name} in checkpoint {directory} is not listed in the checksums of its {CONFIG_FILE}, so it was not "
+            "written by the save that wrote that config (copied in from another checkpoint?). Remove it, or copy "
+            "the whole checkpoint directory again."
+        )
+    algorithm, _, digest = expected.partition(":")
+    if algorithm != CHECKSUM_ALGORITHM or not digest:
+        raise CheckpointError(
+            f"{CONFIG_FILE} of checkpoint {directory} records the checksum of {name} as {expected!r}, but this diffkit "
+            f"({_diffkit_version()}) verifies '{CHECKSUM_ALGORITHM}:<hex>' only: upgrade diffkit (pip install -U diffkit)."
+        )
+    if _checksum(directory / name) != expected:
+        raise CheckpointError(
+            f"{name} in checkpoint {directory} was modified after saving: its {CHECKSUM_ALGORITHM} differs from the "
+            f"one recorded in {CONFIG_FILE}. Restore the original file or copy the whole checkpoint again; to keep "
+            "the changed weights, load them and write a new checkpoint with diffkit.save_checkpoint."
+        )
+
+
+def _load_tensors(file: Path, device: str, checksums: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(
             f"{file.name} is missing from checkpoint {file.parent}: the checkpoint is incomplete "
             "(an interrupted copy?). Copy the whole directory again."
         )
     try:
-        return load_file(str(file), device=device)
+        tensors = load_file(str(file), device=device)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise CheckpointError(
             f"{file.name} in checkpoint {file.parent} is truncated or corrupt ({err}). Copy the checkpoint again "
             "or fall back to an earlier one."
         ) from err
+    # Verified after parsing so that a cut-off file is reported as truncated, which says more
+    # than "modified"; parsing safetensors runs no code, so nothing is lost by the order.
+    _verify(file.parent, file.name, checksums)
+    return tensors
+
+
+def _has_ema(directory: Path, checksums: Mapping[str, str] | None) -> bool:
+    # A recorded EMA that has gone missing is an incomplete copy, not a checkpoint without EMA.
+    return (directory / EMA_FILE).exists() or (checksums is not None and EMA_FILE in checksums)
+
+
+def _side_file(directory: Path, config: Mapping[str, Any], name: str) -> Path:
+    if not _is_inside_name(name):
+        raise ValueError(f"side file names are relative paths inside the checkpoint (e.g. 'tokenizer.json'), got {name!r}")
+    name = PurePosixPath(name).as_posix()  # the spelling checksums are recorded under
+    checksums = _recorded_checksums(directory, config)
+    file = directory / name
+    if not file.is_file():
+        recorded = sorted(set(checksums or {}) - FORMAT_FILES)
+        raise CheckpointError(
+            f"checkpoint {directory} has no side file {name!r} (side files recorded: {', '.join(recorded) or 'none'}). "
+            f"Save it with save_checkpoint(..., side_files={{{name!r}: ...}}), or copy the whole checkpoint again if "
+            "it went missing."
+        )
+    if checksums is not None and name in checksums:
+        _verify(directory, name, checksums)
+    return file
 
 
 def load_checkpoint(
@@ -439,17 +660,19 @@ def load_checkpoint(
     """Load the checkpoint directory at ``path``; nothing is unpickled.
 
     ``modality`` (optional) checks that the checkpoint was trained for that modality.
-    ``map_location`` is the device the tensors are loaded onto.
+    ``map_location`` is the device the tensors are loaded onto. Every file loaded is checked
+    against the checksum recorded when it was saved.
     """
     directory, config = _read_config(Path(path), modality)
+    checksums = _recorded_checksums(directory, config)
     device = str(torch.device(map_location))
 
-    model_state = _load_tensors(directory / MODEL_FILE, device)
-    ema_state = _load_tensors(directory / EMA_FILE, device) if (directory / EMA_FILE).exists() else None
+    model_state = _load_tensors(directory / MODEL_FILE, device, checksums)
+    ema_state = _load_tensors(directory / EMA_FILE, device, checksums) if _has_ema(directory, checksums) else None
 
     optimizer_state = lr_scheduler_state = None
     if "optimizer" in config or "lr_scheduler" in config:
-        tensors = _load_tensors(directory / OPTIMIZER_FILE, device)
+        tensors = _load_tensors(directory / OPTIMIZER_FILE, device, checksums)
         if "optimizer" in config:
             optimizer_state = _decode_state(config["optimizer"], tensors, directory)
         if "lr_scheduler" in config:
@@ -462,6 +685,115 @@ def load_checkpoint(
         ema_state=ema_state,
         optimizer_state=optimizer_state,
         lr_scheduler_state=lr_scheduler_state,
+        step=int(config.get("step", 0)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Networks for inference
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedNetwork:
+    """A network rebuilt from a checkpoint, ready for inference (see :func:`load_network`)."""
+
+    net: torch.nn.Module
+    diffusion: Any  # diffkit.Diffusion, or None for networks that are not diffusion models
+    config: dict[str, Any]
+    modality_config: dict[str, Any]
+    path: Path
+    step: int
+
+    def side_file(self, name: str) -> Path:
+        """The path of side file ``name`` of the checkpoint, checksum verified."""
+        return _side_file(self.path, self.config, name)
+
+
+WEIGHTS = ("ema", "model")
+
+
+def load_network(
+    path: str | os.PathLike,
+    networks: Mapping[str, type],
+    *,
+    modality: str | None = None,
+    device: str | torch.device = "auto",
+    weights: str = "ema",
+) -> LoadedNetwork:
+    """Build the network a checkpoint describes, load its weights and return it for inference.
+
+    ``networks`` is the allow-list {class name as stored in config["model"]["class"]: class};
+    a checkpoint naming any other class is refused, so a checkpoint never chooses what code
+    runs. ``weights="ema"`` loads the EMA weights (the model's own when the checkpoint has no
+    EMA), ``"model"`` the raw ones. Stored float16 weights are cast to the network's dtype.
+    The network comes back in eval mode, without gradients, on ``device`` ("auto": a GPU when
+    there is one); ``diffusion`` is rebuilt from the config, or None when the config has none.
+    """
+    from diffkit.diffusion import Diffusion  # diffusion imports the package root, which imports this module
+    from diffkit.utils import resolve_device
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
+    if not isinstance(networks, Mapping) or not networks:
+        raise TypeError("networks must be a non-empty mapping {class name in the checkpoint: class}")
+    for name, cls in networks.items():
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise TypeError(f"networks[{name!r}] must be a torch.nn.Module subclass, got {cls!r}")
+    target = resolve_device(device)
+
+    directory, config = _read_config(Path(path), modality)
+    checksums = _recorded_checksums(directory, config)
+    model_config = config.get("model")
+    class_name = model_config.get("class") if isinstance(model_config, dict) else None
+    if not isinstance(class_name, str):
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} does not say which network it holds (config['model']['class'] is missing). "
+            "Save checkpoints with config={'model': {'class': ..., 'kwargs': {...}}, ...}."
+        )
+    cls = networks.get(class_name)
+    if cls is None:
+        raise CheckpointError(
+            f"checkpoint {directory} holds a {class_name!r}, but this loader builds only "
+            f"{', '.join(sorted(networks))}. Use the checkpoint with the code that trained it, or add the class "
+            "to the allow-list passed to load_network."
+        )
+    kwargs = model_config.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"config['model']['kwargs'] in {directory / CONFIG_FILE} must be a dict, got {kwargs!r}")
+    try:
+        net = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {directory} describes a {class_name} that this code cannot build ({err}). The checkpoint "
+            "was written by a different version of the network's code; use that version."
+        ) from err
+
+    use_ema = weights == "ema" and _has_ema(directory, checksums)
+    state = _load_tensors(directory / (EMA_FILE if use_ema else MODEL_FILE), "cpu", checksums)
+    try:
+        # load_state_dict copies into the existing parameters, which casts float16 shipped
+        # weights to the network's own dtype.
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights in {directory / (EMA_FILE if use_ema else MODEL_FILE)} do not fit the {class_name} its "
+            f"config describes: {err}"
+        ) from err
+    net.to(target).eval().requires_grad_(False)
+
+    diffusion = None
+    if config.get("diffusion") is not None:
+        try:
+            diffusion = Diffusion.from_config(config["diffusion"])
+        except (TypeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"the diffusion config in {directory / CONFIG_FILE} is invalid: {err}") from err
+    return LoadedNetwork(
+        net=net,
+        diffusion=diffusion,
+        config=config,
+        modality_config=config.get("modality_config") or {},
+        path=directory,
         step=int(config.get("step", 0)),
     )
 

@@ -2,17 +2,25 @@
 
     diffkit generate image --checkpoint runs/cifar/checkpoint --num-samples 16 --out grid.png
     diffkit generate image -h          # also lists the image modality's own options
-    diffkit modalities                 # what is installed
+    diffkit modalities [-v]            # what is installed (-v: with each one's own commands)
     diffkit info runs/cifar/checkpoint # what a checkpoint holds
+    diffkit VERB MODALITY ...          # a modality's own command, e.g. `diffkit rollout planning`
 
 Modalities add their own options to ``generate`` through ``add_cli_arguments(parser)``; those
-(and only those) are passed to the modality's ``generate`` as keyword arguments.
+(and only those) are passed to the modality's ``generate`` as keyword arguments. Commands of
+their own come from ``cli_commands()``.
+
+A bad argument that a modality rejects (ValueError, TypeError, FileNotFoundError,
+CheckpointError) is printed as ``diffkit: error: <message>`` with exit status 1, no traceback;
+set ``DIFFKIT_DEBUG=1`` to get the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +29,12 @@ from typing import Any
 from diffkit.checkpoint import CONFIG_FILE, CheckpointError, parameter_count, read_config
 from diffkit.registry import (
     ENTRY_POINT_GROUP,
+    CliCommand,
     ModalityLoadError,
-    UnknownModalityError,
     available_modalities,
     generate,
     get_modality,
+    modality_commands,
     modality_source,
 )
 from diffkit.sampling import SAMPLERS
@@ -33,11 +42,17 @@ from diffkit.sampling import SAMPLERS
 __all__ = ["main"]
 
 PROG = "diffkit"
+BUILTIN_COMMANDS = ("generate", "modalities", "info")
+# What a user's bad input looks like when it comes back from the core or a modality. Anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, CheckpointError, ModalityLoadError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: sys.argv[1:]); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in BUILTIN_COMMANDS:
+        return _modality_command(argv)
     parser, generate_parser, common_dests = _build_parser()
     # First pass: find the command and modality without failing on the modality's own options,
     # which the parser only knows once the modality is loaded.
@@ -51,9 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "modalities":
             return _modalities(args)
         return _info(args)
-    except (CheckpointError, UnknownModalityError, ModalityLoadError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return _report(err)
+
+
+def _report(err: Exception) -> int:
+    if os.environ.get("DIFFKIT_DEBUG"):
+        raise err
+    print(f"{PROG}: error: {err}", file=sys.stderr)
+    return 1
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, set[str]]:
@@ -63,6 +84,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
             "diffkit: one diffusion core serving image, audio, text and planning modalities. "
             "Draw samples from trained models, list the installed modalities, inspect checkpoints."
         ),
+        epilog="Modalities may add commands of their own, run as `diffkit VERB MODALITY ...`; "
+        "`diffkit modalities -v` lists them.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -94,7 +117,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
         help="list the installed modalities",
         description=f"List the modalities diffkit can find (entry-point group {ENTRY_POINT_GROUP!r} and register_modality).",
     )
-    mods.add_argument("-v", "--verbose", action="store_true", help="also show where each modality comes from")
+    mods.add_argument("-v", "--verbose", action="store_true",
+                      help="also show where each modality comes from and the commands it adds (loads each one)")
 
     info = commands.add_parser(
         "info",
@@ -143,16 +167,66 @@ def _generate(
         checkpoint=args.checkpoint,
         num_samples=args.num_samples,
         seed=args.seed,
-        save=args.out,
         device=args.device,
         sampler=args.sampler,
         steps=args.steps,
         progress=not args.no_progress,
         **modality_kwargs,
     )
+    written = modality.save(samples, args.out) or []
     count = len(samples) if hasattr(samples, "__len__") else args.num_samples
-    print(f"wrote {count} {args.modality} sample(s) to {args.out}")
+    if written:
+        # One path a line, so scripts can pick up what was written.
+        print(f"wrote {count} {args.modality} sample(s):")
+        for path in written:
+            print(path)
+    else:
+        print(f"wrote {count} {args.modality} sample(s) to {args.out}")
     return 0
+
+
+def _modality_command(argv: list[str]) -> int:
+    """``diffkit VERB MODALITY [options]``: run a command that a modality defines."""
+    verb = argv[0]
+    if len(argv) < 2 or argv[1].startswith("-"):
+        close = difflib.get_close_matches(verb, BUILTIN_COMMANDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(
+            f"{PROG}: error: unknown command {verb!r}.{hint} Built-in commands: {', '.join(BUILTIN_COMMANDS)}; "
+            f"a modality's own command is run as `{PROG} {verb} MODALITY ...` (`{PROG} modalities -v` lists them).",
+            file=sys.stderr,
+        )
+        return 2
+    name = argv[1]
+    try:
+        commands = _commands_of(name)
+        command = commands.get(verb)
+        if command is None:
+            close = difflib.get_close_matches(verb, [*BUILTIN_COMMANDS, *commands], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            print(
+                f"{PROG}: error: modality {name!r} has no command {verb!r}.{hint} Its commands: "
+                f"{', '.join(commands) or 'none'}; built-in commands: {', '.join(BUILTIN_COMMANDS)}.",
+                file=sys.stderr,
+            )
+            return 2
+        parser = argparse.ArgumentParser(prog=f"{PROG} {verb} {name}", description=command.help)
+        command.add_arguments(parser)
+        status = command.run(parser.parse_args(argv[2:]))
+    except USER_ERRORS as err:
+        return _report(err)
+    return 0 if status is None else int(status)
+
+
+def _commands_of(name: str) -> dict[str, CliCommand]:
+    commands = modality_commands(name)
+    shadowed = sorted(set(commands) & set(BUILTIN_COMMANDS))
+    if shadowed:
+        raise ModalityLoadError(
+            f"modality {name!r} defines the command(s) {', '.join(shadowed)}, which are built into {PROG} and "
+            "would never run; rename them in its cli_commands()"
+        )
+    return commands
 
 
 def _modalities(args: argparse.Namespace) -> int:
@@ -164,7 +238,17 @@ def _modalities(args: argparse.Namespace) -> int:
         )
         return 0
     for name in names:
-        print(f"{name}\t{modality_source(name)}" if args.verbose else name)
+        if not args.verbose:
+            print(name)
+            continue
+        print(f"{name}\t{modality_source(name)}")
+        try:
+            commands = _commands_of(name)
+        except USER_ERRORS as err:
+            print(f"    (cannot list its commands: {err})")
+            continue
+        for verb, command in commands.items():
+            print(f"    {PROG} {verb} {name}\t{command.help}")
     return 0
 
 
@@ -191,10 +275,17 @@ def _info(args: argparse.Namespace) -> int:
         if isinstance(schedule, dict):
             summary["schedule"] = schedule.get("name", "custom")
         lines.append(f"diffusion      {_compact(summary)}")
+    else:
+        lines.append("diffusion      none (not a diffusion model)")
+    if config.get("modality_config"):
+        lines.append(f"modality cfg   {_compact(config['modality_config'])}")
     train = config.get("train")
     if isinstance(train, dict):
         keys = ("max_steps", "batch_size", "lr", "warmup_steps", "ema_decay", "seed", "mixed_precision")
         lines.append(f"training       {_compact({k: train[k] for k in keys if k in train})}")
+    checksums = config.get("checksums")
+    lines.append(f"checksums      {len(checksums)} file(s), verified on load" if isinstance(checksums, dict)
+                 else "checksums      none (written before diffkit recorded them)")
     lines.append(f"written by     {_compact(config.get('versions'))}")
     if config.get("extra"):
         lines.append(f"extra          {_compact(config['extra'])}")

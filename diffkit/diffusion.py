@@ -1,28 +1,22 @@
 """The :class:`Diffusion` object: training loss, sampling and exact likelihood bounds for any tensor shape.
 
-It is stateless once built: a schedule plus a few choices (what the network predicts, how its
-variance is set, which loss and weighting, which decoder). Networks follow one convention,
-``model(x_t, t, **cond)`` with integer timesteps t of shape (B,) (see docs/interfaces.md).
+It is stateless once built: a schedule plus a few choices (what the network predicts, what it
+is told about the noise, how its variance is set, which loss and weighting, which decoder).
+Networks follow one convention, ``model(x_t, t, **cond)`` with float times t of shape (B,)
+(see docs/interfaces.md).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__ as _version
-from .guidance import (
-    GuidanceFn,
-    check_mask,
-    model_denoiser,
-    split_output,
-    with_clipping,
-    with_gradient_guidance,
-    with_known_values,
-)
+from .guidance import SamplingContext, Wrapper, apply_wrappers, model_denoiser, split_output
 from .parameterization import check_prediction, from_x0_eps, to_x0_eps, x0_error_scale
 from .process import (
     LOG2,
@@ -35,20 +29,64 @@ from .process import (
     q_sample,
     transition_variance,
 )
-from .sampling import SAMPLERS, SamplingGrid, default_spacing, get_sampler, model_calls
+from .sampling import TIME_INPUTS, SamplingGrid, default_spacing, get_sampler, model_calls
 from .schedules import NoiseSchedule, respace, schedule_from_config
-from .utils import append_dims, check_finite, mean_flat, randn, sum_flat
+from .utils import append_dims, check_finite, module_device, randn
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("simple", "vlb", "hybrid")
 LOSS_WEIGHTINGS = ("uniform", "snr", "min_snr", "truncated_snr")
 DECODERS = ("gaussian", "discretized")
+TIME_SAMPLINGS = ("discrete", "continuous", "noise_level")
 
 
 def _choose(value: str, allowed: Sequence[str], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
     return value
+
+
+def _element_mask(mask: Optional[torch.Tensor], known_mask: Optional[torch.Tensor], x0: torch.Tensor) -> Optional[torch.Tensor]:
+    """The elements that count, broadcast to x0's shape: ``mask`` minus the known entries (None: all)."""
+    if mask is None and known_mask is None:
+        return None
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    for name, value in (("mask", mask), ("known_mask", known_mask)):
+        if value is None:
+            continue
+        value = torch.as_tensor(value, device=x0.device)
+        if value.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor (True = {'counts' if name == 'mask' else 'known'}), got {value.dtype}")
+        try:
+            value = value.expand_as(x0)
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the data shape {tuple(x0.shape)}") from None
+        counted = counted & (value if name == "mask" else ~value)
+    counts = counted.reshape(x0.shape[0], -1).sum(dim=1)
+    if (counts == 0).any():
+        raise ValueError(f"mask leaves no element to count in example(s) {(counts == 0).nonzero().flatten().tolist()}")
+    return counted
+
+
+def _masked_mean(values: torch.Tensor, counted: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-example mean over the elements that count: (B, ...) -> (B,)."""
+    if counted is None:
+        return values.reshape(values.shape[0], -1).mean(dim=1)
+    flat = torch.where(counted, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return flat.reshape(values.shape[0], -1).sum(dim=1) / counted.reshape(values.shape[0], -1).sum(dim=1)
+
+
+@dataclass
+class Candidates:
+    """Several samples per example, best first: ``samples`` (B, N, ...), ``scores`` (B, N)."""
+
+    samples: torch.Tensor
+    scores: torch.Tensor
+
+    @property
+    def top(self) -> torch.Tensor:
+        """The best-scoring sample of each example, (B, ...)."""
+        return self.samples[:, 0]
 
 
 class Diffusion:
@@ -74,6 +112,12 @@ class Diffusion:
             ``data_range``; 2/255 for 8-bit images in [-1, 1]).
         zero_terminal_snr: rescale a named schedule so alpha_bar_{T-1} = 0 (needs eps-free
             prediction: ``v`` or ``x0``).
+        time_input: what the network's ``t`` holds: ``timestep`` (the training time in
+            [0, T-1], integer-valued for integer grids), ``noise_level`` (sqrt(alpha_bar),
+            WaveGrad) or ``log_snr``. The last two let one model run on any noise levels.
+        time_sampling: how training draws times: ``discrete`` (uniform over the T steps),
+            ``continuous`` (uniform in [0, T-1]) or ``noise_level`` (WaveGrad: a step i
+            uniformly, then sqrt(alpha_bar) uniformly between steps i-1 and i).
     """
 
     def __init__(
@@ -91,6 +135,8 @@ class Diffusion:
         bin_width: float = 2.0 / 255.0,
         data_range: tuple[float, float] = (-1.0, 1.0),
         zero_terminal_snr: bool = False,
+        time_input: str = "timestep",
+        time_sampling: str = "discrete",
     ) -> None:
         if isinstance(schedule, NoiseSchedule):
             self.schedule = schedule
@@ -103,8 +149,13 @@ class Diffusion:
         self.loss_type = _choose(loss_type, LOSS_TYPES, "loss_type")
         self.loss_weighting = _choose(loss_weighting, LOSS_WEIGHTINGS, "loss_weighting")
         self.decoder = _choose(decoder, DECODERS, "decoder")
+        self.time_input = _choose(time_input, TIME_INPUTS, "time_input")
+        self.time_sampling = _choose(time_sampling, TIME_SAMPLINGS, "time_sampling")
         if self.loss_type == "hybrid" and self.variance != "learned_range":
             raise ValueError("loss_type='hybrid' trains a learned variance; set variance='learned_range'")
+        if self.loss_type != "simple" and self.time_sampling != "discrete":
+            raise ValueError(f"loss_type={self.loss_type!r} sums the bound's terms between training steps; "
+                             "use time_sampling='discrete' with it")
         if self.schedule.alpha_bar[-1] == 0 and self.prediction == "eps":
             raise ValueError("a zero-terminal-SNR schedule cannot be used with prediction='eps' (x0 is undefined "
                              "at alpha=0); use prediction='v' or 'x0'")
@@ -114,6 +165,8 @@ class Diffusion:
         self.hybrid_lambda = float(hybrid_lambda)
         self.bin_width = float(bin_width)
         self.data_range = (float(data_range[0]), float(data_range[1]))
+        # Every training step, evaluated once: the loss's bound term needs its decoder variance.
+        self._training_grid = SamplingGrid.from_times(self.schedule, torch.arange(self.num_timesteps - 1, -1, -1))
 
     # ------------------------------------------------------------------ config
     @property
@@ -140,6 +193,8 @@ class Diffusion:
             "decoder": self.decoder,
             "bin_width": self.bin_width,
             "data_range": list(self.data_range),
+            "time_input": self.time_input,
+            "time_sampling": self.time_sampling,
         }
 
     @classmethod
@@ -148,53 +203,72 @@ class Diffusion:
         if not isinstance(config, dict) or "schedule" not in config:
             raise ValueError("not a Diffusion config: it needs a 'schedule' entry (use Diffusion.config to make one)")
         keys = ("prediction", "variance", "loss_type", "loss_weighting", "min_snr_gamma", "hybrid_lambda",
-                "decoder", "bin_width", "data_range")
+                "decoder", "bin_width", "data_range", "time_input", "time_sampling")
         return cls(schedule_from_config(config["schedule"]), **{k: config[k] for k in keys if k in config})
 
     def __repr__(self) -> str:
         return (f"Diffusion(schedule={self.schedule.name!r}, num_timesteps={self.num_timesteps}, "
-                f"prediction={self.prediction!r}, variance={self.variance!r}, loss_type={self.loss_type!r})")
+                f"prediction={self.prediction!r}, variance={self.variance!r}, loss_type={self.loss_type!r}, "
+                f"time_input={self.time_input!r})")
 
     # ------------------------------------------------------------------ forward process
     def _scales(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha_t and sigma_t for per-example timesteps, shaped to broadcast against ``like``."""
-        alpha = append_dims(self.schedule.alpha_at(t.cpu()).to(like.device, like.dtype), like.ndim)
-        sigma = append_dims(self.schedule.sigma_at(t.cpu()).to(like.device, like.dtype), like.ndim)
+        """alpha_t and sigma_t for per-example (float or integer) times, shaped to broadcast against ``like``."""
+        alpha_bar = self.schedule.alpha_bar_at(t)
+        alpha = append_dims(alpha_bar.sqrt().to(like.device, like.dtype), like.ndim)
+        sigma = append_dims((1.0 - alpha_bar).clamp(min=0).sqrt().to(like.device, like.dtype), like.ndim)
         return alpha, sigma
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """x_t = alpha_t x0 + sigma_t eps for per-example timesteps ``t`` (B,)."""
+        """x_t = alpha_t x0 + sigma_t eps for per-example times ``t`` (B,), fractions allowed."""
         if noise is None:
             noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         alpha, sigma = self._scales(t, x0)
         return q_sample(x0, alpha, sigma, noise)
 
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(x_{t-1} | x_t, x0); at t = 0 the posterior is x0 itself (variance 0)."""
-        a_t, s_t = self._scales(t, x0)
-        a_s, s_s = self._scales(t - 1, x0)
-        return q_posterior(x0, x_t, a_t, s_t, a_s, s_s)
+    def model_time(self, t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """What the network is told, float32 (B,), for times ``t`` with scales (alpha, sigma) (see ``time_input``)."""
+        if self.time_input == "timestep":
+            value = t.to(torch.float64)
+        elif self.time_input == "noise_level":
+            value = alpha.reshape(-1).to(torch.float64)
+        else:
+            value = 2.0 * (torch.log(alpha.reshape(-1).to(torch.float64)) - torch.log(sigma.reshape(-1).to(torch.float64)))
+        return value.to(torch.float32)
 
-    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x0) || N(0, I)) in bits per dimension, one value per example."""
-        t_last = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long)
-        alpha, sigma = self._scales(t_last, x0)
-        return mean_flat(prior_kl(x0, alpha, sigma)) / LOG2
+    def _draw_times(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+        """Training times (B,) float64 on the CPU, drawn as ``time_sampling`` says."""
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        T = self.num_timesteps
+        if self.time_sampling == "discrete":
+            t = torch.randint(0, T, (batch,), generator=generator, device=gen_device)
+            return t.cpu().to(torch.float64)
+        u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+        if self.time_sampling == "continuous":
+            return u * (T - 1)
+        # WaveGrad: a step uniformly, then the noise level uniformly within it (its upper end is
+        # clean data for the first step), so every level the schedule spans is trained on.
+        step = torch.randint(0, T, (batch,), generator=generator, device=gen_device).cpu()
+        levels = torch.cat([torch.ones(1, dtype=torch.float64), self.schedule.alpha_bar.sqrt()])
+        level = levels[step + 1] + u * (levels[step] - levels[step + 1])
+        return self.schedule.time_for_alpha_bar(level**2)
 
     # ------------------------------------------------------------------ model outputs
-    def _reverse_log_variance(self, frac, a_t, s_t, a_s, s_s, *, is_last: bool, next_posterior_var=None):
+    def _reverse_log_variance(self, frac, a_t, s_t, a_s, s_s, *, is_last: bool, decoder_variance: float):
         """log variance of p(x_s | x_t) for this diffusion's variance choice.
 
         At the last step (to clean data) the posterior variance is zero, so -- as Improved DDPM
-        does -- the next step's beta-tilde stands in for it (``next_posterior_var``).
+        does -- ``decoder_variance`` (:meth:`SamplingGrid.decoder_variance`) stands in for it,
+        and for beta too when the variance is ``fixed_large``; a learned variance still
+        interpolates up to the step's own beta.
         """
         beta = transition_variance(a_t, s_t, a_s, s_s)
         small = posterior_coefficients(a_t, s_t, a_s, s_s)[2]
         if is_last:
-            small = next_posterior_var if next_posterior_var is not None else beta
+            small = torch.full_like(beta, decoder_variance)
             if self.variance == "fixed_large":
-                beta = small  # improved-diffusion replaces beta_0 by beta-tilde_1 as well
+                beta = small
         log_small, log_beta = torch.log(small.clamp(min=1e-20)), torch.log(beta.clamp(min=1e-20))
         if self.variance == "fixed_small":
             return log_small
@@ -212,59 +286,81 @@ class Diffusion:
         noise: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         cond_drop_prob: float = 0.0,
+        mask: Optional[torch.Tensor] = None,
+        weight: Optional[torch.Tensor] = None,
+        known_mask: Optional[torch.Tensor] = None,
         return_terms: bool = False,
         **cond,
     ):
         """The training loss for a batch of clean data ``x0`` (B, ...).
 
-        Draws t ~ U{0..T-1} and eps ~ N(0, I) (from ``generator`` when given), forms x_t, calls
-        ``model(x_t, t, **cond)`` and returns the batch mean of the configured loss. With
-        ``cond_drop_prob`` > 0 the model also gets ``drop_cond``, a random mask that asks it to
-        ignore its condition (training for classifier-free guidance).
-        With ``return_terms=True`` it returns ``(loss, terms)``, ``terms`` holding per-example
-        tensors: ``mse``, ``vb`` (bits/dim, when the bound is used), ``t`` and ``loss``.
+        Draws times t as ``time_sampling`` says and eps ~ N(0, I) (from ``generator`` when
+        given), forms x_t, calls ``model(x_t, model_time, **cond)`` and returns the batch mean
+        of the configured loss. With ``cond_drop_prob`` > 0 the model also gets ``drop_cond``,
+        a random mask that asks it to ignore its condition (classifier-free guidance).
+
+        ``mask`` (bool, broadcastable to x0) marks the elements that count (padding is False):
+        every per-example mean runs over them only. ``weight`` multiplies each element's
+        squared error (Diffuser's action weights). ``known_mask`` marks entries the model is
+        given clean in x_t, as :class:`diffkit.guidance.KnownValues` with ``clean=True`` does at
+        sampling time; they are left out of the loss.
+
+        With ``return_terms=True`` it returns ``(loss, terms)``: per-example ``loss``, ``mse``
+        (and ``weighted_mse``, ``vb`` in bits/dim when used), ``t`` (float times), and the
+        intermediates a modality needs for terms of its own: ``x_t``, ``noise``, ``output`` (the
+        raw network output), ``prediction``, ``x0_hat`` (with gradient), ``alpha``, ``sigma``
+        and ``mask`` (the elements that counted, or None).
         """
         if x0.ndim < 2:
             raise ValueError(f"x0 must have a batch dimension and at least one data dimension, got shape {tuple(x0.shape)}")
         check_finite(x0, "the training batch x0")
         batch = x0.shape[0]
-        if t is None:
-            gen_device = generator.device if generator is not None else x0.device
-            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
-        t = t.to(x0.device).long()
+        t = self._draw_times(batch, generator, x0.device) if t is None else torch.as_tensor(t).to(torch.float64).cpu()
+        if t.shape != (batch,):
+            raise ValueError(f"t must hold one time per example, shape ({batch},), got {tuple(t.shape)}")
+        if (t < -1).any() or (t > self.num_timesteps - 1).any():
+            raise ValueError(f"training times must lie in [0, {self.num_timesteps - 1}], got {t.min():.3g}..{t.max():.3g}")
         if noise is None:
             noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        counted = _element_mask(mask, known_mask, x0)
         alpha, sigma = self._scales(t, x0)
         x_t = q_sample(x0, alpha, sigma, noise)
+        if known_mask is not None:
+            x_t = torch.where(known_mask.to(x0.device), x0, x_t)
         if cond_drop_prob > 0:
             gen_device = generator.device if generator is not None else x0.device
             drop = torch.rand(batch, generator=generator, device=gen_device).to(x0.device) < cond_drop_prob
             cond = {**cond, "drop_cond": drop}
-        output = model(x_t, t, **cond)
+        output = model(x_t, self.model_time(t, alpha, sigma).to(x0.device), **cond)
         if output.dtype != x0.dtype:
             output = output.to(x0.dtype)
         prediction, frac = split_output(output, x_t, self.learn_variance)
 
         target = from_x0_eps(self.prediction, x0, noise, alpha, sigma)
-        mse = mean_flat((target - prediction) ** 2)
-        terms = {"t": t, "mse": mse}
+        squared_error = (target - prediction) ** 2
+        mse = _masked_mean(squared_error, counted)
+        terms = {"t": t.to(x0.device), "mse": mse}
+        per_example = mse
+        if weight is not None:
+            weight = torch.as_tensor(weight, device=x0.device, dtype=x0.dtype)
+            per_example = _masked_mean(squared_error * weight, counted)
         if self.loss_weighting != "uniform":
-            mse = mse * self._loss_weight(alpha, sigma).flatten()
-            terms["weighted_mse"] = mse
+            per_example = per_example * self._loss_weight(alpha, sigma).flatten()
+            terms["weighted_mse"] = per_example
+        x0_hat, _ = to_x0_eps(self.prediction, prediction, x_t, alpha, sigma)
 
-        if self.loss_type == "simple":
-            per_example = mse
-        else:
+        if self.loss_type != "simple":
             # The hybrid loss lets the bound train only the variance: the mean is frozen.
-            frozen = prediction.detach() if self.loss_type == "hybrid" else prediction
-            x0_hat, _ = to_x0_eps(self.prediction, frozen, x_t, alpha, sigma)
+            frozen_x0 = x0_hat.detach() if self.loss_type == "hybrid" else x0_hat
             alpha_s, sigma_s = self._scales(t - 1, x0)
-            vb = self._bound_term(x0, x_t, x0_hat, frac, (alpha, sigma, alpha_s, sigma_s),
-                                  append_dims(t == 0, x0.ndim), self._first_posterior_variance(x0))
+            vb = self._bound_term(x0, x_t, frozen_x0, frac, (alpha, sigma, alpha_s, sigma_s),
+                                  append_dims(t.to(x0.device) == 0, x0.ndim),
+                                  self._training_grid.decoder_variance(), counted=counted)
             terms["vb"] = vb
             scale = self.num_timesteps  # a uniform t makes T * L_t an unbiased estimate of the bound
-            per_example = scale * vb if self.loss_type == "vlb" else mse + self.hybrid_lambda * scale * vb
-        terms["loss"] = per_example
+            per_example = scale * vb if self.loss_type == "vlb" else per_example + self.hybrid_lambda * scale * vb
+        terms.update(loss=per_example, x_t=x_t, noise=noise, output=output, prediction=prediction, x0_hat=x0_hat,
+                     alpha=alpha, sigma=sigma, mask=counted)
         loss = per_example.mean()
         return (loss, terms) if return_terms else loss
 
@@ -278,12 +374,13 @@ class Diffusion:
             weight_x0 = snr.clamp(min=1.0)
         return weight_x0 / x0_error_scale(self.prediction, alpha, sigma)
 
-    def _bound_term(self, x0, x_t, x0_hat, frac, scales, is_last, decoder_small, decoder=None, bin_width=None):
+    def _bound_term(self, x0, x_t, x0_hat, frac, scales, is_last, decoder_variance: float, decoder=None,
+                    bin_width=None, counted=None):
         """One term of the bound in bits/dim per example: KL(q(x_s|x_t,x0) || p(x_s|x_t)) for a step
         between noisy points, -log p(x0 | x_t) (the decoder) for the last step to clean data.
 
         ``scales`` = (alpha_t, sigma_t, alpha_s, sigma_s); ``is_last`` marks the decoder step (a
-        bool or a per-example mask); ``decoder_small`` is beta-tilde of the step before it.
+        bool or a per-example mask); ``counted`` the elements averaged over (None: all).
         """
         a_t, s_t, a_s, s_s = scales
         true_mean, true_var = q_posterior(x0, x_t, a_t, s_t, a_s, s_s)
@@ -292,19 +389,12 @@ class Diffusion:
         is_last = torch.as_tensor(is_last, device=x0.device)
         log_var = torch.where(
             is_last,
-            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=True, next_posterior_var=decoder_small),
-            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=False),
+            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=True, decoder_variance=decoder_variance),
+            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=False, decoder_variance=decoder_variance),
         ).expand_as(x0)
         kl = normal_kl(true_mean, torch.log(true_var.clamp(min=1e-20)).expand_as(x0), model_mean, log_var)
         decoder_nll = -self._decoder_log_likelihood(x0, model_mean, log_var, decoder, bin_width)
-        return mean_flat(torch.where(is_last, decoder_nll, kl)) / LOG2
-
-    def _first_posterior_variance(self, like: torch.Tensor) -> torch.Tensor:
-        """beta-tilde of the step 1 -> 0, which stands in for the decoder's zero posterior variance."""
-        if self.num_timesteps < 2:
-            return self.schedule.betas[0].to(like.device, like.dtype)
-        one = torch.ones(1, dtype=torch.long)
-        return posterior_coefficients(*self._scales(one, like), *self._scales(one - 1, like))[2]
+        return _masked_mean(torch.where(is_last, decoder_nll, kl), counted) / LOG2
 
     def _decoder_log_likelihood(self, x0, mean, log_var, decoder=None, bin_width=None) -> torch.Tensor:
         decoder = decoder or self.decoder
@@ -325,6 +415,8 @@ class Diffusion:
         steps: Optional[int] = None,
         decoder: Optional[str] = None,
         bin_width: Optional[float] = None,
+        mask: Optional[torch.Tensor] = None,
+        known_mask: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         return_terms: bool = False,
         progress: bool = False,
@@ -337,37 +429,36 @@ class Diffusion:
         evaluated over every training step (one model call each), or over the ``steps``-point
         respaced chain, which bounds the likelihood of the matching ``steps``-step DDPM sampler.
         ``decoder`` and ``bin_width`` override the diffusion's own (``discretized`` for
-        quantised data). With ``return_terms=True`` it returns ``(bpd, terms)`` with ``prior``,
-        ``decoder`` (B,) and ``kl`` (B, K-1) in bits/dim, and ``timesteps``.
+        quantised data). ``mask`` marks the elements that count (padding is False) and
+        ``known_mask`` the entries given clean (see :meth:`loss`): bits per dimension divide by
+        the number of counted elements of each example. With ``return_terms=True`` it returns
+        ``(bpd, terms)`` with ``prior``, ``decoder`` (B,) and ``kl`` (B, K-1) in bits/dim, and
+        ``times``.
         """
         check_finite(x0, "x0")
         K = self.num_timesteps if steps is None else steps
-        timesteps = respace(self.schedule, K, "linspace") if K != self.num_timesteps else torch.arange(K - 1, -1, -1)
-        grid = SamplingGrid.from_timesteps(self.schedule, timesteps)
-        num_dims = x0[0].numel()
-        log_likelihood_kind = decoder or self.decoder
-        _choose(log_likelihood_kind, DECODERS, "decoder")
+        times = respace(self.schedule, K, "linspace") if K != self.num_timesteps else torch.arange(K - 1, -1, -1)
+        grid = SamplingGrid.from_times(self.schedule, times)
+        model_times = grid.model_times(self.time_input)
+        counted = _element_mask(mask, known_mask, x0)
+        decoder = _choose(decoder or self.decoder, DECODERS, "decoder")
+        decoder_variance = grid.decoder_variance()
 
-        def scalar(values, i):
-            return values[i].to(device=x0.device, dtype=x0.dtype)
-
-        prior = sum_flat(prior_kl(x0, scalar(grid.alphas, 0), scalar(grid.sigmas, 0))) / (num_dims * LOG2)
-        # beta-tilde of the last proper step stands in for the decoder's zero posterior variance
-        decoder_small = None
-        if len(grid) >= 2:
-            decoder_small = posterior_coefficients(grid.alphas[-3], grid.sigmas[-3], grid.alphas[-2],
-                                                   grid.sigmas[-2])[2].to(x0.device, x0.dtype)
+        prior = _masked_mean(prior_kl(x0, float(grid.alphas[0]), torch.tensor(float(grid.sigmas[0]), dtype=x0.dtype)), counted) / LOG2
         kls, decoder_bits = [], None
         for i in tqdm(range(len(grid)), desc="nll", disable=not progress, leave=False):
-            scales = tuple(scalar(values, j) for values, j in
-                           ((grid.alphas, i), (grid.sigmas, i), (grid.alphas, i + 1), (grid.sigmas, i + 1)))
+            scales = grid.step_scales(i)
             noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = q_sample(x0, scales[0], scales[1], noise)
-            t = grid.timesteps[i].to(x0.device).expand(x0.shape[0])
+            if known_mask is not None:
+                x_t = torch.where(known_mask.to(x0.device), x0, x_t)
+            t = model_times[i].to(device=x0.device, dtype=torch.float32).expand(x0.shape[0])
             output, frac = split_output(model(x_t, t, **cond), x_t, self.learn_variance)
             x0_hat, _ = to_x0_eps(self.prediction, output, x_t, scales[0], scales[1])
             is_last = i == len(grid) - 1
-            bits = self._bound_term(x0, x_t, x0_hat, frac, scales, is_last, decoder_small, log_likelihood_kind, bin_width)
+            scale_tensors = tuple(torch.tensor(v, dtype=x0.dtype, device=x0.device) for v in scales)
+            bits = self._bound_term(x0, x_t, x0_hat, frac, scale_tensors, is_last, decoder_variance, decoder,
+                                    bin_width, counted=counted)
             if is_last:
                 decoder_bits = bits
             else:
@@ -375,19 +466,55 @@ class Diffusion:
         kl_terms = torch.stack(kls, dim=1) if kls else torch.zeros(x0.shape[0], 0, device=x0.device, dtype=x0.dtype)
         bpd = prior + kl_terms.sum(dim=1) + decoder_bits
         if return_terms:
-            return bpd, {"prior": prior, "decoder": decoder_bits, "kl": kl_terms, "timesteps": grid.timesteps}
+            return bpd, {"prior": prior, "decoder": decoder_bits, "kl": kl_terms, "times": grid.times}
         return bpd
 
     # ------------------------------------------------------------------ sampling
     def sampling_grid(self, steps: Optional[int] = None, spacing: Optional[str] = None, *,
-                      sampler: str = "unipc", timesteps=None, log_snr_range=None) -> SamplingGrid:
-        """The grid a sampler would visit: explicit ``timesteps``, or ``steps`` respaced by ``spacing``."""
-        if timesteps is not None:
-            return SamplingGrid.from_timesteps(self.schedule, timesteps)
+                      sampler: str = "unipc", log_snr_range=None, max_time: Optional[int] = None) -> SamplingGrid:
+        """The grid a sampler visits: ``steps`` training times respaced by ``spacing``.
+
+        Defaults: 20 steps (all T for ``ddpm``) and the sampler's best spacing. ``max_time``
+        restricts the grid to [0, max_time] (warm starts). Any other grid comes from the
+        :class:`SamplingGrid` constructors (explicit times, noise levels or betas).
+        """
         if steps is None:
             steps = self.num_timesteps if sampler == "ddpm" else min(20, self.num_timesteps)
-        steps_list = respace(self.schedule, steps, spacing or default_spacing(sampler), log_snr_range=log_snr_range)
-        return SamplingGrid.from_timesteps(self.schedule, steps_list)
+        if max_time is not None:
+            steps = min(steps, max_time + 1)
+        times = respace(self.schedule, steps, spacing or default_spacing(sampler), log_snr_range=log_snr_range,
+                        max_time=max_time)
+        return SamplingGrid.from_times(self.schedule, times)
+
+    def _resolve_grid(self, grid, steps, sampler, strength) -> SamplingGrid:
+        if grid is not None:
+            if strength is not None:
+                raise ValueError("give either grid= (it starts where it starts) or strength=, not both")
+            if steps is not None:
+                raise ValueError("give either grid= or steps=, not both: an explicit grid fixes the steps")
+            return grid if isinstance(grid, SamplingGrid) else SamplingGrid.from_times(self.schedule, grid)
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        max_time = None
+        if strength is not None:
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must lie in (0, 1], got {strength}")
+            max_time = max(int(round(strength * (self.num_timesteps - 1))), 0)
+        return self.sampling_grid(steps, sampler=sampler, max_time=max_time)
+
+    def denoiser(self, model: Callable[..., torch.Tensor], grid: SamplingGrid, *, cond: Optional[dict] = None,
+                 guidance_scale: float = 1.0, noise: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None, wrappers: Sequence[Wrapper] = ()):
+        """``model`` as a denoiser on ``grid`` (what a sampler calls), with guidance and ``wrappers`` layered on.
+
+        For running a sampler function of :data:`diffkit.SAMPLERS` by hand; :meth:`sample`
+        builds the same thing.
+        """
+        context = SamplingContext(grid=grid, model_times=grid.model_times(self.time_input), noise=noise,
+                                  generator=generator)
+        denoise = model_denoiser(model, context, prediction=self.prediction, learn_variance=self.learn_variance,
+                                 cond=dict(cond or {}), guidance_scale=guidance_scale)
+        return apply_wrappers(denoise, wrappers, context)
 
     @torch.no_grad()
     def sample(
@@ -397,21 +524,15 @@ class Diffusion:
         *,
         sampler: str = "unipc",
         steps: Optional[int] = None,
-        spacing: Optional[str] = None,
-        timesteps=None,
-        log_snr_range: Optional[tuple[Optional[float], Optional[float]]] = None,
+        grid=None,
         generator: Optional[torch.Generator] = None,
         noise: Optional[torch.Tensor] = None,
         device: Optional[torch.device | str] = None,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
-        guidance_fn: Optional[GuidanceFn] = None,
-        guidance_fn_scale: float = 1.0,
-        mask: Optional[torch.Tensor] = None,
-        known: Optional[torch.Tensor] = None,
+        wrappers: Sequence[Wrapper] = (),
         init: Optional[torch.Tensor] = None,
         strength: Optional[float] = None,
-        clip_denoised: Optional[tuple[float, float]] = None,
         callback: Optional[Callable[[dict], None]] = None,
         progress: bool = False,
         sampler_options: Optional[dict] = None,
@@ -420,22 +541,21 @@ class Diffusion:
         """Draw samples of ``shape`` = (B, ...) from ``model``.
 
         Args:
-            sampler: one of :data:`diffkit.SAMPLERS`. ``steps`` grid points (default 20; all T
-                for ``ddpm``) placed by ``spacing`` (default: the sampler's best, see
-                :func:`diffkit.sampling.default_spacing`), or explicit descending ``timesteps``.
-                ``log_snr_range=(low, high)`` narrows a ``logsnr``/``karras`` grid (see
-                :func:`diffkit.respace`); (-4, 8) suits few-step sampling of unit-scale data.
-            generator, noise: ``noise`` is the starting x_T; otherwise it is drawn from
+            sampler: one of :data:`diffkit.SAMPLERS`.
+            steps, grid: ``steps`` respaced training times (default 20; all T for ``ddpm``) in
+                the sampler's best spacing, or an explicit ``grid``: a :class:`SamplingGrid`
+                (from times, noise levels or betas; see :meth:`sampling_grid`) or a sequence
+                of decreasing training times.
+            generator, noise: ``noise`` is the starting state; otherwise it is drawn from
                 ``generator``, which also feeds stochastic samplers.
             guidance_scale: classifier-free guidance weight w (1 = off); the model must accept
                 ``drop_cond``.
-            guidance_fn, guidance_fn_scale: gradient guidance by a differentiable
-                ``guidance_fn(x_t, t) -> (B,)`` (a classifier's log-probability, a value).
-            mask, known: inpainting / replacement conditioning; where ``mask`` is true the
-                sample equals ``known``.
-            init, strength: start from ``init`` noised to ``strength`` in (0, 1] of the chain
-                (SDEdit / img2img / denoising); 1 is pure noise.
-            clip_denoised: (low, high) to clamp x0 predictions to the data range.
+            wrappers: conditioning layered on the denoiser, innermost first (see
+                :mod:`diffkit.guidance`: ClipX0, X0Transform, KnownValues, GradientGuidance,
+                GradientSteps, StateHook).
+            init, strength: start from ``init`` noised to time ``strength`` x (T-1), strength in
+                (0, 1], and take all ``steps`` steps below it (SDEdit, img2img, warm starts). With
+                an explicit ``grid``, ``init`` is noised to the grid's first point instead.
             callback: called with a dict (i, t, x, denoised, steps) at every grid point.
             sampler_options: extra keyword arguments for the sampler (e.g. ``{"eta": 1.0}``).
             **cond: passed to the model on every call.
@@ -444,36 +564,32 @@ class Diffusion:
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
         sample_fn = get_sampler(sampler)
-        device = torch.device(device) if device is not None else (noise.device if noise is not None else _model_device(model))
-        grid = self.sampling_grid(steps, spacing, sampler=sampler, timesteps=timesteps, log_snr_range=log_snr_range)
+        if strength is not None and init is None:
+            raise ValueError("strength= needs init=<clean data> to start from")
+        grid = self._resolve_grid(grid, steps, sampler, strength)
+        device = torch.device(device) if device is not None else (noise.device if noise is not None else module_device(model))
 
         if noise is None:
             noise = randn(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={shape} was asked for")
         noise = noise.to(device=device, dtype=dtype)
-
         x = noise
-        if init is not None or strength is not None:
-            if init is None or strength is None:
-                raise ValueError("img2img/SDEdit needs both init=<clean data> and strength in (0, 1]")
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must lie in (0, 1], got {strength}")
-            init = torch.as_tensor(init).to(device=device, dtype=dtype).expand(shape)
+        if init is not None:
+            init = torch.as_tensor(init).to(device=device, dtype=dtype)
+            try:
+                init = init.expand(shape)
+            except RuntimeError:
+                raise ValueError(f"init of shape {tuple(init.shape)} does not broadcast to the sample shape {shape}") from None
             check_finite(init, "init")
-            grid = grid.truncate(round(strength * (self.num_timesteps - 1)))
             x = q_sample(init, float(grid.alphas[0]), float(grid.sigmas[0]), noise)
+        for wrapper in wrappers:
+            check = getattr(wrapper, "check", None)
+            if check is not None:
+                check(shape)
 
-        denoise = model_denoiser(model, grid, prediction=self.prediction, learn_variance=self.learn_variance,
-                                 cond=cond, guidance_scale=guidance_scale)
-        if guidance_fn is not None:
-            denoise = with_gradient_guidance(denoise, grid, guidance_fn, guidance_fn_scale)
-        if clip_denoised is not None:
-            denoise = with_clipping(denoise, grid, *clip_denoised)
-        if mask is not None or known is not None:
-            mask, known = check_mask(mask if mask is not None else torch.ones(shape, dtype=torch.bool), known, shape)
-            denoise = with_known_values(denoise, grid, mask.to(device), known.to(device=device, dtype=dtype), noise)
-
+        denoise = self.denoiser(model, grid, cond=cond, guidance_scale=guidance_scale, noise=noise,
+                                generator=generator, wrappers=wrappers)
         bar = tqdm(total=model_calls(sampler, len(grid)), desc=f"sampling ({sampler})", disable=not progress, leave=False)
 
         def counted(x_in, i, _inner=denoise):
@@ -489,15 +605,44 @@ class Diffusion:
             bar.close()
         if not torch.isfinite(result).all():
             raise FloatingPointError(
-                "sampling produced NaN or Inf; check the model for NaN outputs, try clip_denoised=(-1, 1), "
+                "sampling produced NaN or Inf; check the model for NaN outputs, try wrappers=[ClipX0(-1, 1)], "
                 "or use more steps"
             )
         return result
 
+    @torch.no_grad()
+    def sample_candidates(
+        self,
+        model: Callable[..., torch.Tensor],
+        shape: Sequence[int],
+        num_candidates: int,
+        score_fn: Callable[[torch.Tensor], torch.Tensor],
+        **kwargs,
+    ) -> Candidates:
+        """``num_candidates`` samples per example in one batch, scored and sorted best first.
 
-def _model_device(model) -> torch.device:
-    """Where a model's parameters live (the CPU for parameter-free callables)."""
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+        Every per-example tensor among the model's conditions (and ``noise``/``init`` of batch
+        B) is repeated for each candidate, so candidate j of example b is row b * N + j of the
+        batch the model sees; wrappers (e.g. KnownValues) must be built for that (B * N, ...)
+        batch (``tensor.repeat_interleave(N, 0)``). ``score_fn(samples)`` returns one value per
+        sample (higher is better), e.g. a value function of planned trajectories.
+        """
+        if not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+        shape = tuple(int(s) for s in shape)
+        batch, n = shape[0], num_candidates
+
+        def repeat(value):
+            if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+                return value.repeat_interleave(n, dim=0)
+            return value
+
+        kwargs = {key: repeat(value) if key not in ("wrappers", "grid") else value for key, value in kwargs.items()}
+        flat = self.sample(model, (batch * n, *shape[1:]), **kwargs)
+        scores = torch.as_tensor(score_fn(flat))
+        if scores.shape != (batch * n,):
+            raise ValueError(f"score_fn must return one score per sample, shape ({batch * n},); got {tuple(scores.shape)}")
+        samples, scores = flat.reshape(batch, n, *shape[1:]), scores.reshape(batch, n)
+        order = scores.argsort(dim=1, descending=True)
+        picked = samples.gather(1, append_dims(order, samples.ndim).expand_as(samples))
+        return Candidates(samples=picked, scores=scores.gather(1, order))

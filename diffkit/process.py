@@ -23,10 +23,18 @@ def q_sample(x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, noise: 
     return alpha * x0 + sigma * noise
 
 
+def _non_negative(value):
+    """max(value, 0) for a tensor or a Python float (grid scales are floats on the hot path)."""
+    return value.clamp(min=0) if torch.is_tensor(value) else max(value, 0.0)
+
+
 def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s):
-    """(c_xt, c_x0, variance) with q(x_s | x_t, x_0) = N(c_xt x_t + c_x0 x_0, variance); see :func:`q_posterior`."""
+    """(c_xt, c_x0, variance) with q(x_s | x_t, x_0) = N(c_xt x_t + c_x0 x_0, variance); see :func:`q_posterior`.
+
+    Works on tensors and on Python floats alike.
+    """
     alpha_ts = alpha_t / alpha_s
-    sigma_ts_sq = (sigma_t**2 - alpha_ts**2 * sigma_s**2).clamp(min=0)
+    sigma_ts_sq = _non_negative(sigma_t**2 - alpha_ts**2 * sigma_s**2)
     return alpha_ts * sigma_s**2 / sigma_t**2, alpha_s * sigma_ts_sq / sigma_t**2, sigma_ts_sq * sigma_s**2 / sigma_t**2
 
 
@@ -53,7 +61,7 @@ def q_posterior(
 
 def transition_variance(alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
     """Variance of q(x_t | x_s), i.e. beta of the (possibly respaced) step s -> t: 1 - alpha_bar_t / alpha_bar_s."""
-    return (1.0 - (alpha_t / alpha_s) ** 2).clamp(min=0)
+    return _non_negative(1.0 - (alpha_t / alpha_s) ** 2)
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:

@@ -9,23 +9,34 @@ A modality comes from one of two places:
 Nothing is imported until a modality is asked for by name: listing names only reads package
 metadata, so ``diffkit modalities`` stays fast and a broken optional modality (say, a missing
 audio dependency) does not stop the others from working.
+
+Besides ``generate`` and ``save``, a modality may offer command-line verbs of its own
+(``cli_commands() -> {verb: CliCommand}``) and a policy that acts in an environment
+(``policy(checkpoint=None, **kw) -> Policy``); see docs/interfaces.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import inspect
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CliCommand",
     "ModalityLoadError",
+    "Policy",
     "UnknownModalityError",
     "available_modalities",
     "generate",
     "get_modality",
+    "load_policy",
+    "modality_commands",
     "modality_source",
     "register_modality",
     "unregister_modality",
@@ -55,6 +66,35 @@ class UnknownModalityError(KeyError, ValueError):
 
 class ModalityLoadError(RuntimeError):
     """A modality is registered but importing or constructing it failed."""
+
+
+@dataclass(frozen=True)
+class CliCommand:
+    """A verb a modality adds to the command line: ``diffkit VERB MODALITY [options]``.
+
+    ``add_arguments(parser)`` declares the verb's options; ``run(args)`` does the work and
+    returns the exit status.
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Something that acts in an environment (a planner, a diffusion policy).
+
+    ``act(obs)`` returns the action for one observation, ``reset()`` starts a new episode
+    (clearing any plan or history it keeps), and calling the policy is the same as ``act``.
+    ``isinstance(obj, Policy)`` checks that the three methods exist (not their signatures).
+    """
+
+    def act(self, obs: Any) -> Any: ...
+
+    def reset(self) -> None: ...
+
+    def __call__(self, obs: Any) -> Any: ...
 
 
 def register_modality(name: str, modality: Any) -> None:
@@ -131,7 +171,50 @@ def generate(
     return samples
 
 
+def load_policy(modality: str | Any, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> Policy:
+    """The policy of ``modality`` (a name or a modality object), from its ``policy(...)``.
+
+    ``checkpoint`` and ``kwargs`` go to the modality's ``policy``. Raises ValueError when the
+    modality has no policies, TypeError when what it returns is not a :class:`Policy`.
+    """
+    mod = get_modality(modality) if isinstance(modality, str) else modality
+    make_policy = getattr(mod, "policy", None)
+    if not callable(make_policy):
+        raise ValueError(
+            f"modality {_display_name(mod)!r} has no policy(); policies come from modalities that act in an "
+            "environment (e.g. planning). Use generate() for its samples instead."
+        )
+    policy = make_policy(checkpoint=checkpoint, **kwargs)
+    if not isinstance(policy, Policy):
+        raise TypeError(
+            f"policy() of modality {_display_name(mod)!r} returned {_qualname(policy)}, which is not a diffkit.Policy: "
+            "it needs act(obs), reset() and __call__(obs)"
+        )
+    return policy
+
+
+def modality_commands(modality: str | Any) -> dict[str, CliCommand]:
+    """The command-line verbs of ``modality`` (a name or a modality object); {} when it has none."""
+    mod = get_modality(modality) if isinstance(modality, str) else modality
+    make_commands = getattr(mod, "cli_commands", None)
+    if make_commands is None:
+        return {}
+    commands = make_commands()
+    if not isinstance(commands, dict) or not all(
+        isinstance(verb, str) and verb and isinstance(command, CliCommand) for verb, command in commands.items()
+    ):
+        raise ModalityLoadError(
+            f"cli_commands() of modality {_display_name(mod)!r} must return {{verb: diffkit.CliCommand(help, "
+            f"add_arguments, run)}}, got {commands!r}"
+        )
+    return commands
+
+
 # --------------------------------------------------------------------------------------------
+
+
+def _display_name(modality: Any) -> str:
+    return getattr(modality, "name", None) or _qualname(modality)
 
 
 def _discover_entry_points() -> dict[str, metadata.EntryPoint]:

@@ -30,14 +30,23 @@ from .schedules import NoiseSchedule
 from .utils import randn
 
 
+TIME_INPUTS = ("timestep", "noise_level", "log_snr")
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """What the network says about x_0 at one grid point."""
+    """What the network says about x_0 at one grid point.
+
+    ``x`` is the state the prediction belongs to. A denoiser that changes the state before
+    evaluating it (known values written in, gradient steps taken) returns the changed state
+    here, and the sampler continues from it; None means the state it was given.
+    """
 
     x0: torch.Tensor
     eps: torch.Tensor
     # Learned-variance models: v in [0, 1] interpolating log beta-tilde (0) and log beta (1).
     variance_frac: Optional[torch.Tensor] = None
+    x: Optional[torch.Tensor] = None
 
 
 Denoiser = Callable[[torch.Tensor, int], Prediction]
@@ -46,62 +55,132 @@ Callback = Callable[[dict], None]
 
 @dataclass(frozen=True)
 class SamplingGrid:
-    """The points a sampler visits: K evaluation timesteps and a final clean point.
+    """The points a sampler visits: K evaluation points, noisiest first, and a final clean point.
 
-    ``alphas`` and ``sigmas`` have K + 1 entries (float64); the last is (1, 0), clean data.
+    ``times`` (K,) are continuous training times in [0, T-1] (fractions allowed; NaN where a
+    point built from noise levels lies outside the schedule). ``alphas`` and ``sigmas`` have
+    K + 1 entries (float64); the last is (1, 0), clean data. Build one with
+    :meth:`from_times`, :meth:`from_noise_levels` or :meth:`from_betas`, or let
+    :meth:`diffkit.Diffusion.sampling_grid` respace the schedule.
     """
 
-    timesteps: torch.Tensor
+    times: torch.Tensor
     alphas: torch.Tensor
     sigmas: torch.Tensor
 
+    def __post_init__(self) -> None:
+        if self.times.ndim != 1 or self.times.numel() < 1:
+            raise ValueError("a sampling grid needs at least one point")
+        if self.alphas.shape != (len(self) + 1,) or self.sigmas.shape != (len(self) + 1,):
+            raise ValueError("alphas and sigmas need one entry per point plus the clean end point")
+        noise = (self.sigmas / self.alphas.clamp(min=1e-300))[:-1]
+        if (noise[1:] >= noise[:-1]).any():
+            raise ValueError("grid points must go from noisy to clean: sigma/alpha strictly decreasing")
+
     @classmethod
-    def from_timesteps(cls, schedule: NoiseSchedule, timesteps) -> "SamplingGrid":
-        timesteps = torch.as_tensor(timesteps).long().flatten()
-        if timesteps.numel() < 1:
-            raise ValueError("a sampling grid needs at least one timestep")
-        if (timesteps[1:] >= timesteps[:-1]).any():
-            raise ValueError(f"timesteps must be strictly decreasing, got {timesteps.tolist()}")
-        if timesteps[0] >= schedule.num_timesteps or timesteps[-1] < 0:
-            raise ValueError(f"timesteps must lie in [0, {schedule.num_timesteps - 1}], got {timesteps.tolist()}")
-        alphas = torch.cat([schedule.alpha_at(timesteps), torch.ones(1, dtype=torch.float64)])
-        sigmas = torch.cat([schedule.sigma_at(timesteps), torch.zeros(1, dtype=torch.float64)])
-        return cls(timesteps=timesteps, alphas=alphas, sigmas=sigmas)
+    def from_times(cls, schedule: NoiseSchedule, times) -> "SamplingGrid":
+        """Evaluation at the given training times, strictly decreasing, in [0, T-1] (fractions allowed)."""
+        times = torch.as_tensor(times).to(torch.float64).flatten()
+        if times.numel() < 1:
+            raise ValueError("a sampling grid needs at least one time")
+        if (times[1:] >= times[:-1]).any():
+            raise ValueError(f"times must be strictly decreasing, got {times.tolist()}")
+        if times[0] > schedule.num_timesteps - 1 or times[-1] < 0:
+            raise ValueError(f"times must lie in [0, {schedule.num_timesteps - 1}], got {times.tolist()}")
+        alpha_bar = schedule.alpha_bar_at(times)
+        return cls._from_alpha_bar(alpha_bar, times)
+
+    @classmethod
+    def from_noise_levels(cls, schedule: NoiseSchedule, alphas) -> "SamplingGrid":
+        """Evaluation at explicit noise levels sqrt(alpha_bar), increasing (noisiest first).
+
+        Levels need not be training steps (WaveGrad's grid-searched schedules). Their times are
+        found by inverting the schedule; a level outside the trained range gets time NaN, which
+        only a model conditioned on ``time_input="noise_level"`` or ``"log_snr"`` can use.
+        """
+        alphas = torch.as_tensor(alphas).to(torch.float64).flatten()
+        if alphas.numel() < 1 or (alphas <= 0).any() or (alphas >= 1).any():
+            raise ValueError(f"noise levels sqrt(alpha_bar) must lie in (0, 1), got {alphas.tolist()}")
+        if (alphas[1:] <= alphas[:-1]).any():
+            raise ValueError(f"noise levels must increase (noisiest first), got {alphas.tolist()}")
+        alpha_bar = alphas**2
+        return cls._from_alpha_bar(alpha_bar, schedule.time_for_alpha_bar(alpha_bar, strict=True))
+
+    @classmethod
+    def from_betas(cls, schedule: NoiseSchedule, betas) -> "SamplingGrid":
+        """The points of an inference schedule given by its betas (alpha_bar = cumprod(1 - beta)).
+
+        DiffWave's fast schedule ``[1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5]`` is six such points.
+        """
+        betas = torch.as_tensor(betas).to(torch.float64).flatten()
+        if betas.numel() < 1 or (betas <= 0).any() or (betas >= 1).any():
+            raise ValueError(f"betas must lie in (0, 1), got {betas.tolist()}")
+        return cls.from_noise_levels(schedule, torch.cumprod(1.0 - betas, dim=0).sqrt().flip(0))
+
+    @classmethod
+    def _from_alpha_bar(cls, alpha_bar: torch.Tensor, times: torch.Tensor) -> "SamplingGrid":
+        alphas = torch.cat([alpha_bar.sqrt(), torch.ones(1, dtype=torch.float64)])
+        sigmas = torch.cat([(1.0 - alpha_bar).clamp(min=0).sqrt(), torch.zeros(1, dtype=torch.float64)])
+        return cls(times=times, alphas=alphas, sigmas=sigmas)
 
     def __len__(self) -> int:
-        return self.timesteps.numel()
+        return self.times.numel()
 
     @property
     def lambdas(self) -> torch.Tensor:
         """log(alpha / sigma) at every point: -inf where alpha = 0, +inf at the clean point."""
         return torch.log(self.alphas) - torch.log(self.sigmas)
 
-    def step_scales(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t, alpha_s, sigma_s) of the step from point i to point i + 1."""
-        return self.alphas[i], self.sigmas[i], self.alphas[i + 1], self.sigmas[i + 1]
+    def model_times(self, time_input: str = "timestep") -> torch.Tensor:
+        """What the network is told at each of the K points, float64 (K,); see docs/interfaces.md.
 
-    def truncate(self, start_timestep: int) -> "SamplingGrid":
-        """The part of the grid at or below ``start_timestep`` (for SDEdit / img2img)."""
-        keep = self.timesteps <= start_timestep
-        if not keep.any():
-            raise ValueError(f"no sampling step at or below timestep {start_timestep}; use more steps or more strength")
-        first = int(keep.nonzero()[0])
-        return SamplingGrid(self.timesteps[first:], self.alphas[first:], self.sigmas[first:])
+        ``timestep``: the training time; ``noise_level``: sqrt(alpha_bar); ``log_snr``:
+        log(alpha_bar / (1 - alpha_bar)).
+        """
+        if time_input == "timestep":
+            if torch.isnan(self.times).any():
+                raise ValueError(
+                    "a grid point lies outside the schedule's trained range, so there is no training time to "
+                    "give the model; keep the noise levels within the schedule, or train the model with "
+                    "time_input='noise_level' or 'log_snr'"
+                )
+            return self.times
+        if time_input == "noise_level":
+            return self.alphas[:-1]
+        if time_input == "log_snr":
+            return 2.0 * self.lambdas[:-1]
+        raise ValueError(f"unknown time_input {time_input!r}; choose one of {', '.join(TIME_INPUTS)}")
+
+    def step_scales(self, i: int) -> tuple[float, float, float, float]:
+        """(alpha_t, sigma_t, alpha_s, sigma_s) of the step from point i to point i + 1, as Python floats."""
+        return float(self.alphas[i]), float(self.sigmas[i]), float(self.alphas[i + 1]), float(self.sigmas[i + 1])
+
+    def decoder_variance(self) -> float:
+        """The variance that stands in for the zero posterior variance of the last step to clean data.
+
+        As in Improved DDPM: beta-tilde of the step before it (the last step between two noisy
+        points), or that step's beta on a one-point grid. Used by the bound's decoder and by the
+        reverse process of the final step.
+        """
+        if len(self) < 2:
+            alpha = float(self.alphas[0])
+            return 1.0 - alpha**2
+        return float(posterior_coefficients(*self.step_scales(len(self) - 2))[2])
 
 
-def _scalar(value: torch.Tensor) -> float:
-    """A float64 grid entry as a Python number: it scales a tensor on any device without a copy."""
-    return float(value)
-
-
-def _report(callback: Optional[Callback], i: int, grid: SamplingGrid, x: torch.Tensor, pred: Prediction) -> None:
+def _evaluate(denoise: Denoiser, x: torch.Tensor, i: int, grid: SamplingGrid, callback) -> tuple[torch.Tensor, Prediction]:
+    """One network evaluation: the (possibly changed) state and the prediction, reported to the callback."""
+    pred = denoise(x, i)
+    if pred.x is not None:
+        x = pred.x
     if callback is not None:
-        callback({"i": i, "t": int(grid.timesteps[i]), "x": x, "denoised": pred.x0, "steps": len(grid)})
+        callback({"i": i, "t": float(grid.times[i]), "x": x, "denoised": pred.x0, "steps": len(grid)})
+    return x, pred
 
 
 # --------------------------------------------------------------------------- ancestral samplers
 def sample_ddpm(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None, variance: str = "fixed_small"):
-    """DDPM ancestral sampling: x_s ~ p(x_s | x_t) = N(mu(x_t, x0_hat), var), on any respaced grid.
+    """DDPM ancestral sampling: x_s ~ p(x_s | x_t) = N(mu(x_t, x0_hat), var), on any grid.
 
     ``variance``: ``fixed_small`` (the posterior beta-tilde), ``fixed_large`` (the step's beta)
     or ``learned`` (exp(v log beta + (1 - v) log beta-tilde), with v from the network).
@@ -110,15 +189,14 @@ def sample_ddpm(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
     if variance not in ("fixed_small", "fixed_large", "learned"):
         raise ValueError(f"unknown DDPM variance {variance!r}; choose fixed_small, fixed_large or learned")
     for i in range(len(grid)):
-        pred = denoise(x, i)
-        _report(callback, i, grid, x, pred)
+        x, pred = _evaluate(denoise, x, i, grid, callback)
         scales = grid.step_scales(i)
-        coef_xt, coef_x0, posterior_var = map(_scalar, posterior_coefficients(*scales))
+        coef_xt, coef_x0, posterior_var = posterior_coefficients(*scales)
         mean = coef_xt * x + coef_x0 * pred.x0
         if i == len(grid) - 1:
             x = mean
             continue
-        beta = _scalar(transition_variance(*scales))
+        beta = transition_variance(*scales)
         if variance == "fixed_small":
             std = posterior_var**0.5
         elif variance == "fixed_large":
@@ -136,14 +214,15 @@ def sample_ddim(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
     """DDIM (Song et al., 2021): x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z.
 
     c = eta * sqrt(posterior variance): eta = 0 is the deterministic probability-flow ODE's
-    first-order solver, eta = 1 is DDPM's fixed-small ancestral sampler.
+    first-order solver, eta = 1 is DDPM's fixed-small ancestral sampler. With eta = 0 it is
+    also Euler's method on the ODE in the variance-exploding variables x / alpha and
+    sigma / alpha (Karras et al.), which is why ``euler`` names this same function.
     """
     for i in range(len(grid)):
-        pred = denoise(x, i)
-        _report(callback, i, grid, x, pred)
+        x, pred = _evaluate(denoise, x, i, grid, callback)
         scales = grid.step_scales(i)
-        a_s, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1])
-        c = eta * _scalar(posterior_coefficients(*scales)[2]) ** 0.5
+        a_s, s_s = scales[2], scales[3]
+        c = eta * posterior_coefficients(*scales)[2] ** 0.5
         x = a_s * pred.x0 + max(s_s**2 - c**2, 0.0) ** 0.5 * pred.eps
         if eta > 0 and i < len(grid) - 1:
             x = x + c * randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -153,7 +232,7 @@ def sample_ddim(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
 # --------------------------------------------------------------------------- exponential integrators
 def _first_order_update(x, d0, a_t: float, s_t: float, s_s: float, h: torch.Tensor):
     """x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D  -- exact for a constant data prediction."""
-    return (s_t / s_s) * x - a_t * _scalar(torch.expm1(-h)) * d0
+    return (s_t / s_s) * x - a_t * float(torch.expm1(-h)) * d0
 
 
 def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callback) -> torch.Tensor:
@@ -168,10 +247,9 @@ def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callb
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, D), newest last
     K = len(grid)
     for i in range(K):
-        pred = denoise(x, i)
-        _report(callback, i, grid, x, pred)
+        x, pred = _evaluate(denoise, x, i, grid, callback)
         history = (history + [(lambdas[i], pred.x0)])[-order:]
-        a_t, s_t, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1]), _scalar(grid.sigmas[i])
+        a_t, s_t, s_s = float(grid.alphas[i + 1]), float(grid.sigmas[i + 1]), float(grid.sigmas[i])
         h = lambdas[i + 1] - lambdas[i]
         step_order = min(order, len(history))
         if i == K - 1:  # the jump to clean data
@@ -186,20 +264,20 @@ def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callb
         if step_order >= 2:
             lam1, d_1 = history[-2]
             r0 = (lambdas[i] - lam1) / h
-            d1_0 = (d0 - d_1) / _scalar(r0)
+            d1_0 = (d0 - d_1) / float(r0)
             if step_order == 2:
-                x_next = x_next - 0.5 * a_t * _scalar(torch.expm1(-h)) * d1_0
+                x_next = x_next - 0.5 * a_t * float(torch.expm1(-h)) * d1_0
             else:
                 lam2, d_2 = history[-3]
                 r1 = (lam1 - lam2) / h
-                d1_1 = (d_1 - d_2) / _scalar(r1)
-                d1 = d1_0 + _scalar(r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / _scalar(r0 + r1)
+                d1_1 = (d_1 - d_2) / float(r1)
+                d1 = d1_0 + float(r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / float(r0 + r1)
                 phi1 = torch.expm1(-h)
                 x_next = (
                     x_next
-                    + a_t * _scalar(phi1 / h + 1.0) * d1
-                    - a_t * _scalar((phi1 + h) / h**2 - 0.5) * d2
+                    + a_t * float(phi1 / h + 1.0) * d1
+                    - a_t * float((phi1 + h) / h**2 - 0.5) * d2
                 )
         x = x_next
     return x
@@ -244,6 +322,8 @@ def sample_unipc(
     After each network call at a new point, the corrector (UniC) refines that point's state
     with the fresh evaluation, raising the order by one at no extra call: the evaluation is the
     one the next predictor step needs anyway. The final jump to clean data is first order.
+    When a denoiser changed the state it evaluated (known values, gradient steps), the
+    corrected state keeps that change.
 
     ``order`` defaults to 3 on grids of 15 points or more and 2 below, where third-order
     extrapolation over long steps loses more than it gains (benchmarks/samplers.py).
@@ -260,14 +340,14 @@ def sample_unipc(
     history: list[tuple[torch.Tensor, torch.Tensor]] = []
     pending = None  # what the corrector needs from the last predictor step
     for i in range(K):
-        pred = denoise(x, i)
-        _report(callback, i, grid, x, pred)
+        x_predicted = x
+        x, pred = _evaluate(denoise, x, i, grid, callback)
         if pending is not None and corrector:
-            x = _unipc_correct(pending, pred.x0, x)
+            x = _unipc_correct(pending, pred.x0) + (x - x_predicted)
         history = (history + [(lambdas[i], pred.x0)])[-order:]
         if i == K - 1:
-            x = _first_order_update(x, pred.x0, _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1]),
-                                    _scalar(grid.sigmas[i]), lambdas[i + 1] - lambdas[i])
+            x = _first_order_update(x, pred.x0, float(grid.alphas[i + 1]), float(grid.sigmas[i + 1]),
+                                    float(grid.sigmas[i]), lambdas[i + 1] - lambdas[i])
             break
         step_order = min(order, len(history), K - i)
         while step_order > 1 and not torch.isfinite(history[-step_order][0]):
@@ -279,11 +359,11 @@ def sample_unipc(
 def _unipc_predict(x, stencil, lambda_t, grid: SamplingGrid, i: int, with_corrector: bool, variant: str):
     """UniP: step from grid point i to i + 1 using the last len(stencil) evaluations."""
     lam0, d0 = stencil[-1]
-    a_t, s_t, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1]), _scalar(grid.sigmas[i])
+    a_t, s_t, s_s = float(grid.alphas[i + 1]), float(grid.sigmas[i + 1]), float(grid.sigmas[i])
     h = lambda_t - lam0
     hh = -h
     rks = [(lam - lam0) / h for lam, _ in stencil[:-1]]
-    diffs = [(d - d0) / _scalar(r) for r, (_, d) in zip(rks, stencil[:-1])]
+    diffs = [(d - d0) / float(r) for r, (_, d) in zip(rks, stencil[:-1])]
     base = _first_order_update(x, d0, a_t, s_t, s_s, h)
     b_h = torch.expm1(hh) if variant == "bh2" else hh
     R, b = _unipc_coefficients(rks + [torch.ones((), dtype=torch.float64, device=h.device)], hh, b_h)
@@ -292,65 +372,44 @@ def _unipc_predict(x, stencil, lambda_t, grid: SamplingGrid, i: int, with_correc
         # With one difference the paper fixes rho = 1/2 (diffusers does the same), which keeps
         # the second-order predictor identical to the reference implementation.
         rhos = torch.linalg.solve(R[:-1, :-1], b[:-1]) if len(diffs) > 1 else torch.full((1,), 0.5, dtype=torch.float64, device=h.device)
-        x_next = base - a_t * _scalar(b_h) * sum(_scalar(rho) * d for rho, d in zip(rhos, diffs))
+        x_next = base - a_t * float(b_h) * sum(float(rho) * d for rho, d in zip(rhos, diffs))
     pending = None
     if with_corrector and torch.isfinite(h):
         rhos_c = torch.linalg.solve(R, b) if diffs else torch.full((1,), 0.5, dtype=torch.float64, device=h.device)
-        pending = (base, d0, diffs, rhos_c, a_t * _scalar(b_h))
+        pending = (base, d0, diffs, rhos_c, a_t * float(b_h))
     return x_next, pending
 
 
-def _unipc_correct(pending, d_new: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _unipc_correct(pending, d_new: torch.Tensor) -> torch.Tensor:
     """UniC: redo the last step's update with the new point's evaluation included in the stencil."""
     base, d0, diffs, rhos_c, scale = pending
-    correction = sum(_scalar(rho) * d for rho, d in zip(rhos_c[:-1], diffs)) if diffs else 0.0
-    correction = correction + _scalar(rhos_c[-1]) * (d_new - d0)
+    correction = sum(float(rho) * d for rho, d in zip(rhos_c[:-1], diffs)) if diffs else 0.0
+    correction = correction + float(rhos_c[-1]) * (d_new - d0)
     return base - scale * correction
 
 
 # --------------------------------------------------------------------------- Karras-style ODE solvers
-def sample_euler(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None):
-    """Euler's method on the probability-flow ODE in the variance-exploding variables (Karras et al.).
-
-    In x_ve = x / alpha with noise level s = sigma / alpha, dx_ve/ds = eps_hat. On the same grid
-    it coincides with DDIM (eta = 0); it is usually paired with ``spacing="karras"``.
-    """
-    for i in range(len(grid)):
-        pred = denoise(x, i)
-        _report(callback, i, grid, x, pred)
-        x = _euler_step(x, pred.eps, pred.x0, grid, i)
-    return x
-
-
-def _euler_step(x, slope, x0, grid: SamplingGrid, i: int):
-    a_s, s_s = _scalar(grid.alphas[i + 1]), _scalar(grid.sigmas[i + 1])
-    # x_ve + (s_next - s) eps = x0 + s_next eps once x_ve = x0 + s eps is substituted, which
-    # stays finite even where alpha_t = 0 (zero-terminal SNR).
-    return a_s * x0 + s_s * slope
-
-
 def sample_heun(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None):
     """Heun's second-order method (Karras et al., 2022, Alg. 1): two calls a step, Euler on the last.
 
-    The corrector averages the ODE slopes (eps) at both ends of a step; the final jump to
-    clean data and any step starting at alpha = 0 stay first order.
+    In the variance-exploding variables x / alpha and sigma / alpha the probability-flow ODE's
+    slope is eps_hat. The corrector averages the slopes at both ends of a step; the final jump
+    to clean data and any step starting at alpha = 0 stay first order (DDIM's step).
     """
     K = len(grid)
-    pred = denoise(x, 0)
+    x, pred = _evaluate(denoise, x, 0, grid, callback)
     for i in range(K):
-        _report(callback, i, grid, x, pred)
-        x_euler = _euler_step(x, pred.eps, pred.x0, grid, i)
-        if i == K - 1 or float(grid.alphas[i]) == 0.0:
+        a_t, s_t, a_s, s_s = grid.step_scales(i)
+        x_euler = a_s * pred.x0 + s_s * pred.eps
+        if i == K - 1 or a_t == 0.0:
             x = x_euler
-            if i < K - 1:
-                pred = denoise(x, i + 1)
-            continue
-        pred_next = denoise(x_euler, i + 1)
-        s_ve, s_ve_next = grid.sigmas[i] / grid.alphas[i], grid.sigmas[i + 1] / grid.alphas[i + 1]
-        x_ve = x / _scalar(grid.alphas[i])
-        x_ve = x_ve + _scalar(s_ve_next - s_ve) * 0.5 * (pred.eps + pred_next.eps)
-        x = _scalar(grid.alphas[i + 1]) * x_ve
-        pred = denoise(x, i + 1)
+        else:
+            # The trial evaluation at the Euler point only supplies a slope; the state comes
+            # from the corrected step below.
+            pred_next = denoise(x_euler, i + 1)
+            x = a_s * (x / a_t + (s_s / a_s - s_t / a_t) * 0.5 * (pred.eps + pred_next.eps))
+        if i < K - 1:
+            x, pred = _evaluate(denoise, x, i + 1, grid, callback)
     return x
 
 
@@ -361,7 +420,8 @@ _SAMPLERS: dict[str, tuple[Sampler, str]] = {
     # name: (function, default spacing)
     "ddpm": (sample_ddpm, "linspace"),
     "ddim": (sample_ddim, "trailing"),
-    "euler": (sample_euler, "karras"),
+    # Euler on the probability-flow ODE is DDIM with eta = 0; the name keeps Karras' spacing.
+    "euler": (sample_ddim, "karras"),
     "heun": (sample_heun, "karras"),
     "dpm++2m": (sample_dpmpp_2m, "logsnr"),
     "dpm++3m": (sample_dpmpp_3m, "logsnr"),

@@ -192,16 +192,26 @@ class NoiseSchedule:
 
     def timestep_for_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
         """Continuous time whose log-SNR equals ``log_snr`` (inverse of :meth:`log_snr_at`, clamped to [0, T-1])."""
-        # alpha_bar = sigmoid(log-SNR); invert the same linear interpolation alpha_bar_at uses.
-        target = torch.sigmoid(torch.as_tensor(log_snr, dtype=torch.float64))
-        table = self.alpha_bar
-        target = target.clamp(min=table[-1], max=table[0])
-        upper = torch.searchsorted(-table, -target).clamp(1, max(self.num_timesteps - 1, 1))
+        return self.time_for_alpha_bar(torch.sigmoid(torch.as_tensor(log_snr, dtype=torch.float64))).clamp(min=0.0)
+
+    def time_for_alpha_bar(self, alpha_bar: torch.Tensor, *, strict: bool = False) -> torch.Tensor:
+        """Continuous time t in [-1, T-1] with ``alpha_bar_at(t) == alpha_bar`` (inverse of the interpolation).
+
+        Values outside the schedule's range [alpha_bar_{T-1}, 1] are clamped to its ends, or,
+        with ``strict=True``, become NaN so a caller can tell that no training time matches.
+        """
+        target = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        # The interpolation table with clean data (alpha_bar = 1) at t = -1, strictly decreasing.
+        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar])
+        outside = (target < table[-1] * (1 - 1e-12)) | (target > 1.0)
+        clamped = target.clamp(min=float(table[-1]), max=1.0)
+        upper = torch.searchsorted(-table, -clamped).clamp(1, self.num_timesteps)
         lower = upper - 1
-        if self.num_timesteps == 1:
-            return torch.zeros_like(target)
-        frac = (table[lower] - target) / (table[lower] - table[upper])
-        return lower.to(torch.float64) + frac
+        frac = (table[lower] - clamped) / (table[lower] - table[upper])
+        times = lower.to(torch.float64) + frac - 1.0
+        if strict:
+            times = torch.where(outside, torch.full_like(times, float("nan")), times)
+        return times
 
 
 def schedule_from_config(config: dict) -> NoiseSchedule:
@@ -235,6 +245,7 @@ def respace(
     *,
     karras_rho: float = 7.0,
     log_snr_range: tuple[float | None, float | None] | None = None,
+    max_time: int | None = None,
 ) -> torch.Tensor:
     """The K = ``steps`` training timesteps a sampler visits, in descending order (LongTensor (K,)).
 
@@ -252,10 +263,18 @@ def respace(
     nothing resolves below log-SNR -4 and little above 8, so no call is spent there
     (benchmarks/samplers.py measures it).
 
+    ``max_time`` places the grid on [0, max_time] instead of [0, T-1] (warm starts and SDEdit:
+    ``steps`` calls between the start time and clean data, however small the start).
+
     A pure function: the same arguments always give the same steps and nothing is stored.
     """
+    if max_time is not None:
+        if not isinstance(max_time, int) or not 0 <= max_time < schedule.num_timesteps:
+            raise ValueError(f"max_time must be an integer in [0, {schedule.num_timesteps - 1}], got {max_time!r}")
+        # The first max_time + 1 steps of a schedule are a schedule of their own.
+        schedule = NoiseSchedule(betas=schedule.betas[: max_time + 1], name=schedule.name)
     T = schedule.num_timesteps
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if steps > T:
         raise ValueError(f"steps={steps} exceeds the {T} training timesteps; use at most {T} steps")

@@ -1,11 +1,13 @@
-"""A small, modality-agnostic training loop for diffusion models.
+"""A small, modality-agnostic training loop for diffusion models and any other network.
 
-One :class:`Trainer` serves every modality: it only needs a model, a diffusion object with
-``.loss(model, x0, **cond)`` and ``.config``, and a map-style dataset whose items are a tensor
-``x0`` or a dict ``{"x": x0, **cond}``. It adds what every run needs and is easy to get wrong:
-AdamW with linear warm-up, gradient clipping, EMA weights, bf16 autocast on GPUs, TensorBoard
-and progress output, periodic samples, atomic checkpoints with exact resume, a hard stop on
-NaN/Inf that keeps the last good checkpoint, and DistributedDataParallel under ``torchrun``.
+One :class:`Trainer` serves every modality: it needs a model, a map-style dataset and either a
+diffusion object with ``.loss(model, x0, **cond)`` and ``.config`` (dataset items are a tensor
+``x0`` or a dict ``{"x": x0, **cond}``), or a ``loss_fn(model, batch)`` for any other objective
+(dataset items are any dict of tensors). It adds what every run needs and is easy to get wrong:
+AdamW with linear warm-up and optional cosine/linear decay, gradient accumulation, gradient
+clipping, EMA weights, bf16 autocast on GPUs, TensorBoard and progress output, periodic samples,
+atomic checkpoints with exact resume, a hard stop on NaN/Inf that keeps the last good
+checkpoint, and DistributedDataParallel under ``torchrun``.
 
 Determinism: the data order of each epoch comes from (seed, epoch), and every step reseeds the
 Python, NumPy and torch RNGs from (seed, rank, step). A run resumed from a checkpoint therefore
@@ -15,14 +17,17 @@ processes the data order is still exact, only random augmentations inside worker
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
+import json
 import logging
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,12 @@ __all__ = ["TrainConfig", "Trainer", "TrainingError"]
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION_MODES = ("auto", "bf16", "no")
+LR_DECAYS = ("none", "cosine", "linear")
+# Names every history record has; a loss_fn's extra logged values must not shadow them.
+_RECORD_FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_sec")
+# Relative tolerance for "the same setting": configs that went through JSON or were recomputed
+# on another machine differ in the last bits of their floats (betas by ~1e-16).
+_SETTING_RTOL = 1e-9
 
 
 class TrainingError(FloatingPointError):
@@ -56,7 +67,17 @@ class TrainingError(FloatingPointError):
 class TrainConfig:
     """Everything that controls a training run; stored in each checkpoint as ``config["train"]``.
 
-    ``batch_size`` is per process: under torchrun the effective batch is batch_size x world size.
+    ``batch_size`` is per process and per micro-batch: one optimizer step sees
+    batch_size x grad_accum_steps x world size examples.
+    Learning rate of the k-th optimizer step (k = 1 .. max_steps, W = ``warmup_steps``,
+    p = (k - W) / (max_steps - W)): lr * k / W while k <= W, then for ``lr_decay`` "none" lr,
+    "linear" min_lr + (lr - min_lr) * (1 - p), "cosine" min_lr + (lr - min_lr) * (1 + cos(pi p)) / 2.
+    So the peak lr is used at step W and ``min_lr`` at the last step (with min_lr=0 that step
+    changes nothing but the EMA). The schedule follows the current ``max_steps``: resuming a
+    decayed run with a larger max_steps raises the LR again.
+    ``grad_accum_steps``: gradients of that many consecutive micro-batches are averaged (weighted
+    by their sizes, so a short last micro-batch of an epoch counts per example) before one
+    optimizer step, which then equals a step on their union when the loss is a mean over examples.
     ``grad_clip`` None or 0 disables clipping (the gradient norm is still logged and checked).
     ``ema_start``: for the first ``ema_start`` steps the EMA copies the weights instead of
     averaging, so that it does not keep a long memory of the random initialisation.
@@ -68,6 +89,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-4
     warmup_steps: int = 100
+    lr_decay: str = "none"
+    min_lr: float = 0.0
+    grad_accum_steps: int = 1
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
     ema_start: int = 0
@@ -91,6 +115,10 @@ class TrainConfig:
         self.device = str(self.device)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         problems = []
+        if isinstance(self.grad_accum_steps, bool) or not isinstance(self.grad_accum_steps, int):
+            problems.append(f"grad_accum_steps must be an integer, got {self.grad_accum_steps!r}")
+        elif self.grad_accum_steps < 1:
+            problems.append("grad_accum_steps must be >= 1")
         for name in ("max_steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
@@ -99,6 +127,12 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 0")
         if not self.lr > 0:
             problems.append("lr must be > 0")
+        if self.lr_decay not in LR_DECAYS:
+            problems.append(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            problems.append(f"min_lr must be in [0, lr={self.lr:g}], got {self.min_lr:g}")
+        elif self.lr_decay == "none" and self.min_lr != 0:
+            problems.append(f"min_lr={self.min_lr:g} has no effect with lr_decay='none'; set lr_decay='cosine' or 'linear'")
         if self.grad_clip is not None and self.grad_clip < 0:
             problems.append("grad_clip must be > 0, or None/0 to disable clipping")
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -126,12 +160,37 @@ class TrainConfig:
 
 
 class Trainer:
-    """Train ``model`` with ``diffusion.loss`` on ``dataset``; see the module docstring.
+    """Train ``model`` on ``dataset`` with ``diffusion.loss`` or with ``loss_fn``; see the module docstring.
+
+    Exactly one of ``diffusion`` and ``loss_fn`` is given:
+
+    - ``diffusion``: dataset items are a tensor ``x0`` or a dict ``{"x": x0, **cond}``; the loss
+      is ``diffusion.loss(model, x0, **cond, **loss_kwargs)``.
+    - ``loss_fn(model, batch) -> loss`` or ``(loss, {name: float or 0-dim tensor})``: any
+      network, any objective. ``batch`` is the collated dataset item on the device (a tensor, or
+      a dict of tensors with any keys); ``loss`` a scalar tensor, best a mean over the examples
+      (gradient accumulation assumes so). The named values are averaged like the loss and
+      logged next to it (history, progress bar, TensorBoard ``train/<name>``). ``model`` is the
+      module being trained (the DDP wrapper under torchrun): call it, not its submodules, or
+      the gradients are not averaged across processes. Checkpoints record ``"diffusion": null``.
+
+    ``parameters`` (an iterable of the model's parameters) limits what the optimiser updates,
+    e.g. a value head on a frozen body; default: every parameter of the model that requires
+    grad. The others keep their weights; ``requires_grad_(False)`` on them also saves the
+    backward pass through them. ``modality_config`` (JSON-able) is stored as the checkpoint's
+    ``"modality_config"``; ``side_files`` ({file name: path or bytes}) are written into every
+    checkpoint (a tokenizer, normaliser statistics).
+
+    Seeding: the trainer seeds its own randomness (data order, diffusion noise) from
+    ``config.seed``, but the network is built before the trainer sees it. For two runs with the
+    same seed to start from the same weights, build the network right after
+    ``diffkit.seed_everything(seed)``. (A resumed run takes its weights from the checkpoint.)
 
     Attributes available to ``sample_fn(trainer, step)`` and after training: ``model`` (the
     plain module, never the DDP wrapper), ``ema_model``, ``optimizer``, ``lr_scheduler``,
     ``step`` (optimizer steps done), ``device``, ``config``, ``checkpoint_dir``, ``history``
-    (one dict per logged step: step, loss, lr, grad_norm, steps_per_sec), ``rank``, ``world_size``.
+    (one dict per logged step: step, loss, lr, grad_norm, steps_per_sec and the loss_fn's named
+    values, averaged over the steps since the previous record), ``rank``, ``world_size``.
     """
 
     def __init__(
@@ -141,19 +200,34 @@ class Trainer:
         dataset: Dataset,
         config: TrainConfig | None = None,
         *,
+        loss_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
+        parameters: Iterable[torch.nn.Parameter] | None = None,
         modality: str | None = None,
         model_config: Mapping[str, Any] | None = None,
+        modality_config: Mapping[str, Any] | None = None,
+        side_files: Mapping[str, str | os.PathLike | bytes] | None = None,
         sample_fn: Callable[[Trainer, int], Any] | None = None,
         loss_kwargs: Mapping[str, Any] | None = None,
     ):
         self.config = config if config is not None else TrainConfig()
         cfg = self.config
-        _validate_dataset(dataset)
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}; build one with TrainConfig(...)")
+        _validate_objective(diffusion, loss_fn, loss_kwargs)
+        _validate_dataset(dataset, needs_x=loss_fn is None)
         self.diffusion = diffusion
+        self.loss_fn = loss_fn
         self.dataset = dataset
         self.modality = modality
         model_class = type(model)
         self.model_config = dict(model_config or {"class": f"{model_class.__module__}.{model_class.__qualname__}", "kwargs": {}})
+        if modality_config is not None and not isinstance(modality_config, Mapping):
+            raise TypeError(f"modality_config must be a dict, got {_describe(modality_config)}")
+        self.modality_config = dict(modality_config or {})
+        # Checked now: save_checkpoint would only refuse them after the first save_every steps.
+        _check_json_able(self.model_config, "model_config")
+        _check_json_able(self.modality_config, "modality_config")
+        self.side_files = _validate_side_files(side_files)
         self.sample_fn = sample_fn
         self.loss_kwargs = dict(loss_kwargs or {})
 
@@ -164,7 +238,9 @@ class Trainer:
         self.is_main = self.rank == 0
         seed_everything(cfg.seed)
 
+        # Module.to() moves parameters in place, so the identities checked here stay valid.
         self.model = model.to(self.device)
+        self._parameters = _select_parameters(self.model, parameters)
         self._train_model: torch.nn.Module = self.model
         if distributed.is_distributed():
             # Wrapping broadcasts rank 0's weights, so every rank starts from the same model.
@@ -174,13 +250,13 @@ class Trainer:
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
 
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            self._parameters,
             lr=cfg.lr,
             betas=cfg.betas,
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
         )
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup(cfg.warmup_steps))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg))
         self.autocast_dtype = _autocast_dtype(cfg.mixed_precision, self.device)
 
         self.sampler = _ResumableSampler(
@@ -202,6 +278,9 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.history: list[dict[str, float]] = []
         self._resumed = False
+        # The loss_fn's value names of the first step; fixed so that every rank all-reduces
+        # the same vector at every step.
+        self._value_names: tuple[str, ...] | None = None
 
     # ----------------------------------------------------------------------------------------
     # Public API
@@ -255,7 +334,13 @@ class Trainer:
             warnings.warn(f"checkpoint {ckpt.path} has no EMA weights; the EMA restarts from the current weights")
             self.ema_model.load_state_dict(ckpt.model_state)
         if ckpt.optimizer_state is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
+            try:
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+            except ValueError as err:
+                raise ValueError(
+                    f"cannot resume the optimizer from {ckpt.path} ({err}): it optimised other parameters than "
+                    f"this trainer ({len(self._parameters)}). Pass the same `parameters=` as the run that wrote it."
+                ) from err
         else:
             warnings.warn(f"checkpoint {ckpt.path} has no optimizer state; AdamW's moments restart from zero")
         if ckpt.lr_scheduler_state is not None:
@@ -284,6 +369,7 @@ class Trainer:
                     "modality": self.modality,
                     "model": self.model_config,
                     "diffusion": getattr(self.diffusion, "config", None),
+                    "modality_config": self.modality_config,
                     "train": self.config.to_dict(),
                 },
                 ema_model=self.ema_model,
@@ -291,6 +377,7 @@ class Trainer:
                 lr_scheduler=self.lr_scheduler,
                 step=self.step,
                 extra={"world_size": self.world_size},
+                side_files=self.side_files,
             )
         self.last_saved_step = self.step
         distributed.barrier()
@@ -302,36 +389,35 @@ class Trainer:
     def _loop(self, bar: tqdm, writer: Any) -> None:
         cfg = self.config
         batches = self._batches()
-        window_losses: list[float] = []
+        window: list[dict[str, float]] = []
         window_start = time.perf_counter()
-        first_batch = True
+        first_step = True
         while self.step < cfg.max_steps:
             step = self.step + 1
             # Reseeding per step (not once per run) is what makes a resumed run exact.
             seed_everything(_step_seed(cfg.seed, self.rank, step))
-            batch = next(batches)
-            if first_batch:
-                _check_batch_finite(batch)
-                first_batch = False
-            loss, grad_norm, lr = self._train_step(step, batch)
-            window_losses.append(loss)
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            if first_step:
+                for batch in micro_batches:
+                    _check_batch_finite(batch)
+                first_step = False
+            values, grad_norm, lr = self._train_step(step, micro_batches)
+            window.append(values)
             bar.update(1)
 
             if self.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "loss": sum(window_losses) / len(window_losses),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "steps_per_sec": len(window_losses) / max(elapsed, 1e-9),
-                }
+                record: dict[str, float] = {"step": step}
+                record.update({name: sum(v[name] for v in window) / len(window) for name in window[0]})
+                record.update(lr=lr, grad_norm=grad_norm, steps_per_sec=len(window) / max(elapsed, 1e-9))
                 self.history.append(record)
-                bar.set_postfix(step=step, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                shown = {name: f"{record[name]:.4g}" for name in self._value_names or ()}
+                bar.set_postfix(step=step, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **shown)
                 if writer is not None:
-                    for name in ("loss", "lr", "grad_norm", "steps_per_sec"):
-                        writer.add_scalar(f"train/{name}", record[name], step)
-                window_losses.clear()
+                    for name, value in record.items():
+                        if name != "step":
+                            writer.add_scalar(f"train/{name}", value, step)
+                window.clear()
                 window_start = time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0:
                 self.save()
@@ -340,23 +426,44 @@ class Trainer:
                 with torch.no_grad():
                     self.sample_fn(self, step)
 
-    def _train_step(self, step: int, batch: Any) -> tuple[float, float, float]:
-        """One optimizer step; returns (loss averaged over ranks, gradient norm, learning rate used)."""
+    def _train_step(self, step: int, micro_batches: list[Any]) -> tuple[dict[str, float], float, float]:
+        """One optimizer step over ``micro_batches``.
+
+        Returns ({"loss": ..., **loss_fn values} averaged over micro-batches and ranks, gradient
+        norm before clipping, learning rate used).
+        """
         cfg = self.config
-        x, cond = self._to_device(batch)
         self._train_model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            loss = self.diffusion.loss(self._train_model, x, **cond, **self.loss_kwargs)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise TypeError(f"diffusion.loss must return a scalar tensor, got {_describe(loss)}")
-        loss.backward()
+        # The whole model, not just the optimised parameters: frozen ones that still require
+        # grad would otherwise accumulate gradients over the whole run.
+        self.model.zero_grad(set_to_none=True)
+        sizes = [_batch_length(batch) for batch in micro_batches]
+        if None in sizes:
+            weights = [1.0 / len(micro_batches)] * len(micro_batches)
+        else:
+            weights = [size / sum(sizes) for size in sizes]
+        totals: torch.Tensor | None = None
+        for index, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            last = index == len(micro_batches) - 1
+            # DDP all-reduces in backward; the gradients of the earlier micro-batches only need
+            # to be summed locally, so one all-reduce per optimizer step is enough.
+            sync = contextlib.nullcontext() if last or self._train_model is self.model else self._train_model.no_sync()
+            with sync:
+                with torch.autocast(
+                    self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+                ):
+                    loss, values = self._loss(batch)
+                (loss if weight == 1.0 else loss * weight).backward()
+            stats = torch.stack([loss.detach().float(), *(values[name] for name in self._value_names or ())]) * weight
+            totals = stats if totals is None else totals + stats
         max_norm = cfg.grad_clip if cfg.grad_clip else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        # One sync per step for both numbers; the all-reduce also makes every rank agree on
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters, max_norm)
+        # One sync per step for all numbers; the all-reduce also makes every rank agree on
         # whether to stop (the gradient norm is already identical after DDP's averaging).
-        stats = distributed.all_reduce_mean(torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]))
-        loss_value, grad_norm_value = stats.tolist()
+        assert totals is not None
+        stats = distributed.all_reduce_mean(torch.cat([totals, grad_norm.detach().float().to(totals.device).reshape(1)]))
+        *averages, grad_norm_value = stats.tolist()
+        loss_value = averages[0]
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
             raise self._divergence_error(
                 step, f"loss={loss_value}, gradient norm={grad_norm_value} is not finite; the weights were not updated."
@@ -366,7 +473,39 @@ class Trainer:
         self.lr_scheduler.step()
         self._update_ema(step)
         self.step = step
-        return loss_value, grad_norm_value, lr
+        return dict(zip(("loss", *(self._value_names or ())), averages)), grad_norm_value, lr
+
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss and the loss_fn's named values (as float32 0-dim tensors)."""
+        batch = _to_device(batch, self.device)
+        if self.loss_fn is None:
+            x, cond = self._split(batch)
+            output = self.diffusion.loss(self._train_model, x, **cond, **self.loss_kwargs)
+            source = "diffusion.loss"
+        else:
+            output = self.loss_fn(self._train_model, batch)
+            source = "loss_fn"
+        loss, values = _split_loss_output(output, source)
+        names = tuple(sorted(values))
+        if self._value_names is None:
+            self._value_names = names
+        elif names != self._value_names:
+            raise ValueError(
+                f"{source} returned the values {list(names)} but {list(self._value_names)} before; "
+                "return the same names at every step"
+            )
+        return loss, values
+
+    def _split(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(x0, conditions) of a diffusion batch."""
+        if isinstance(batch, torch.Tensor):
+            return batch, {}
+        cond = dict(batch)
+        x = cond.pop("x")
+        clash = sorted(set(cond) & set(self.loss_kwargs))
+        if clash:
+            raise ValueError(f"dataset condition key(s) {', '.join(clash)} clash with loss_kwargs; rename one of them")
+        return x, cond
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:
@@ -383,28 +522,14 @@ class Trainer:
             ema_buffer.copy_(buffer)
 
     def _batches(self):
-        """Endless batches, starting where ``self.step`` left off (mid-epoch after a resume)."""
+        """Endless micro-batches, starting where ``self.step`` left off (mid-epoch after a resume)."""
         batches_per_epoch = math.ceil(self.sampler.num_samples / self.config.batch_size)
-        epoch, offset = divmod(self.step, batches_per_epoch)
+        epoch, offset = divmod(self.step * self.config.grad_accum_steps, batches_per_epoch)
         for epoch in itertools.count(epoch):
             self.sampler.set_epoch(epoch, skip=offset * self.config.batch_size)
             self._loader_generator.manual_seed(_step_seed(self.config.seed, self.rank, epoch, 1))
             yield from self.loader
             offset = 0
-
-    def _to_device(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        non_blocking = self.device.type == "cuda"
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=non_blocking), {}
-        cond = {
-            key: value.to(self.device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()
-        }
-        x = cond.pop("x")
-        clash = sorted(set(cond) & set(self.loss_kwargs))
-        if clash:
-            raise ValueError(f"dataset condition key(s) {', '.join(clash)} clash with loss_kwargs; rename one of them")
-        return x, cond
 
     # ----------------------------------------------------------------------------------------
     # Divergence handling
@@ -459,14 +584,22 @@ class _ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self._skip)
 
 
-def _warmup(warmup_steps: int) -> Callable[[int], float]:
-    """LR factor for LambdaLR: the k-th optimizer step (1-based) uses lr * min(1, k / warmup_steps)."""
+def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """LR factor for LambdaLR: warm-up, then decay to min_lr (the formulas are in TrainConfig's docstring)."""
+    warmup, total, decay = cfg.warmup_steps, cfg.max_steps, cfg.lr_decay
+    floor = cfg.min_lr / cfg.lr
 
     # A plain function (not a callable object) keeps LambdaLR's state_dict free of custom objects.
     def factor(completed_steps: int) -> float:
-        if warmup_steps <= 0:
+        step = completed_steps + 1  # the step this LR will be used for
+        if step <= warmup:
+            return step / warmup
+        if decay == "none":
             return 1.0
-        return min(1.0, (completed_steps + 1) / warmup_steps)
+        # max(1, ...): with warmup_steps >= max_steps only the call after the last step gets here.
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * shape
 
     return factor
 
@@ -509,12 +642,46 @@ def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:
 
 
 def _changed_settings(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[str]:
-    """Keys whose values differ between two diffusion configs (empty when either is unknown)."""
+    """Settings (dotted paths into nested dicts) that differ between two diffusion configs.
+
+    Empty when either config is unknown. Numbers count as equal within a relative tolerance of
+    1e-9, so float noise (JSON round trips, schedules recomputed elsewhere) is no change.
+    """
     if saved is None or current is None:
         return []
     # The version that wrote a config is not a setting: upgrading diffkit is no reason to warn.
-    keys = (set(saved) | set(current)) - {"diffkit_version"}
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    return _differences(
+        {k: v for k, v in saved.items() if k != "diffkit_version"},
+        {k: v for k, v in current.items() if k != "diffkit_version"},
+        "",
+    )
+
+
+_MISSING = object()
+
+
+def _differences(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        found = []
+        for key in sorted(set(a) | set(b), key=str):
+            found += _differences(a.get(key, _MISSING), b.get(key, _MISSING), f"{path}.{key}" if path else str(key))
+        return found
+    return [] if _same_setting(a, b) else [path]
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if _is_number(a) and _is_number(b):
+        return a == b or math.isclose(a, b, rel_tol=_SETTING_RTOL, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return not _differences(a, b, "")
+    return type(a) is type(b) and a == b
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass, but True and 1 are different settings.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _describe(value: Any) -> str:
@@ -523,7 +690,25 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _validate_dataset(dataset: Any) -> None:
+def _validate_objective(diffusion: Any, loss_fn: Any, loss_kwargs: Mapping[str, Any] | None) -> None:
+    if (diffusion is None) == (loss_fn is None):
+        raise ValueError(
+            "pass exactly one of diffusion (to train with diffusion.loss) and loss_fn (any objective: "
+            f"loss_fn(model, batch) -> loss); got {'both' if loss_fn is not None else 'neither'}"
+        )
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {_describe(loss_fn)}")
+        if loss_kwargs:
+            raise ValueError("loss_kwargs are passed to diffusion.loss; with loss_fn, bind them into the function instead")
+    elif not callable(getattr(diffusion, "loss", None)):
+        raise TypeError(
+            f"diffusion must have a .loss(model, x0, **cond) method (a diffkit.Diffusion), got {_describe(diffusion)}; "
+            "for another objective pass diffusion=None and loss_fn=..."
+        )
+
+
+def _validate_dataset(dataset: Any, *, needs_x: bool) -> None:
     """Fail before training starts, with a message that says how to fix the dataset."""
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError(
@@ -535,6 +720,13 @@ def _validate_dataset(dataset: Any) -> None:
     item = dataset[0]
     if isinstance(item, torch.Tensor):
         return
+    if not needs_x:
+        if isinstance(item, Mapping):
+            return
+        raise ValueError(
+            f"with loss_fn, dataset items must be a Tensor or a dict of tensors; item 0 is {_describe(item)}. "
+            "For (obs, target) pairs return {'obs': obs, 'target': target}."
+        )
     if isinstance(item, Mapping) and isinstance(item.get("x"), torch.Tensor):
         return
     if isinstance(item, Mapping):
@@ -547,12 +739,122 @@ def _validate_dataset(dataset: Any) -> None:
     )
 
 
+def _check_json_able(value: Mapping[str, Any], name: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{name} must be JSON-able (plain dicts, lists, strings, numbers, booleans, None) to go into "
+            f"checkpoints: {err}"
+        ) from err
+
+
+def _validate_side_files(side_files: Mapping[str, Any] | None) -> dict[str, Any]:
+    if side_files is None:
+        return {}
+    if not isinstance(side_files, Mapping):
+        raise TypeError(f"side_files must be a dict {{file name: path or bytes}}, got {_describe(side_files)}")
+    for name, source in side_files.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"side file names must be non-empty strings, got {name!r}")
+        if isinstance(source, (bytes, bytearray)):
+            continue
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"side file {name!r} must be a path or bytes, got {_describe(source)}")
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"side file {name!r}: {source} is not a file; it is copied into every checkpoint")
+    return dict(side_files)
+
+
+def _select_parameters(model: torch.nn.Module, parameters: Iterable[torch.nn.Parameter] | None) -> list[torch.nn.Parameter]:
+    """The parameters to optimise, in the model's order (which the optimizer state is keyed by)."""
+    if parameters is None:
+        chosen = [p for p in model.parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError("the model has no parameters that require grad: there is nothing to train")
+        return chosen
+    if isinstance(parameters, torch.Tensor):
+        raise TypeError("parameters must be an iterable of parameters (e.g. model.head.parameters()), not one tensor")
+    wanted = list(parameters)
+    if not wanted:
+        raise ValueError("parameters is empty: there is nothing to train")
+    owned = {id(p) for p in model.parameters()}
+    for p in wanted:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameters must hold tensors, got {_describe(p)}")
+        if id(p) not in owned:
+            raise ValueError(
+                f"parameters holds a tensor of shape {tuple(p.shape)} that is not a parameter of the model; "
+                "only the model's weights are checkpointed, so the optimiser may only update those"
+            )
+        if not p.requires_grad:
+            raise ValueError(f"parameters holds a parameter of shape {tuple(p.shape)} that does not require grad")
+    ids = {id(p) for p in wanted}
+    return [p for p in model.parameters() if id(p) in ids]
+
+
+def _split_loss_output(output: Any, source: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, {name: float32 0-dim tensor}) from ``loss`` or ``(loss, {name: value})``."""
+    values: Any = {}
+    if isinstance(output, tuple):
+        if len(output) != 2 or not isinstance(output[1], Mapping):
+            raise TypeError(f"{source} must return a loss or (loss, {{name: value}}), got a tuple of {len(output)}")
+        output, values = output
+    if not isinstance(output, torch.Tensor) or output.ndim != 0 or not output.is_floating_point():
+        raise TypeError(f"{source} must return a scalar (0-dim) floating tensor as the loss, got {_describe(output)}")
+    if not output.requires_grad:
+        raise ValueError(
+            f"the loss from {source} does not depend on any parameter that requires grad; check that it is "
+            "computed from the model's output and not under torch.no_grad()"
+        )
+    converted = {}
+    for name, value in values.items():
+        if not isinstance(name, str) or name in _RECORD_FIELDS:
+            raise ValueError(f"{source} returned a value named {name!r}; use a string other than {', '.join(_RECORD_FIELDS)}")
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            converted[name] = value.detach().float().reshape(()).to(output.device)
+        elif _is_number(value):
+            converted[name] = torch.tensor(float(value), device=output.device)
+        else:
+            raise TypeError(f"{source} value {name!r} must be a number or a 0-dim tensor, got {_describe(value)}")
+    return output, converted
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor (also inside dicts, lists and tuples) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _tensors(batch: Any, name: str = "x") -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a collated batch, depth first."""
+    if isinstance(batch, torch.Tensor):
+        yield name, batch
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            yield from _tensors(value, str(key))
+    elif isinstance(batch, (list, tuple)):
+        for index, value in enumerate(batch):
+            yield from _tensors(value, f"{name}[{index}]")
+
+
+def _batch_length(batch: Any) -> int | None:
+    """Number of examples in a collated batch (the first tensor's first dim), None if unknown."""
+    for _, tensor in _tensors(batch):
+        return int(tensor.shape[0]) if tensor.ndim else None
+    return None
+
+
 def _check_batch_finite(batch: Any) -> None:
-    values = {"x": batch} if isinstance(batch, torch.Tensor) else batch
-    for key, value in values.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+    for key, value in _tensors(batch):
+        if value.is_floating_point() and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
             raise ValueError(
                 f"the first training batch holds {bad} NaN/Inf value(s) in {key!r}; clean or rescale the dataset "
-                "(diffusion training assumes finite data, usually scaled to [-1, 1])"
+                "(training assumes finite data; diffusion data is usually scaled to [-1, 1])"
             )

@@ -77,3 +77,11 @@ def check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"{what} contains {bad} NaN or Inf values; clean or rescale the data before using it")
+
+
+def module_device(module) -> torch.device:
+    """Where a network's parameters live (the CPU for parameter-free callables such as exact models)."""
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")

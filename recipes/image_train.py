@@ -26,13 +26,14 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import diffkit
-from diffkit.checkpoint import load_checkpoint, save_checkpoint
+from diffkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffkit.trainer import TrainConfig, Trainer
 
 from modalities.image.data import (
@@ -91,6 +92,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        # Fixed, not sys.argv[0]: errors read the same under torchrun, python -m and tests.
+        prog="image_train.py",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n" + __doc__.split("scale it up:\n\n")[1].split("\n\n")[0],
@@ -151,7 +154,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None and key not in ("preset",):
             settings[key] = value
     if settings["conditioning"] == "low_res" and not settings.get("low_res_size"):
-        raise SystemExit("--conditioning low_res needs --low-res-size")
+        raise ValueError("--conditioning low_res needs --low-res-size")
     settings.setdefault("output_dir", f"runs/image-{args.preset}")
     return settings
 
@@ -161,7 +164,7 @@ def load_data(s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, lis
     spec = s["data"]
     if spec == "digits":
         if s["channels"] != 1:
-            raise SystemExit("the digits are greyscale: use --channels 1")
+            raise ValueError("the digits are greyscale: use --channels 1")
         x, y = load_digits(s["image_size"], split="train", seed=0)
         bin_width = DIGITS_BIN_WIDTH if s["image_size"] == 16 else EIGHT_BIT_BIN_WIDTH
         return x, y, [str(i) for i in range(10)], bin_width
@@ -173,18 +176,28 @@ def load_data(s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, lis
     if spec.startswith("torchvision:"):
         x, y = torchvision_dataset(spec[12:], Path(s["data_root"]).expanduser(), s["image_size"])
         if x.shape[1] != s["channels"]:
-            raise SystemExit(f"{spec} has {x.shape[1]} channels; pass --channels {x.shape[1]}")
+            raise ValueError(f"{spec} has {x.shape[1]} channels; pass --channels {x.shape[1]}")
         return x, y, None, EIGHT_BIT_BIN_WIDTH
-    raise SystemExit(f"unknown --data {spec!r}; use digits, folder:PATH or torchvision:NAME")
+    raise ValueError(f"unknown --data {spec!r}; use digits, folder:PATH or torchvision:NAME")
 
 
-def build(s: dict[str, Any], labels: torch.Tensor | None, class_names, bin_width):
-    """The network, its checkpoint config and the diffusion for the settings."""
+@dataclass
+class Built:
+    """What :func:`build` makes: the network and how a checkpoint describes it."""
+
+    net: UNet
+    model_config: dict[str, Any]      # {"class", "kwargs"}: enough to rebuild the network
+    modality_config: dict[str, Any]   # what the image modality needs to sample it
+    diffusion: diffkit.Diffusion
+
+
+def build(s: dict[str, Any], labels: torch.Tensor | None, class_names, bin_width) -> Built:
+    """The network (initialised from ``s["seed"]``), its configs and the diffusion."""
     cond = s["conditioning"]
     num_classes = None
     if cond == "class":
         if labels is None:
-            raise SystemExit("class conditioning needs labels (sub-folders for folder: data)")
+            raise ValueError("class conditioning needs labels (sub-folders for folder: data)")
         num_classes = int(labels.max()) + 1
     context_dim = None
     if cond == "text":
@@ -197,6 +210,9 @@ def build(s: dict[str, Any], labels: torch.Tensor | None, class_names, bin_width
         context_dim=context_dim, low_res_channels=s["channels"] if cond == "low_res" else 0,
         learn_sigma=bool(s["learn_sigma"]), dropout=s.get("dropout", 0.0),
     )
+    # The initial weights are drawn here, before the Trainer seeds anything: without this the
+    # same --seed would start (and so end) from different weights.
+    diffkit.seed_everything(s["seed"])
     net = UNet(**kwargs)
     diffusion = diffkit.Diffusion(
         s["schedule"], 1000, s["prediction"],
@@ -204,7 +220,7 @@ def build(s: dict[str, Any], labels: torch.Tensor | None, class_names, bin_width
         loss_type="hybrid" if s["learn_sigma"] else "simple",
         decoder="discretized", bin_width=bin_width,
     )
-    image_info = {
+    modality_config = {
         "data": s["data"], "class_names": class_names if num_classes else None,
         "text_encoder": s["text_encoder"] if cond == "text" else None,
         "text_max_length": 16,
@@ -213,15 +229,14 @@ def build(s: dict[str, Any], labels: torch.Tensor | None, class_names, bin_width
         "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"],
                      "guidance_scale": s["guidance_scale"]},
     }
-    model_config = {"class": "modalities.image.unet.UNet", "kwargs": kwargs, "image": image_info}
-    return net, model_config, diffusion
+    return Built(net, {"class": "modalities.image.unet.UNet", "kwargs": kwargs}, modality_config, diffusion)
 
 
 def make_dataset(s, images, labels):
     cond = s["conditioning"]
     if cond == "text":
         if labels is None:
-            raise SystemExit("text conditioning builds captions from labels; this data has none")
+            raise ValueError("text conditioning builds captions from labels; this data has none")
         encoder = load_text_encoder(s["text_encoder"])
         return ImageDataset(images, labels, caption_fn=digit_captions, text_encoder=encoder,
                             hflip=s.get("hflip", False))
@@ -251,7 +266,7 @@ def make_sample_fn(s, diffusion, dataset, num: int = 64):
         w = s["guidance_scale"] if cond in ("class", "text") else 1.0
         x = diffusion.sample(trainer.ema_model, (num, s["channels"], s["image_size"], s["image_size"]),
                              sampler=s["sampler"], steps=s["sample_steps"], generator=g, device=dev,
-                             guidance_scale=w, clip_denoised=(-1.0, 1.0),
+                             guidance_scale=w, wrappers=[diffkit.ClipX0(-1.0, 1.0)],
                              **{k: v.to(dev) for k, v in fixed.items()})
         save_grid((x.float().cpu() + 1) / 2, out / f"step_{step:06d}.png",
                   nrow=10 if cond == "class" else None)
@@ -275,9 +290,9 @@ def hardware_summary() -> str:
     return text
 
 
-def export(s, trainer: Trainer, model_config, diffusion, path: Path, wall_time: float,
-           argv: list[str]) -> Path:
-    """A compact shipping checkpoint: EMA weights in float16, no optimizer state."""
+def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str]) -> Path:
+    """A compact shipping checkpoint: EMA weights in float16, no optimizer state, the same
+    model, diffusion and modality configs as the run's checkpoint."""
     ckpt = load_checkpoint(trainer.checkpoint_dir, modality="image")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.ema_state.items()}
     extra = {
@@ -289,45 +304,49 @@ def export(s, trainer: Trainer, model_config, diffusion, path: Path, wall_time: 
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
         "weights": "EMA, float16",
     }
-    path = save_checkpoint(path, model=weights, step=ckpt.step, extra=extra, config={
-        "modality": "image", "model": model_config, "diffusion": diffusion.config,
-        "train": ckpt.config.get("train"),
-    })
-    for file in path.iterdir():
-        file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable
-    return path
+    described = ("modality", "model", "diffusion", "modality_config", "train")
+    return save_checkpoint(path, model=weights, step=ckpt.step, extra=extra,
+                           config={key: ckpt.config.get(key) for key in described})
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    s = resolve_settings(args)
-    images, labels, class_names, bin_width = load_data(s)
-    net, model_config, diffusion = build(s, labels, class_names, bin_width)
-    dataset = make_dataset(s, images, labels)
-    n_params = sum(p.numel() for p in net.parameters())
+    parser = build_parser()
+    args = parser.parse_args(argv)
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun starts one per GPU
+    try:
+        s = resolve_settings(args)
+        images, labels, class_names, bin_width = load_data(s)
+        built = build(s, labels, class_names, bin_width)
+        dataset = make_dataset(s, images, labels)
+        config = TrainConfig(
+            max_steps=s["max_steps"], batch_size=s["batch_size"], lr=s["lr"],
+            warmup_steps=s["warmup_steps"], ema_decay=s["ema_decay"], seed=s["seed"],
+            output_dir=s["output_dir"], save_every=s["save_every"], sample_every=s["sample_every"],
+            device=s["device"], num_workers=s["num_workers"], progress=not s["no_progress"],
+        )
+        cond_drop = s["cond_drop_prob"] if s["conditioning"] in ("class", "text") else 0.0
+        trainer = Trainer(built.net, built.diffusion, dataset, config, modality="image",
+                          model_config=built.model_config, modality_config=built.modality_config,
+                          sample_fn=make_sample_fn(s, built.diffusion, dataset),
+                          loss_kwargs={"cond_drop_prob": cond_drop} if cond_drop else None)
+        # Resuming is part of checking the input: a --output-dir holding another kind of
+        # checkpoint is a usage error, not a crash.
+        trainer.resume()
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        parser.error(str(err))
     if main_process:
+        n_params = sum(p.numel() for p in built.net.parameters())
         print(f"preset {args.preset}: {len(dataset)} images {tuple(images.shape[1:])}, "
               f"{s['conditioning']} conditioning, U-Net {n_params / 1e6:.2f}M parameters, "
-              f"{diffusion!r}")
-    config = TrainConfig(
-        max_steps=s["max_steps"], batch_size=s["batch_size"], lr=s["lr"],
-        warmup_steps=s["warmup_steps"], ema_decay=s["ema_decay"], seed=s["seed"],
-        output_dir=s["output_dir"], save_every=s["save_every"], sample_every=s["sample_every"],
-        device=s["device"], num_workers=s["num_workers"], progress=not s["no_progress"],
-    )
-    cond_drop = s["cond_drop_prob"] if s["conditioning"] in ("class", "text") else 0.0
-    trainer = Trainer(net, diffusion, dataset, config, modality="image", model_config=model_config,
-                      sample_fn=make_sample_fn(s, diffusion, dataset),
-                      loss_kwargs={"cond_drop_prob": cond_drop} if cond_drop else None)
+              f"{built.diffusion!r}")
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     if main_process:
         print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
     if args.export and main_process:
-        path = export(s, trainer, model_config, diffusion, Path(args.export), wall, argv)
+        path = export(s, trainer, Path(args.export), wall, argv)
         print(f"exported {path}")
     return 0
 

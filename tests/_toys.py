@@ -68,7 +68,11 @@ def state_equal(a: dict, b: dict) -> bool:
 
 
 class ToyModality:
-    """A modality that "generates" seeded noise and saves it as a text file, one sample a line."""
+    """A modality that "generates" seeded noise and saves it as a text file, one sample a line.
+
+    It also has a policy (for a scalar environment x <- x + action, reward -|x|) and a
+    ``rollout`` command-line verb that runs that policy: the optional parts of the contract.
+    """
 
     name = "toy"
 
@@ -84,9 +88,57 @@ class ToyModality:
         return scale * torch.randn(num_samples, DIM, generator=generator)
 
     def save(self, samples, path):
-        Path(path).write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in samples.tolist()))
+        path = Path(path)
+        path.write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in samples.tolist()))
+        return [path]
 
     def add_cli_arguments(self, parser):
         parser.add_argument("--scale", type=float, default=1.0, help="multiply the samples by this")
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--flavour", choices=["plain", "fancy"], default="plain", help="a toy choice")
+
+    def policy(self, checkpoint=None, gain=1.0):
+        if not 0.0 < gain <= 1.0:
+            raise ValueError(f"gain must lie in (0, 1], got {gain}")
+        return ToyPolicy(gain)
+
+    def cli_commands(self):
+        from diffkit.registry import CliCommand
+
+        return {"rollout": CliCommand(help="run the toy policy for a few episodes and print the returns",
+                                      add_arguments=self._rollout_arguments, run=self._rollout)}
+
+    @staticmethod
+    def _rollout_arguments(parser):
+        parser.add_argument("--episodes", type=int, default=2, help="how many episodes")
+        parser.add_argument("--gain", type=float, default=1.0, help="fraction of the error corrected per step")
+
+    def _rollout(self, args):
+        if args.episodes < 1:
+            raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+        policy = self.policy(gain=args.gain)
+        for episode in range(args.episodes):
+            policy.reset()
+            x, total = 4.0, 0.0
+            for _ in range(3):
+                x += policy(x)
+                total -= abs(x)
+            print(f"episode {episode}: return {total:.2f}")
+        return 0
+
+
+class ToyPolicy:
+    """Moves a scalar state ``gain`` of the way towards 0 each step."""
+
+    def __init__(self, gain):
+        self.gain = gain
+        self.resets = 0
+
+    def act(self, obs):
+        return -self.gain * obs
+
+    def reset(self):
+        self.resets += 1
+
+    def __call__(self, obs):
+        return self.act(obs)

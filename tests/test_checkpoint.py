@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -16,11 +18,13 @@ from diffkit.checkpoint import (
     CheckpointError,
     checkpoint_exists,
     load_checkpoint,
+    load_network,
     parameter_count,
     read_config,
     save_checkpoint,
     versions,
 )
+from diffkit.diffusion import Diffusion
 from _toys import TinyDenoiser, state_equal
 
 CONFIG = {"modality": "image", "model": {"class": "TinyDenoiser", "kwargs": {"hidden": 16}}, "diffusion": {"schedule": "linear"}}
@@ -269,3 +273,281 @@ def test_versions():
     info = versions()
     assert set(info) == {"diffkit", "torch", "python"}
     assert info["torch"] == torch.__version__
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_of(file) -> str:
+    return "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def test_every_written_file_is_checksummed(tmp_path):
+    model, ema, optimizer, scheduler = trained_state()
+    path = save_checkpoint(tmp_path / "c", model=model, config=CONFIG, ema_model=ema, optimizer=optimizer,
+                           lr_scheduler=scheduler, side_files={"vocab.txt": b"a\nb\n"})
+    checksums = read_config(path)["checksums"]
+    written = ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "vocab.txt"]
+    assert sorted(checksums) == written
+    assert all(checksums[name] == sha256_of(path / name) for name in written)
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "ema.safetensors"])
+def test_weights_replaced_after_saving_are_refused(tmp_path, filename):
+    save_version(tmp_path / "c", 1.0, ema_model=TinyDenoiser())
+    save_version(tmp_path / "other", 2.0, ema_model=TinyDenoiser())
+    # Valid safetensors of the same shapes: only the checksum can tell them apart.
+    (tmp_path / "c" / filename).write_bytes((tmp_path / "other" / filename).read_bytes())
+    with pytest.raises(CheckpointError, match=f"{filename} in checkpoint .* was modified after saving.*copy the whole"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_checkpoint_without_checksums_still_loads(tmp_path):
+    save_version(tmp_path / "c", 1.0)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    del config["checksums"]  # as written before checksums existed
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(tmp_path / "c").step == 1
+
+
+def test_weights_file_dropped_into_a_checksummed_checkpoint_is_refused(tmp_path):
+    save_version(tmp_path / "c", 1.0)  # no EMA
+    save_checkpoint(tmp_path / "other", model=TinyDenoiser(), ema_model=TinyDenoiser(), config=CONFIG)
+    (tmp_path / "c" / "ema.safetensors").write_bytes((tmp_path / "other" / "ema.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="ema.safetensors .* not listed in the checksums"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_recorded_ema_that_went_missing_is_an_error(tmp_path):
+    save_checkpoint(tmp_path / "c", model=TinyDenoiser(), ema_model=TinyDenoiser(), config=CONFIG)
+    (tmp_path / "c" / "ema.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="ema.safetensors is missing"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_unknown_checksum_algorithm_asks_to_upgrade(tmp_path):
+    save_version(tmp_path / "c", 1.0)
+    edit_config(tmp_path / "c", checksums={"model.safetensors": "blake3:00"})
+    with pytest.raises(CheckpointError, match="upgrade diffkit"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_saved_files_are_readable_by_everyone(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c", model=TinyDenoiser(), ema_model=TinyDenoiser(), config=CONFIG,
+                        side_files={"notes/a.txt": b"x"})
+    finally:
+        os.umask(old_umask)
+    for file in (tmp_path / "c").rglob("*"):
+        if file.is_file():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+# --------------------------------------------------------------------------------------------
+# Side files and files kept through a save
+# --------------------------------------------------------------------------------------------
+
+
+def test_side_files_from_bytes_and_paths(tmp_path):
+    source = tmp_path / "tokenizer.json"
+    source.write_text('{"vocab": ["a"]}')
+    path = save_checkpoint(tmp_path / "c", model=TinyDenoiser(), config=CONFIG,
+                           side_files={"tokenizer.json": source, "stats/mean.bin": b"\x00\x01"})
+    loaded = load_checkpoint(path)
+    assert loaded.side_file("tokenizer.json").read_text() == '{"vocab": ["a"]}'
+    assert loaded.side_file("stats/mean.bin").read_bytes() == b"\x00\x01"
+
+    (path / "stats" / "mean.bin").write_bytes(b"\x00\x02")
+    with pytest.raises(CheckpointError, match="stats/mean.bin in checkpoint .* was modified after saving"):
+        loaded.side_file("stats/mean.bin")
+    with pytest.raises(CheckpointError, match="no side file 'merges.txt'.*recorded: stats/mean.bin, tokenizer.json"):
+        loaded.side_file("merges.txt")
+    with pytest.raises(ValueError, match="relative paths inside the checkpoint"):
+        loaded.side_file("../c/config.json")
+
+
+@pytest.mark.parametrize(
+    "side_files, message",
+    [
+        ({"../escape.txt": b"x"}, "relative path inside the checkpoint"),
+        ({"/etc/passwd": b"x"}, "relative path inside the checkpoint"),
+        ({"model.safetensors": b"x"}, "written by save_checkpoint itself"),
+        ({"a.txt": 3}, "bytes or the path of a file"),
+        ({"a.txt": "no/such/file"}, "is not a file"),
+    ],
+)
+def test_bad_side_files_are_refused_before_writing(tmp_path, side_files, message):
+    save_version(tmp_path / "c", 1.0)
+    with pytest.raises(CheckpointError, match=message):
+        save_checkpoint(tmp_path / "c", model=TinyDenoiser(), config=CONFIG, side_files=side_files)
+    assert load_checkpoint(tmp_path / "c").step == 1 and os.listdir(tmp_path) == ["c"]
+
+
+def test_a_save_keeps_files_it_does_not_write(tmp_path):
+    save_checkpoint(tmp_path / "c", model=TinyDenoiser(), ema_model=TinyDenoiser(), config=CONFIG,
+                    side_files={"tokenizer.json": b"{}", "vocab/a.txt": b"a"})
+    (tmp_path / "c" / "README.md").write_text("model card")
+    (tmp_path / "c" / "samples" / "nested").mkdir(parents=True)
+    (tmp_path / "c" / "samples" / "nested" / "grid.png").write_bytes(b"png")
+
+    # A later save (no EMA, one new side file, one side file rewritten) keeps everything else.
+    save_version(tmp_path / "c", 2.0, side_files={"vocab/b.txt": b"b", "tokenizer.json": b"{1}"})
+    c = tmp_path / "c"
+    assert (c / "README.md").read_text() == "model card"
+    assert (c / "samples" / "nested" / "grid.png").read_bytes() == b"png"
+    assert (c / "vocab" / "a.txt").read_text() == "a" and (c / "vocab" / "b.txt").read_text() == "b"
+    loaded = load_checkpoint(c)
+    assert loaded.step == 2
+    # The old EMA is a format file: it does not survive a save without EMA.
+    assert loaded.ema_state is None and not (c / "ema.safetensors").exists()
+    # The carried side file keeps its recorded checksum, so it stays verifiable.
+    assert loaded.side_file("vocab/a.txt").read_text() == "a"
+    assert loaded.side_file("tokenizer.json").read_bytes() == b"{1}"
+    assert set(loaded.config["checksums"]) == {"model.safetensors", "tokenizer.json", "vocab/a.txt", "vocab/b.txt"}
+    assert os.listdir(tmp_path) == ["c"]
+
+
+@pytest.mark.parametrize("crash_point", ["while_carrying", "before_swap"])
+def test_crash_during_save_keeps_the_old_checkpoint_and_its_extra_files(tmp_path, monkeypatch, crash_point):
+    save_version(tmp_path / "c", 1.0, side_files={"tokenizer.json": b"{}"})
+    (tmp_path / "c" / "README.md").write_text("model card")
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(ckpt_module, "_link_or_copy" if crash_point == "while_carrying" else "_swap_in", crash)
+    with pytest.raises(OSError):
+        save_version(tmp_path / "c", 2.0)
+    monkeypatch.undo()
+
+    loaded = load_checkpoint(tmp_path / "c")
+    assert loaded.step == 1 and loaded.side_file("tokenizer.json").read_bytes() == b"{}"
+    assert (tmp_path / "c" / "README.md").read_text() == "model card"
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_modality_config_is_a_top_level_field(tmp_path):
+    save_checkpoint(tmp_path / "c", model=TinyDenoiser(), config={**CONFIG, "modality_config": {"sample_rate": 22050}})
+    assert load_checkpoint(tmp_path / "c").modality_config == {"sample_rate": 22050}
+    save_version(tmp_path / "d", 1.0)
+    assert load_checkpoint(tmp_path / "d").modality_config == {}
+    with pytest.raises(CheckpointError, match="modality_config'\\] must be a dict"):
+        save_checkpoint(tmp_path / "e", model=TinyDenoiser(), config={**CONFIG, "modality_config": [1]})
+
+
+# --------------------------------------------------------------------------------------------
+# load_network
+# --------------------------------------------------------------------------------------------
+
+NETWORKS = {"TinyDenoiser": TinyDenoiser}
+
+
+def network_checkpoint(path, *, ema=True, with_diffusion=True, half=False, **config_changes):
+    """A TinyDenoiser checkpoint whose raw weights are all 1 and EMA weights all 2."""
+    raw, averaged = TinyDenoiser(hidden=8), TinyDenoiser(hidden=8)
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.fill_(1.0)
+        for p in averaged.parameters():
+            p.fill_(2.0)
+
+    def weights(module):
+        return {k: v.half() if half and v.is_floating_point() else v for k, v in module.state_dict().items()}
+
+    config = {
+        "modality": "toy",
+        "model": {"class": "TinyDenoiser", "kwargs": {"hidden": 8}},
+        "diffusion": Diffusion(schedule="linear", num_timesteps=50).config if with_diffusion else None,
+        "modality_config": {"labels": ["a", "b"]},
+        **config_changes,
+    }
+    return save_checkpoint(path, model=weights(raw), ema_model=weights(averaged) if ema else None, config=config,
+                           step=7, side_files={"vocab.txt": b"a b"})
+
+
+def all_params_equal(net, value) -> bool:
+    return all(bool((p == value).all()) for p in net.parameters())
+
+
+def test_load_network_builds_an_inference_network(tmp_path):
+    path = network_checkpoint(tmp_path / "c")
+    loaded = load_network(path, NETWORKS, modality="toy", device="cpu")
+    assert isinstance(loaded.net, TinyDenoiser) and loaded.net.inp.out_features == 8
+    assert all_params_equal(loaded.net, 2.0)  # EMA weights by default
+    assert not loaded.net.training and not any(p.requires_grad for p in loaded.net.parameters())
+    assert loaded.diffusion.num_timesteps == 50
+    assert loaded.modality_config == {"labels": ["a", "b"]} and loaded.step == 7 and loaded.path == path
+    assert loaded.config["model"]["class"] == "TinyDenoiser"
+    assert loaded.side_file("vocab.txt").read_text() == "a b"
+    assert all_params_equal(load_network(path, NETWORKS, weights="model", device="cpu").net, 1.0)
+
+
+def test_load_network_without_ema_or_diffusion(tmp_path):
+    path = network_checkpoint(tmp_path / "c", ema=False, with_diffusion=False)
+    loaded = load_network(path, NETWORKS, device="cpu")
+    assert all_params_equal(loaded.net, 1.0)  # "ema" falls back to the model's weights
+    assert loaded.diffusion is None
+
+
+def test_load_network_casts_half_precision_weights(tmp_path):
+    path = network_checkpoint(tmp_path / "c", half=True)
+    net = load_network(path, NETWORKS, device="cpu").net
+    assert all(p.dtype == torch.float32 for p in net.parameters()) and all_params_equal(net, 2.0)
+
+
+def test_load_network_builds_only_allow_listed_classes(tmp_path):
+    path = network_checkpoint(tmp_path / "c", model={"class": "os.system", "kwargs": {}})
+    with pytest.raises(CheckpointError, match="holds a 'os.system', but this loader builds only TinyDenoiser"):
+        load_network(path, NETWORKS, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model": {"kwargs": {}}}, r"does not say which network it holds"),
+        ({"model": {"class": "TinyDenoiser", "kwargs": {"width": 3}}}, "cannot build.*width"),
+        ({"model": {"class": "TinyDenoiser", "kwargs": {"hidden": 4}}}, "do not fit the TinyDenoiser"),
+        ({"model": {"class": "TinyDenoiser", "kwargs": [8]}}, "kwargs'\\] .* must be a dict"),
+        ({"diffusion": {"prediction": "eps"}}, "diffusion config .* is invalid"),
+        ({"modality": "audio"}, "is for 'audio', not 'toy'"),
+    ],
+)
+def test_load_network_errors_say_what_is_wrong(tmp_path, changes, message):
+    path = network_checkpoint(tmp_path / "c", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_network(path, NETWORKS, modality="toy", device="cpu")
+
+
+def test_load_network_checks_its_arguments(tmp_path):
+    path = network_checkpoint(tmp_path / "c")
+    with pytest.raises(ValueError, match="weights must be one of 'ema', 'model'"):
+        load_network(path, NETWORKS, weights="best")
+    with pytest.raises(TypeError, match="torch.nn.Module subclass"):
+        load_network(path, {"TinyDenoiser": "TinyDenoiser"})
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        load_network(path, {})
+
+
+def test_load_network_refuses_modified_weights(tmp_path):
+    path = network_checkpoint(tmp_path / "c")
+    other = network_checkpoint(tmp_path / "other", ema=False)
+    (path / "ema.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="ema.safetensors .* modified after saving"):
+        load_network(path, NETWORKS, device="cpu")
+
+
+def test_files_are_copied_where_hard_links_are_not_supported(tmp_path, monkeypatch):
+    save_version(tmp_path / "c", 1.0, side_files={"tokenizer.json": b"{}"})
+    (tmp_path / "c" / "README.md").write_text("model card")
+
+    def no_links(*args, **kwargs):
+        raise OSError("Operation not permitted")
+
+    monkeypatch.setattr(ckpt_module.os, "link", no_links)
+    save_version(tmp_path / "c", 2.0)
+    loaded = load_checkpoint(tmp_path / "c")
+    assert loaded.step == 2 and loaded.side_file("tokenizer.json").read_bytes() == b"{}"
+    assert (tmp_path / "c" / "README.md").read_text() == "model card"

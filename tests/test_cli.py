@@ -1,4 +1,5 @@
-"""The `diffkit` command line: generate (with modality options), modalities, info."""
+"""The `diffkit` command line: generate (with modality options), modalities, info, modality verbs,
+and how a modality's errors reach the user."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def test_generate_passes_only_modality_options(toy, tmp_path, capsys):
     assert toy.calls == [dict(checkpoint=None, num_samples=3, seed=1, device="auto", sampler=None, steps=4,
                               progress=False, scale=2.0, flavour="plain")]
     assert len(out.read_text().splitlines()) == 3
-    assert f"wrote 3 toy sample(s) to {out}" in capsys.readouterr().out
+    # The paths the modality's save() returned, one a line.
+    assert capsys.readouterr().out.splitlines() == ["wrote 3 toy sample(s):", str(out)]
 
 
 def test_generate_help_shows_modality_options(toy, capsys):
@@ -76,7 +78,9 @@ def test_modalities_lists_names(toy, capsys):
     assert main(["modalities"]) == 0
     assert capsys.readouterr().out.split() == ["toy"]
     assert main(["modalities", "-v"]) == 0
-    assert "registered: _toys.ToyModality" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "toy\tregistered: _toys.ToyModality"
+    assert lines[1].split() [:3] == ["diffkit", "rollout", "toy"] and "run the toy policy" in lines[1]
 
 
 def test_modalities_when_none_installed(monkeypatch, capsys):
@@ -113,3 +117,99 @@ def test_runs_as_a_program(checkpoint):
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "step           12" in result.stdout
+
+
+class StrictModality:
+    """generate() rejects some values, like a real modality would."""
+
+    name = "strict"
+
+    def generate(self, *, checkpoint=None, num_samples=16, seed=None, device="auto", sampler=None, steps=None,
+                 progress=False, colour=None):
+        if colour not in (None, "red"):
+            raise TypeError(f"colour must be 'red', not {colour!r}")
+        if sampler not in (None, "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddim")
+        if checkpoint is not None:
+            raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+        return [0] * num_samples
+
+    def save(self, samples, path):
+        return []
+
+    def add_cli_arguments(self, parser):
+        parser.add_argument("--colour", help="only 'red' is accepted")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sampler", "foo"], "unknown sampler 'foo'; choose ddim"),
+        (["--checkpoint", "nowhere"], "no checkpoint at nowhere"),
+        (["--colour", "blue"], "colour must be 'red', not 'blue'"),  # a TypeError
+    ],
+)
+def test_modality_errors_are_one_line_messages(toy, tmp_path, capsys, options, message):
+    register_modality("strict", StrictModality())
+    assert main(["generate", "strict", "--out", str(tmp_path / "x"), *options]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffkit: error: ") and message in err and "Traceback" not in err
+
+
+def test_debug_variable_shows_the_traceback(toy, tmp_path, monkeypatch):
+    register_modality("strict", StrictModality())
+    monkeypatch.setenv("DIFFKIT_DEBUG", "1")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        main(["generate", "strict", "--out", str(tmp_path / "x"), "--sampler", "foo"])
+
+
+def test_modality_verb_runs_with_its_own_options(toy, capsys):
+    assert main(["rollout", "toy", "--episodes", "2", "--gain", "0.5"]) == 0
+    # x = 4 halves each step: 2, 1, 0.5 -> return -3.5 per episode.
+    assert capsys.readouterr().out.splitlines() == ["episode 0: return -3.50", "episode 1: return -3.50"]
+    with pytest.raises(SystemExit) as info:
+        main(["rollout", "toy", "-h"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: diffkit rollout toy" in text and "--episodes" in text and "run the toy policy" in text
+
+
+def test_modality_verb_errors(toy, capsys):
+    register_modality("strict", StrictModality())
+    assert main(["rollout", "toy", "--episodes", "0"]) == 1  # a ValueError from the command
+    assert capsys.readouterr().err.strip() == "diffkit: error: --episodes must be >= 1, got 0"
+    assert main(["rollout", "strict"]) == 2
+    assert "modality 'strict' has no command 'rollout'. Its commands: none" in capsys.readouterr().err
+    assert main(["rolout", "toy"]) == 2
+    assert "has no command 'rolout'. Did you mean 'rollout'? Its commands: rollout" in capsys.readouterr().err
+    assert main(["generat"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'generat'. Did you mean 'generate'?" in err and "diffkit generat MODALITY" in err
+    assert main(["rollout", "tyo"]) == 1
+    assert "no modality 'tyo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["rollout", "toy", "--not-an-option"])
+    assert "unrecognized arguments: --not-an-option" in capsys.readouterr().err
+
+
+def test_modality_verbs_may_not_shadow_built_in_commands(toy, capsys):
+    from diffkit.registry import CliCommand
+
+    class Shadowing(StrictModality):
+        def cli_commands(self):
+            return {"info": CliCommand("shadow", lambda parser: None, lambda args: 0)}
+
+    register_modality("shadow", Shadowing())
+    assert main(["info2", "shadow"]) == 1
+    assert "defines the command(s) info, which are built into diffkit" in capsys.readouterr().err
+
+
+def test_info_on_a_network_without_diffusion(tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "clf", model=TinyDenoiser(), step=3,
+                           config={"modality": "toy", "model": {"class": "TinyDenoiser", "kwargs": {}},
+                                   "diffusion": None, "modality_config": {"accuracy": 0.9}})
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "diffusion      none (not a diffusion model)" in text
+    assert "modality cfg   accuracy=0.9" in text
+    assert "checksums      1 file(s), verified on load" in text

@@ -1,4 +1,5 @@
-"""Two CPU workers under torchrun (gloo): DDP keeps the replicas identical while they learn."""
+"""Two CPU workers under torchrun (gloo): DDP keeps the replicas identical while they learn,
+with one gradient all-reduce per optimizer step under gradient accumulation."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ WORKER = textwrap.dedent(
 
     import torch
     from safetensors.torch import save_file
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     import diffkit
     from diffkit.trainer import TrainConfig, Trainer
@@ -38,13 +40,22 @@ WORKER = textwrap.dedent(
     def sample_fn(trainer, step):
         (out / f"sampled{trainer.rank}-{step}").touch()
 
-    config = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, warmup_steps=0, device="cpu", seed=0,
-                         output_dir=str(out / "run"), save_every=2, sample_every=2, log_every=1,
+    config = TrainConfig(max_steps=3, batch_size=2, grad_accum_steps=2, lr=1e-2, warmup_steps=0, device="cpu",
+                         seed=0, output_dir=str(out / "run"), save_every=2, sample_every=2, log_every=1,
                          tensorboard=False, progress=False)
     trainer = Trainer(model, diffkit.Diffusion(num_timesteps=NUM_TIMESTEPS), vectors(16), config,
                       modality="toy", sample_fn=sample_fn)
     assert (trainer.rank, trainer.world_size) == (rank, 2)
+
+    allreduces = []  # the optimizer step during which DDP all-reduced a gradient bucket
+
+    def counting_hook(state, bucket):
+        allreduces.append(trainer.step + 1)
+        return allreduce_hook(state, bucket)
+
+    trainer._train_model.register_comm_hook(None, counting_hook)
     trainer.train()
+    (out / f"allreduces{rank}.txt").write_text(" ".join(map(str, allreduces)))
     save_file({k: v.clone() for k, v in model.state_dict().items()}, str(out / f"final{rank}.safetensors"))
     save_file({k: v.clone() for k, v in trainer.ema_model.state_dict().items()}, str(out / f"ema{rank}.safetensors"))
     """
@@ -71,6 +82,10 @@ def test_two_cpu_workers_stay_in_sync(tmp_path):
         assert torch.equal(final[0][name], final[1][name]), name
         assert torch.equal(ema[0][name], ema[1][name]), name
     assert not torch.equal(final[0]["inp.weight"], init[0]["inp.weight"])  # and they learned
+    # Two micro-batches a step, but one all-reduce (of the one bucket of this small model) per
+    # step: the first micro-batch's backward ran under no_sync.
+    for r in (0, 1):
+        assert (tmp_path / f"allreduces{r}.txt").read_text() == "1 2 3"
 
     # Only rank 0 samples and writes the checkpoint, which matches the in-memory weights.
     assert sorted(p.name for p in tmp_path.glob("sampled*")) == ["sampled0-2"]

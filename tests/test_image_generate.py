@@ -1,5 +1,9 @@
 """Generation with the shipped checkpoints: the public API, the tasks, bad input, the CLI."""
 
+import json
+import math
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -7,19 +11,23 @@ import torch.nn.functional as F
 from PIL import Image
 
 import diffkit
+from diffkit.checkpoint import read_config
 from diffkit.cli import main as cli
 from modalities.image import (
     DEFAULT_CHECKPOINT,
     SUPER_RESOLUTION_CHECKPOINT,
     TEXT_CHECKPOINT,
+    ImageModality,
     bits_per_dim,
     img2img,
     inpaint,
     load_digits,
+    load_image_model,
     save_grid,
     super_resolve,
 )
-from modalities.image.metrics import load_digit_classifier
+from modalities.image.metrics import CLASSIFIER_DIR, load_digit_classifier
+from modalities.image.modality import NETWORKS, image_metadata
 
 FAST = dict(steps=10)
 
@@ -157,26 +165,148 @@ def _write(path, array01):
     return str(path)
 
 
-def test_cli_generate_inpaint_super_resolve(tmp_path, digits01, capsys):
-    imgs, _ = digits01
+def read_grid(path, count, size=16, padding=2):
+    """Split a PNG grid written by save_grid back into (count, 1, size, size) images in [0, 1]."""
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.mode == "L"
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    ncol = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / ncol)
+    assert arr.shape == (rows * (size + padding) + padding, ncol * (size + padding) + padding)
+    tiles = []
+    for i in range(count):
+        top, left = padding + (i // ncol) * (size + padding), padding + (i % ncol) * (size + padding)
+        tiles.append(arr[top : top + size, left : left + size])
+    return torch.from_numpy(np.stack(tiles))[:, None]
+
+
+def quantised(images):
+    """What an 8-bit PNG keeps of images in [0, 1]."""
+    return (images * 255).round() / 255
+
+
+def test_cli_generate_writes_the_samples_of_the_api(tmp_path, classifier, capsys):
     out = tmp_path / "grid.png"
-    assert cli(["generate", "image", "--num-samples", "4", "--steps", "5", "--seed", "0",
+    assert cli(["generate", "image", "--num-samples", "8", "--steps", "10", "--seed", "0",
                 "--labels", "3", "--out", str(out), "--no-progress"]) == 0
-    with Image.open(out) as img:
-        img.load()
-        assert img.format == "PNG" and img.size == (38, 38)
-    known = _write(tmp_path / "known.png", imgs[0, 0])
+    assert capsys.readouterr().out.splitlines() == ["wrote 8 image sample(s):", str(out)]
+    tiles = read_grid(out, 8)
+    api = diffkit.generate(modality="image", num_samples=8, steps=10, seed=0, labels=3)
+    assert torch.allclose(tiles, quantised(api), atol=1e-6)
+    assert (classifier.predict(tiles * 2 - 1) == 3).float().mean() >= 0.75
+
+
+def test_cli_inpaint_super_resolve_img2img(tmp_path, digits01):
+    imgs, _ = digits01
+    digit = quantised(imgs[:1])  # what the PNG input holds
+    known = _write(tmp_path / "known.png", digit[0, 0])
     mask = np.zeros((16, 16))
     mask[:, :8] = 1
     mask = _write(tmp_path / "mask.png", mask)
     assert cli(["generate", "image", "--num-samples", "2", "--steps", "5", "--known", known,
                 "--mask", mask, "--out", str(tmp_path / "inpaint.png"), "--no-progress"]) == 0
-    low = _write(tmp_path / "low.png", F.interpolate(imgs[:1], size=(8, 8), mode="area")[0, 0])
-    assert cli(["generate", "image", "--num-samples", "2", "--steps", "5", "--low-res", low,
-                "--out", str(tmp_path / "sr.png"), "--no-progress"]) == 0
+    filled = read_grid(tmp_path / "inpaint.png", 2)
+    assert torch.equal(filled[..., :8], digit[..., :8].expand(2, -1, -1, -1))  # kept pixels exactly
+
+    low = quantised(F.interpolate(imgs[:1], size=(8, 8), mode="area"))
+    assert cli(["generate", "image", "--num-samples", "2", "--steps", "5", "--low-res",
+                _write(tmp_path / "low.png", low[0, 0]), "--out", str(tmp_path / "sr.png"),
+                "--no-progress"]) == 0
+    upsampled = read_grid(tmp_path / "sr.png", 2)
+    assert (F.interpolate(upsampled, size=(8, 8), mode="area") - low).abs().mean() < 0.05
+
     assert cli(["generate", "image", "--num-samples", "2", "--steps", "5", "--init", known,
-                "--strength", "0.5", "--out", str(tmp_path / "i2i.png"), "--no-progress"]) == 0
-    for name in ("inpaint.png", "sr.png", "i2i.png"):
-        assert (tmp_path / name).stat().st_size > 0
+                "--strength", "0.2", "--out", str(tmp_path / "i2i.png"), "--no-progress"]) == 0
+    assert (read_grid(tmp_path / "i2i.png", 2) - digit).abs().mean() < 0.06
+
+
+def test_cli_help_lists_the_image_options(capsys):
     assert cli(["generate", "image", "-h"]) == 0
     assert "--guidance-scale" in capsys.readouterr().out
+
+
+@pytest.fixture
+def text_checkpoint_without_encoder(tmp_path):
+    copy = shutil.copytree(TEXT_CHECKPOINT, tmp_path / "digits-text")
+    config = json.loads((copy / "config.json").read_text())
+    config["modality_config"]["text_encoder"] = str(tmp_path / "no-such-encoder")
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sampler", "foo"], "unknown sampler 'foo'; choose one of"),
+        (["--labels", "12"], r"labels must be in [0, 9]"),
+        (["--out", "x.jpg"], "images are saved as a PNG grid; give a .png path, not x.jpg"),
+        (["--prompt", "a seven", "--checkpoint", "TEXT_WITHOUT_ENCODER"], "no-such-encoder has no config.json"),
+    ],
+)
+def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch, text_checkpoint_without_encoder,
+                                           options, message):
+    monkeypatch.chdir(tmp_path)
+    options = [str(text_checkpoint_without_encoder) if o == "TEXT_WITHOUT_ENCODER" else o for o in options]
+    args = ["generate", "image", "--num-samples", "2", "--steps", "2", "--no-progress"]
+    if "--out" not in options:
+        args += ["--out", str(tmp_path / "grid.png")]
+    assert cli(args + options) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffkit: error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "x.jpg").exists()
+
+
+def test_steps_must_be_at_least_one_in_the_api_and_the_cli(capsys):
+    for steps in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
+            diffkit.generate(modality="image", num_samples=2, steps=steps)
+    with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
+        bits_per_dim(torch.zeros(1, 1, 16, 16), steps=0)
+    with pytest.raises(SystemExit) as info:
+        cli(["generate", "image", "--steps", "0", "--out", "x.png"])
+    assert info.value.code == 2 and "--steps: must be >= 1" in capsys.readouterr().err
+
+
+def test_steps_none_means_the_checkpoints_default():
+    assert load_image_model(DEFAULT_CHECKPOINT, "cpu").default("steps", None) == 20
+    default = diffkit.generate(modality="image", num_samples=2, seed=1, device="cpu")
+    assert torch.equal(default, diffkit.generate(modality="image", num_samples=2, seed=1, steps=20, device="cpu"))
+    assert not torch.equal(default, diffkit.generate(modality="image", num_samples=2, seed=1, steps=5, device="cpu"))
+
+
+def test_image_save_returns_what_it_wrote(tmp_path, digits01):
+    out = tmp_path / "sub" / "grid.png"
+    assert ImageModality().save(digits01[0], out) == [out]
+    assert read_grid(out, 8).shape == (8, 1, 16, 16)
+
+
+@pytest.mark.parametrize("checkpoint", [DEFAULT_CHECKPOINT, TEXT_CHECKPOINT, SUPER_RESOLUTION_CHECKPOINT,
+                                        CLASSIFIER_DIR])
+def test_shipped_checkpoints_use_the_current_layout(checkpoint):
+    config = read_config(checkpoint, modality="image")
+    assert "image" not in config["model"] and config["modality_config"]
+    assert set(config["checksums"]) == {"model.safetensors"}
+
+
+def test_metadata_of_older_checkpoints_is_still_read(tmp_path):
+    copy = shutil.copytree(DEFAULT_CHECKPOINT, tmp_path / "old")
+    config = json.loads((copy / "config.json").read_text())
+    # The layout before modality_config and checksums existed.
+    config["model"]["image"] = config.pop("modality_config")
+    del config["checksums"]
+    (copy / "config.json").write_text(json.dumps(config))
+    model = load_image_model(copy, "cpu")
+    assert model.class_names == [str(i) for i in range(10)] and model.default("guidance_scale", None) == 1.5
+    assert image_metadata({"model": {}}) == {}
+
+
+def test_changed_weights_of_a_shipped_checkpoint_are_refused(tmp_path):
+    copy = shutil.copytree(DEFAULT_CHECKPOINT, tmp_path / "digits")
+    other = diffkit.load_network(DEFAULT_CHECKPOINT, NETWORKS, device="cpu").net
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    from safetensors.torch import save_file
+
+    save_file({k: v.half().contiguous() for k, v in other.state_dict().items()}, str(copy / "model.safetensors"))
+    with pytest.raises(diffkit.CheckpointError, match="model.safetensors .* was modified after saving"):
+        diffkit.generate(modality="image", checkpoint=copy, num_samples=1, steps=1)

@@ -1,9 +1,21 @@
-"""The image U-Net: shapes, conditioning, the null condition and input checks."""
+"""The image U-Net: shapes, conditioning, the null condition, input checks, and the
+shipped checkpoints' outputs."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from modalities.image.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "modalities" / "image" / "checkpoints"
+# Inputs and outputs of the shipped checkpoints, computed by the U-Net as it was before its
+# blocks moved to diffkit.nn (the commit is in the file's metadata; see tests/data/README.md).
+REFERENCE = Path(__file__).resolve().parent / "data" / "image_unet_reference.safetensors"
 
 TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
             num_heads=2, norm_groups=4)
@@ -104,3 +116,51 @@ def test_wrong_channels_and_sizes_are_errors():
         UNet(channel_mult=(1, 2), num_res_blocks=1, attention_levels=(2,))
     with pytest.raises(ValueError, match="num_heads"):
         UNet(base_channels=6, channel_mult=(1, 1), num_res_blocks=1, attention_levels=(1,), num_heads=4)
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-text", "digits-sr"])
+def test_shipped_checkpoints_load_strictly_and_reproduce_the_reference(name):
+    kwargs = json.loads((CHECKPOINTS / name / "config.json").read_text())["model"]["kwargs"]
+    net = UNet(**kwargs)
+    net.load_state_dict(load_file(str(CHECKPOINTS / name / "model.safetensors")), strict=True)
+    net.eval()
+    ref = load_file(str(REFERENCE))
+    p = f"{name}."
+    cond = {key: ref[p + key] for key in ("labels", "context", "context_mask", "low_res")
+            if p + key in ref}
+    x = ref[p + "x"]
+    cases = {
+        "out": (ref[p + "t"], {}),
+        "out_drop": (ref[p + "t"], {"drop_cond": ref[p + "drop_cond"]}),
+        "out_float_t": (ref[p + "t_float"], {}),
+    }
+    with torch.no_grad():
+        for key, (t, extra) in cases.items():
+            out = net(x, t, **cond, **extra)
+            # Bit-identical on the machine that wrote the file; the tolerance only absorbs
+            # other CPUs' kernels.
+            torch.testing.assert_close(out, ref[p + key], atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
+
+
+def test_reference_file_records_its_origin():
+    with safe_open(str(REFERENCE), "pt") as f:
+        meta = f.metadata()
+    assert len(meta["commit"]) == 40 and "before" in meta["generated_by"]
+
+
+def test_float_timesteps():
+    net = _randomise(UNet(image_size=8, **TINY))
+    x = torch.randn(2, 1, 8, 8)
+    integer = net(x, torch.tensor([3, 500]))
+    torch.testing.assert_close(net(x, torch.tensor([3.0, 500.0])), integer)
+    torch.testing.assert_close(net(x, torch.tensor([3.0, 500.0], dtype=torch.float64)), integer)
+    half = net(x, torch.tensor([3.5, 500.5]))
+    assert torch.isfinite(half).all() and not torch.allclose(half, integer)
+
+
+def test_timesteps_must_be_one_per_image():
+    net = UNet(image_size=8, **TINY)
+    with pytest.raises(ValueError, match=r"t of shape \(B,\) = \(2,\), got \(1,\)"):
+        net(torch.randn(2, 1, 8, 8), torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"t of shape \(B,\) = \(2,\), got \(2, 1\)"):
+        net(torch.randn(2, 1, 8, 8), torch.tensor([[3], [4]]))

@@ -65,7 +65,7 @@ def test_bound_term_in_the_loss_matches_the_likelihood_term():
     _, loss_terms = diff.loss(model, x0, t=torch.full((8192,), 3), generator=torch.Generator().manual_seed(1),
                               return_terms=True)
     _, nll_terms = diff.nll(model, x0, generator=torch.Generator().manual_seed(2), return_terms=True)
-    from_nll = nll_terms["kl"][:, list(nll_terms["timesteps"]).index(3)]
+    from_nll = nll_terms["kl"][:, list(nll_terms["times"]).index(3)]
     assert loss_terms["vb"].mean().item() == pytest.approx(from_nll.mean().item(), rel=0.05)
     _, at_zero = diff.loss(model, x0, t=torch.zeros(8192, dtype=torch.long), generator=torch.Generator().manual_seed(1),
                            return_terms=True)
@@ -82,3 +82,111 @@ def test_loss_is_reproducible_with_a_generator_and_backpropagates():
     assert a.item() == b.item()
     a.backward()
     assert net.weight.grad.abs().sum() > 0
+
+
+def test_truncated_snr_weighting_is_max_snr_one_on_the_x0_error():
+    diff = Diffusion("cosine", 1000, prediction="v", loss_weighting="truncated_snr")
+    x0 = torch.randn(32, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn(32, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = torch.randn(32, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t = torch.linspace(0, 999, 32).long()
+    _, terms = diff.loss(fixed_output_model(out), x0, t=t, noise=noise, return_terms=True)
+    x0_error = ((terms["x0_hat"] - x0) ** 2).mean(1)
+    snr = (diff.schedule.alpha_bar[t] / (1 - diff.schedule.alpha_bar[t]))
+    assert torch.allclose(terms["weighted_mse"], x0_error * snr.clamp(min=1.0), rtol=1e-9)
+    assert (snr < 1).any() and (snr > 1).any()  # both sides of the truncation are exercised
+
+
+# --------------------------------------------------------------------------- masks, weights, known entries
+def _padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(6, 3, 10, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([10, 7, 3, 10, 1, 5])
+    mask = (torch.arange(10) < lengths[:, None])[:, None, :].expand(6, 3, 10)
+    return x0, mask, lengths
+
+
+def test_padding_never_counts_in_the_loss():
+    diff = Diffusion("linear", 100)
+    x0, mask, lengths = _padded_batch()
+    t = torch.arange(6) * 15
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    loss, terms = diff.loss(fixed_output_model(out), x0, t=t, noise=noise, mask=mask, return_terms=True)
+    manual = torch.stack([((out[b, :, :n] - noise[b, :, :n]) ** 2).mean() for b, n in enumerate(lengths)])
+    assert torch.allclose(terms["mse"], manual, rtol=1e-12)
+    # Anything in the padding (data, noise or output) leaves the loss unchanged.
+    junk = torch.where(mask, 0.0, 1e3)
+    again = diff.loss(fixed_output_model(out + junk), x0 - junk, t=t, noise=noise + junk, mask=mask)
+    assert again.item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_element_weights_scale_the_squared_error():
+    diff = Diffusion("linear", 100)
+    x0, mask, _ = _padded_batch()
+    t = torch.full((6,), 40)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = torch.zeros_like(x0)
+    weight = torch.ones(3, 10, dtype=torch.float64)
+    weight[:2, 0] = 10.0  # Diffuser's first-action weight
+    _, terms = diff.loss(fixed_output_model(out), x0, t=t, noise=noise, mask=mask, weight=weight, return_terms=True)
+    manual = torch.where(mask, weight * noise**2, 0.0).sum((1, 2)) / mask.sum((1, 2))
+    assert torch.allclose(terms["loss"], manual, rtol=1e-12)
+
+
+def test_known_entries_are_given_clean_and_left_out_of_the_loss():
+    diff = Diffusion("linear", 100, prediction="x0")
+    x0, _, _ = _padded_batch()
+    known = torch.zeros(3, 10, dtype=torch.bool)
+    known[:, 0] = True  # the current state
+    seen = {}
+
+    def model(x_t, t):
+        seen["x_t"] = x_t
+        return torch.where(known, 1e3, torch.zeros_like(x_t))  # nonsense where the value is known
+
+    loss, terms = diff.loss(model, x0, known_mask=known, return_terms=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen["x_t"][:, known], x0[:, known])
+    assert torch.allclose(terms["mse"], (x0[:, ~known] ** 2).reshape(6, -1).mean(1), rtol=1e-12)
+    assert torch.equal(terms["mask"], ~known.expand_as(x0))
+
+
+def test_loss_hands_back_consistent_intermediates_with_gradients():
+    diff = Diffusion("sqrt", 200, prediction="x0")
+    x0 = torch.randn(8, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weight = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    model = lambda x_t, t: torch.einsum("ij,bjl->bil", weight, x_t)  # noqa: E731
+    _, terms = diff.loss(model, x0, return_terms=True, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(terms["x_t"], terms["alpha"] * x0 + terms["sigma"] * terms["noise"])
+    assert torch.equal(terms["x0_hat"], terms["output"]) and torch.equal(terms["prediction"], terms["output"])
+    # A modality's own term (here Diffusion-LM-like: x0_hat close to a table) backpropagates to the network.
+    (grad,) = torch.autograd.grad(terms["x0_hat"].pow(2).mean(), weight)
+    assert grad.abs().sum() > 0
+    assert terms["t"].dtype.is_floating_point and terms["t"].shape == (8,)
+
+
+def test_bad_masks_are_explained():
+    diff = Diffusion("linear", 100)
+    x0 = torch.zeros(2, 3)
+    model = fixed_output_model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="must be a bool tensor"):
+        diff.loss(model, x0, mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        diff.loss(model, x0, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"no element to count in example\(s\) \[1\]"):
+        diff.loss(model, x0, mask=torch.tensor([[True, False, False], [False, False, False]]))
+
+
+def test_masked_bound_divides_by_the_real_count_and_is_tight():
+    """Padded dimensions do not count: with exact reverse variances the bound of the real dimensions
+    sits at their exact NLL, whatever the padding holds."""
+    data = GaussianData(torch.tensor([0.3, -0.2, 0.0, 0.5]), torch.tensor([0.3, 0.5, 0.8, 1.0]))
+    diff = Diffusion("linear", 1000, variance="learned_range")
+    model = data.model(diff.schedule, learn_variance=True)
+    x0 = data.sample(2048, torch.Generator().manual_seed(0))
+    mask = torch.tensor([True, True, True, False])
+    x0_padded = torch.where(mask, x0, 0.0)
+    bpd = diff.nll(model, x0_padded, mask=mask, generator=torch.Generator().manual_seed(1))
+    real = GaussianData(data.mean[:3], data.std[:3])
+    assert bpd.mean().item() == pytest.approx(real.nll_bits_per_dim(x0[:, :3]).mean().item(), abs=0.03)
+    assert bpd.mean().item() >= real.nll_bits_per_dim(x0[:, :3]).mean().item() - 0.01

@@ -1,4 +1,5 @@
-"""Modality lookup: registration forms, lazy entry points, helpful errors, diffkit.generate."""
+"""Modality lookup: registration forms, lazy entry points, helpful errors, diffkit.generate,
+and the optional parts of the contract (policies, command-line verbs)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import torch
 
 import diffkit.registry as registry
 from diffkit.registry import (
+    CliCommand,
     ModalityLoadError,
+    Policy,
     UnknownModalityError,
     available_modalities,
     generate,
     get_modality,
+    load_policy,
+    modality_commands,
     register_modality,
     unregister_modality,
 )
@@ -134,3 +139,77 @@ def test_generate_is_exported_from_the_package():
     if not hasattr(diffkit, "generate"):
         pytest.skip("diffkit/__init__.py does not export the registry yet")
     assert diffkit.generate is generate and diffkit.register_modality is register_modality
+
+
+class PlainModality:
+    """Only the required part of the contract: no policy, no commands."""
+
+    name = "plain"
+
+    def generate(self, **kwargs):
+        return []
+
+    def save(self, samples, path):
+        return []
+
+
+def test_load_policy_returns_the_modalitys_policy():
+    register_modality("toy", ToyModality())
+    policy = load_policy("toy", gain=0.5)
+    assert isinstance(policy, Policy)
+    assert policy.act(4.0) == -2.0 and policy(4.0) == -2.0
+    policy.reset()
+    assert policy.resets == 1
+    with pytest.raises(ValueError, match=r"gain must lie in \(0, 1\]"):
+        load_policy("toy", gain=2.0)
+
+
+def test_load_policy_errors():
+    register_modality("plain", PlainModality())
+    with pytest.raises(ValueError, match="modality 'plain' has no policy"):
+        load_policy("plain")
+
+    class BadPolicyModality(PlainModality):
+        name = "badpolicy"
+
+        def policy(self, checkpoint=None):
+            return lambda obs: obs  # callable, but no act() / reset()
+
+    with pytest.raises(TypeError, match="not a diffkit.Policy: it needs act"):
+        load_policy(BadPolicyModality())
+
+
+def test_policy_protocol_checks_all_three_methods():
+    class ActOnly:
+        def act(self, obs):
+            return obs
+
+    class Full(ActOnly):
+        def reset(self):
+            pass
+
+        def __call__(self, obs):
+            return self.act(obs)
+
+    assert not isinstance(ActOnly(), Policy) and isinstance(Full(), Policy)
+
+
+def test_modality_commands():
+    register_modality("toy", ToyModality())
+    register_modality("plain", PlainModality())
+    commands = modality_commands("toy")
+    assert list(commands) == ["rollout"] and isinstance(commands["rollout"], CliCommand)
+    assert modality_commands("plain") == {}
+
+    class Broken(PlainModality):
+        def cli_commands(self):
+            return {"rollout": lambda args: 0}
+
+    with pytest.raises(ModalityLoadError, match=r"must return \{verb: diffkit.CliCommand"):
+        modality_commands(Broken())
+
+
+def test_contract_types_are_exported_from_the_package():
+    import diffkit
+
+    assert diffkit.Policy is Policy and diffkit.CliCommand is CliCommand and diffkit.load_policy is load_policy

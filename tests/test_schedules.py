@@ -103,9 +103,41 @@ def test_respace_spacings_match_their_definitions():
     assert respace(schedule, 1000, "logsnr").tolist() == list(range(999, -1, -1))
 
 
-def test_respace_is_pure():
+def test_karras_spacing_is_uniform_in_sigma_to_the_one_over_rho():
     schedule = NoiseSchedule.from_name("linear", 1000)
-    assert torch.equal(respace(schedule, 10, "karras"), respace(schedule, 10, "karras"))
+    steps = respace(schedule, 12, "karras", karras_rho=7.0)
+    sigma_ve = (1 / schedule.alpha_bar[steps] - 1).sqrt()  # sigma / alpha
+    ramp = sigma_ve ** (1 / 7)
+    gaps = ramp[1:] - ramp[:-1]
+    assert steps[0] == 999 and steps[-1] == 0
+    assert (gaps[1:].std() / gaps[1:].mean().abs()) < 0.1  # uniform up to rounding to integer steps
+    # A different rho places the steps differently: the option is used.
+    assert not torch.equal(steps, respace(schedule, 12, "karras", karras_rho=3.0))
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "karras"])
+def test_log_snr_range_places_all_but_the_first_step_inside_it(spacing):
+    schedule = NoiseSchedule.from_name("linear", 1000)
+    steps = respace(schedule, 10, spacing, log_snr_range=(-4.0, 8.0))
+    lam = schedule.log_snr[steps]
+    assert steps[0] == 999  # sampling still starts from the last step's noise
+    # inside the range up to rounding to an integer step (neighbouring steps differ by < 0.3 in log-SNR here)
+    assert lam[1:].min() > -4.3 and lam[1:].max() < 8.3
+    assert lam[-1] == pytest.approx(8.0, abs=0.3)
+    if spacing == "logsnr":  # the grid's own first point (at -4) gave way to the last step
+        assert torch.allclose(lam[1:], torch.linspace(-4.0, 8.0, 10, dtype=torch.float64)[1:], atol=0.3)
+    # None keeps the schedule's own end, so the second step moves to lower log-SNR
+    wide = schedule.log_snr[respace(schedule, 10, spacing, log_snr_range=(None, 8.0))]
+    assert wide[1] < lam[1] - 0.5
+
+
+def test_max_time_respaces_inside_the_start():
+    schedule = NoiseSchedule.from_name("linear", 1000)
+    steps = respace(schedule, 5, "linspace", max_time=300)
+    assert steps.tolist() == [300, 225, 150, 75, 0]
+    assert respace(schedule, 5, "logsnr", max_time=300)[0] == 300
+    with pytest.raises(ValueError, match="max_time must be an integer"):
+        respace(schedule, 5, "linspace", max_time=1000)
 
 
 def test_config_round_trip():

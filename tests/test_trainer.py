@@ -1,8 +1,11 @@
-"""The training loop: exact resume, EMA and warm-up arithmetic, divergence handling, validation."""
+"""The training loop (diffusion path): exact resume, EMA and LR arithmetic, autocast, divergence handling,
+validation. The loss_fn path, accumulation and clipping are in test_trainer_generic.py."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -54,15 +57,21 @@ def test_trains_and_writes_a_complete_checkpoint(tmp_path):
     assert state_equal(ckpt.optimizer_state, trainer.optimizer.state_dict())
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    """Stop at step 4 (mid-epoch: 20 items, batch 8), resume to 7: identical to running to 7."""
-    straight = make_trainer(make_config(tmp_path, "straight", max_steps=7))
+@pytest.mark.parametrize("batch_size, grad_accum_steps", [(8, 1), (4, 2)])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, batch_size, grad_accum_steps):
+    """Stop at step 4, resume to 7: identical to running to 7.
+
+    20 items: with batch 8 step 4 ends mid-epoch; with 2 micro-batches of 4 it ends after
+    micro-batch 8 of 5 per epoch, and step 3 straddles the epoch boundary.
+    """
+    settings = dict(batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+    straight = make_trainer(make_config(tmp_path, "straight", max_steps=7, **settings))
     straight.train()
 
-    first = make_trainer(make_config(tmp_path, "resumed", max_steps=4))
+    first = make_trainer(make_config(tmp_path, "resumed", max_steps=4, **settings))
     first.train()
     # A different initialisation proves the weights really come from the checkpoint.
-    second = make_trainer(make_config(tmp_path, "resumed", max_steps=7), model_seed=123)
+    second = make_trainer(make_config(tmp_path, "resumed", max_steps=7, **settings), model_seed=123)
     second.train()
 
     losses = [r["loss"] for r in first.history + second.history]
@@ -107,6 +116,41 @@ def test_resume_warns_when_the_diffusion_changed(tmp_path):
         other.train()
 
 
+def custom_diffusion(betas) -> diffkit.Diffusion:
+    return diffkit.Diffusion(schedule=diffkit.NoiseSchedule.from_betas(betas))
+
+
+@pytest.mark.parametrize("change, reported", [(lambda b: b + 1e-16, []), (lambda b: b * 1.001, ["schedule.betas"])])
+def test_resume_ignores_float_noise_in_the_schedule_but_not_a_change(tmp_path, change, reported):
+    betas = torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64)
+    Trainer(TinyDenoiser(), custom_diffusion(betas), vectors(), make_config(tmp_path, max_steps=1), modality="toy").train()
+    changed = change(betas)
+    assert not torch.equal(changed, betas)
+    other = Trainer(TinyDenoiser(), custom_diffusion(changed), vectors(), make_config(tmp_path, max_steps=2),
+                    modality="toy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other.train()
+    found = [re.search(r"different diffusion config \(changed: (.*?)\)", str(w.message)) for w in caught]
+    assert [match.group(1) for match in found if match] == [", ".join(reported)] * bool(reported)
+
+
+@pytest.mark.parametrize(
+    "saved, current, changed",
+    [
+        ({"a": 0.1, "b": [1.0, 2.0]}, {"a": 0.1 * (1 + 1e-12), "b": [1.0, 2.0 + 1e-15]}, []),
+        ({"a": 0.1}, {"a": 0.1 * (1 + 1e-8)}, ["a"]),
+        ({"b": [1.0, 2.0]}, {"b": [1.0, 2.0, 3.0]}, ["b"]),
+        ({"s": {"name": "linear", "n": 50}}, {"s": {"name": "cosine", "n": 50.0}}, ["s.name"]),
+        ({"flag": True}, {"flag": 1}, ["flag"]),
+        ({"a": 1, "diffkit_version": "0.1"}, {"a": 1, "new": None, "diffkit_version": "0.2"}, ["new"]),
+        ({"a": 0.0}, {"a": 1e-300}, ["a"]),
+    ],
+)
+def test_changed_settings_compares_numbers_with_a_relative_tolerance(saved, current, changed):
+    assert trainer_module._changed_settings(saved, current) == changed
+
+
 def test_ema_is_an_exponential_moving_average(tmp_path):
     # ema_start=1: the first step copies the weights, the second one averages.
     snapshots = {}
@@ -143,11 +187,22 @@ def test_linear_warmup_learning_rates(tmp_path):
     assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
 
 
-def test_gradient_clipping_bounds_the_update(tmp_path):
-    # With clipping the logged norm is the norm *before* clipping; the update uses the clipped one.
-    trainer = make_trainer(make_config(tmp_path, max_steps=1, grad_clip=1e-3))
+@pytest.mark.parametrize(
+    "decay, shape",
+    [("linear", lambda p: 1 - p), ("cosine", lambda p: (1 + math.cos(math.pi * p)) / 2)],
+)
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_learning_rate_decays_to_min_lr_at_max_steps(tmp_path, decay, shape, warmup):
+    lr, min_lr, max_steps = 0.1, 0.01, 9
+    trainer = make_trainer(make_config(tmp_path, max_steps=max_steps, lr=lr, min_lr=min_lr, warmup_steps=warmup,
+                                       lr_decay=decay))
     trainer.train()
-    assert trainer.history[0]["grad_norm"] > 1e-3
+    expected = [
+        lr * k / warmup if k <= warmup else min_lr + (lr - min_lr) * shape((k - warmup) / (max_steps - warmup))
+        for k in range(1, max_steps + 1)
+    ]
+    assert [r["lr"] for r in trainer.history] == pytest.approx(expected, rel=1e-12)
+    assert trainer.history[-1]["lr"] == pytest.approx(min_lr, rel=1e-12)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -230,6 +285,30 @@ def test_train_config_round_trip_and_validation():
         TrainConfig(lr=0, mixed_precision="fp8")
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(lr_decay="exponential"), "lr_decay must be one of none, cosine, linear"),
+        (dict(lr_decay="cosine", lr=1e-3, min_lr=1e-2), r"min_lr must be in \[0, lr=0.001\]"),
+        (dict(lr_decay="linear", min_lr=-1e-5), "min_lr must be in"),
+        (dict(min_lr=1e-5), "min_lr=1e-05 has no effect with lr_decay='none'"),
+        (dict(grad_accum_steps=0), "grad_accum_steps must be >= 1"),
+        (dict(grad_accum_steps=2.5), "grad_accum_steps must be an integer"),
+    ],
+)
+def test_train_config_rejects_bad_schedules(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_train_config_of_an_older_checkpoint_gets_the_new_defaults():
+    old = TrainConfig(max_steps=10).to_dict()
+    for name in ("lr_decay", "min_lr", "grad_accum_steps"):
+        del old[name]
+    config = TrainConfig.from_dict(old)
+    assert (config.lr_decay, config.min_lr, config.grad_accum_steps) == ("none", 0.0, 1)
+
+
 def test_mixed_precision_choice():
     cpu = torch.device("cpu")
     assert _autocast_dtype("auto", cpu) is None  # bf16 on CPUs is usually slower, so "auto" skips it
@@ -237,10 +316,20 @@ def test_mixed_precision_choice():
     assert _autocast_dtype("no", cpu) is None
 
 
-def test_bf16_autocast_step_runs_on_cpu(tmp_path):
-    trainer = make_trainer(make_config(tmp_path, max_steps=1, mixed_precision="bf16"))
+@pytest.mark.parametrize(
+    "mode, autocast, output_dtype",
+    [("bf16", True, torch.bfloat16), ("no", False, torch.float32), ("auto", False, torch.float32)],
+)
+def test_forward_runs_under_autocast_only_with_bf16(tmp_path, mode, autocast, output_dtype):
+    trainer = make_trainer(make_config(tmp_path, max_steps=2, mixed_precision=mode))
+    seen = []
+    trainer.model.inp.register_forward_hook(
+        lambda module, args, output: seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+    )
     trainer.train()
+    assert seen == [(autocast, output_dtype)] * 2
     assert trainer.model.inp.weight.dtype == torch.float32  # autocast, not a cast of the weights
+    assert trainer.model.inp.weight.grad.dtype == torch.float32
 
 
 def test_tensorboard_progress_and_sample_fn(tmp_path, capsys):

@@ -3,7 +3,9 @@ Frechet distance in that space (an FID for 16x16 digits), plus a nearest-neighbo
 
 The classifier is trained by the project (``train_digit_classifier``; the shipped weights in
 ``checkpoints/digits-classifier`` were written by ``benchmarks/image_quality.py
---train-classifier``). It is stored as safetensors + JSON, never pickled.
+--train-classifier``). It is an ordinary diffkit checkpoint of the image modality without a
+diffusion (``diffkit info`` describes it), loaded through the same allow-list as the
+diffusion networks and never unpickled; its ``modality_config`` records how it was trained.
 
 It sees only half of the digits' training split (``classifier_split``): a network's features
 of its own training images are more confident than those of new images, so the real-data
@@ -13,13 +15,17 @@ half), like the generated samples and the held-out reference.
 
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffkit.checkpoint import checkpoint_exists, load_network, save_checkpoint
 
 from .data import load_digits
 
@@ -35,6 +41,7 @@ __all__ = [
 ]
 
 CLASSIFIER_DIR = Path(__file__).parent / "checkpoints" / "digits-classifier"
+CLASSIFIER_CLASS = "modalities.image.metrics.DigitClassifier"
 
 
 class DigitClassifier(nn.Module):
@@ -123,31 +130,27 @@ def train_digit_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 64
     return model, acc
 
 
-def save_digit_classifier(model: DigitClassifier, path: str | Path, extra: dict) -> None:
-    from safetensors.torch import save_file
+def save_digit_classifier(model: DigitClassifier, path: str | os.PathLike,
+                          training: Mapping[str, Any], step: int = 0) -> Path:
+    """Write the classifier as a diffkit checkpoint; ``training`` (data, accuracy, command,
+    hardware, ...) becomes its ``modality_config``, ``step`` the optimizer steps taken."""
+    return save_checkpoint(path, model=model, step=step, config={
+        "modality": "image",
+        "model": {"class": CLASSIFIER_CLASS, "kwargs": model.config},
+        "diffusion": None,
+        "modality_config": dict(training),
+    })
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights = path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    weights.chmod(0o644)  # safetensors creates the file private to its owner
-    (path / "config.json").write_text(json.dumps({"kwargs": model.config, **extra}, indent=2))
 
-
-def load_digit_classifier(path: str | Path = CLASSIFIER_DIR) -> DigitClassifier:
-    """The shipped (or a given) digit classifier, in eval mode."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / "model.safetensors").is_file():
+def load_digit_classifier(path: str | os.PathLike = CLASSIFIER_DIR,
+                          device: str | torch.device = "cpu") -> DigitClassifier:
+    """The shipped (or a given) digit classifier, in eval mode without gradients."""
+    if not checkpoint_exists(path):
         raise FileNotFoundError(
             f"no digit classifier at {path}; run: python benchmarks/image_quality.py "
             "--train-classifier"
         )
-    config = json.loads((path / "config.json").read_text())
-    model = DigitClassifier(**config["kwargs"])
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    return model.eval()
+    return load_network(path, {CLASSIFIER_CLASS: DigitClassifier}, modality="image", device=device).net
 
 
 def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

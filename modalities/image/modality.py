@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import diffkit
-from diffkit.checkpoint import CheckpointError, load_checkpoint
+from diffkit.checkpoint import CheckpointError, load_network
+from diffkit.utils import module_device
 
 from .data import to_model_range, to_unit_range
 from .text import TextEncoder, load_text_encoder
@@ -49,6 +50,7 @@ __all__ = [
     "ImageModality",
     "ImageModel",
     "load_image_model",
+    "image_metadata",
     "load_image",
     "save_grid",
     "make_grid",
@@ -121,17 +123,13 @@ class ImageModel:
     def text_encoder(self) -> TextEncoder:
         encoder = load_text_encoder(self.info.get("text_encoder"),
                                     max_length=int(self.info.get("text_max_length", 16)),
-                                    device=_device_of(self.net))
+                                    device=module_device(self.net))
         if encoder.dim != self.net.context_dim:
             raise ValueError(
                 f"text encoder {encoder.path} gives {encoder.dim}-d states but checkpoint "
                 f"{self.path} was trained on {self.net.context_dim}-d ones"
             )
         return encoder
-
-
-def _device_of(net: torch.nn.Module) -> torch.device:
-    return next(net.parameters()).device
 
 
 def load_image_model(checkpoint: str | os.PathLike | None = None,
@@ -150,25 +148,19 @@ def load_image_model(checkpoint: str | os.PathLike | None = None,
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, _stamp: int, device: str) -> ImageModel:
-    ckpt = load_checkpoint(path, modality="image")
-    model_config = ckpt.model_config or {}
-    cls = NETWORKS.get(model_config.get("class"))
-    if cls is None:
-        raise CheckpointError(
-            f"checkpoint {path} names the network {model_config.get('class')!r}; the image modality "
-            f"loads {', '.join(NETWORKS)} only"
-        )
-    if ckpt.diffusion_config is None:
+    loaded = load_network(path, NETWORKS, modality="image", device=device)
+    if loaded.diffusion is None:
         raise CheckpointError(f"checkpoint {path} has no diffusion config; it cannot be sampled")
-    net = cls(**model_config.get("kwargs", {}))
-    state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
-    try:
-        net.load_state_dict(state)  # copies (and casts fp16 shipped weights to fp32)
-    except RuntimeError as err:
-        raise CheckpointError(f"weights in {path} do not fit the network its config describes: {err}") from err
-    net.to(device).eval().requires_grad_(False)
-    info = dict(model_config.get("image") or {})
-    return ImageModel(Path(path), net, diffkit.Diffusion.from_config(ckpt.diffusion_config), info)
+    return ImageModel(loaded.path, loaded.net, loaded.diffusion, image_metadata(loaded.config))
+
+
+def image_metadata(config: dict[str, Any]) -> dict[str, Any]:
+    """What the image modality records about a checkpoint (class names, text encoder, sampling
+    defaults, ...): ``config["modality_config"]``, or ``config["model"]["image"]`` where
+    checkpoints written before ``modality_config`` existed kept it."""
+    if config.get("modality_config"):
+        return dict(config["modality_config"])
+    return dict((config.get("model") or {}).get("image") or {})
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -259,6 +251,11 @@ def _default_checkpoint(prompt, low_res) -> Path:
     return DEFAULT_CHECKPOINT
 
 
+def _check_steps(steps: int | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+        raise ValueError(f"steps must be a whole number >= 1 (or None for the default), got {steps!r}")
+
+
 def _seeded_generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
@@ -292,7 +289,8 @@ def generate_images(
     Args:
         checkpoint: an image checkpoint directory; None picks a shipped one.
         seed: the same seed (and batch_size) gives the same images; None draws fresh ones.
-        sampler, steps: any of ``diffkit.SAMPLERS``; defaults come from the checkpoint.
+        sampler, steps: any of ``diffkit.SAMPLERS`` and a step count >= 1; None takes the
+            checkpoint's default.
         labels: one class index or one per sample (class-conditional checkpoints). Without
             labels a class-conditional model samples its unconditional (null-class) mode.
         prompt: one prompt or one per sample (text-conditional checkpoints).
@@ -306,10 +304,11 @@ def generate_images(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_steps(steps)
     if checkpoint is None:
         checkpoint = _default_checkpoint(prompt, low_res)
     model = load_image_model(checkpoint, device)
-    dev = _device_of(model.net)
+    dev = module_device(model.net)
     n, c, s = num_samples, model.channels, model.image_size
 
     cond: dict[str, torch.Tensor] = {}
@@ -365,7 +364,7 @@ def generate_images(
         tasks["init"], tasks["strength"] = to_model_range(_as_images(init, "init", c, s, n)), float(strength)
 
     sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
-    steps = steps or model.default("steps", FALLBACK_STEPS)
+    steps = model.default("steps", FALLBACK_STEPS) if steps is None else int(steps)
     if sampler not in diffkit.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
     gen = _seeded_generator(seed)
@@ -375,9 +374,12 @@ def generate_images(
         b = part.stop - part.start
         batch_cond = {k: v[part].to(dev) for k, v in cond.items()}
         batch_tasks = {k: v[part].to(dev) if torch.is_tensor(v) else v for k, v in tasks.items()}
+        wrappers = [diffkit.ClipX0(-1.0, 1.0)]
+        if "known" in batch_tasks:
+            wrappers.append(diffkit.KnownValues(batch_tasks.pop("mask"), batch_tasks.pop("known")))
         x = model.diffusion.sample(
             model.net, (b, c, s, s), sampler=sampler, steps=steps, generator=gen, device=dev,
-            guidance_scale=float(guidance_scale), clip_denoised=(-1.0, 1.0), progress=progress,
+            guidance_scale=float(guidance_scale), wrappers=wrappers, progress=progress,
             **batch_tasks, **batch_cond,
         )
         out.append(x.float().cpu())
@@ -447,9 +449,10 @@ def bits_per_dim(
     Class- and text-conditional models are scored unconditionally (the null condition) unless
     ``labels`` are given; super-resolution models need ``low_res``.
     """
+    _check_steps(steps)
     model = load_image_model(checkpoint if checkpoint is not None
                              else _default_checkpoint(None, low_res), device)
-    dev = _device_of(model.net)
+    dev = module_device(model.net)
     n = _count(images)
     x = to_model_range(_as_images(images, "images", model.channels, model.image_size, n))
     cond: dict[str, torch.Tensor] = {}
@@ -532,9 +535,9 @@ class ImageModality:
                                device=device, sampler=sampler, steps=steps, progress=progress,
                                **cond)
 
-    def save(self, samples: torch.Tensor, path: str | os.PathLike) -> None:
-        """A PNG grid of the samples."""
-        save_grid(samples, path)
+    def save(self, samples: torch.Tensor, path: str | os.PathLike) -> list[Path]:
+        """A PNG grid of the samples; returns [the PNG's path]."""
+        return [save_grid(samples, path)]
 
     def add_cli_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Options of ``diffkit generate image``; their names match generate's arguments."""

@@ -1,8 +1,9 @@
 """A U-Net for image diffusion, written to be read top to bottom.
 
-The network maps a noisy image ``x_t`` and its timestep ``t`` to the diffusion's prediction
-(noise, x0 or v; twice the channels when the diffusion learns its variance). Optional
-conditions:
+The network maps a noisy image ``x_t`` and its timestep ``t`` (B,) (integer or real) to the
+diffusion's prediction (noise, x0 or v; twice the channels when the diffusion learns its
+variance). Its building blocks (time embedding, residual block, attention) are the core's,
+from ``diffkit.nn``; this file only arranges them. Optional conditions:
 
 - ``labels``: class indices, embedded and added to the timestep embedding;
 - ``context`` (+ ``context_mask``): a text encoder's per-token hidden states, read by
@@ -24,112 +25,15 @@ oneDNN convolutions prefer on CPU.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "timestep_embedding"]
+from diffkit.nn import Attention, ResidualBlock, TimeEmbedding, group_norm, zero_module
 
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B, dim) of integer or real timesteps (B,), as in the Transformer."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    # Fall back to fewer groups when the width is not divisible, rather than failing.
-    groups = math.gcd(channels, groups)
-    return nn.GroupNorm(groups, channels)
-
-
-def _zero(module: nn.Module) -> nn.Module:
-    """Zero a layer's parameters so a residual branch starts as the identity (stabler start)."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the embedding applied as a scale and shift (FiLM)."""
-
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
-        super().__init__()
-        self.norm1 = _norm(in_ch, groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_ch)
-        self.norm2 = _norm(out_ch, groups)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the pixels, then (optionally) cross-attention to text.
-
-    The text tokens are keys and values; ``context_mask`` (B, L) marks real tokens so padding
-    is ignored. Both output projections start at zero, so a fresh block is the identity.
-    """
-
-    def __init__(self, channels: int, num_heads: int, groups: int, context_dim: int | None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm = _norm(channels, groups)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = _zero(nn.Linear(channels, channels))
-        self.cross = context_dim is not None
-        if self.cross:
-            self.norm_cross = nn.LayerNorm(channels)
-            self.q_cross = nn.Linear(channels, channels)
-            self.kv_cross = nn.Linear(context_dim, 2 * channels)
-            self.proj_cross = _zero(nn.Linear(channels, channels))
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-
-    def _merge(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, n, d = x.shape
-        return x.transpose(1, 2).reshape(b, n, h * d)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        b, c, hgt, wid = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.qkv(tokens).chunk(3, dim=2)
-        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
-        h = x.flatten(2).transpose(1, 2) + self.proj(self._merge(out))
-        if self.cross and context is not None:
-            q = self.q_cross(self.norm_cross(h))
-            k, v = self.kv_cross(context).chunk(2, dim=2)
-            # SDPA's boolean mask: True = attend. Shape (B, 1, 1, L) broadcasts over heads/queries.
-            mask = None if context_mask is None else context_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(
-                self._heads(q), self._heads(k), self._heads(v), attn_mask=mask
-            )
-            h = h + self.proj_cross(self._merge(out))
-        return h.transpose(1, 2).reshape(b, c, hgt, wid).contiguous(
-            memory_format=torch.channels_last
-        )
+__all__ = ["UNet"]
 
 
 class Block(nn.Module):
@@ -138,7 +42,7 @@ class Block(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float,
                  attention: bool, num_heads: int, context_dim: int | None):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, groups, dropout)
+        self.res = ResidualBlock(in_ch, out_ch, emb_dim, groups=groups, dropout=dropout)
         self.attn = Attention(out_ch, num_heads, groups, context_dim) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
@@ -215,9 +119,8 @@ class UNet(nn.Module):
         self.out_channels = in_channels * (2 if learn_sigma else 1)
 
         emb_dim = 4 * base_channels
-        self.time_mlp = nn.Sequential(
-            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        # Sinusoidal features of the (integer or real) timestep, then Linear-SiLU-Linear.
+        self.time_mlp = TimeEmbedding(base_channels, emb_dim, emb_dim)
         if num_classes is not None:
             self.class_emb = nn.Embedding(num_classes + 1, emb_dim)  # last row: null class
         if context_dim is not None:
@@ -242,9 +145,9 @@ class UNet(nn.Module):
             if level < levels - 1:
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
 
-        self.mid1 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
+        self.mid1 = ResidualBlock(ch, ch, emb_dim, groups=norm_groups, dropout=dropout)
         self.mid_attn = Attention(ch, num_heads, norm_groups, context_dim)
-        self.mid2 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
+        self.mid2 = ResidualBlock(ch, ch, emb_dim, groups=norm_groups, dropout=dropout)
 
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -259,14 +162,14 @@ class UNet(nn.Module):
                 self.upsample.append(nn.Conv2d(ch, widths[level - 1], 3, padding=1))
                 ch = widths[level - 1]
 
-        self.out_norm = _norm(ch, norm_groups)
-        self.out_conv = _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        self.out_norm = group_norm(ch, norm_groups)
+        self.out_conv = zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         self.to(memory_format=torch.channels_last)
 
     def _embed(self, t, labels, context, context_mask, drop_cond, batch: int):
         """Timestep embedding plus the class and pooled-text embeddings; also returns the
         context and mask with dropped prompts replaced by the null token."""
-        emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
+        emb = self.time_mlp(t)
         # A condition the network has no input for would be ignored silently: refuse it.
         if labels is not None and self.num_classes is None:
             raise ValueError("labels were given but this network is not class-conditional")
@@ -313,6 +216,10 @@ class UNet(nn.Module):
             )
         if x.shape[-2] % 2 ** (len(self.down) - 1) or x.shape[-1] % 2 ** (len(self.down) - 1):
             raise ValueError(f"H and W must be divisible by {2 ** (len(self.down) - 1)}")
+        if not isinstance(t, torch.Tensor) or t.shape != x.shape[:1]:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"expected timesteps t of shape (B,) = ({x.shape[0]},), got {shape}")
+        t = t.to(x.device)
         emb, context, context_mask = self._embed(
             t, labels, context, context_mask, drop_cond, x.shape[0]
         )
