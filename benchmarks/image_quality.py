@@ -50,8 +50,7 @@ from modalities.image.metrics import (
 )
 from modalities.image.modality import DEFAULT_CHECKPOINT, bits_per_dim, generate_images, load_image_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from image_train import hardware_summary  # noqa: E402
+from diffkit.runs import hardware_summary
 
 # Phrasings the text model never saw in training (see data.CAPTION_TEMPLATES for those it did).
 UNSEEN_TEMPLATES = ("a drawing of the number {w}", "digit {d}", "write a {w}")

@@ -21,9 +21,6 @@ checkpoints in ``modalities/image/checkpoints`` take.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +30,7 @@ from typing import Any
 import torch
 
 import diffkit
-from diffkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffkit.runs import export_checkpoint, is_main_process, usage_errors
 from diffkit.trainer import TrainConfig, Trainer
 
 from modalities.image.data import (
@@ -274,47 +271,12 @@ def make_sample_fn(s, diffusion, dataset, num: int = 64):
     return sample_fn
 
 
-def hardware_summary() -> str:
-    """CPU model and core count (and the GPU, when there is one), for records."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
-
-
-def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str]) -> Path:
-    """A compact shipping checkpoint: EMA weights in float16, no optimizer state, the same
-    model, diffusion and modality configs as the run's checkpoint."""
-    ckpt = load_checkpoint(trainer.checkpoint_dir, modality="image")
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.ema_state.items()}
-    extra = {
-        "recipe": "python " + shlex.join(["recipes/image_train.py", *argv]),
-        "seed": s["seed"],
-        "hardware": hardware_summary(),
-        "device": str(trainer.device),
-        "wall_time_s": round(wall_time, 1),
-        "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
-        "weights": "EMA, float16",
-    }
-    described = ("modality", "model", "diffusion", "modality_config", "train")
-    return save_checkpoint(path, model=weights, step=ckpt.step, extra=extra,
-                           config={key: ckpt.config.get(key) for key in described})
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun starts one per GPU
-    try:
+    main_process = is_main_process()
+    with usage_errors(parser):
         s = resolve_settings(args)
         images, labels, class_names, bin_width = load_data(s)
         built = build(s, labels, class_names, bin_width)
@@ -333,8 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         # Resuming is part of checking the input: a --output-dir holding another kind of
         # checkpoint is a usage error, not a crash.
         trainer.resume()
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        parser.error(str(err))
     if main_process:
         n_params = sum(p.numel() for p in built.net.parameters())
         print(f"preset {args.preset}: {len(dataset)} images {tuple(images.shape[1:])}, "
@@ -346,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     if main_process:
         print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
     if args.export and main_process:
-        path = export(s, trainer, Path(args.export), wall, argv)
+        path = export_checkpoint(trainer.checkpoint_dir, args.export, modality="image",
+                                 command=["recipes/image_train.py", *argv], seed=s["seed"], wall_time_s=wall,
+                                 device=trainer.device,
+                                 final_loss=trainer.history[-1]["loss"] if trainer.history else None)
         print(f"exported {path}")
     return 0
 

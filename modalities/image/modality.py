@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 
 import diffkit
 from diffkit.checkpoint import CheckpointError, load_network
+from diffkit.runs import resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
 from .data import to_model_range, to_unit_range
@@ -251,20 +251,6 @@ def _default_checkpoint(prompt, low_res) -> Path:
     return DEFAULT_CHECKPOINT
 
 
-def _check_steps(steps: int | None) -> None:
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
-        raise ValueError(f"steps must be a whole number >= 1 (or None for the default), got {steps!r}")
-
-
-def _seeded_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()  # fresh entropy: different samples each call
-    else:
-        gen.manual_seed(int(seed))
-    return gen
-
-
 def generate_images(
     *,
     checkpoint: str | os.PathLike | None = None,
@@ -304,7 +290,7 @@ def generate_images(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_steps(steps)
+    resolve_steps(steps, FALLBACK_STEPS)  # bad steps fail before any loading
     if checkpoint is None:
         checkpoint = _default_checkpoint(prompt, low_res)
     model = load_image_model(checkpoint, device)
@@ -364,10 +350,10 @@ def generate_images(
         tasks["init"], tasks["strength"] = to_model_range(_as_images(init, "init", c, s, n)), float(strength)
 
     sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
-    steps = model.default("steps", FALLBACK_STEPS) if steps is None else int(steps)
+    steps = resolve_steps(steps, model.default("steps", FALLBACK_STEPS))
     if sampler not in diffkit.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
-    gen = _seeded_generator(seed)
+    gen = seeded_generator(seed)
     out = []
     for start in range(0, n, batch_size):
         part = slice(start, min(start + batch_size, n))
@@ -449,7 +435,8 @@ def bits_per_dim(
     Class- and text-conditional models are scored unconditionally (the null condition) unless
     ``labels`` are given; super-resolution models need ``low_res``.
     """
-    _check_steps(steps)
+    if steps is not None:
+        resolve_steps(steps, 0)
     model = load_image_model(checkpoint if checkpoint is not None
                              else _default_checkpoint(None, low_res), device)
     dev = module_device(model.net)
@@ -470,7 +457,7 @@ def bits_per_dim(
             raise ValueError(f"checkpoint {model.path} is a super-resolution model: pass low_res=")
         cond["low_res"] = to_model_range(_as_images(low_res, "low_res", model.channels,
                                                     model.low_res_size, n))
-    gen = _seeded_generator(seed)
+    gen = seeded_generator(seed)
     bin_width = float(model.info.get("bin_width", model.diffusion.bin_width))
     out = []
     for start in range(0, n, batch_size):

@@ -1,0 +1,57 @@
+"""Recipe plumbing shared by every modality: exports, step defaults, generators, usage errors."""
+
+import argparse
+
+import pytest
+import torch
+
+from _toys import TinyDenoiser, vectors
+from diffkit import Diffusion, TrainConfig, Trainer, load_checkpoint
+from diffkit.runs import export_checkpoint, resolve_steps, seeded_generator, usage_errors
+
+
+def test_export_keeps_configs_and_side_files_and_halves_the_ema_weights(tmp_path):
+    trainer = Trainer(TinyDenoiser(), Diffusion("linear", 50), vectors(), TrainConfig(
+        max_steps=3, batch_size=4, output_dir=str(tmp_path / "run"), tensorboard=False, progress=False),
+        modality="toy", modality_config={"sample_rate": 8000}, side_files={"vocab.txt": b"a b c"})
+    trainer.train()
+    path = export_checkpoint(trainer.checkpoint_dir, tmp_path / "shipped", modality="toy",
+                             command=["recipes/toy_train.py", "--seed", "3"], seed=3, wall_time_s=1.234,
+                             side_files={"notes.txt": b"extra"})
+    shipped = load_checkpoint(path, modality="toy")
+    run = load_checkpoint(trainer.checkpoint_dir)
+    assert shipped.optimizer_state is None and shipped.ema_state is None
+    assert all(v.dtype == torch.float16 for v in shipped.model_state.values() if v.is_floating_point())
+    assert all(torch.equal(shipped.model_state[k], run.ema_state[k].half()) for k in run.ema_state)
+    assert shipped.modality_config == {"sample_rate": 8000}
+    assert shipped.diffusion_config == run.diffusion_config and shipped.step == 3
+    assert shipped.side_file("vocab.txt").read_bytes() == b"a b c"
+    assert shipped.side_file("notes.txt").read_bytes() == b"extra"
+    assert shipped.extra["recipe"] == "python recipes/toy_train.py --seed 3" and shipped.extra["wall_time_s"] == 1.2
+    with pytest.raises(Exception, match="not 'image'"):
+        export_checkpoint(trainer.checkpoint_dir, tmp_path / "x", modality="image", command=[], seed=0, wall_time_s=0)
+
+
+def test_steps_default_only_for_none():
+    assert resolve_steps(None, 20) == 20 and resolve_steps(5, 20) == 5
+    for bad in (0, -5, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            resolve_steps(bad, 20)
+
+
+def test_seeded_generators_repeat_and_unseeded_ones_differ():
+    assert torch.equal(torch.randn(4, generator=seeded_generator(1)), torch.randn(4, generator=seeded_generator(1)))
+    assert not torch.equal(torch.randn(4, generator=seeded_generator(None)), torch.randn(4, generator=seeded_generator(None)))
+
+
+def test_usage_errors_exit_like_argparse(capsys, monkeypatch):
+    parser = argparse.ArgumentParser(prog="toy_train.py")
+    monkeypatch.delenv("DIFFKIT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        with usage_errors(parser):
+            raise ValueError("the data folder is empty")
+    assert exit_info.value.code == 2
+    assert "toy_train.py: error: the data folder is empty" in capsys.readouterr().err
+    with pytest.raises(KeyError):  # a bug is not a usage error
+        with usage_errors(parser):
+            raise KeyError("x")
