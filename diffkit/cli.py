@@ -103,12 +103,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
         gen.add_argument("-h", "--help", action="store_true", help="show this help (with the modality's options) and exit"),
         gen.add_argument("modality", nargs="?", metavar="MODALITY", help="which modality to sample from (see `diffkit modalities`)"),
         gen.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory to load (default: the modality's default model)"),
-        gen.add_argument("--num-samples", type=_positive_int, default=16, metavar="N", help="how many samples to draw (default: 16)"),
+        gen.add_argument("--num-samples", type=_positive_int, default=None, metavar="N", help="how many samples to draw (default: the modality's, usually 16, or one per label given)"),
         gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed; the same seed gives the same samples (default: random)"),
         gen.add_argument("--sampler", default=None, metavar="NAME", help=f"sampling algorithm: {', '.join(SAMPLERS)} (default: the modality's choice)"),
         gen.add_argument("--steps", type=_positive_int, default=None, metavar="K", help="number of sampling steps (default: the modality's choice)"),
         gen.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default: auto)"),
-        gen.add_argument("--out", metavar="PATH", help="where to write the samples (required)"),
+        gen.add_argument("--out", metavar="PATH", help="where to write the samples (required, except for modalities whose samples print, such as text)"),
         gen.add_argument("--no-progress", action="store_true", help="do not show a progress bar"),
     ]
 
@@ -159,7 +159,9 @@ def _generate(
         return 0
     # Second pass, now strict: unknown options are errors.
     args = parser.parse_args(argv)
-    if args.out is None:
+    # Samples a terminal can show (text) may go to stdout; the others need a file.
+    prints = callable(getattr(modality, "format_samples", None))
+    if args.out is None and not prints:
         generate_parser.error("--out PATH is required: where to write the samples")
     modality_kwargs = {key: value for key, value in vars(args).items() if key not in common_dests}
     samples = generate(
@@ -173,8 +175,11 @@ def _generate(
         progress=not args.no_progress,
         **modality_kwargs,
     )
+    if args.out is None:
+        print(modality.format_samples(samples))
+        return 0
     written = modality.save(samples, args.out) or []
-    count = len(samples) if hasattr(samples, "__len__") else args.num_samples
+    count = len(samples) if hasattr(samples, "__len__") else args.num_samples or "the"
     if written:
         # One path a line, so scripts can pick up what was written.
         print(f"wrote {count} {args.modality} sample(s):")

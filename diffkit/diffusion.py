@@ -8,6 +8,7 @@ Networks follow one convention, ``model(x_t, t, **cond)`` with float times t of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -118,6 +119,12 @@ class Diffusion:
         time_sampling: how training draws times: ``discrete`` (uniform over the T steps),
             ``continuous`` (uniform in [0, T-1]) or ``noise_level`` (WaveGrad: a step i
             uniformly, then sqrt(alpha_bar) uniformly between steps i-1 and i).
+        calibration: what :mod:`diffkit.calibration` measured on a trained model, carried in
+            :attr:`config` (so a checkpoint keeps it): ``{"grids": {"<sampler>/<K>": {"times":
+            [...], "sampler_options": {...}}}, "eps_norm_sq": [T floats]}``, both optional. A
+            stored grid is what ``sample(sampler=..., steps=K)`` and ``sampling_grid(K)`` use;
+            ``eps_norm_sq`` gives :meth:`nll` (and ``ddpm`` with ``variance="analytic"``)
+            Analytic-DPM's reverse variances. Fill it with :func:`diffkit.calibration.calibrate`.
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class Diffusion:
         zero_terminal_snr: bool = False,
         time_input: str = "timestep",
         time_sampling: str = "discrete",
+        calibration: Optional[dict] = None,
     ) -> None:
         if isinstance(schedule, NoiseSchedule):
             self.schedule = schedule
@@ -167,6 +175,54 @@ class Diffusion:
         self.data_range = (float(data_range[0]), float(data_range[1]))
         # Every training step, evaluated once: the loss's bound term needs its decoder variance.
         self._training_grid = SamplingGrid.from_times(self.schedule, torch.arange(self.num_timesteps - 1, -1, -1))
+        self.calibration = self._check_calibration(calibration)
+
+    def _check_calibration(self, calibration: Optional[dict]) -> dict:
+        """A validated, JSON-able copy of a calibration dict (see the class docstring)."""
+        if calibration is None:
+            return {}
+        if not isinstance(calibration, dict):
+            raise ValueError(f"calibration must be a dict, got {type(calibration).__name__}")
+        unknown = set(calibration) - {"grids", "eps_norm_sq", "notes"}
+        if unknown:
+            raise ValueError(f"unknown calibration entries {sorted(unknown)}; expected 'grids', 'eps_norm_sq', 'notes'")
+        checked: dict = {}
+        if "eps_norm_sq" in calibration:
+            values = torch.as_tensor(calibration["eps_norm_sq"], dtype=torch.float64).flatten()
+            if values.numel() != self.num_timesteps or not torch.isfinite(values).all():
+                raise ValueError(f"calibration['eps_norm_sq'] needs {self.num_timesteps} finite values (one per "
+                                 f"training step), got {values.numel()}")
+            checked["eps_norm_sq"] = [float(v) for v in values]
+        grids = calibration.get("grids", {})
+        if not isinstance(grids, dict):
+            raise ValueError("calibration['grids'] must map '<sampler>/<steps>' to times")
+        checked_grids = {}
+        for key, entry in grids.items():
+            name, _, count = str(key).rpartition("/")
+            get_sampler(name)
+            if not count.isdigit():
+                raise ValueError(f"calibration grid key {key!r} must read '<sampler>/<steps>'")
+            entry = {"times": entry} if not isinstance(entry, dict) else entry
+            times = torch.as_tensor(entry.get("times", []), dtype=torch.float64).flatten()
+            if times.numel() != int(count):
+                raise ValueError(f"calibration grid {key!r} holds {times.numel()} times, not {count}")
+            SamplingGrid.from_times(self.schedule, times)  # raises on unordered or out-of-range times
+            options = entry.get("sampler_options", {}) or {}
+            if not isinstance(options, dict):
+                raise ValueError(f"calibration grid {key!r}: sampler_options must be a dict")
+            checked_grids[str(key)] = {"times": [float(t) for t in times], "sampler_options": dict(options)}
+        if checked_grids:
+            checked["grids"] = checked_grids
+        if "notes" in calibration:
+            checked["notes"] = calibration["notes"]
+        return checked
+
+    def calibrated_grid(self, sampler: str, steps: int) -> Optional[tuple[SamplingGrid, dict]]:
+        """The stored grid and sampler options for (``sampler``, ``steps``), or None when there is none."""
+        entry = self.calibration.get("grids", {}).get(f"{sampler}/{int(steps)}")
+        if entry is None:
+            return None
+        return SamplingGrid.from_times(self.schedule, entry["times"]), dict(entry.get("sampler_options", {}))
 
     # ------------------------------------------------------------------ config
     @property
@@ -195,6 +251,8 @@ class Diffusion:
             "data_range": list(self.data_range),
             "time_input": self.time_input,
             "time_sampling": self.time_sampling,
+            # Only when present: an uncalibrated config stays what it always was.
+            **({"calibration": self._check_calibration(self.calibration)} if self.calibration else {}),
         }
 
     @classmethod
@@ -203,7 +261,7 @@ class Diffusion:
         if not isinstance(config, dict) or "schedule" not in config:
             raise ValueError("not a Diffusion config: it needs a 'schedule' entry (use Diffusion.config to make one)")
         keys = ("prediction", "variance", "loss_type", "loss_weighting", "min_snr_gamma", "hybrid_lambda",
-                "decoder", "bin_width", "data_range", "time_input", "time_sampling")
+                "decoder", "bin_width", "data_range", "time_input", "time_sampling", "calibration")
         return cls(schedule_from_config(config["schedule"]), **{k: config[k] for k in keys if k in config})
 
     def __repr__(self) -> str:
@@ -375,23 +433,26 @@ class Diffusion:
         return weight_x0 / x0_error_scale(self.prediction, alpha, sigma)
 
     def _bound_term(self, x0, x_t, x0_hat, frac, scales, is_last, decoder_variance: float, decoder=None,
-                    bin_width=None, counted=None):
+                    bin_width=None, counted=None, log_var=None):
         """One term of the bound in bits/dim per example: KL(q(x_s|x_t,x0) || p(x_s|x_t)) for a step
         between noisy points, -log p(x0 | x_t) (the decoder) for the last step to clean data.
 
         ``scales`` = (alpha_t, sigma_t, alpha_s, sigma_s); ``is_last`` marks the decoder step (a
-        bool or a per-example mask); ``counted`` the elements averaged over (None: all).
+        bool or a per-example mask); ``counted`` the elements averaged over (None: all);
+        ``log_var`` replaces the reverse log variance (Analytic-DPM's, from :meth:`nll`).
         """
         a_t, s_t, a_s, s_s = scales
         true_mean, true_var = q_posterior(x0, x_t, a_t, s_t, a_s, s_s)
         model_mean, _ = q_posterior(x0_hat, x_t, a_t, s_t, a_s, s_s)
         frac = frac if frac is not None else 0.0
         is_last = torch.as_tensor(is_last, device=x0.device)
-        log_var = torch.where(
-            is_last,
-            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=True, decoder_variance=decoder_variance),
-            self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=False, decoder_variance=decoder_variance),
-        ).expand_as(x0)
+        if log_var is None:
+            log_var = torch.where(
+                is_last,
+                self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=True, decoder_variance=decoder_variance),
+                self._reverse_log_variance(frac, a_t, s_t, a_s, s_s, is_last=False, decoder_variance=decoder_variance),
+            )
+        log_var = log_var.expand_as(x0)
         kl = normal_kl(true_mean, torch.log(true_var.clamp(min=1e-20)).expand_as(x0), model_mean, log_var)
         decoder_nll = -self._decoder_log_likelihood(x0, model_mean, log_var, decoder, bin_width)
         return _masked_mean(torch.where(is_last, decoder_nll, kl), counted) / LOG2
@@ -420,6 +481,7 @@ class Diffusion:
         generator: Optional[torch.Generator] = None,
         return_terms: bool = False,
         progress: bool = False,
+        analytic: Optional[bool] = None,
         **cond,
     ):
         """The variational bound on -log p(x0) in bits per dimension, one value per example.
@@ -434,6 +496,13 @@ class Diffusion:
         the number of counted elements of each example. With ``return_terms=True`` it returns
         ``(bpd, terms)`` with ``prior``, ``decoder`` (B,) and ``kl`` (B, K-1) in bits/dim, and
         ``times``.
+
+        ``analytic``: the reverse variances. None (default) uses Analytic-DPM's optimal
+        variances when :attr:`calibration` holds ``eps_norm_sq`` and the variance is fixed
+        (:func:`diffkit.calibration.analytic_variances`), the configured ``variance``
+        otherwise; False always uses the configured one; True requires the calibration. The
+        bound is a bound either way: any variance gives one, the analytic one the tightest
+        isotropic one. ``terms["analytic"]`` says which was used.
         """
         check_finite(x0, "x0")
         K = self.num_timesteps if steps is None else steps
@@ -443,6 +512,19 @@ class Diffusion:
         counted = _element_mask(mask, known_mask, x0)
         decoder = _choose(decoder or self.decoder, DECODERS, "decoder")
         decoder_variance = grid.decoder_variance()
+        has_norms = "eps_norm_sq" in self.calibration
+        if analytic and not has_norms:
+            raise ValueError("analytic=True needs calibration['eps_norm_sq']; run "
+                             "diffkit.calibration.calibrate(diffusion, model, data=...) first")
+        if analytic and self.learn_variance:
+            raise ValueError("analytic=True replaces fixed variances; this diffusion learns its variance")
+        use_analytic = bool(has_norms and not self.learn_variance) if analytic is None else bool(analytic)
+        log_vars = None
+        if use_analytic:
+            from .calibration import analytic_variances
+
+            log_vars = torch.log(analytic_variances(grid, torch.tensor(self.calibration["eps_norm_sq"]),
+                                                    data_range=self._analytic_data_range()))
 
         prior = _masked_mean(prior_kl(x0, float(grid.alphas[0]), torch.tensor(float(grid.sigmas[0]), dtype=x0.dtype)), counted) / LOG2
         kls, decoder_bits = [], None
@@ -457,8 +539,9 @@ class Diffusion:
             x0_hat, _ = to_x0_eps(self.prediction, output, x_t, scales[0], scales[1])
             is_last = i == len(grid) - 1
             scale_tensors = tuple(torch.tensor(v, dtype=x0.dtype, device=x0.device) for v in scales)
+            log_var = None if log_vars is None else torch.tensor(float(log_vars[i]), dtype=x0.dtype, device=x0.device)
             bits = self._bound_term(x0, x_t, x0_hat, frac, scale_tensors, is_last, decoder_variance, decoder,
-                                    bin_width, counted=counted)
+                                    bin_width, counted=counted, log_var=log_var)
             if is_last:
                 decoder_bits = bits
             else:
@@ -466,20 +549,29 @@ class Diffusion:
         kl_terms = torch.stack(kls, dim=1) if kls else torch.zeros(x0.shape[0], 0, device=x0.device, dtype=x0.dtype)
         bpd = prior + kl_terms.sum(dim=1) + decoder_bits
         if return_terms:
-            return bpd, {"prior": prior, "decoder": decoder_bits, "kl": kl_terms, "times": grid.times}
+            return bpd, {"prior": prior, "decoder": decoder_bits, "kl": kl_terms, "times": grid.times,
+                         "analytic": use_analytic}
         return bpd
 
     # ------------------------------------------------------------------ sampling
     def sampling_grid(self, steps: Optional[int] = None, spacing: Optional[str] = None, *,
-                      sampler: str = "unipc", log_snr_range=None, max_time: Optional[int] = None) -> SamplingGrid:
+                      sampler: str = "unipc", log_snr_range=None, max_time: Optional[int] = None,
+                      calibrated: bool = True) -> SamplingGrid:
         """The grid a sampler visits: ``steps`` training times respaced by ``spacing``.
 
-        Defaults: 20 steps (all T for ``ddpm``) and the sampler's best spacing. ``max_time``
-        restricts the grid to [0, max_time] (warm starts). Any other grid comes from the
-        :class:`SamplingGrid` constructors (explicit times, noise levels or betas).
+        Defaults: 20 steps (all T for ``ddpm``) and the sampler's best spacing, or, when
+        :attr:`calibration` holds a grid for (``sampler``, ``steps``) and neither ``spacing``,
+        ``log_snr_range`` nor ``max_time`` is given, that stored grid (``calibrated=False``
+        skips it). ``max_time`` restricts the grid to [0, max_time] (warm starts). Any other
+        grid comes from the :class:`SamplingGrid` constructors (explicit times, noise levels or
+        betas).
         """
         if steps is None:
             steps = self.num_timesteps if sampler == "ddpm" else min(20, self.num_timesteps)
+        if calibrated and spacing is None and log_snr_range is None and max_time is None:
+            stored = self.calibrated_grid(sampler, steps)
+            if stored is not None:
+                return stored[0]
         if max_time is not None:
             steps = min(steps, max_time + 1)
         times = respace(self.schedule, steps, spacing or default_spacing(sampler), log_snr_range=log_snr_range,
@@ -566,6 +658,7 @@ class Diffusion:
         sample_fn = get_sampler(sampler)
         if strength is not None and init is None:
             raise ValueError("strength= needs init=<clean data> to start from")
+        explicit_grid = grid
         grid = self._resolve_grid(grid, steps, sampler, strength)
         device = torch.device(device) if device is not None else (noise.device if noise is not None else module_device(model))
 
@@ -590,15 +683,23 @@ class Diffusion:
 
         denoise = self.denoiser(model, grid, cond=cond, guidance_scale=guidance_scale, noise=noise,
                                 generator=generator, wrappers=wrappers)
+        options = dict(sampler_options or {})
+        if explicit_grid is None and strength is None:
+            # A calibrated grid comes with the sampler options it was fitted with; the caller's win.
+            stored = self.calibrated_grid(sampler, len(grid))
+            if stored is not None and torch.equal(stored[0].times, grid.times):
+                options = {**stored[1], **options}
+        if sampler == "ddpm" and "variance" not in options:
+            options["variance"] = "learned" if self.learn_variance else self.variance
+        if sampler == "ddpm" and options["variance"] == "analytic":
+            denoise = self._analytic_ddpm_denoiser(denoise, grid)
+            options["variance"] = "learned"
         bar = tqdm(total=model_calls(sampler, len(grid)), desc=f"sampling ({sampler})", disable=not progress, leave=False)
 
         def counted(x_in, i, _inner=denoise):
             bar.update(1)
             return _inner(x_in, i)
 
-        options = dict(sampler_options or {})
-        if sampler == "ddpm" and "variance" not in options:
-            options["variance"] = "learned" if self.learn_variance else self.variance
         try:
             result = sample_fn(counted, x, grid, generator=generator, callback=callback, **options)
         finally:
@@ -609,6 +710,39 @@ class Diffusion:
                 "or use more steps"
             )
         return result
+
+    def _analytic_ddpm_denoiser(self, denoise, grid: SamplingGrid):
+        """``denoise`` with Analytic-DPM's variance expressed as DDPM's learned interpolation.
+
+        The analytic variance lies in [beta_tilde, beta] on every step between noisy points, so
+        it is exp(v log beta + (1 - v) log beta_tilde) for v = log(var / beta_tilde) / log(beta / beta_tilde).
+        """
+        eps_norm_sq = self.calibration.get("eps_norm_sq")
+        if eps_norm_sq is None:
+            raise ValueError("variance='analytic' needs calibration['eps_norm_sq']; run "
+                             "diffkit.calibration.calibrate(diffusion, model, data=...) first")
+        from .calibration import analytic_variances
+
+        variances = analytic_variances(grid, torch.tensor(eps_norm_sq), data_range=self._analytic_data_range())
+        fracs = []
+        for i in range(len(grid)):
+            if i == len(grid) - 1:
+                fracs.append(0.0)  # the last step adds no noise
+                continue
+            beta = transition_variance(*grid.step_scales(i))
+            tilde = posterior_coefficients(*grid.step_scales(i))[2]
+            span = math.log(beta) - math.log(max(tilde, 1e-300))
+            fracs.append(0.0 if span <= 0 else (math.log(float(variances[i])) - math.log(max(tilde, 1e-300))) / span)
+
+        def analytic(x, i):
+            pred = denoise(x, i)
+            return dataclasses.replace(pred, variance_frac=torch.tensor(fracs[i], dtype=x.dtype, device=x.device))
+
+        return analytic
+
+    def _analytic_data_range(self) -> Optional[tuple[float, float]]:
+        """The bound on the data the analytic variances may use: the data range of quantised data."""
+        return self.data_range if self.decoder == "discretized" else None
 
     @torch.no_grad()
     def sample_candidates(

@@ -153,19 +153,23 @@ def get_modality(name: str) -> Any:
 def generate(
     modality: str | Any,
     checkpoint: str | os.PathLike | None = None,
-    num_samples: int = 16,
+    num_samples: int | None = None,
     seed: int | None = None,
     save: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Any:
     """Draw ``num_samples`` samples from ``modality`` (a name or a modality object).
 
-    ``kwargs`` go to the modality's ``generate`` (device, sampler, steps, progress and
-    modality-specific conditions). With ``save=path`` the samples are also written with the
-    modality's ``save`` (a PNG grid, WAV files, ...). Returns the samples.
+    ``num_samples=None`` leaves the count to the modality: its default, or one sample per
+    condition given (``labels=[7] * 8`` makes 8). ``kwargs`` go to the modality's ``generate``
+    (device, sampler, steps, progress and modality-specific conditions). With ``save=path``
+    the samples are also written with the modality's ``save`` (a PNG grid, WAV files, ...).
+    Returns the samples.
     """
     mod = get_modality(modality) if isinstance(modality, str) else modality
-    samples = mod.generate(checkpoint=checkpoint, num_samples=num_samples, seed=seed, **kwargs)
+    if num_samples is not None:
+        kwargs["num_samples"] = num_samples
+    samples = mod.generate(checkpoint=checkpoint, seed=seed, **kwargs)
     if save is not None:
         mod.save(samples, save)
     return samples

@@ -162,7 +162,9 @@ class TrainConfig:
 class Trainer:
     """Train ``model`` on ``dataset`` with ``diffusion.loss`` or with ``loss_fn``; see the module docstring.
 
-    Exactly one of ``diffusion`` and ``loss_fn`` is given:
+    At least one of ``diffusion`` and ``loss_fn`` is given (with both, ``loss_fn`` trains and
+    ``diffusion`` is the process the network belongs to, recorded in the checkpoint: e.g. an
+    objective that adds its own terms to ``diffusion.loss``):
 
     - ``diffusion``: dataset items are a tensor ``x0`` or a dict ``{"x": x0, **cond}``; the loss
       is ``diffusion.loss(model, x0, **cond, **loss_kwargs)``.
@@ -172,7 +174,8 @@ class Trainer:
       (gradient accumulation assumes so). The named values are averaged like the loss and
       logged next to it (history, progress bar, TensorBoard ``train/<name>``). ``model`` is the
       module being trained (the DDP wrapper under torchrun): call it, not its submodules, or
-      the gradients are not averaged across processes. Checkpoints record ``"diffusion": null``.
+      the gradients are not averaged across processes. Without a diffusion, checkpoints
+      record ``"diffusion": null``.
 
     ``parameters`` (an iterable of the model's parameters) limits what the optimiser updates,
     e.g. a value head on a frozen body; default: every parameter of the model that requires
@@ -277,6 +280,7 @@ class Trainer:
         self.step = 0
         self.last_saved_step: int | None = None
         self.history: list[dict[str, float]] = []
+        self.writer: Any = None  # the TensorBoard SummaryWriter while train() runs on the main process
         self._resumed = False
         # The loss_fn's value names of the first step; fixed so that every rank all-reduces
         # the same vector at every step.
@@ -298,6 +302,8 @@ class Trainer:
                 return
             if self.is_main and cfg.tensorboard:
                 writer = _summary_writer(Path(cfg.output_dir) / "tensorboard", purge_step=self.step or None)
+            # sample_fn may log to it too (audio clips, images); None when TensorBoard is off.
+            self.writer = writer
             bar = tqdm(
                 total=cfg.max_steps,
                 initial=self.step,
@@ -314,6 +320,7 @@ class Trainer:
                 bar.close()
             if writer is not None:
                 writer.close()
+            self.writer = None
             if self._owns_process_group:
                 distributed.cleanup()
                 self._owns_process_group = False
@@ -691,20 +698,22 @@ def _describe(value: Any) -> str:
 
 
 def _validate_objective(diffusion: Any, loss_fn: Any, loss_kwargs: Mapping[str, Any] | None) -> None:
-    if (diffusion is None) == (loss_fn is None):
+    if diffusion is None and loss_fn is None:
         raise ValueError(
-            "pass exactly one of diffusion (to train with diffusion.loss) and loss_fn (any objective: "
-            f"loss_fn(model, batch) -> loss); got {'both' if loss_fn is not None else 'neither'}"
+            "pass diffusion (to train with diffusion.loss) or loss_fn (any objective: loss_fn(model, batch) -> loss); "
+            "got neither"
         )
     if loss_fn is not None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {_describe(loss_fn)}")
         if loss_kwargs:
             raise ValueError("loss_kwargs are passed to diffusion.loss; with loss_fn, bind them into the function instead")
+        if diffusion is not None and not isinstance(getattr(diffusion, "config", None), Mapping):
+            raise TypeError(f"with loss_fn, diffusion is only recorded: it needs a .config dict, got {_describe(diffusion)}")
     elif not callable(getattr(diffusion, "loss", None)):
         raise TypeError(
             f"diffusion must have a .loss(model, x0, **cond) method (a diffkit.Diffusion), got {_describe(diffusion)}; "
-            "for another objective pass diffusion=None and loss_fn=..."
+            "for another objective pass loss_fn=..."
         )
 
 

@@ -213,3 +213,32 @@ def test_info_on_a_network_without_diffusion(tmp_path, capsys):
     assert "diffusion      none (not a diffusion model)" in text
     assert "modality cfg   accuracy=0.9" in text
     assert "checksums      1 file(s), verified on load" in text
+
+
+class PrintingModality(ToyModality):
+    """A toy whose samples a terminal can show, as text's can."""
+
+    name = "printing"
+
+    def format_samples(self, samples):
+        return "\n".join(f"{row[0]:.3f}" for row in samples.tolist())
+
+
+def test_generate_prints_when_the_modality_can_and_out_is_missing(toy, capsys):
+    register_modality("printing", PrintingModality())
+    assert main(["generate", "printing", "--num-samples", "3", "--seed", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(float(line) == float(line) for line in lines)
+    with pytest.raises(SystemExit):
+        main(["generate", "toy", "--num-samples", "3"])  # a toy sample is no text: --out is required
+    assert "--out PATH is required" in capsys.readouterr().err
+
+
+def test_the_modality_chooses_the_count_when_none_is_given(toy, capsys):
+    class FewByDefault(PrintingModality):
+        def generate(self, *, num_samples=3, **kwargs):
+            return super().generate(num_samples=num_samples, **kwargs)
+
+    register_modality("few", FewByDefault())
+    main(["generate", "few"])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3

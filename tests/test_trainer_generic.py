@@ -15,6 +15,17 @@ from diffkit.trainer import TrainConfig, Trainer
 from _toys import NUM_TIMESTEPS, TinyDenoiser, state_equal, vectors
 
 
+class NoiseLevelDenoiser(nn.Module):
+    """An MLP eps-model told the noise level sqrt(alpha_bar) in (0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.SiLU(), nn.Linear(16, 4))
+
+    def forward(self, x, level):
+        return self.net(torch.cat([x, level[:, None].to(x.dtype)], dim=1))
+
+
 class ValueNet(nn.Module):
     """A value head on a body: the shape of a network whose head is trained on a frozen body."""
 
@@ -238,10 +249,10 @@ def test_bad_trainer_arguments_are_rejected_up_front(tmp_path):
     diffusion = diffkit.Diffusion(num_timesteps=NUM_TIMESTEPS)
     model = ValueNet()
     data = regression_data()
-    with pytest.raises(ValueError, match="exactly one of diffusion.*got both"):
-        Trainer(TinyDenoiser(), diffusion, vectors(), config, loss_fn=mse)
-    with pytest.raises(ValueError, match="exactly one of diffusion.*got neither"):
+    with pytest.raises(ValueError, match="pass diffusion.*or loss_fn.*got neither"):
         Trainer(model, None, data, config)
+    with pytest.raises(TypeError, match="only recorded: it needs a .config"):
+        Trainer(model, object(), data, config, loss_fn=mse)
     with pytest.raises(TypeError, match="must have a .loss"):
         Trainer(model, object(), data, config)
     with pytest.raises(ValueError, match="loss_kwargs are passed to diffusion.loss"):
@@ -270,3 +281,19 @@ def test_a_dataset_without_x_is_fine_with_loss_fn_only(tmp_path):
     # The dict items of regression_data() have no "x": the diffusion path must still refuse them.
     with pytest.raises(ValueError, match="under 'x'"):
         Trainer(TinyDenoiser(), diffkit.Diffusion(num_timesteps=NUM_TIMESTEPS), regression_data(), make_config(tmp_path))
+
+
+def test_a_loss_fn_with_a_diffusion_trains_with_the_fn_and_records_the_diffusion(tmp_path):
+    """Diffusion-LM-style objectives add terms to diffusion.loss; the checkpoint still names the process."""
+    diffusion = diffkit.Diffusion(num_timesteps=NUM_TIMESTEPS, time_input="noise_level")
+    calls = []
+
+    def objective(model, batch):
+        calls.append(1)
+        return diffusion.loss(model, batch) + 0.0 * sum(p.sum() for p in model.parameters())
+
+    trainer = Trainer(NoiseLevelDenoiser(), diffusion, vectors(), make_config(tmp_path), loss_fn=objective)
+    trainer.train()
+    assert len(calls) == trainer.step
+    saved = diffkit.load_checkpoint(trainer.checkpoint_dir)
+    assert diffkit.Diffusion.from_config(saved.diffusion_config).time_input == "noise_level"

@@ -514,10 +514,17 @@ class ImageModality:
 
     name = "image"
 
-    def generate(self, *, checkpoint=None, num_samples: int = 16, seed: int | None = None,
+    def generate(self, *, checkpoint=None, num_samples: int | None = None, seed: int | None = None,
                  device="auto", sampler: str | None = None, steps: int | None = None,
                  progress: bool = False, **cond: Any) -> torch.Tensor:
-        """Images (N, C, H, W) in [0, 1]; conditions as in :func:`generate_images`."""
+        """Images (N, C, H, W) in [0, 1]; conditions as in :func:`generate_images`.
+
+        Without ``num_samples``: one image per label or prompt when several are given, else 16.
+        """
+        if num_samples is None:
+            given = [cond.get("labels"), cond.get("prompt")]
+            counts = [len(v) for v in given if v is not None and not isinstance(v, (str, int)) and len(v) > 1]
+            num_samples = counts[0] if counts else 16
         return generate_images(checkpoint=checkpoint, num_samples=num_samples, seed=seed,
                                device=device, sampler=sampler, steps=steps, progress=progress,
                                **cond)

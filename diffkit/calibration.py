@@ -1,0 +1,409 @@
+"""Calibration: what a trained model says about itself, computed once and stored in its config.
+
+Two pieces of information make the defaults of a trained model accurate without retraining:
+
+1. **Step placement** (:func:`optimize_grid`). A K-point sampler grid is optimised against a
+   fine-step reference on a small calibration batch of starting noise (Align-Your-Steps,
+   Sabour et al. 2024, with the sampler's own error measured directly instead of bounded).
+   For starting noise z_1..z_N the objective is
+
+       L(t_1, ..., t_{K-1}) = (1/N) sum_n || (Phi_K(z_n; t) - Phi_ref(z_n)) / s ||^2 / d
+
+   where Phi_K is the K-point deterministic sampler on the grid (T-1, t_1, ..., t_{K-1}),
+   Phi_ref the same sampler family on a fine grid (the truth up to its own small error), and
+   s the per-element standard deviation of the reference samples over the batch, so every
+   element's error counts relative to its own scale (on Gaussian data L is then, to second
+   order, twice the KL divergence per dimension the benchmark reports). The first point stays at
+   T-1, where sampling starts; the others move in log-SNR by a pattern search (coordinate
+   steps that halve when nothing improves), starting from the sampler's default grid. No
+   data is needed: only the model and noise. The cost is a few hundred runs of the K-step
+   sampler on the batch, once per (model, sampler, K); the result is a list of K times stored
+   in ``diffusion.calibration["grids"]["<sampler>/<K>"]`` and used by ``sample(steps=K)``.
+
+2. **Reverse variances** (:func:`estimate_eps_norms`, :func:`analytic_variances`;
+   Analytic-DPM, Bao et al. 2022). For a step t -> s of the reverse process with the mean
+   of q(x_s | x_t, x0 = x0_hat), the variance that maximises the likelihood is
+
+       var*(t -> s) = beta_tilde(t, s) + c_x0(t, s)^2 * E Var[x0 | x_t]       (per dimension)
+
+   with c_x0 = alpha_s sigma_{t|s}^2 / sigma_t^2 the posterior's weight on x0. The
+   x0-uncertainty follows from the model's own eps-prediction:
+
+       E Var[x0 | x_t] / d = (sigma_t^2 / alpha_t^2) (1 - Gamma_t),   Gamma_t = E||eps_theta(x_t, t)||^2 / d,
+
+   because Cov[x0 | x_t] = (sigma_t / alpha_t)^2 Cov[eps | x_t] and E||E[eps|x_t]||^2 =
+   E||eps||^2 - E tr Cov[eps | x_t]. Gamma_t is estimated once per training step by Monte Carlo
+   on data (with E||eps||^2 / d = 1 as a control variate), stored in
+   ``diffusion.calibration["eps_norm_sq"]`` and used by :meth:`Diffusion.nll` by default. As in
+   Analytic-DPM the variance is clipped to [beta_tilde, beta] (its lower and upper bounds for
+   any data), and for bounded data (the discretised decoder) Var[x0 | x_t] <= (range / 2)^2.
+   The decoder step (to clean data) uses var = E Var[x0 | x_{t_last}].
+
+Both are pure functions of (diffusion, model, inputs); :func:`calibrate` runs them and writes the
+results into ``diffusion.calibration``, which :attr:`Diffusion.config` carries, so a checkpoint
+keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .guidance import split_output
+from .parameterization import to_x0_eps
+from .process import posterior_coefficients, transition_variance
+from .sampling import SamplingGrid, get_sampler, model_calls
+from .utils import append_dims, check_finite, randn
+
+# Samplers whose output is a deterministic function of the starting noise: a grid can be fitted
+# to a reference for them (a stochastic sampler's error would be mostly its own noise).
+DETERMINISTIC_SAMPLERS = ("ddim", "euler", "heun", "dpm++2m", "dpm++3m", "unipc")
+
+
+def grid_key(sampler: str, steps: int) -> str:
+    """The key of a stored grid in ``calibration["grids"]``: ``"<sampler>/<steps>"``."""
+    return f"{sampler}/{int(steps)}"
+
+
+# --------------------------------------------------------------------------- reverse variances
+@torch.no_grad()
+def estimate_eps_norms(
+    diffusion,
+    model: Callable[..., torch.Tensor],
+    data: torch.Tensor,
+    *,
+    times: Optional[Sequence[float]] = None,
+    batch_size: int = 256,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+    **cond,
+) -> torch.Tensor:
+    """Gamma_t = E||eps_theta(x_t, t)||^2 / d for every training step t = 0..T-1, float64 (T,).
+
+    ``data`` (N, ...) are clean examples (a few hundred suffice); each step sees every
+    example once with fresh noise. The estimate uses the exact E||eps||^2 / d = 1 as a control
+    variate,
+
+        Gamma_t ~= mean_n ||eps_theta(x_t^n, t)||^2 / d - c (mean_n ||eps^n||^2 / d - 1),
+
+    with c the regression coefficient of the first on the second over the batch: the same mean
+    as the plain average (up to O(1/N)) but far less variance where eps_theta ~ eps (high
+    noise, c ~ 1), and no added variance where eps_theta ~ 0 (low noise, c ~ 0). Any prediction type and ``time_input`` work: the output is converted to eps
+    (:mod:`diffkit.parameterization`). ``times`` (increasing, within [0, T-1]) evaluates only
+    those steps and interpolates linearly in between, for expensive models. ``cond`` tensors of
+    batch N are split along with the data; other values pass through.
+    """
+    if not torch.is_tensor(data) or data.ndim < 2 or data.shape[0] < 1:
+        raise ValueError("data must be a tensor of clean examples (N, ...) with N >= 1")
+    check_finite(data, "calibration data")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    T = diffusion.num_timesteps
+    if times is None:
+        eval_times = torch.arange(T, dtype=torch.float64)
+    else:
+        eval_times = torch.as_tensor(times, dtype=torch.float64).flatten()
+        if eval_times.numel() < 2 or (eval_times[1:] <= eval_times[:-1]).any():
+            raise ValueError("times must hold at least two strictly increasing training times")
+        if eval_times[0] != 0 or eval_times[-1] != T - 1:
+            raise ValueError(f"times must start at 0 and end at {T - 1} so every step can be interpolated")
+    n = data.shape[0]
+    dims = data[0].numel()
+    values = torch.empty(eval_times.numel(), dtype=torch.float64)
+    from tqdm.auto import tqdm
+
+    for k in tqdm(range(eval_times.numel()), desc="eps norms", disable=not progress, leave=False):
+        t_value = float(eval_times[k])
+        model_norms, noise_norms = [], []
+        for start in range(0, n, batch_size):
+            x0 = data[start:start + batch_size]
+            b = x0.shape[0]
+            part = {key: (v[start:start + batch_size] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v)
+                    for key, v in cond.items()}
+            t = torch.full((b,), t_value, dtype=torch.float64)
+            alpha, sigma = diffusion._scales(t, x0)
+            noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = alpha * x0 + sigma * noise
+            output = model(x_t, diffusion.model_time(t, alpha, sigma).to(x0.device), **part)
+            output, _ = split_output(output.to(x0.dtype), x_t, diffusion.learn_variance)
+            _, eps_hat = to_x0_eps(diffusion.prediction, output, x_t, alpha, sigma)
+            model_norms.append((eps_hat.to(torch.float64) ** 2).reshape(b, -1).sum(dim=1).cpu() / dims)
+            noise_norms.append((noise.to(torch.float64) ** 2).reshape(b, -1).sum(dim=1).cpu() / dims)
+        a, c = torch.cat(model_norms), torch.cat(noise_norms)
+        # The regression coefficient of ||eps_theta||^2 on ||eps||^2: the variance-minimising weight.
+        slope = float(((a - a.mean()) * (c - c.mean())).mean() / (c.var(unbiased=False) + 1e-300)) if n > 1 else 0.0
+        values[k] = float(a.mean()) - slope * (float(c.mean()) - 1.0)
+    if not torch.isfinite(values).all():
+        raise FloatingPointError("the model returned NaN or Inf while estimating E||eps||^2")
+    if times is None:
+        return values
+    steps = torch.arange(T, dtype=torch.float64)
+    upper = torch.searchsorted(eval_times, steps).clamp(1, eval_times.numel() - 1)
+    lower = upper - 1
+    frac = (steps - eval_times[lower]) / (eval_times[upper] - eval_times[lower])
+    return values[lower] * (1 - frac) + values[upper] * frac
+
+
+def eps_norms_at(eps_norm_sq: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """Gamma at (fractional) training times, by linear interpolation of the per-step table."""
+    table = torch.as_tensor(eps_norm_sq, dtype=torch.float64)
+    times = torch.as_tensor(times, dtype=torch.float64).clamp(0, table.numel() - 1)
+    low = times.floor().long().clamp(max=table.numel() - 1)
+    high = (low + 1).clamp(max=table.numel() - 1)
+    frac = times - low.to(torch.float64)
+    return table[low] * (1 - frac) + table[high] * frac
+
+
+def analytic_variances(grid: SamplingGrid, eps_norm_sq: torch.Tensor, *,
+                       data_range: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """Analytic-DPM's reverse variances for every step of ``grid``, float64 (K,).
+
+    Entry i is the variance of p(x_{i+1} | x_i) (the last entry: of the decoder p(x0 | x_{K-1}))
+
+        var_i = beta_tilde_i + c_x0,i^2 * v_i,    v_i = (sigma_i / alpha_i)^2 (1 - Gamma(t_i))
+
+    clipped to [beta_tilde_i, beta_i] for steps between noisy points (the bounds of
+    Analytic-DPM's Theorem 2), with v_i <= ((high - low) / 2)^2 when ``data_range`` bounds the
+    data. Points with NaN times (outside the schedule) are not supported.
+    """
+    if torch.isnan(grid.times).any():
+        raise ValueError("analytic variances need grid points inside the schedule (no NaN times)")
+    gamma = eps_norms_at(eps_norm_sq, grid.times).clamp(max=1.0)
+    alphas, sigmas = grid.alphas.to(torch.float64), grid.sigmas.to(torch.float64)
+    a_t, s_t, a_s, s_s = alphas[:-1], sigmas[:-1], alphas[1:], sigmas[1:]
+    x0_var = (s_t / a_t.clamp(min=1e-300)) ** 2 * (1.0 - gamma)
+    if data_range is not None:
+        x0_var = x0_var.clamp(max=((data_range[1] - data_range[0]) / 2.0) ** 2)
+    _, c_x0, tilde = posterior_coefficients(a_t, s_t, a_s, s_s)
+    var = tilde + c_x0**2 * x0_var
+    beta = transition_variance(a_t, s_t, a_s, s_s)
+    var = torch.minimum(torch.maximum(var, tilde), beta)
+    # The decoder step: x0 itself, whose uncertainty is v at the last point (kept above a tiny floor).
+    var[-1] = x0_var[-1].clamp(min=1e-12)
+    return var
+
+
+# --------------------------------------------------------------------------- step placement
+def _lambda_range(diffusion) -> tuple[float, float]:
+    """(lowest finite, highest) log-SNR of the schedule's steps (the first point is pinned at T-1)."""
+    table = diffusion.schedule.log_snr
+    T = diffusion.num_timesteps
+    top = T - 1 if torch.isfinite(table[-1]) else max(T - 2, 0)
+    return float(table[top]), float(table[0])
+
+
+def _times_from_lambdas(diffusion, lambdas: torch.Tensor) -> torch.Tensor:
+    T = diffusion.num_timesteps
+    interior = diffusion.schedule.timestep_for_log_snr(lambdas)
+    return torch.cat([torch.tensor([float(T - 1)], dtype=torch.float64), interior])
+
+
+@torch.no_grad()
+def optimize_grid(
+    diffusion,
+    model: Callable[..., torch.Tensor],
+    noise_or_shape,
+    steps: int,
+    sampler: str = "unipc",
+    *,
+    sampler_options: Optional[dict] = None,
+    reference_steps: int = 200,
+    reference: Optional[torch.Tensor] = None,
+    init_grid: Optional[SamplingGrid] = None,
+    initial_step: float = 1.0,
+    final_step: float = 0.03,
+    max_evals: int = 600,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    return_history: bool = False,
+    sample_kwargs: Optional[dict] = None,
+    **cond,
+):
+    """A ``steps``-point grid for ``sampler`` that minimises its error against a fine-step reference.
+
+    ``noise_or_shape`` is the calibration batch of starting noise (B, ...) or a shape to draw
+    it with ``generator`` (a few hundred examples suffice). The reference is the same sampler
+    family's solution on a ``reference_steps``-point log-SNR grid (UniPC for the multistep
+    samplers, the sampler itself otherwise) unless ``reference`` gives it. The objective and the
+    search are described in the module docstring (a successful move is repeated with
+    doubling length while it keeps improving); at most ``max_evals`` runs of the K-step
+    sampler are made (each ``model_calls(sampler, steps)`` network calls on the batch). The
+    result is never worse on the batch than ``init_grid`` (default: the sampler's default grid).
+    ``sample_kwargs`` go to :meth:`Diffusion.sample` on every run (``guidance_scale``,
+    ``wrappers``): fit the grid to the sampler as it will be used.
+
+    Returns the :class:`SamplingGrid` (and, with ``return_history``, a dict with the initial and
+    final objective values, the number of evaluations, network calls (times batch) and the
+    reference samples, which a caller may pass back as ``reference`` for other step counts).
+    """
+    if sampler not in DETERMINISTIC_SAMPLERS:
+        raise ValueError(f"optimize_grid needs a deterministic sampler ({', '.join(DETERMINISTIC_SAMPLERS)}), "
+                         f"got {sampler!r}")
+    get_sampler(sampler)
+    options = dict(sampler_options or {})
+    if options.get("eta", 0.0):
+        raise ValueError("optimize_grid needs a deterministic sampler: eta must be 0")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise ValueError(f"steps must be an integer >= 2 (one point is always T-1), got {steps!r}")
+    if steps > diffusion.num_timesteps:
+        raise ValueError(f"steps={steps} exceeds the {diffusion.num_timesteps} training timesteps")
+    if torch.is_tensor(noise_or_shape):
+        noise = noise_or_shape
+        if device is not None:
+            noise = noise.to(device)
+    else:
+        shape = tuple(int(s) for s in noise_or_shape)
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
+        noise = randn(shape, generator=generator, device=device or "cpu", dtype=dtype)
+    if noise.shape[0] < 2:
+        raise ValueError("the calibration batch needs at least two examples")
+    check_finite(noise, "calibration noise")
+
+    def run(grid: SamplingGrid, name: str = sampler, opts: Optional[dict] = None) -> torch.Tensor:
+        return diffusion.sample(model, noise.shape, sampler=name, grid=grid, noise=noise, dtype=noise.dtype,
+                                sampler_options=opts if opts is not None else options, **(sample_kwargs or {}), **cond)
+
+    if reference is None:
+        ref_sampler = "unipc" if sampler in ("unipc", "dpm++2m", "dpm++3m") else sampler
+        ref_grid = diffusion.sampling_grid(min(reference_steps, diffusion.num_timesteps), "logsnr")
+        reference = run(ref_grid, ref_sampler, {})
+    reference = reference.to(noise.device, noise.dtype)
+    if reference.shape != noise.shape:
+        raise ValueError(f"reference has shape {tuple(reference.shape)}, the noise {tuple(noise.shape)}")
+    scale = reference.std(dim=0, keepdim=True)
+    scale = scale.clamp(min=max(float(scale.mean()) * 1e-3, 1e-12))
+
+    def objective(times: torch.Tensor) -> float:
+        out = run(SamplingGrid.from_times(diffusion.schedule, times))
+        value = float((((out - reference) / scale).to(torch.float64) ** 2).mean())
+        return value if math.isfinite(value) else float("inf")
+
+    lam_low, lam_high = _lambda_range(diffusion)
+    if init_grid is None:
+        init_grid = diffusion.sampling_grid(steps, sampler=sampler)
+    if len(init_grid) != steps:
+        raise ValueError(f"init_grid has {len(init_grid)} points, steps={steps}")
+    lambdas = (2.0 * init_grid.lambdas[1:-1]).clamp(lam_low, lam_high)  # log-SNR of points 1..K-1
+    # Keep the points strictly ordered inside the schedule (a rounded default grid may touch the ends).
+    gap = 1e-3
+    for j in range(lambdas.numel()):
+        lo = (lam_low if j == 0 else float(lambdas[j - 1])) + gap
+        lambdas[j] = min(max(float(lambdas[j]), lo), lam_high - gap * (lambdas.numel() - 1 - j))
+
+    def valid(lams: torch.Tensor) -> bool:
+        edges = torch.cat([torch.tensor([lam_low]), lams, torch.tensor([lam_high + gap])])
+        return bool((edges[1:] - edges[:-1] >= gap).all())
+
+    best = objective(_times_from_lambdas(diffusion, lambdas))
+    initial, evals, delta = best, 1, initial_step
+    while delta >= final_step and evals < max_evals:
+        improved = False
+        for j in range(lambdas.numel()):
+            for sign in (1.0, -1.0):
+                if evals >= max_evals:
+                    break
+                trial = lambdas.clone()
+                trial[j] += sign * delta
+                if not valid(trial):
+                    continue
+                value = objective(_times_from_lambdas(diffusion, trial))
+                evals += 1
+                if value < best:
+                    best, lambdas, improved = value, trial, True
+                    # Keep going while it pays: the same move, twice as far each time.
+                    step = 2.0 * delta
+                    while evals < max_evals:
+                        trial = lambdas.clone()
+                        trial[j] += sign * step
+                        if not valid(trial):
+                            break
+                        value = objective(_times_from_lambdas(diffusion, trial))
+                        evals += 1
+                        if value >= best:
+                            break
+                        best, lambdas, step = value, trial, 2.0 * step
+                    break
+        if not improved:
+            delta /= 2.0
+    grid = SamplingGrid.from_times(diffusion.schedule, _times_from_lambdas(diffusion, lambdas))
+    if return_history:
+        return grid, {"initial": initial, "final": best, "evals": evals, "reference": reference,
+                      "model_calls": evals * model_calls(sampler, steps) * noise.shape[0]}
+    return grid
+
+
+# --------------------------------------------------------------------------- both, into the config
+def calibrate(
+    diffusion,
+    model: Callable[..., torch.Tensor],
+    noise_or_shape=None,
+    *,
+    data: Optional[torch.Tensor] = None,
+    steps: Sequence[int] = (5, 10, 20),
+    samplers: Sequence[str] = ("unipc",),
+    generator: Optional[torch.Generator] = None,
+    max_evals: int = 400,
+    reference_steps: int = 200,
+    eps_norm_times: Optional[Sequence[float]] = None,
+    batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    progress: bool = False,
+    sample_kwargs: Optional[dict] = None,
+    eps_norm_cond: Optional[dict] = None,
+    **cond,
+) -> dict:
+    """Calibrate ``diffusion`` for ``model`` in place and return its new :attr:`calibration`.
+
+    * with ``noise_or_shape`` (a calibration batch of noise, or its shape): a grid per
+      (sampler, K) by :func:`optimize_grid`; for ``unipc`` both B(h) variants are fitted and
+      the better one is kept with its ``sampler_options``. No data needed.
+    * with ``data`` (clean examples): Analytic-DPM's ``eps_norm_sq`` by :func:`estimate_eps_norms`.
+
+    ``cond`` goes to the model in both (``eps_norm_cond``, when given, replaces it for the
+    variances: e.g. the null condition the likelihood is scored with); ``sample_kwargs``
+    (``guidance_scale``, ``wrappers``) to the sampler runs. Entries already present and not
+    recomputed are kept. The results live in
+    ``diffusion.calibration`` and so in ``diffusion.config`` (and a checkpoint's config.json).
+    """
+    if noise_or_shape is None and data is None:
+        raise ValueError("calibrate needs noise_or_shape (for grids), data (for variances), or both")
+    current = dict(diffusion.calibration)
+    grids = dict(current.get("grids", {}))
+    if noise_or_shape is not None:
+        if torch.is_tensor(noise_or_shape):
+            noise = noise_or_shape
+        else:
+            noise = randn(tuple(int(s) for s in noise_or_shape), generator=generator, device=device or "cpu", dtype=dtype)
+        for sampler in samplers:
+            if sampler not in DETERMINISTIC_SAMPLERS:
+                raise ValueError(f"grids are fitted for deterministic samplers ({', '.join(DETERMINISTIC_SAMPLERS)}), "
+                                 f"got {sampler!r}")
+            reference = None
+            for k in steps:
+                variants = [{"variant": "bh1"}, {}] if sampler == "unipc" else [{}]
+                best = None
+                for options in variants:
+                    grid, info = optimize_grid(diffusion, model, noise, int(k), sampler, sampler_options=options,
+                                               reference_steps=reference_steps, reference=reference,
+                                               max_evals=max_evals, return_history=True,
+                                               sample_kwargs=sample_kwargs, **cond)
+                    reference = info["reference"]
+                    if best is None or info["final"] < best[2]:
+                        best = (grid, options, info["final"])
+                    if progress:
+                        print(f"calibrate {sampler}/{k} {options or 'default options'}: objective "
+                              f"{info['initial']:.3g} -> {info['final']:.3g} in {info['evals']} runs", flush=True)
+                grids[grid_key(sampler, int(k))] = {"times": best[0].times.tolist(), "sampler_options": best[1]}
+            current["grids"] = grids
+    if data is not None:
+        norms = estimate_eps_norms(diffusion, model, data, times=eps_norm_times, batch_size=batch_size,
+                                   generator=generator, progress=progress,
+                                   **(cond if eps_norm_cond is None else eps_norm_cond))
+        current["eps_norm_sq"] = norms.tolist()
+    diffusion.calibration = diffusion._check_calibration(current)
+    return diffusion.calibration

@@ -1,0 +1,564 @@
+"""The text modality: Diffusion-LM-style generation, infilling and control, as lists of strings.
+
+    import diffkit
+    texts = diffkit.generate(modality="text", num_samples=16, seed=0)
+    texts = diffkit.generate(modality="text", control={"food": "Italian", "area": "riverside"})
+    texts = diffkit.generate(modality="text", infill="The Eagle is a [MASK] [MASK] in the city centre .")
+
+Sampling is the core's: ``Diffusion.sample`` with its solvers, and three wrappers do what
+Diffusion-LM adds: ``X0Transform`` snaps every x0 prediction to the nearest word embedding
+(the clamping trick), ``KnownValues`` holds the given words of an infilling template at their
+embeddings, and classifier-free guidance (the core's ``guidance_scale``) steers an
+MR-conditioned model towards ``control``. At the end each vector is rounded to the nearest
+embedding by the tied head.
+
+Lengths are the modality's job, never the user's: a sample's length is drawn from the training
+data's length distribution (or set with ``length=``), an infilling template fixes it, and the
+positions after it are padding that the network does not attend to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import diffkit
+from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transform
+
+from .data import SLOTS, MRVocabulary
+from .model import NoisyMRClassifier, TextDenoiser, rounding_loss
+from .tokenizer import MASK, TOKENIZER_FILE, TextTokenizer
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "DEFAULT_CHECKPOINT",
+    "TextModality",
+    "TextModel",
+    "load_text_model",
+    "load_classifier",
+    "generate_text",
+    "nll_per_token",
+    "parse_control",
+    "save_text",
+]
+
+CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
+DEFAULT_CHECKPOINT = CHECKPOINTS_DIR / "e2e"
+
+# The classes a checkpoint may name: a fixed table, so a checkpoint never chooses what runs.
+NETWORKS = {"modalities.text.model.TextDenoiser": TextDenoiser}
+CLASSIFIERS = {"modalities.text.model.NoisyMRClassifier": NoisyMRClassifier}
+CONTROL_METHODS = ("gradient", "adagrad")
+
+# Used when a checkpoint does not record its own sampling defaults.
+FALLBACK_SAMPLER = "ddim"
+FALLBACK_STEPS = 50
+FALLBACK_GUIDANCE = 2.0
+FALLBACK_CLASSIFIER_SCALE = 1.0
+
+_MASK_RE = re.compile(re.escape(MASK))
+
+
+# ---------------------------------------------------------------------------------- loading
+@dataclass
+class TextModel:
+    """A loaded text checkpoint: network (EMA weights), diffusion, tokenizer and metadata."""
+
+    path: Path
+    net: TextDenoiser
+    diffusion: diffkit.Diffusion
+    tokenizer: TextTokenizer
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        return self.net.max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def mr_vocab(self) -> MRVocabulary | None:
+        values = self.info.get("mr_values")
+        return MRVocabulary.from_config(values) if values else None
+
+    def default(self, key: str, fallback: Any) -> Any:
+        """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale)."""
+        return (self.info.get("defaults") or {}).get(key, fallback)
+
+    @functools.cached_property
+    def allowed(self) -> torch.Tensor:
+        """(V,) bool: the words sampling may produce (not padding, not other special tokens)."""
+        allowed = torch.ones(self.net.vocab_size, dtype=torch.bool)
+        allowed[[i for i in self.tokenizer.special_ids if i < self.net.vocab_size]] = False
+        return allowed.to(self.device)
+
+
+def load_text_model(checkpoint: str | os.PathLike | None = None, device: str | torch.device = "auto") -> TextModel:
+    """Load a text checkpoint directory (default: the shipped one) onto ``device``.
+
+    Loaded models are cached (keyed by path, file time and device), so repeated generate calls
+    do not reload the weights.
+    """
+    if checkpoint is None:
+        checkpoint = DEFAULT_CHECKPOINT
+        if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+            raise ValueError(
+                f"no text checkpoint is shipped yet (expected {DEFAULT_CHECKPOINT}). Train one with "
+                "`python recipes/text_train.py --export runs/text-cpu/export` and pass that directory with "
+                "--checkpoint (CLI) or checkpoint= (Python)")
+    path = Path(checkpoint).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a checkpoint directory (it has no config.json); give the directory "
+                         "that recipes/text_train.py wrote (RUN/checkpoint or the --export directory)")
+    dev = diffkit.resolve_device(device)
+    return _load_cached(str(path), (path / "config.json").stat().st_mtime_ns, str(dev))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, _stamp: int, device: str) -> TextModel:
+    loaded = diffkit.load_network(path, NETWORKS, modality="text", device=device)
+    info = dict(loaded.modality_config)
+    diffusion = loaded.diffusion
+    if diffusion is None and info.get("diffusion"):
+        # Training checkpoints of a loss_fn objective record "diffusion": null at the top
+        # level; the recipe keeps the Diffusion's arguments in the modality config.
+        try:
+            diffusion = diffkit.Diffusion(**info["diffusion"])
+        except (TypeError, ValueError) as err:
+            raise diffkit.CheckpointError(f"checkpoint {path}: modality_config['diffusion'] does not describe a "
+                                          f"Diffusion ({err})") from err
+    if diffusion is None:
+        raise diffkit.CheckpointError(f"checkpoint {path} has no diffusion config; it cannot be sampled")
+    tokenizer = TextTokenizer.load(loaded.side_file(info.get("tokenizer", TOKENIZER_FILE)))
+    if tokenizer.vocab_size != loaded.net.vocab_size:
+        raise diffkit.CheckpointError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the network "
+                                      f"embeds {loaded.net.vocab_size}; the checkpoint's files do not belong together")
+    return TextModel(Path(path), loaded.net, diffusion, tokenizer, info)
+
+
+@dataclass
+class MRClassifier:
+    """A loaded noisy-embedding classifier and the MR vocabulary its slot codes follow."""
+
+    path: Path
+    net: NoisyMRClassifier
+    mr_vocab: MRVocabulary
+
+
+def load_classifier(path: str | os.PathLike, model: TextModel) -> MRClassifier:
+    """Load a classifier checkpoint (``recipes/text_train.py --task classifier``) for ``model``,
+    refusing one trained in another denoiser's embedding space."""
+    path = Path(path).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a checkpoint directory (it has no config.json); give the directory "
+                         "that `recipes/text_train.py --task classifier` wrote")
+    loaded = diffkit.load_network(path, CLASSIFIERS, modality="text", device=model.device)
+    clf = loaded.net
+    emb = model.net.embedding.weight
+    # Shipped checkpoints hold float16 weights, so equality is up to float16 rounding.
+    if clf.embedding.shape != emb.shape or not torch.allclose(clf.embedding, emb, rtol=1e-2, atol=1e-2):
+        raise ValueError(f"classifier {path} was trained for the word embeddings of another denoiser than "
+                         f"{model.path}; train one for it with `python recipes/text_train.py --task classifier "
+                         f"--denoiser {model.path}`")
+    values = loaded.modality_config.get("mr_values")
+    if not values:
+        raise diffkit.CheckpointError(f"classifier {path} records no MR vocabulary (modality_config['mr_values'])")
+    return MRClassifier(path, clf, MRVocabulary.from_config(values))
+
+
+def classifier_control(classifier: MRClassifier, codes: torch.Tensor, attention_mask: torch.Tensor,
+                       method: str = "gradient", scale: float = 1.0, *, adagrad_steps: int = 3,
+                       adagrad_lr: float = 0.1, proximity: float = 0.01):
+    """The core wrapper that steers sampling towards MR slot ``codes`` (B, S) (0 = free).
+
+    ``"gradient"``: classifier guidance, the score shifted by scale * grad log p(codes | x_t)
+    (``GradientGuidance``). ``"adagrad"``: Diffusion-LM's control, a few Adagrad steps on each
+    new state x_{t-1} maximising scale * log p(codes | x) minus ``proximity`` * ||x - x_start||^2
+    (``StateHook``); the proximity term stands in for Diffusion-LM's fluency regulariser (the
+    denoiser's own log-density), which would cost a network call per step.
+    """
+    clf = classifier.net
+    codes = codes.to(attention_mask.device)
+
+    def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return clf.log_prob(x, t, codes, attention_mask)
+
+    if method == "gradient":
+        return GradientGuidance(log_prob, scale)
+    if method != "adagrad":
+        raise ValueError(f"unknown control_method {method!r}; choose one of {', '.join(CONTROL_METHODS)}")
+    real = attention_mask[:, None, :]
+
+    def adagrad(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        start = x.detach()
+        with torch.enable_grad():
+            y = start.clone().requires_grad_(True)
+            opt = torch.optim.Adagrad([y], lr=adagrad_lr)
+            for _ in range(adagrad_steps):
+                opt.zero_grad()
+                loss = -scale * log_prob(y, t).sum() + proximity * ((y - start) ** 2).sum()
+                loss.backward()
+                opt.step()
+        return torch.where(real, y.detach(), x)
+
+    return StateHook(adagrad)
+
+
+# ---------------------------------------------------------------------------------- inputs
+def parse_control(control: Mapping[str, str] | Sequence[str] | str | None) -> dict[str, str]:
+    """``{"food": "Italian"}``, ``["food=Italian", "area=riverside"]`` or ``"food=Italian"``
+    -> a dict of slot values (the CLI's repeated ``--control key=value``)."""
+    if control is None:
+        return {}
+    if isinstance(control, Mapping):
+        items = list(control.items())
+    else:
+        items = []
+        for entry in [control] if isinstance(control, str) else control:
+            if not isinstance(entry, str) or "=" not in entry:
+                raise ValueError(f"control entries look like slot=value (e.g. food=Italian), got {entry!r}")
+            key, value = entry.split("=", 1)
+            items.append((key.strip(), value.strip()))
+    result: dict[str, str] = {}
+    for key, value in items:
+        if key not in SLOTS:
+            raise ValueError(f"unknown control slot {key!r}; the slots are {', '.join(SLOTS)}")
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"control {key!r} needs a value, e.g. {key}=...")
+        if key in result and result[key] != value:
+            raise ValueError(f"control slot {key!r} given twice ({result[key]!r} and {value!r})")
+        result[key] = value
+    return result
+
+
+@dataclass
+class InfillTemplate:
+    """A template tokenised: ids (L,) with the known words, known (L,) bool, the unknown words."""
+
+    ids: torch.Tensor
+    known: torch.Tensor
+    unknown_words: list[str]
+
+
+def parse_infill(template: str, model: TextModel) -> InfillTemplate:
+    """Split the template at [MASK], tokenise the pieces; each [MASK] is one word to fill."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"infill must be a template string like 'The Eagle is a {MASK} {MASK} in the city "
+                         f"centre .', got {template!r}")
+    pieces = _MASK_RE.split(template)
+    if len(pieces) == 1:
+        raise ValueError(f"the infill template has no {MASK}; write {MASK} for each word to fill in")
+    ids: list[int] = []
+    known: list[bool] = []
+    unknown: list[str] = []
+    for n, piece in enumerate(pieces):
+        if n:
+            ids.append(model.tokenizer.pad_id)
+            known.append(False)
+        tokens, unk = model.tokenizer.tokenize(piece)
+        ids.extend(tokens)
+        known.extend([True] * len(tokens))
+        unknown.extend(unk)
+    if len(ids) > model.max_length:
+        raise ValueError(f"the infill template has {len(ids)} tokens but this model handles at most "
+                         f"{model.max_length}; shorten it")
+    return InfillTemplate(torch.tensor(ids), torch.tensor(known), unknown)
+
+
+def _lengths(model: TextModel, n: int, length: int | None, generator: torch.Generator) -> torch.Tensor:
+    if length is not None:
+        if not isinstance(length, int) or not 1 <= length <= model.max_length:
+            raise ValueError(f"length must be a whole number in [1, {model.max_length}], got {length!r}")
+        return torch.full((n,), length, dtype=torch.long)
+    counts = torch.tensor(model.info.get("length_counts") or [], dtype=torch.float64)
+    if counts.numel() < 2 or counts[1:].sum() <= 0:
+        raise ValueError(f"checkpoint {model.path} records no length distribution; pass length=")
+    counts[0] = 0  # an empty text is not a sample
+    return torch.multinomial(counts, n, replacement=True, generator=generator)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+# ---------------------------------------------------------------------------------- generate
+def snap_to_embeddings(net: TextDenoiser, allowed: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None):
+    """Diffusion-LM's clamping trick as an ``X0Transform`` function: each x0_hat vector becomes
+    the nearest word embedding (padding positions are left as they are)."""
+
+    def snap(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        snapped = net.embed(net.nearest(x0, allowed)).to(x0.dtype)
+        if attention_mask is None:
+            return snapped
+        return torch.where(attention_mask[:, None, :].to(x0.device), snapped, x0)
+
+    return snap
+
+
+def padding_mask(lengths: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, max length) bool, True at the first ``lengths[i]`` positions of row i."""
+    return (torch.arange(int(lengths.max()))[None] < lengths[:, None]).to(device)
+
+
+def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Generator,
+               sampler: str, steps: int, mr: torch.Tensor | None = None, guidance_scale: float = 1.0,
+               known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+               clamp: bool = True, wrappers: Sequence = (), progress: bool = False) -> torch.Tensor:
+    """Token ids (N, L) from the core's sampler: L = the longest length, padding after each.
+
+    ``known_ids``/``known_mask`` (N, L) hold words fixed in place (infilling); ``wrappers``
+    are extra core wrappers (e.g. classifier control) laid outside the built-in ones.
+    """
+    net, dev = model.net, model.device
+    n = lengths.shape[0]
+    attention_mask = padding_mask(lengths, dev)
+    length = attention_mask.shape[1]
+    cond: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
+    if mr is not None:
+        cond["mr"] = mr.to(dev)
+    chain = []
+    if clamp:
+        chain.append(X0Transform(snap_to_embeddings(net, model.allowed, attention_mask)))
+    if known_ids is not None:
+        mask = known_mask[:, :length].to(dev)[:, None, :].expand(n, net.embed_dim, length)
+        chain.append(KnownValues(mask, net.embed(known_ids[:, :length].to(dev))))
+    chain.extend(wrappers)
+    x = model.diffusion.sample(net, (n, net.embed_dim, length), sampler=sampler, steps=steps,
+                               generator=generator, device=dev, guidance_scale=guidance_scale,
+                               wrappers=chain, progress=progress, **cond)
+    ids = net.nearest(x, model.allowed)
+    return ids.masked_fill(~attention_mask, model.tokenizer.pad_id).cpu()
+
+
+def generate_text(
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    num_samples: int = 16,
+    seed: int | None = None,
+    device: str | torch.device = "auto",
+    sampler: str | None = None,
+    steps: int | None = None,
+    progress: bool = False,
+    infill: str | Sequence[str] | None = None,
+    control: Mapping[str, str] | Sequence[str] | str | None = None,
+    guidance_scale: float | None = None,
+    length: int | None = None,
+    clamp: bool = True,
+    classifier: str | os.PathLike | None = None,
+    classifier_scale: float | None = None,
+    control_method: str = "gradient",
+) -> list[str]:
+    """Sample ``num_samples`` texts; see the module docstring.
+
+    Args:
+        checkpoint: a text checkpoint directory; None uses the shipped one.
+        seed: the same seed gives the same texts; None draws fresh ones.
+        sampler, steps: any of ``diffkit.SAMPLERS``; defaults come from the checkpoint.
+        infill: a template with [MASK] for each word to fill (the other words are kept), or
+            one template per sample.
+        control: E2E slot values, ``{"food": "Italian"}`` or ``["food=Italian"]``: classifier-free
+            guidance of an MR-conditioned checkpoint.
+        guidance_scale: its weight (1 = plain conditional sampling); default the checkpoint's.
+        classifier: a noisy-embedding classifier checkpoint: ``control`` through it instead
+            (plug-and-play control; works with unconditional checkpoints too).
+        classifier_scale: the classifier's weight (default 1).
+        control_method: ``"gradient"`` (classifier guidance) or ``"adagrad"`` (Diffusion-LM's
+            Adagrad steps on each state).
+        length: tokens per sample (default: drawn from the training lengths).
+        clamp: the clamping trick (snap x0 predictions to word embeddings at every step).
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    controls = parse_control(control)  # check the syntax before loading anything
+    model = load_text_model(checkpoint, device)
+    gen = _generator(seed)
+    n = num_samples
+    sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
+    steps = steps or int(model.default("steps", FALLBACK_STEPS))
+
+    if control_method not in CONTROL_METHODS:
+        raise ValueError(f"unknown control_method {control_method!r}; choose one of {', '.join(CONTROL_METHODS)}")
+    mr = None
+    clf = None
+    if classifier is not None:
+        if not controls:
+            raise ValueError("classifier= steers towards control=; pass control={'food': ...} as well")
+        clf = load_classifier(classifier, model)
+        clf_codes = torch.tensor([clf.mr_vocab.encode(controls, partial=True)] * n)
+        if guidance_scale is not None and guidance_scale != 1.0:
+            raise ValueError("guidance_scale is classifier-free guidance; with classifier= use classifier_scale")
+    elif classifier_scale is not None:
+        raise ValueError("classifier_scale needs classifier=")
+    if controls and clf is None:
+        vocab = model.mr_vocab
+        if vocab is None or not model.net.conditional:
+            raise ValueError(f"checkpoint {model.path} was not trained on meaning representations, so it cannot "
+                             "follow control= by itself; train one on E2E with recipes/text_train.py (the "
+                             "default), or pass classifier= (trained with recipes/text_train.py --task classifier)")
+        mr = torch.tensor([vocab.encode(controls, partial=True)] * n)
+        if guidance_scale is None:
+            guidance_scale = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
+    elif guidance_scale is not None and guidance_scale != 1.0:
+        raise ValueError("guidance_scale needs a condition to guide towards: pass control=")
+    guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
+
+    known_ids = known_mask = None
+    if infill is not None:
+        if length is not None:
+            raise ValueError("an infill template fixes the length; leave length unset")
+        texts = [infill] if isinstance(infill, str) else list(infill)
+        if len(texts) == 1:
+            texts = texts * n
+        if len(texts) != n:
+            raise ValueError(f"infill must be one template or one per sample ({n}), got {len(texts)}")
+        templates = [parse_infill(text, model) for text in texts]
+        unknown = sorted({word for template in templates for word in template.unknown_words})
+        if unknown:
+            warnings.warn(f"words of the infill template that are not in the vocabulary map to [UNK]: "
+                          f"{', '.join(unknown)}", stacklevel=2)
+        # Templates of different lengths share a batch: each row is padded after its own end.
+        lengths = torch.tensor([template.ids.numel() for template in templates])
+        known_ids = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
+        known_mask = torch.zeros(n, int(lengths.max()), dtype=torch.bool)
+        for row, template in enumerate(templates):
+            known_ids[row, : template.ids.numel()] = template.ids
+            known_mask[row, : template.ids.numel()] = template.known
+    else:
+        lengths = _lengths(model, n, length, gen)
+
+    wrappers = []
+    if clf is not None:
+        scale = FALLBACK_CLASSIFIER_SCALE if classifier_scale is None else float(classifier_scale)
+        wrappers.append(classifier_control(clf, clf_codes, padding_mask(lengths, model.device), control_method, scale))
+    ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps, mr=mr,
+                     guidance_scale=guidance_scale, known_ids=known_ids, known_mask=known_mask,
+                     clamp=clamp, wrappers=wrappers, progress=progress)
+    return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
+
+
+# ---------------------------------------------------------------------------------- likelihood
+@torch.no_grad()
+def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None = None,
+                  mrs: Sequence[Mapping[str, str]] | None = None, steps: int | None = None,
+                  seed: int | None = 0, device: str | torch.device = "auto",
+                  batch_size: int = 64) -> torch.Tensor:
+    """Bits per token of each text: the core's variational bound on the embeddings (Gaussian
+    decoder, padding masked, times the embedding width) plus the rounding term -log2 p(w | x_0).
+
+    ``steps`` evaluates the bound on a respaced chain (fewer network calls, a looser bound).
+    ``mrs`` gives each text's meaning representation to an MR-conditioned model.
+    """
+    if isinstance(texts, str) or not texts:
+        raise ValueError("texts must be a non-empty list of strings")
+    model = load_text_model(checkpoint, device)
+    net, dev, diff = model.net, model.device, model.diffusion
+    enc = model.tokenizer.encode(list(texts), model.max_length)
+    if (enc.lengths == 0).any():
+        raise ValueError("every text needs at least one token; remove empty texts")
+    codes = None
+    if mrs is not None:
+        if model.mr_vocab is None or len(mrs) != len(texts):
+            raise ValueError("mrs needs an MR-conditioned checkpoint and one MR per text")
+        codes = torch.tensor([model.mr_vocab.encode(mr) for mr in mrs])
+    gen = _generator(seed)
+    alpha0 = float(diff.schedule.alpha_at(torch.tensor(0)))
+    sigma0 = float(diff.schedule.sigma_at(torch.tensor(0)))
+    out = []
+    for start in range(0, len(texts), batch_size):
+        part = slice(start, start + batch_size)
+        mask = enc.mask[part]
+        length = int(mask.sum(1).max())
+        ids, mask = enc.ids[part, :length].to(dev), mask[:, :length].to(dev)
+        cond = {"attention_mask": mask}
+        if codes is not None:
+            cond["mr"] = codes[part].to(dev)
+        x0 = net.embed(ids)
+        bpd = diff.nll(net, x0, mask=mask[:, None, :], steps=steps, generator=gen, **cond)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        rounding_bits = rounding_loss(net, alpha0 * x0 + sigma0 * eps, ids, mask) / math.log(2.0)
+        out.append((bpd.float() * net.embed_dim + rounding_bits.float()).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------- saving
+def save_text(samples: Sequence[str], path: str | os.PathLike) -> list[Path]:
+    """Write the texts to a UTF-8 file, one per line; returns [path]."""
+    if isinstance(samples, str) or not all(isinstance(s, str) for s in samples):
+        raise ValueError("text samples must be a list of strings")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path such as samples.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A newline inside a sample would split it over two lines of the file.
+    path.write_text("".join(" ".join(s.split()) + "\n" for s in samples), encoding="utf-8")
+    return [path]
+
+
+# ---------------------------------------------------------------------------------- modality
+class TextModality:
+    """The ``text`` modality object registered with diffkit (see docs/interfaces.md)."""
+
+    name = "text"
+
+    def generate(self, *, checkpoint=None, num_samples: int = 16, seed: int | None = None,
+                 device="auto", sampler: str | None = None, steps: int | None = None,
+                 progress: bool = False, **cond: Any) -> list[str]:
+        """A list of ``num_samples`` strings; conditions as in :func:`generate_text`."""
+        return generate_text(checkpoint=checkpoint, num_samples=num_samples, seed=seed, device=device,
+                             sampler=sampler, steps=steps, progress=progress, **cond)
+
+    def save(self, samples: Sequence[str], path: str | os.PathLike) -> list[Path]:
+        """One UTF-8 text file, one sample per line."""
+        return save_text(samples, path)
+
+    def nll_per_token(self, texts: Sequence[str], **kwargs: Any) -> torch.Tensor:
+        """Bits per token of each text (see :func:`nll_per_token`)."""
+        return nll_per_token(texts, **kwargs)
+
+    def add_cli_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Options of ``diffkit generate text``; their names match generate's arguments."""
+        group = parser.add_argument_group(
+            "text options",
+            "With no --checkpoint the shipped E2E model is used. Samples are written one per line.",
+        )
+        group.add_argument("--infill", metavar="TEMPLATE",
+                           help=f'fill the {MASK} words of a template, e.g. "The Eagle is a {MASK} {MASK} '
+                                'in the city centre ." (one word per [MASK]; the rest is kept)')
+        group.add_argument("--control", action="append", metavar="SLOT=VALUE",
+                           help="E2E meaning-representation slot to steer towards, repeatable: "
+                                f"--control food=Italian --control area=riverside (slots: {', '.join(SLOTS)})")
+        group.add_argument("--guidance-scale", type=float, metavar="W",
+                           help="classifier-free guidance weight for --control (1 = none; default: the checkpoint's)")
+        group.add_argument("--classifier", metavar="DIR",
+                           help="steer --control with this noisy-embedding classifier checkpoint instead of "
+                                "classifier-free guidance (recipes/text_train.py --task classifier)")
+        group.add_argument("--classifier-scale", type=float, metavar="S",
+                           help="weight of the classifier's gradient (default: 1)")
+        group.add_argument("--control-method", choices=CONTROL_METHODS, default="gradient",
+                           help="with --classifier: classifier guidance (gradient, default) or Diffusion-LM's "
+                                "Adagrad steps on each state (adagrad)")
+        group.add_argument("--no-clamp", dest="clamp", action="store_false",
+                           help="do not snap the x0 predictions to word embeddings at every step (the "
+                                "clamping trick is on by default)")
+        group.add_argument("--length", type=int, metavar="L",
+                           help="tokens per sample (default: drawn from the training data's lengths)")

@@ -1,0 +1,218 @@
+"""The text denoiser: Diffusion-LM's continuous word embeddings and a Transformer over them.
+
+Words become learned 16-d embeddings (Li et al., 2022): the diffusion runs in that continuous
+space, the network predicts the clean embeddings x0, and a rounding head tied to the
+embedding matrix turns vectors back into words. Shapes follow diffkit's model contract:
+
+    net(x_t (B, D, L), t (B,) float, attention_mask=(B, L) bool, mr=(B, S) long, drop_cond=(B,))
+        -> x0_hat (B, D, L)
+
+D is the embedding width (16), L the sequence length; channels come first as for every
+diffkit model. ``attention_mask`` is True at real tokens: padding is never attended to and its
+output is zero, so padded positions cannot change what the network says about real ones.
+With ``mr_sizes`` the network is conditioned on an E2E meaning representation: one code per
+slot (see :class:`modalities.text.data.MRVocabulary`) enters as one extra token per slot in
+front of the words; ``drop_cond`` turns every slot into "unspecified", the null condition
+of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkit.nn import TimeEmbedding
+
+__all__ = ["TextDenoiser", "NoisyMRClassifier", "rounding_loss", "slot_cross_entropy"]
+
+
+class TextDenoiser(nn.Module):
+    """Token embeddings, up-projection, Transformer encoder with time conditioning, learned
+    positions and optional MR tokens, down-projection, and the tied rounding head.
+
+    Args:
+        vocab_size: rows of the embedding matrix (the tokenizer's vocabulary).
+        embed_dim: width of the diffused space (16 in Diffusion-LM: small enough that the
+            noise destroys words quickly, large enough to keep 800 words apart).
+        hidden: Transformer width; depth, heads: its layers and attention heads.
+        max_length: the longest sequence (learned positions).
+        mr_sizes: codes per MR slot for a conditional model, None for an unconditional one.
+        dropout: dropout inside the Transformer.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 16, hidden: int = 128, depth: int = 4,
+                 heads: int = 4, max_length: int = 64, mr_sizes: Sequence[int] | None = None,
+                 dropout: float = 0.1):
+        super().__init__()
+        if vocab_size < 2 or embed_dim < 1 or max_length < 1 or depth < 1:
+            raise ValueError(f"TextDenoiser needs vocab_size >= 2, embed_dim, depth, max_length >= 1; got "
+                             f"{vocab_size}, {embed_dim}, {depth}, {max_length}")
+        if hidden % heads:
+            raise ValueError(f"hidden width {hidden} must be divisible by the number of heads {heads}")
+        self.vocab_size, self.embed_dim, self.max_length = vocab_size, embed_dim, max_length
+        # Unit-variance coordinates (nn.Embedding's default init) match the diffusion's unit
+        # noise, so at the end of the chain words are as hidden as the schedule intends.
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        # Diffusion-LM's input_up_proj / output_down_proj: a small MLP each way between the
+        # narrow word space and the Transformer width.
+        self.up = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        self.time = TimeEmbedding(hidden, out_dim=hidden)
+        self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
+        self.mr_sizes = list(mr_sizes) if mr_sizes else None
+        if self.mr_sizes:
+            # One table for every slot's codes; offsets pick each slot's rows. Code 0 of each
+            # slot ("unspecified") is its learned null embedding.
+            self.mr_values = nn.Embedding(sum(self.mr_sizes), hidden)
+            self.mr_slots = nn.Parameter(torch.randn(len(self.mr_sizes), hidden) * 0.02)
+            offsets = torch.tensor([0, *self.mr_sizes[:-1]]).cumsum(0)
+            self.register_buffer("mr_offsets", offsets, persistent=False)
+            self.register_buffer("mr_limits", torch.tensor(self.mr_sizes), persistent=False)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim))
+
+    # ------------------------------------------------------------------ words <-> vectors
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> clean embeddings x0 (B, D, L)."""
+        return self.embedding(ids).transpose(1, 2)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied rounding head: (B, D, L) vectors -> (B, L, V) logits.
+
+        The logit of word w is -||x - EMB(w)||^2 up to a per-position constant, so the most
+        likely word is exactly the nearest embedding: rounding and the clamping trick agree.
+        """
+        weight = self.embedding.weight
+        x = x.transpose(1, 2).to(weight.dtype)
+        return 2 * x @ weight.t() - (weight * weight).sum(1)
+
+    def nearest(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids (B, L) of the nearest embedding to each vector of x (B, D, L); ``allowed`` (V,)
+        bool restricts the choice (padding and other special tokens are never generated)."""
+        logits = self.logits(x)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        return logits.argmax(-1)
+
+    # ------------------------------------------------------------------ denoiser
+    def forward(self, x: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                mr: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        batch, dim, length = x.shape
+        if dim != self.embed_dim:
+            raise ValueError(f"expected x of shape (B, {self.embed_dim}, L), got {tuple(x.shape)}")
+        if length > self.max_length:
+            raise ValueError(f"sequence length {length} exceeds this model's max_length {self.max_length}")
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        elif attention_mask.shape != (batch, length):
+            raise ValueError(f"attention_mask must be (B, L) = {(batch, length)}, got {tuple(attention_mask.shape)}")
+        attention_mask = attention_mask.to(torch.bool)
+
+        h = self.up(x.transpose(1, 2)) + self.positions[:length]
+        time = self.time(t)[:, None]
+        h = h + time
+        keep = attention_mask
+        if self.mr_sizes:
+            if mr is None:
+                # No MR given: every slot unspecified, i.e. the unconditional model.
+                mr = torch.zeros(batch, len(self.mr_sizes), dtype=torch.long, device=x.device)
+            if mr.shape != (batch, len(self.mr_sizes)):
+                raise ValueError(f"mr must be (B, {len(self.mr_sizes)}) slot codes, got {tuple(mr.shape)}")
+            if bool(((mr < 0) | (mr >= self.mr_limits)).any()):
+                raise ValueError(f"mr codes must lie in [0, size) per slot, sizes {self.mr_sizes}; "
+                                 "encode MRs with MRVocabulary.encode")
+            if drop_cond is not None:
+                mr = torch.where(drop_cond.to(torch.bool)[:, None], torch.zeros_like(mr), mr)
+            cond = self.mr_values(mr + self.mr_offsets) + self.mr_slots + time
+            h = torch.cat([cond, h], dim=1)
+            keep = torch.cat([torch.ones_like(mr, dtype=torch.bool), attention_mask], dim=1)
+        elif mr is not None:
+            raise ValueError("this text model is unconditional; it takes no mr (meaning representation)")
+        elif not bool(attention_mask.any(1).all()):
+            raise ValueError("every example needs at least one real token (attention_mask all False)")
+        h = self.encoder(h, src_key_padding_mask=~keep)
+        h = self.norm(h[:, -length:])
+        # where, not a product: whatever a fused attention kernel leaves at padded positions
+        # (NaN included) must not leak into the output.
+        out = torch.where(attention_mask[..., None], self.down(h), 0.0)
+        return out.transpose(1, 2).to(x.dtype)
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.mr_sizes)
+
+
+class NoisyMRClassifier(nn.Module):
+    """p(slot value | x_t, t) for every E2E slot, read from noisy word embeddings: the
+    classifier of Diffusion-LM's plug-and-play control.
+
+    It works in the embedding space of one denoiser: ``embedding`` (V, D) is a frozen copy of
+    that denoiser's word embeddings, used to make training inputs and to check at sampling
+    time that classifier and denoiser belong together.
+
+    ``forward(x_t (B, D, L), t (B,), attention_mask (B, L)) -> logits (B, sum(mr_sizes))``,
+    one block of logits per slot (codes as in :class:`modalities.text.data.MRVocabulary`).
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, mr_sizes: Sequence[int], hidden: int = 128,
+                 depth: int = 2, heads: int = 4, max_length: int = 64, dropout: float = 0.1):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden width {hidden} must be divisible by the number of heads {heads}")
+        self.embed_dim, self.max_length, self.mr_sizes = embed_dim, max_length, list(mr_sizes)
+        self.register_buffer("embedding", torch.zeros(vocab_size, embed_dim))
+        self.up = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        self.time = TimeEmbedding(hidden, out_dim=hidden)
+        self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, sum(self.mr_sizes))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> clean embeddings (B, D, L) of the denoiser this classifier serves."""
+        return self.embedding[ids].transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, dim, length = x.shape
+        if dim != self.embed_dim or length > self.max_length:
+            raise ValueError(f"expected x of shape (B, {self.embed_dim}, L <= {self.max_length}), got {tuple(x.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        h = self.up(x.transpose(1, 2)) + self.positions[:length] + self.time(t)[:, None]
+        h = self.norm(self.encoder(h, src_key_padding_mask=~attention_mask))
+        # Mean over real tokens only: padding says nothing about the content.
+        weights = attention_mask[..., None].to(h.dtype)
+        pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+    def log_prob(self, x: torch.Tensor, t: torch.Tensor, codes: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """sum over slots with a code > 0 of log p(code | x_t, t): one value per example (B,).
+        Code 0 (unspecified) leaves a slot out."""
+        logits = self(x, t, attention_mask).float()
+        total = torch.zeros(x.shape[0], device=x.device)
+        for slot, block in enumerate(logits.split(self.mr_sizes, dim=1)):
+            code = codes[:, slot]
+            picked = block.log_softmax(1).gather(1, code.clamp(min=0)[:, None])[:, 0]
+            total = total + torch.where(code > 0, picked, torch.zeros_like(picked))
+        return total
+
+
+def slot_cross_entropy(logits: torch.Tensor, codes: torch.Tensor, mr_sizes: Sequence[int]) -> torch.Tensor:
+    """Cross-entropy (nats) of each slot's logits against its code, batch-averaged: (S,)."""
+    return torch.stack([F.cross_entropy(block.float(), codes[:, slot])
+                        for slot, block in enumerate(logits.split(list(mr_sizes), dim=1))])
+
+
+def rounding_loss(net: TextDenoiser, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats) of the tied head at real tokens, one value per example (B,)."""
+    ce = F.cross_entropy(net.logits(x).float().transpose(1, 2), ids, reduction="none")
+    mask = mask.to(ce.dtype)
+    return (ce * mask).sum(1) / mask.sum(1).clamp(min=1)

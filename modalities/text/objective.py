@@ -1,0 +1,180 @@
+"""Diffusion-LM's training objective, as a ``loss_fn`` for diffkit's Trainer.
+
+    loss = MSE(x0_hat, EMB(w))                     the core's x0 loss at a random t, padding masked
+         + ||EMB(w) - x0_hat(x_0, t=0)||^2          the embedding term at the least noisy step
+         + CE(round(x_0), w)                        the tied head's rounding cross-entropy
+         + ||alpha_{T-1} EMB(w)||^2                 the prior term (keeps norms from drifting up)
+
+The embeddings are learned together with the denoiser. The MSE alone would let them collapse
+(all words at one point make x0 trivially easy to predict); the rounding cross-entropy keeps
+words apart, and the embedding term makes the network's least-noisy prediction land on them.
+Padding counts nowhere: the core masks it in the MSE, and the other terms average over real
+tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import diffkit
+
+from .model import NoisyMRClassifier, TextDenoiser, rounding_loss, slot_cross_entropy
+
+__all__ = ["TextObjective", "ClassifierObjective", "unwrap"]
+
+
+def unwrap(model: torch.nn.Module) -> TextDenoiser:
+    """The TextDenoiser inside a DistributedDataParallel wrapper (or the model itself)."""
+    net = getattr(model, "module", model)
+    if not isinstance(net, TextDenoiser):
+        raise TypeError(f"the text objective trains a TextDenoiser, got {type(net).__name__}")
+    return net
+
+
+class TextObjective:
+    """``loss_fn(model, batch) -> (loss, {term: value})`` for ``diffkit.Trainer(..., loss_fn=)``.
+
+    A batch is a dict with ``ids`` (B, L) long, ``mask`` (B, L) bool (True at real tokens) and,
+    for MR-conditioned models, ``mr`` (B, S) slot codes.
+
+    Args:
+        diffusion: the diffkit.Diffusion (x0 prediction, sqrt schedule in Diffusion-LM).
+        t0_fraction: share of the batch that also gets the t=0 embedding term (an extra
+            forward pass on that share; Diffusion-LM's term only fires when t=0 is drawn,
+            1 in T of the time, far too rarely with a small T and a short run).
+        cond_drop_prob: probability of dropping the whole MR (classifier-free guidance).
+        slot_drop_prob: probability of marking each MR slot "unspecified" on its own, so the
+            model also learns partial conditions (``control={"food": "Italian"}`` names one).
+        rounding_weight, embedding_weight, prior_weight: weights of the extra terms.
+    """
+
+    def __init__(self, diffusion: diffkit.Diffusion, *, t0_fraction: float = 0.25,
+                 cond_drop_prob: float = 0.1, slot_drop_prob: float = 0.3,
+                 rounding_weight: float = 1.0, embedding_weight: float = 1.0, prior_weight: float = 1.0):
+        if diffusion.prediction != "x0":
+            raise ValueError(f"the text objective needs an x0-predicting diffusion (the clamping trick and the "
+                             f"embedding term act on x0), got prediction={diffusion.prediction!r}")
+        for name, value in (("t0_fraction", t0_fraction), ("cond_drop_prob", cond_drop_prob),
+                            ("slot_drop_prob", slot_drop_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        self.diffusion = diffusion
+        self.t0_fraction = float(t0_fraction)
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.slot_drop_prob = float(slot_drop_prob)
+        self.rounding_weight = float(rounding_weight)
+        self.embedding_weight = float(embedding_weight)
+        self.prior_weight = float(prior_weight)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"t0_fraction": self.t0_fraction, "cond_drop_prob": self.cond_drop_prob,
+                "slot_drop_prob": self.slot_drop_prob, "rounding_weight": self.rounding_weight,
+                "embedding_weight": self.embedding_weight, "prior_weight": self.prior_weight}
+
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                 generator: torch.Generator | None = None):
+        return self.loss(model, batch, generator=generator)
+
+    def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *,
+             generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(scalar loss, {term: batch mean}). ``t``, ``noise`` and ``generator`` fix the draws
+        of the main term (tests use them to compare two batches under the same noise)."""
+        net = unwrap(model)
+        ids, mask = batch["ids"], batch["mask"].to(torch.bool)
+        if ids.shape != mask.shape:
+            raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must have the same shape")
+        # Columns that are padding in every example cost compute and change nothing: drop them.
+        length = max(int(mask.sum(1).max()), 1)
+        ids, mask = ids[:, :length], mask[:, :length]
+        if noise is not None:
+            noise = noise[..., :length]
+        cond: dict[str, torch.Tensor] = {"attention_mask": mask}
+        if net.conditional:
+            if "mr" not in batch:
+                raise ValueError("this model is conditioned on meaning representations; batches need 'mr' codes")
+            cond["mr"] = self._drop_slots(batch["mr"], generator)
+
+        x0 = net.embed(ids)                      # (B, D, L); gradients reach the embeddings
+        loss_mask = mask[:, None, :]             # broadcasts over the D embedding channels
+        diff = self.diffusion
+        main, _ = diff.loss(model, x0, mask=loss_mask, return_terms=True, t=t, noise=noise,
+                            generator=generator, cond_drop_prob=self.cond_drop_prob if net.conditional else 0.0,
+                            **cond)
+
+        # Embedding term: the prediction from the least noisy step, on a share of the batch.
+        k = max(1, round(self.t0_fraction * ids.shape[0])) if self.t0_fraction > 0 else 0
+        embedding = torch.zeros((), device=x0.device)
+        if k:
+            part = {key: value[:k] for key, value in cond.items()}
+            t0 = torch.zeros(k, dtype=torch.long, device=x0.device)
+            embedding, _ = diff.loss(model, x0[:k], mask=loss_mask[:k], return_terms=True, t=t0,
+                                     generator=generator, **part)
+
+        # Rounding: the tied head must recover each word from its embedding noised to the
+        # level of the last sampling step, which is what it rounds at the end of sampling.
+        sigma0 = float(diff.schedule.sigma_at(torch.tensor(0)))
+        alpha0 = float(diff.schedule.alpha_at(torch.tensor(0)))
+        eps = (torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+               if generator is not None else torch.randn_like(x0))
+        rounding = rounding_loss(net, alpha0 * x0 + sigma0 * eps, ids, mask).mean()
+
+        # Prior: q(x_T | x0) should be N(0, I); its mean alpha_{T-1} EMB(w) must stay near 0.
+        alpha_last = float(diff.schedule.alpha_at(torch.tensor(diff.num_timesteps - 1)))
+        real = mask[:, None, :].to(x0.dtype)
+        prior = ((alpha_last * x0) ** 2 * real).sum((1, 2)) / (real.sum((1, 2)) * x0.shape[1])
+        prior = prior.mean()
+
+        total = (main + self.embedding_weight * embedding + self.rounding_weight * rounding
+                 + self.prior_weight * prior)
+        # 0-dim tensors, not floats: no device sync per step (the Trainer averages and logs them).
+        terms = {"mse": main.detach(), "embedding": embedding.detach(), "rounding": rounding.detach(),
+                 "prior": prior.detach()}
+        return total, terms
+
+    def _drop_slots(self, mr: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Each slot becomes "unspecified" (code 0) with probability slot_drop_prob."""
+        if self.slot_drop_prob <= 0:
+            return mr
+        u = torch.rand(mr.shape, generator=generator, device=generator.device if generator else mr.device)
+        return torch.where(u.to(mr.device) < self.slot_drop_prob, torch.zeros_like(mr), mr)
+
+
+class ClassifierObjective:
+    """``loss_fn`` training a :class:`NoisyMRClassifier` to read each MR slot from x_t.
+
+    Inputs are the frozen word embeddings of the denoiser the classifier serves, noised to a
+    uniformly drawn time of the same diffusion; the target of every slot is its code in the
+    example's MR (the value, or "absent"). Batches as for :class:`TextObjective`, with ``mr``.
+    """
+
+    def __init__(self, diffusion: diffkit.Diffusion):
+        self.diffusion = diffusion
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"kind": "classifier"}
+
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
+        clf = getattr(model, "module", model)
+        if not isinstance(clf, NoisyMRClassifier):
+            raise TypeError(f"the classifier objective trains a NoisyMRClassifier, got {type(clf).__name__}")
+        ids, mask, codes = batch["ids"], batch["mask"].to(torch.bool), batch["mr"]
+        length = max(int(mask.sum(1).max()), 1)
+        ids, mask = ids[:, :length], mask[:, :length]
+        diff = self.diffusion
+        t = torch.randint(0, diff.num_timesteps, (ids.shape[0],)).to(torch.float64)
+        x0 = clf.embed(ids)
+        alpha = diff.schedule.alpha_at(t).to(x0)[:, None, None]
+        sigma = diff.schedule.sigma_at(t).to(x0)[:, None, None]
+        x_t = alpha * x0 + sigma * torch.randn_like(x0)
+        logits = model(x_t, diff.model_time(t, alpha, sigma).to(x0.device), mask)
+        per_slot = slot_cross_entropy(logits, codes, clf.mr_sizes)
+        with torch.no_grad():
+            accuracy = torch.stack([(block.argmax(1) == codes[:, i]).float().mean()
+                                    for i, block in enumerate(logits.split(clf.mr_sizes, dim=1))]).mean()
+        return per_slot.mean(), {"accuracy": accuracy}

@@ -1,0 +1,377 @@
+"""Train a text diffusion model (Diffusion-LM style) with diffkit.
+
+With no arguments this trains the default model: a small Transformer denoiser over learned
+16-d word embeddings, conditioned on E2E meaning representations (for --control), on the E2E
+restaurant descriptions shipped in data/e2e, on the CPU or GPU. Presets and flags scale it:
+
+    python recipes/text_train.py                                  # E2E, the cpu preset
+    python recipes/text_train.py --preset gpu                     # BERT-base-sized, GPU
+    python recipes/text_train.py --data my_sentences.txt          # any text, one per line
+    python recipes/text_train.py --tokenizer path/to/tokenizer.json   # a local pretrained tokenizer
+    python recipes/text_train.py --export runs/text-cpu/export     # + a compact shipping copy
+    python recipes/text_train.py --task classifier --denoiser runs/text-cpu/checkpoint
+    torchrun --nproc_per_node 4 recipes/text_train.py --preset gpu
+
+Every run writes to ``--output-dir``: ``checkpoint/`` (resumed automatically when the same
+command is run again), ``samples/step_XXXXXX.txt`` every ``--sample-every`` steps and
+``tensorboard/`` logs. ``--export DIR`` finally writes a compact copy (EMA weights in float16,
+the tokenizer as a side file) with the command, seed, hardware and wall time recorded: the
+form the shipped checkpoint in ``modalities/text/checkpoints`` takes. ``--task classifier``
+trains, instead of a denoiser, the classifier of plug-and-play control (p(MR slot | noisy
+embeddings)) for the denoiser given by ``--denoiser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import diffkit
+from diffkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffkit.trainer import TrainConfig, Trainer
+
+# The recipe runs as a script from anywhere: make the repository's modalities importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modalities.text.data import MRVocabulary, encode_corpus, format_mr, load_corpus  # noqa: E402
+from modalities.text.modality import TextModel, load_text_model, sample_ids  # noqa: E402
+from modalities.text.model import NoisyMRClassifier, TextDenoiser  # noqa: E402
+from modalities.text.objective import ClassifierObjective, TextObjective  # noqa: E402
+from modalities.text.tokenizer import TOKENIZER_FILE, TextTokenizer  # noqa: E402
+
+PROG = "text_train.py"
+MODEL_CLASS = "modalities.text.model.TextDenoiser"
+CLASSIFIER_CLASS = "modalities.text.model.NoisyMRClassifier"
+
+# --task classifier: a shallower network and a shorter run than the denoiser's (the preset's
+# other entries stay); flags still override.
+CLASSIFIER_SETTINGS = {"cpu": dict(depth=2, max_steps=1500, lr=1e-3), "gpu": dict(depth=4, max_steps=20_000, lr=1e-4)}
+
+# Each preset is a complete, reproducible configuration; flags override single entries.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Sized for 2 CPU cores and under an hour: 4 layers of width 128 (0.99M parameters) at
+    # batch 64 over sequences trimmed to each batch's longest text. Measured 0.8-1.1 s per
+    # step with one thread on the shared 2-core development machine, so 3000 steps take
+    # 40-55 min there, less with both cores to itself.
+    "cpu": dict(
+        data="e2e", conditional=True, min_count=3, max_length=64,
+        embed_dim=16, hidden=128, depth=4, heads=4, dropout=0.1,
+        schedule="sqrt", num_timesteps=2000,
+        max_steps=3000, batch_size=64, lr=1e-3, warmup_steps=300, lr_decay="cosine", ema_decay=0.999,
+        cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25,
+        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=1000, save_every=1000,
+    ),
+    # Diffusion-LM's E2E configuration: a BERT-base-sized Transformer, sqrt schedule, T=2000.
+    "gpu": dict(
+        data="e2e", conditional=True, min_count=3, max_length=64,
+        embed_dim=16, hidden=768, depth=12, heads=12, dropout=0.1,
+        schedule="sqrt", num_timesteps=2000,
+        max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
+        cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25,
+        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=5000, save_every=5000,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=doc[0] + " " + doc[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + __doc__.split("flags scale it:\n\n")[1].split("\n\n")[0]
+        + "\n\n" + doc[3],
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="base configuration (default: cpu); the flags below override it")
+    p.add_argument("--task", choices=("denoiser", "classifier"), default="denoiser",
+                   help="what to train: the text denoiser (default) or the noisy-embedding MR classifier "
+                        "for plug-and-play --control of the denoiser given by --denoiser")
+    p.add_argument("--denoiser", metavar="DIR",
+                   help="--task classifier: the denoiser checkpoint whose embedding space it works in")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="e2e (the shipped copy, default), e2e:DIR (E2E CSVs elsewhere) or a UTF-8 "
+                                  "text file with one example per line")
+    g.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
+                   help="condition on E2E meaning representations (needed for --control; default: on for e2e)")
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="a local pretrained tokenizer.json (or a directory with one); default: train a "
+                        "word-level vocabulary on the data")
+    g.add_argument("--min-count", type=int, help="words seen fewer times become [UNK] (trained vocabulary)")
+    g.add_argument("--max-length", type=int, help="tokens per example; longer texts are truncated with a warning")
+    g = p.add_argument_group("network")
+    g.add_argument("--embed-dim", type=int, help="width of the diffused word embeddings (Diffusion-LM: 16)")
+    g.add_argument("--hidden", type=int, help="Transformer width")
+    g.add_argument("--depth", type=int, help="Transformer layers")
+    g.add_argument("--heads", type=int, help="attention heads")
+    g.add_argument("--dropout", type=float, help="dropout inside the Transformer")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", help="noise schedule (default sqrt, Diffusion-LM's)")
+    g.add_argument("--num-timesteps", type=int, help="T, training timesteps (Diffusion-LM: 2000)")
+    g.add_argument("--cond-drop-prob", type=float, help="probability of dropping the whole MR (guidance)")
+    g.add_argument("--slot-drop-prob", type=float, help="probability of dropping each MR slot on its own")
+    g.add_argument("--t0-fraction", type=float, help="share of each batch that gets the t=0 embedding term")
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, help="batch size per process")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up")
+    g.add_argument("--lr-decay", choices=("none", "cosine", "linear"), help="LR decay after warm-up")
+    g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything, network weights included (default: 0)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    g.add_argument("--output-dir", help="run directory (default: runs/text-<preset>)")
+    g.add_argument("--sample-every", type=int, help="write sample texts every N steps (0: never)")
+    g.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("output")
+    g.add_argument("--sampler", help="default sampler recorded with the model")
+    g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
+    g.add_argument("--guidance-scale", type=float, help="default guidance for --control recorded with the model")
+    g.add_argument("--export", metavar="DIR",
+                   help="after training, write a compact EMA-only float16 checkpoint (with the tokenizer) here")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The preset with every flag that was given laid over it; bad values raise ValueError."""
+    s = dict(PRESETS[args.preset])
+    if args.task == "classifier":
+        s.update(CLASSIFIER_SETTINGS[args.preset])
+        if not args.denoiser:
+            raise ValueError("--task classifier needs --denoiser DIR (the denoiser checkpoint it will steer)")
+    elif args.denoiser:
+        raise ValueError("--denoiser is for --task classifier")
+    for key, value in vars(args).items():
+        if value is not None and key != "preset":
+            s[key] = value
+    if args.conditional is None and not str(s["data"]).startswith("e2e"):
+        s["conditional"] = False  # a plain text file has no meaning representations
+    if s["conditional"] and not str(s["data"]).startswith("e2e"):
+        raise ValueError("--conditional needs E2E data (meaning representations); use --no-conditional")
+    for key in ("max_length", "embed_dim", "hidden", "depth", "heads", "num_timesteps", "max_steps",
+                "batch_size", "min_count", "sample_steps"):
+        if s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if s["sampler"] not in diffkit.SAMPLERS:
+        raise ValueError(f"unknown --sampler {s['sampler']!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
+    s.setdefault("output_dir", f"runs/text-{args.preset}" + ("-classifier" if args.task == "classifier" else ""))
+    return s
+
+
+def load_tokenizer(s: dict[str, Any], texts: list[str]) -> TextTokenizer:
+    """The run's tokenizer: the one saved with a checkpoint being resumed, a pretrained one,
+    or a word-level vocabulary trained on the texts."""
+    saved = Path(s["output_dir"]) / "checkpoint" / TOKENIZER_FILE
+    if saved.is_file():
+        return TextTokenizer.load(saved)  # resuming: the embedding rows belong to this vocabulary
+    if s.get("tokenizer"):
+        return TextTokenizer.load(s["tokenizer"])
+    return TextTokenizer.train(texts, min_count=s["min_count"])
+
+
+def build(s: dict[str, Any], tokenizer: TextTokenizer, mr_vocab: MRVocabulary | None):
+    """The network and its checkpoint description, the diffusion and the objective."""
+    kwargs = dict(vocab_size=tokenizer.vocab_size, embed_dim=s["embed_dim"], hidden=s["hidden"],
+                  depth=s["depth"], heads=s["heads"], max_length=s["max_length"],
+                  mr_sizes=mr_vocab.sizes if mr_vocab else None, dropout=s["dropout"])
+    # Seeded right before the weights are drawn, so the same --seed gives the same network.
+    diffkit.seed_everything(s["seed"])
+    net = TextDenoiser(**kwargs)
+    diffusion = diffkit.Diffusion(**diffusion_arguments(s))
+    objective = TextObjective(diffusion, t0_fraction=s["t0_fraction"],
+                              cond_drop_prob=s["cond_drop_prob"] if mr_vocab else 0.0,
+                              slot_drop_prob=s["slot_drop_prob"] if mr_vocab else 0.0)
+    return net, {"class": MODEL_CLASS, "kwargs": kwargs}, diffusion, objective
+
+
+def diffusion_arguments(s: dict[str, Any]) -> dict[str, Any]:
+    """``diffkit.Diffusion(**these)`` is the run's diffusion (x0 prediction: the clamping trick
+    and the embedding term act on x0)."""
+    return {"schedule": s["schedule"], "num_timesteps": s["num_timesteps"], "prediction": "x0"}
+
+
+def modality_info(s, diffusion, dataset, mr_vocab, objective) -> dict[str, Any]:
+    return {
+        "tokenizer": TOKENIZER_FILE,
+        "data": s["data"],
+        "max_length": s["max_length"],
+        "length_counts": dataset.length_counts(),
+        "mr_values": mr_vocab.to_config() if mr_vocab else None,
+        # The Trainer records "diffusion": null for a loss_fn objective; the loader rebuilds
+        # the diffusion from these arguments (short, unlike the config's table of betas).
+        "diffusion": diffusion_arguments(s),
+        "objective": objective.config,
+        "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"]},
+    }
+
+
+def make_sample_fn(s, diffusion, tokenizer, info, mr_vocab: MRVocabulary | None, num: int = 8):
+    """Writes a few EMA samples as text: unconditional ones and, for an MR-conditioned model,
+    one per held-out MR (shown before it), so a run can be watched learning to follow MRs."""
+    out = Path(s["output_dir"]) / "samples"
+    held_out = load_corpus(s["data"], "eval").mrs[::100][:num] if mr_vocab is not None else []
+
+    def sample_fn(trainer: Trainer, step: int) -> None:
+        model = TextModel(Path(s["output_dir"]), trainer.ema_model, diffusion, tokenizer, info)
+        g = torch.Generator().manual_seed(s["seed"])
+        counts = torch.tensor(info["length_counts"], dtype=torch.float64)
+        counts[0] = 0
+        lengths = torch.multinomial(counts, num, replacement=True, generator=g)
+        ids = sample_ids(model, lengths, generator=g, sampler=s["sampler"], steps=s["sample_steps"])
+        lines = [tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
+        if held_out:
+            mr = torch.tensor([mr_vocab.encode(m) for m in held_out])
+            lengths = torch.multinomial(counts, len(held_out), replacement=True, generator=g)
+            ids = sample_ids(model, lengths, generator=g, sampler=s["sampler"], steps=s["sample_steps"], mr=mr,
+                             guidance_scale=s["guidance_scale"])
+            lines += [f"{format_mr(m)} => {tokenizer.decode(row[: int(k)].tolist())}"
+                      for m, row, k in zip(held_out, ids, lengths)]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step_{step:06d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    return sample_fn
+
+
+def hardware_summary() -> str:
+    """CPU model and core count (and the GPU, when there is one), for records."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def export(s, trainer: Trainer, model_config, diffusion, info, tokenizer: TextTokenizer, path: Path,
+           wall_time: float, argv: list[str]) -> Path:
+    """A compact shipping checkpoint: EMA weights in float16, the tokenizer, no optimizer state."""
+    ckpt = load_checkpoint(trainer.checkpoint_dir, modality="text")
+    state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    last = trainer.history[-1] if trainer.history else {}
+    extra = {
+        "recipe": "python " + shlex.join(["recipes/text_train.py", *argv]),
+        "seed": s["seed"],
+        "hardware": hardware_summary(),
+        "device": str(trainer.device),
+        "wall_time_s": round(wall_time, 1),
+        "final_loss": last.get("loss"),
+        "weights": "EMA, float16",
+    }
+    path = save_checkpoint(path, model=weights, step=ckpt.step, extra=extra, config={
+        "modality": "text", "model": model_config, "diffusion": diffusion.config,
+        "modality_config": info, "train": ckpt.config.get("train"),
+    }, side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")})
+    for file in path.iterdir():
+        file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable
+    return path
+
+
+def train_config(s: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(
+        max_steps=s["max_steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
+        lr_decay=s["lr_decay"], ema_decay=s["ema_decay"], seed=s["seed"], output_dir=s["output_dir"],
+        save_every=s["save_every"], sample_every=s["sample_every"], device=s["device"],
+        progress=not s["no_progress"],
+    )
+
+
+def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
+    """--task classifier: p(MR slot codes | x_t, t) in the embedding space of --denoiser."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if not str(s["data"]).startswith("e2e"):
+        raise ValueError("--task classifier learns meaning representations: it needs E2E data")
+    denoiser = load_text_model(args.denoiser, "cpu")
+    tokenizer = denoiser.tokenizer
+    corpus = load_corpus(s["data"], "train")
+    values = denoiser.info.get("mr_values")
+    mr_vocab = MRVocabulary.from_config(values) if values else MRVocabulary.from_mrs(corpus.mrs)
+    dataset = encode_corpus(corpus, tokenizer, denoiser.max_length, mr_vocab)
+    kwargs = dict(vocab_size=denoiser.net.vocab_size, embed_dim=denoiser.net.embed_dim, mr_sizes=mr_vocab.sizes,
+                  hidden=s["hidden"], depth=s["depth"], heads=s["heads"], max_length=denoiser.max_length,
+                  dropout=s["dropout"])
+    diffkit.seed_everything(s["seed"])
+    net = NoisyMRClassifier(**kwargs)
+    with torch.no_grad():
+        net.embedding.copy_(denoiser.net.embedding.weight.float().cpu())  # frozen: a buffer, not trained
+    model_config = {"class": CLASSIFIER_CLASS, "kwargs": kwargs}
+    info = {"kind": "classifier", "tokenizer": TOKENIZER_FILE, "data": s["data"], "denoiser": str(denoiser.path),
+            "mr_values": mr_vocab.to_config(), "diffusion": denoiser.info.get("diffusion")}
+    if main_process:
+        print(f"classifier for {denoiser.path}: {len(dataset)} texts, "
+              f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
+    trainer = Trainer(net, None, dataset, train_config({**s, "sample_every": 0}),
+                      loss_fn=ClassifierObjective(denoiser.diffusion), modality="text",
+                      model_config=model_config, modality_config=info,
+                      side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")})
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    if main_process:
+        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
+    if args.export and main_process:
+        path = export(s, trainer, model_config, denoiser.diffusion, info, tokenizer, Path(args.export), wall, argv)
+        print(f"exported {path}")
+    return 0
+
+
+def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    s = resolve_settings(args)
+    if args.task == "classifier":
+        return run_classifier(args, s, argv)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun starts one process per GPU
+    corpus = load_corpus(s["data"], "train")
+    tokenizer = load_tokenizer(s, corpus.texts)
+    mr_vocab = MRVocabulary.from_mrs(corpus.mrs) if s["conditional"] else None
+    dataset = encode_corpus(corpus, tokenizer, s["max_length"], mr_vocab)
+    net, model_config, diffusion, objective = build(s, tokenizer, mr_vocab)
+    info = modality_info(s, diffusion, dataset, mr_vocab, objective)
+    if main_process:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"preset {args.preset}: {len(dataset)} texts from {corpus.source} (skipped: {corpus.num_empty} empty, "
+              f"{corpus.num_invalid} not UTF-8), "
+              f"vocabulary {tokenizer.vocab_size}, {'MR-conditioned' if mr_vocab else 'unconditional'} "
+              f"Transformer {n_params / 1e6:.2f}M parameters, {diffusion!r}")
+    trainer = Trainer(net, None, dataset, train_config(s), loss_fn=objective, modality="text",
+                      model_config=model_config, modality_config=info,
+                      side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")},
+                      sample_fn=make_sample_fn(s, diffusion, tokenizer, info, mr_vocab) if s["sample_every"] else None)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    if main_process:
+        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
+    if args.export and main_process:
+        path = export(s, trainer, model_config, diffusion, info, tokenizer, Path(args.export), wall, argv)
+        print(f"exported {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        return run(argv, parser)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        parser.error(str(err))  # "text_train.py: error: ..." and exit status 2, no traceback
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The text modality's generate: lengths, infilling, control, saving, the CLI, the likelihood
+and bad input, on a tiny checkpoint made by the recipe (untrained: these are mechanics)."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffkit
+from diffkit.cli import main as cli_main
+from diffkit.registry import available_modalities, register_modality, unregister_modality
+from modalities.text import DEFAULT_CHECKPOINT, SLOTS, TextModality, load_text_model, nll_per_token, parse_control
+from modalities.text.modality import parse_infill, sample_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import text_train  # noqa: E402
+
+TEMPLATE = "The Eagle is a [MASK] [MASK] in the city centre ."
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text_train.main(["--max-steps", "2", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
+                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress",
+                         "--output-dir", str(out / "run"), "--export", str(out / "export")])
+    return out / "export"
+
+
+@pytest.fixture
+def text_registered():
+    # Until pyproject declares the entry point, register the modality for the CLI tests.
+    installed = "text" in available_modalities()
+    if not installed:
+        register_modality("text", "modalities.text:TextModality")
+    yield
+    if not installed:
+        unregister_modality("text")
+
+
+def test_generate_gives_strings_deterministically(checkpoint):
+    mod = TextModality()
+    texts = mod.generate(checkpoint=checkpoint, num_samples=4, seed=0, steps=3)
+    assert isinstance(texts, list) and len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
+    assert mod.generate(checkpoint=checkpoint, num_samples=4, seed=0, steps=3) == texts
+    # The length is the modality's business: drawn from the data, or as asked. Padding and
+    # other special tokens are never generated.
+    fixed = mod.generate(checkpoint=checkpoint, num_samples=3, seed=1, steps=2, length=7)
+    assert all(len(t.split()) == 7 for t in fixed)
+    assert not any("[PAD]" in t or "[MASK]" in t for t in texts + fixed)
+
+
+def test_infill_keeps_known_words_exactly_and_sets_the_length(checkpoint):
+    model = load_text_model(checkpoint, "cpu")
+    template = parse_infill(TEMPLATE, model)
+    words = TEMPLATE.split()
+    assert template.ids.numel() == len(words) and template.known.tolist() == [w != "[MASK]" for w in words]
+    n = 3
+    lengths = torch.full((n,), len(words))
+    ids = sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3,
+                     known_ids=template.ids.expand(n, -1), known_mask=template.known.expand(n, -1))
+    assert ids.shape == (n, len(words))
+    assert torch.equal(ids[:, template.known], template.ids[template.known].expand(n, -1))
+    assert (ids[:, ~template.known] != model.tokenizer.pad_id).all()
+    # Through the public API: the template's words stay, one word per [MASK].
+    for text in TextModality().generate(checkpoint=checkpoint, num_samples=2, seed=0, steps=3, infill=TEMPLATE):
+        out = text.split()
+        assert len(out) == len(words)
+        assert all(o == w for o, w in zip(out, words) if w != "[MASK]")
+    # Several stochastic samplers and the clamping switched off keep them too.
+    for sampler in ("ddpm", "dpm++2m"):
+        text = TextModality().generate(checkpoint=checkpoint, num_samples=1, seed=0, steps=3, infill=TEMPLATE,
+                                       sampler=sampler, clamp=False)[0]
+        assert all(o == w for o, w in zip(text.split(), words) if w != "[MASK]")
+
+
+def test_infill_one_template_per_sample_of_different_lengths(checkpoint):
+    templates = ["[MASK] is a pub .", TEMPLATE, "The Eagle [MASK] [MASK] [MASK] [MASK] [MASK] ."]
+    texts = TextModality().generate(checkpoint=checkpoint, num_samples=3, seed=0, steps=2, infill=templates)
+    for text, template in zip(texts, templates):
+        words = template.split()
+        assert len(text.split()) == len(words)
+        assert all(o == w for o, w in zip(text.split(), words) if w != "[MASK]")
+    with pytest.raises(ValueError, match=r"one template or one per sample \(3\), got 2"):
+        TextModality().generate(checkpoint=checkpoint, num_samples=3, infill=templates[:2])
+
+
+def test_infill_errors_and_unknown_words(checkpoint):
+    mod = TextModality()
+    with pytest.raises(ValueError, match=r"no \[MASK\]"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, infill="The Eagle is a pub .")
+    with pytest.raises(ValueError, match="at most 64"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, infill="word " * 70 + "[MASK]")
+    with pytest.raises(ValueError, match="fixes the length"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, infill=TEMPLATE, length=5)
+    with pytest.warns(UserWarning, match=r"map to \[UNK\]: Zyxwvut"):
+        text = mod.generate(checkpoint=checkpoint, num_samples=1, steps=2, infill="Zyxwvut is a [MASK] .")[0]
+    assert text.startswith("[UNK] is a ")
+
+
+def test_control_follows_the_mr_vocabulary(checkpoint):
+    mod = TextModality()
+    texts = mod.generate(checkpoint=checkpoint, num_samples=2, seed=0, steps=2,
+                         control={"food": "Italian", "area": "riverside"}, guidance_scale=3.0)
+    assert len(texts) == 2
+    assert mod.generate(checkpoint=checkpoint, num_samples=2, seed=0, steps=2,
+                        control=["food=Italian", "area=riverside"], guidance_scale=3.0) == texts
+    with pytest.raises(ValueError, match="unknown value 'Thai' for slot 'food'; known values: .*Italian"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, control={"food": "Thai"})
+    with pytest.raises(ValueError, match=f"unknown control slot 'cuisine'; the slots are {', '.join(SLOTS)}"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, control={"cuisine": "Thai"})
+    with pytest.raises(ValueError, match="slot=value"):
+        parse_control(["food:Italian"])
+    with pytest.raises(ValueError, match="needs a condition"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, guidance_scale=2.0)
+
+
+def test_generate_bad_input(checkpoint, tmp_path):
+    mod = TextModality()
+    with pytest.raises(ValueError, match="num_samples"):
+        mod.generate(checkpoint=checkpoint, num_samples=0)
+    with pytest.raises(ValueError, match="steps"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, steps=0)
+    with pytest.raises(ValueError, match=r"length must be a whole number in \[1, 64\]"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, length=65)
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        mod.generate(checkpoint=tmp_path, num_samples=1)
+    image_checkpoint = Path(__file__).resolve().parents[1] / "modalities" / "image" / "checkpoints" / "digits"
+    with pytest.raises(diffkit.CheckpointError, match="image"):
+        load_text_model(image_checkpoint, "cpu")
+
+
+@pytest.mark.skipif(DEFAULT_CHECKPOINT.exists(), reason="the shipped checkpoint exists (phase 2)")
+def test_missing_shipped_checkpoint_says_how_to_train_one():
+    with pytest.raises(ValueError, match="recipes/text_train.py"):
+        TextModality().generate(num_samples=1)
+
+
+def test_save_writes_one_utf8_line_per_sample(tmp_path):
+    paths = TextModality().save(["Café Rouge is a pub .", "two\nlines"], tmp_path / "out" / "s.txt")
+    assert paths == [tmp_path / "out" / "s.txt"]
+    assert paths[0].read_text(encoding="utf-8") == "Café Rouge is a pub .\ntwo lines\n"
+    with pytest.raises(ValueError, match="list of strings"):
+        TextModality().save("not a list", tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="is a directory"):
+        TextModality().save(["a"], tmp_path)
+
+
+def test_cli_generate_infill_and_control(checkpoint, tmp_path, capsys, text_registered):
+    out = tmp_path / "samples.txt"
+    assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--num-samples", "2", "--steps", "2",
+                     "--seed", "0", "--infill", TEMPLATE, "--out", str(out), "--no-progress"]) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and all(line.startswith("The Eagle is a ") for line in lines)
+    assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--num-samples", "1", "--steps", "2",
+                     "--control", "food=Italian", "--control", "customer rating=high", "--guidance-scale", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--control", "food=Thai",
+                     "--out", str(out)]) == 1
+    assert "diffkit: error: unknown value 'Thai' for slot 'food'" in capsys.readouterr().err
+    cli_main(["generate", "text", "-h"])
+    assert "--infill" in capsys.readouterr().out
+
+
+def test_nll_per_token(checkpoint):
+    texts = ["The Eagle is a coffee shop .", "Zizzi is a pub in the riverside area near The Sorrento ."]
+    bits = nll_per_token(texts, checkpoint=checkpoint, steps=4)
+    assert bits.shape == (2,) and torch.isfinite(bits).all() and (bits > 0).all()
+    assert torch.equal(nll_per_token(texts, checkpoint=checkpoint, steps=4), bits)  # seeded
+    # An MR-conditioned model can be scored with each text's MR.
+    conditioned = nll_per_token(texts[:1], checkpoint=checkpoint, steps=4,
+                                mrs=[{"name": "The Eagle", "eatType": "coffee shop"}])
+    assert torch.isfinite(conditioned).all()
+    with pytest.raises(ValueError, match="non-empty list"):
+        nll_per_token("one string", checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------- classifier control
+@pytest.fixture(scope="module")
+def classifier(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("text-classifier")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert text_train.main(["--task", "classifier", "--denoiser", str(checkpoint), "--max-steps", "2",
+                                "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
+                                "--no-progress", "--output-dir", str(out / "run"),
+                                "--export", str(out / "export")]) == 0
+    return out / "export"
+
+
+def test_classifier_control_with_both_methods(checkpoint, classifier):
+    mod = TextModality()
+    words = TEMPLATE.split()
+    for method in ("gradient", "adagrad"):
+        texts = mod.generate(checkpoint=checkpoint, num_samples=2, seed=0, steps=3, classifier=classifier,
+                             control={"food": "Italian"}, classifier_scale=2.0, control_method=method,
+                             infill=TEMPLATE)
+        # Control and infilling together: the template's words still stay.
+        assert all(o == w for t in texts for o, w in zip(t.split(), words) if w != "[MASK]")
+    with pytest.raises(ValueError, match="pass control="):
+        mod.generate(checkpoint=checkpoint, num_samples=1, classifier=classifier)
+    with pytest.raises(ValueError, match="classifier_scale needs classifier="):
+        mod.generate(checkpoint=checkpoint, num_samples=1, control={"food": "Italian"}, classifier_scale=2.0)
+    with pytest.raises(ValueError, match="unknown control_method 'sgd'"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, classifier=classifier, control={"food": "Italian"},
+                     control_method="sgd")
+    with pytest.raises(ValueError, match="unknown value 'Thai'"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, classifier=classifier, control={"food": "Thai"})
+
+
+def test_adagrad_control_raises_the_classifier_probability(checkpoint, classifier):
+    from modalities.text.modality import classifier_control, load_classifier
+
+    model = load_text_model(checkpoint, "cpu")
+    clf = load_classifier(classifier, model)
+    codes = torch.tensor([clf.mr_vocab.encode({"food": "Italian"}, partial=True)] * 3)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[2, 6:] = False
+    hook = classifier_control(clf, codes, mask, "adagrad", scale=1.0, proximity=0.0)
+    x = torch.randn(3, model.net.embed_dim, 10, generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 20.0)
+    moved = hook.fn(x, t, 1)
+    assert (clf.net.log_prob(moved, t, codes, mask) > clf.net.log_prob(x, t, codes, mask)).all()
+    assert torch.equal(moved[2, :, 6:], x[2, :, 6:])  # padding is not touched
+
+
+def test_classifier_of_another_denoiser_is_refused(checkpoint, classifier, tmp_path):
+    other = tmp_path / "other"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text_train.main(["--max-steps", "1", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
+                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress", "--seed", "5",
+                         "--output-dir", str(other)])
+    with pytest.raises(ValueError, match="another denoiser"):
+        TextModality().generate(checkpoint=other / "checkpoint", num_samples=1, classifier=classifier,
+                                control={"food": "Italian"})

