@@ -65,6 +65,9 @@ class GaussianData:
         the exact reverse kernel q(x_{t-1} | x_t) (in range whenever std <= 1).
         """
         data = self
+        # The reverse step at t = 0 uses the chain's decoder variance (one rule, in SamplingGrid).
+        decoder_variance = SamplingGrid.from_times(
+            schedule, torch.arange(schedule.num_timesteps - 1, -1, -1)).decoder_variance()
 
         def exact_model(x_t: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
             shape = (-1,) + (1,) * (x_t.ndim - 1)
@@ -77,12 +80,13 @@ class GaussianData:
             x0 = mean + alpha * std**2 * (x - alpha * mean) / denom
             out = from_x0_eps(prediction, x0, eps, alpha, sigma)
             if learn_variance:
-                out = torch.cat([out, data._variance_channels(schedule, t, x0.shape, alpha, sigma)], dim=1)
+                out = torch.cat([out, data._variance_channels(schedule, t, x0.shape, alpha, sigma, decoder_variance)], dim=1)
             return out.to(x_t.dtype)
 
         return exact_model
 
-    def _variance_channels(self, schedule: NoiseSchedule, t: torch.Tensor, shape, alpha, sigma) -> torch.Tensor:
+    def _variance_channels(self, schedule: NoiseSchedule, t: torch.Tensor, shape, alpha, sigma,
+                           decoder_variance: float) -> torch.Tensor:
         """v in [-1, 1] with exp(frac log beta + (1 - frac) log beta_tilde) = Var[x_{t-1} | x_t]."""
         view = (-1,) + (1,) * (len(shape) - 1)
         alpha_s = schedule.alpha_at(t.cpu() - 1).to(alpha.device).reshape(view)
@@ -94,9 +98,8 @@ class GaussianData:
         beta = 1 - (alpha / alpha_s) ** 2
         # At t = 0 the reverse process uses the decoder variance in place of the zero beta-tilde,
         # exactly as Diffusion does (one rule, in SamplingGrid.decoder_variance).
-        full_chain = SamplingGrid.from_times(schedule, torch.arange(schedule.num_timesteps - 1, -1, -1))
         is_first = (t.cpu() == 0).to(alpha.device).reshape(view)
-        small = torch.where(is_first, torch.full_like(tilde, full_chain.decoder_variance()), tilde)
+        small = torch.where(is_first, torch.full_like(tilde, decoder_variance), tilde)
         frac = (torch.log(true_var) - torch.log(small)) / (torch.log(beta) - torch.log(small))
         return (2 * frac.clamp(0, 1) - 1).expand(shape)
 

@@ -173,8 +173,9 @@ class Diffusion:
         self.hybrid_lambda = float(hybrid_lambda)
         self.bin_width = float(bin_width)
         self.data_range = (float(data_range[0]), float(data_range[1]))
-        # Every training step, evaluated once: the loss's bound term needs its decoder variance.
-        self._training_grid = SamplingGrid.from_times(self.schedule, torch.arange(self.num_timesteps - 1, -1, -1))
+        # The loss's bound term at t = 0 needs the full chain's decoder variance; it never changes.
+        self._decoder_variance = SamplingGrid.from_times(
+            self.schedule, torch.arange(self.num_timesteps - 1, -1, -1)).decoder_variance()
         self.calibration = self._check_calibration(calibration)
 
     def _check_calibration(self, calibration: Optional[dict]) -> dict:
@@ -285,8 +286,15 @@ class Diffusion:
         alpha, sigma = self._scales(t, x0)
         return q_sample(x0, alpha, sigma, noise)
 
-    def model_time(self, t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """What the network is told, float32 (B,), for times ``t`` with scales (alpha, sigma) (see ``time_input``)."""
+    def model_time(self, t: torch.Tensor, alpha: Optional[torch.Tensor] = None,
+                   sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the network is told, float32 (B,), for times ``t`` (see ``time_input``).
+
+        ``alpha`` and ``sigma`` are t's scales when the caller has them already.
+        """
+        if alpha is None or sigma is None:
+            t = torch.as_tensor(t, dtype=torch.float64)
+            alpha, sigma = self._scales(t, t)
         if self.time_input == "timestep":
             value = t.to(torch.float64)
         elif self.time_input == "noise_level":
@@ -295,8 +303,13 @@ class Diffusion:
             value = 2.0 * (torch.log(alpha.reshape(-1).to(torch.float64)) - torch.log(sigma.reshape(-1).to(torch.float64)))
         return value.to(torch.float32)
 
-    def _draw_times(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-        """Training times (B,) float64 on the CPU, drawn as ``time_sampling`` says."""
+    def draw_times(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Training times (B,) float64 on the CPU, drawn as ``time_sampling`` says.
+
+        For losses of other networks on noisy data (a value function, a classifier on noisy
+        latents): draw times here, noise with :meth:`q_sample`, and tell the network
+        :meth:`model_time`, so it sees exactly what the denoiser sees.
+        """
         gen_device = generator.device if generator is not None else torch.device("cpu")
         T = self.num_timesteps
         if self.time_sampling == "discrete":
@@ -373,7 +386,7 @@ class Diffusion:
             raise ValueError(f"x0 must have a batch dimension and at least one data dimension, got shape {tuple(x0.shape)}")
         check_finite(x0, "the training batch x0")
         batch = x0.shape[0]
-        t = self._draw_times(batch, generator, x0.device) if t is None else torch.as_tensor(t).to(torch.float64).cpu()
+        t = self.draw_times(batch, generator) if t is None else torch.as_tensor(t).to(torch.float64).cpu()
         if t.shape != (batch,):
             raise ValueError(f"t must hold one time per example, shape ({batch},), got {tuple(t.shape)}")
         if (t < -1).any() or (t > self.num_timesteps - 1).any():
@@ -413,7 +426,7 @@ class Diffusion:
             alpha_s, sigma_s = self._scales(t - 1, x0)
             vb = self._bound_term(x0, x_t, frozen_x0, frac, (alpha, sigma, alpha_s, sigma_s),
                                   append_dims(t.to(x0.device) == 0, x0.ndim),
-                                  self._training_grid.decoder_variance(), counted=counted)
+                                  self._decoder_variance, counted=counted)
             terms["vb"] = vb
             scale = self.num_timesteps  # a uniform t makes T * L_t an unbiased estimate of the bound
             per_example = scale * vb if self.loss_type == "vlb" else per_example + self.hybrid_lambda * scale * vb

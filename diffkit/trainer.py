@@ -9,6 +9,11 @@ clipping, EMA weights, bf16 autocast on GPUs, TensorBoard and progress output, p
 atomic checkpoints with exact resume, a hard stop on NaN/Inf that keeps the last good
 checkpoint, and DistributedDataParallel under ``torchrun``.
 
+Under ``torchrun`` a Trainer joins the process group and, if it created the group, leaves it
+when ``train()`` ends. A script that trains several networks in one run (a planner's value
+function, inverse dynamics and denoiser) calls ``diffkit.distributed.init_distributed(device)``
+first; the Trainers then use that group and leave it alone.
+
 Determinism: the data order of each epoch comes from (seed, epoch), and every step reseeds the
 Python, NumPy and torch RNGs from (seed, rank, step). A run resumed from a checkpoint therefore
 continues exactly as the uninterrupted run would have (with ``num_workers=0``; with worker

@@ -218,3 +218,21 @@ def test_learned_variance_on_a_respaced_grid_interpolates_that_grid_steps_varian
     assert torch.allclose(samples.var(0), var, rtol=0.03)
     fixed_small, fixed_var = closed_form_ddpm_moments(alphas)
     assert not torch.allclose(var, fixed_var, rtol=0.05)  # the learned variance made a difference
+
+
+@pytest.mark.parametrize("time_input", ["timestep", "noise_level", "log_snr"])
+def test_other_networks_see_what_the_denoiser_sees(time_input):
+    """draw_times + q_sample + model_time reproduce the loss's own draws (for value or classifier losses)."""
+    diff = Diffusion("cosine", 100, time_input=time_input, time_sampling="continuous")
+    x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    told = {}
+
+    def model(x_t, t):
+        told["x_t"], told["t"] = x_t, t
+        return torch.zeros_like(x_t)
+
+    diff.loss(model, x0, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    t = diff.draw_times(16, generator)
+    x_t = diff.q_sample(x0, t, generator=generator)
+    assert torch.allclose(x_t, told["x_t"]) and torch.allclose(diff.model_time(t), told["t"])

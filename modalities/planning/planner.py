@@ -1,0 +1,552 @@
+"""DiffusionPlanner: plan trajectories with a diffusion model and act on them (Diffuser).
+
+    import gymnasium as gym, gymnasium_robotics
+    from modalities.planning import DiffusionPlanner
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make("PointMaze_Medium-v3", continuing_task=True)
+    planner = DiffusionPlanner.load("PointMaze_Medium-v3")   # shipped checkpoint, or a path
+    obs, info = env.reset(seed=0); planner.reset()
+    while True:
+        action = planner.act(obs)                            # planner(obs) too
+        obs, reward, terminated, truncated, info = env.step(action)
+        if terminated or truncated: break
+
+A plan is a (transition_dim, H) trajectory of [action, observation] rows, sampled by the core
+with the current observation (and, in mazes, the goal at step H - 1) written in clean at every
+step (``KnownValues(clean=True)``, matching ``known_mask`` at training). How it is used:
+
+- ``replan_every=None`` (mazes, as Diffuser): plan once per goal and track the plan open-loop
+  with a = (wp[k+1][:2] - s[:2]) + (wp[k+1][2:] - s[2:]) (``action_source="tracking"``).
+- ``replan_every=k``: a fresh plan every k steps, warm-started from the previous one shifted
+  by k steps: it is noised to ``warm_start_strength`` of the chain and denoised from there in
+  ``warm_start_steps`` solver steps respaced inside it (default: ``steps`` x strength, the
+  same step density as a cold plan at a fraction of its cost).
+- ``action_source``: "tracking" (mazes), "plan" (the plan's own action at the current step)
+  or "inverse_dynamics" (Decision Diffuser: a = f(s_k, s_k+1) with a trained MLP).
+- ``num_candidates`` > 1: sample that many plans and keep the one the value network ranks
+  best (``Diffusion.sample_candidates``); ``value_guidance`` > 0: Diffuser's guidance, a few
+  gradient steps on the value before each denoising step (``GradientSteps``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+import diffkit
+from diffkit.checkpoint import CheckpointError, load_network
+from diffkit.guidance import ClipX0, GradientSteps, KnownValues
+
+from .data import Normalizer, flatten_observation
+from .maze import MazeGrid, make_env
+from .model import InverseDynamics, TemporalUNet, ValueNet
+
+__all__ = ["CHECKPOINTS_DIR", "DiffusionPlanner", "Plan", "PlannerWrapper", "evaluate"]
+
+CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
+MODALITY = "planning"
+ACTION_SOURCES = ("tracking", "plan", "inverse_dynamics")
+
+# Network classes a checkpoint may name: a checkpoint never chooses what code runs.
+NETWORKS = {"modalities.planning.model.TemporalUNet": TemporalUNet}
+VALUE_NETWORKS = {"modalities.planning.model.ValueNet": ValueNet}
+INVERSE_DYNAMICS_NETWORKS = {"modalities.planning.model.InverseDynamics": InverseDynamics}
+
+# Used when a checkpoint does not say.
+DEFAULTS: dict[str, Any] = {
+    "sampler": "ddim",
+    "steps": 10,
+    "replan_every": None,
+    "warm_start_strength": 0.5,
+    "warm_start_steps": None,
+    "action_source": "plan",
+    "num_candidates": 1,
+    "value_guidance": 0.0,
+    "guidance_steps": 2,
+    "guidance_stop_below": 2.0,
+}
+
+
+@dataclass
+class Plan:
+    """A planned trajectory, unnormalised: ``states`` (H, observation_dim), ``actions``
+    (H, action_dim), ``values`` (the value network's estimate, or None) and the ``goal`` it
+    was made for. For a batch of observations every field has a leading batch dimension."""
+
+    states: np.ndarray
+    actions: np.ndarray
+    values: Optional[np.ndarray] = None
+    goal: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return self.states.shape[-2]
+
+
+class DiffusionPlanner:
+    """Acts in a Gymnasium environment by planning with a trajectory diffusion model.
+
+    Build it with :meth:`load` (a shipped checkpoint by environment id, or a checkpoint
+    directory). Keyword arguments override the checkpoint's sampling defaults: ``sampler``,
+    ``steps``, ``replan_every``, ``warm_start_strength`` (None: no warm start),
+    ``warm_start_steps``, ``action_source``,
+    ``num_candidates``, ``value_guidance`` (scale; 0 = off), ``guidance_steps``,
+    ``guidance_stop_below``; ``seed`` fixes the sampling noise.
+    """
+
+    def __init__(self, net: torch.nn.Module, diffusion: diffkit.Diffusion, config: Mapping[str, Any], *,
+                 value_net: Optional[torch.nn.Module] = None, inverse_dynamics: Optional[torch.nn.Module] = None,
+                 seed: Optional[int] = 0, **overrides: Any):
+        self.net, self.diffusion = net, diffusion
+        self.config = dict(config)
+        try:
+            self.observation_dim = int(config["observation_dim"])
+            self.action_dim = int(config["action_dim"])
+            self.horizon = int(config["horizon"])
+            self.normalizer = Normalizer.from_config(config["normalizer"])
+        except KeyError as err:
+            raise CheckpointError(f"the planning config lacks {err}; it needs observation_dim, action_dim, horizon "
+                                  "and normalizer (write checkpoints with recipes/planner_train.py)") from None
+        if self.normalizer.dim != self.transition_dim:
+            raise CheckpointError(f"the normaliser covers {self.normalizer.dim} dims, the transitions "
+                                  f"{self.transition_dim} (actions {self.action_dim} + observations {self.observation_dim})")
+        self.env_id: Optional[str] = config.get("env_id")
+        self.maze = MazeGrid.from_config(config["maze"]) if config.get("maze") else None
+        self.condition_on_goal = bool(config.get("condition_on_goal", self.maze is not None))
+        self.action_low = np.asarray(config.get("action_low", [-1.0] * self.action_dim), dtype=np.float32)
+        self.action_high = np.asarray(config.get("action_high", [1.0] * self.action_dim), dtype=np.float32)
+        value_cfg = config.get("value") or {}
+        self.value_net, self.inverse_dynamics = value_net, inverse_dynamics
+        # Values are learnt normalised; without recorded statistics they are taken as they come.
+        self.value_normalizer = (Normalizer.from_config(value_cfg["normalizer"]) if value_cfg.get("normalizer")
+                                 else Normalizer([0.0], [1.0], "gaussian"))
+
+        unknown = sorted(set(overrides) - set(DEFAULTS))
+        if unknown:
+            raise TypeError(f"unknown planner option(s) {', '.join(unknown)}; valid: {', '.join(DEFAULTS)}")
+        settings = {**DEFAULTS, **(config.get("defaults") or {}), **overrides}
+        self.sampler = str(settings["sampler"])
+        if self.sampler not in diffkit.SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
+        self.steps = int(settings["steps"])
+        if not 1 <= self.steps <= diffusion.num_timesteps:
+            raise ValueError(f"steps must lie in [1, {diffusion.num_timesteps}] (the model's training timesteps), "
+                             f"got {self.steps}")
+        self.replan_every = None if settings["replan_every"] is None else int(settings["replan_every"])
+        if self.replan_every is not None and not 1 <= self.replan_every <= self.horizon - 1:
+            raise ValueError(f"replan_every must lie in [1, {self.horizon - 1}] (the plan's horizon is {self.horizon}) "
+                             f"or be None (plan once per goal), got {self.replan_every}")
+        strength = settings["warm_start_strength"]
+        self.warm_start_strength = None if strength is None else float(strength)
+        if self.warm_start_strength is not None and not 0 < self.warm_start_strength <= 1:
+            raise ValueError(f"warm_start_strength must lie in (0, 1] or be None (no warm start), got {strength}")
+        warm_steps = settings["warm_start_steps"]
+        if warm_steps is None and self.warm_start_strength is not None:
+            # The same step density as a cold plan: the warm plan only redoes that share of the chain.
+            warm_steps = max(1, round(self.steps * self.warm_start_strength))
+        self.warm_start_steps = None if warm_steps is None else int(warm_steps)
+        if self.warm_start_steps is not None and not 1 <= self.warm_start_steps <= diffusion.num_timesteps:
+            raise ValueError(f"warm_start_steps must lie in [1, {diffusion.num_timesteps}], got {warm_steps}")
+        self.action_source = str(settings["action_source"])
+        if self.action_source not in ACTION_SOURCES:
+            raise ValueError(f"unknown action_source {self.action_source!r}; choose one of {', '.join(ACTION_SOURCES)}")
+        if self.action_source == "tracking" and (self.maze is None or self.observation_dim != 4):
+            raise ValueError("action_source='tracking' follows (x, y, vx, vy) waypoints and needs a PointMaze "
+                             "checkpoint; use 'plan' or 'inverse_dynamics'")
+        if self.action_source == "inverse_dynamics" and inverse_dynamics is None:
+            raise ValueError("action_source='inverse_dynamics' needs a checkpoint trained with an inverse-dynamics "
+                             "model (recipes/planner_train.py --inverse-dynamics)")
+        self.num_candidates = int(settings["num_candidates"])
+        self.value_guidance = float(settings["value_guidance"])
+        self.guidance_steps = int(settings["guidance_steps"])
+        self.guidance_stop_below = float(settings["guidance_stop_below"])
+        if self.num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
+        if (self.num_candidates > 1 or self.value_guidance > 0) and value_net is None:
+            raise ValueError("ranking candidates (num_candidates > 1) and value guidance need a checkpoint with a "
+                             "value network (recipes/planner_train.py --value)")
+        multiple = getattr(net, "horizon_multiple", 1)
+        if self.horizon % multiple:
+            raise CheckpointError(f"horizon {self.horizon} is not a multiple of {multiple}, which the network needs")
+
+        self.device = next(net.parameters()).device
+        self._seed = seed
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._obs_norm = self.normalizer.subset(slice(self.action_dim, None))
+        self._act_norm = self.normalizer.subset(slice(0, self.action_dim))
+        self._memory: Optional[dict[str, Any]] = None
+        self.plans_made = 0  # how many plans act() has sampled (each replanned row counts once)
+        self.path: Optional[Path] = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, source: str | os.PathLike, *, env: Any = None, device: str | torch.device = "auto",
+             seed: Optional[int] = 0, **overrides: Any) -> "DiffusionPlanner":
+        """A planner from a shipped checkpoint (``"PointMaze_Medium-v3"``) or a checkpoint directory.
+
+        ``env`` (an environment or its id), when given, must be the one the checkpoint was
+        trained for: a planner for another maze would plan through walls.
+        """
+        path = resolve_checkpoint(source)
+        loaded = load_network(path, NETWORKS, modality=MODALITY, device=device)
+        if loaded.diffusion is None:
+            raise CheckpointError(f"checkpoint {path} has no diffusion config; it is not a planner checkpoint")
+        config = loaded.modality_config
+        value_net = inverse_dynamics = None
+        if (config.get("value") or {}).get("checkpoint"):
+            value_net = load_network(path / config["value"]["checkpoint"], VALUE_NETWORKS, modality=MODALITY,
+                                     device=device).net
+        if config.get("inverse_dynamics"):
+            inverse_dynamics = load_network(path / config["inverse_dynamics"], INVERSE_DYNAMICS_NETWORKS,
+                                            modality=MODALITY, device=device).net
+        planner = cls(loaded.net, loaded.diffusion, config, value_net=value_net, inverse_dynamics=inverse_dynamics,
+                      seed=seed, **overrides)
+        planner.path = loaded.path
+        if env is not None:
+            planner.check_env(env)
+        return planner
+
+    def check_env(self, env: Any) -> None:
+        """Raise a ValueError when ``env`` (an environment or an id) is not the one this planner was trained for."""
+        env_id = env if isinstance(env, str) else getattr(getattr(env, "spec", None), "id", None)
+        if self.env_id and env_id and env_id.split(":")[-1] != self.env_id:
+            raise ValueError(f"this planner was trained for {self.env_id}, not {env_id}; load the checkpoint for "
+                             f"{env_id} (DiffusionPlanner.load({env_id!r}) or recipes/planner_train.py --env {env_id})")
+        if not isinstance(env, str):
+            space = getattr(env, "observation_space", None)
+            box = space["observation"] if hasattr(space, "spaces") and "observation" in space.spaces else space
+            shape = getattr(box, "shape", None)
+            if shape is not None and tuple(shape[-1:]) != (self.observation_dim,):
+                raise ValueError(f"the environment's observations have shape {tuple(shape)}, but this planner "
+                                 f"expects {self.observation_dim} values")
+            if self.maze is not None and getattr(env.unwrapped, "maze", None) is not None:
+                if MazeGrid.from_env(env) != self.maze:
+                    raise ValueError("the environment's maze differs from the one this planner was trained on")
+
+    @property
+    def transition_dim(self) -> int:
+        return self.action_dim + self.observation_dim
+
+    # ------------------------------------------------------------------ acting
+    def reset(self, mask=None, *, seed: Optional[int] = None) -> None:
+        """Forget the current plans (all, or those of the vector-env entries where ``mask`` is True).
+
+        ``seed`` restarts the sampling noise, so the same seed gives the same plans.
+        """
+        if seed is not None:
+            self._generator = torch.Generator().manual_seed(seed)
+        if mask is None or self._memory is None:
+            self._memory = None
+            return
+        mask = np.asarray(mask, dtype=bool).reshape(-1)
+        if mask.shape != (len(self._memory["step"]),):
+            raise ValueError(f"reset mask must have one entry per environment ({len(self._memory['step'])}), "
+                             f"got shape {mask.shape}")
+        self._memory["has_plan"][mask] = False
+
+    def act(self, obs, goal=None) -> np.ndarray:
+        """The action for one observation (action_dim,), or for a batch (N, action_dim) from a vector env.
+
+        ``obs`` is the environment's observation: an array, or a goal-env dict whose
+        ``desired_goal`` is the goal (or pass ``goal=``). A new plan is made when there is none,
+        when the goal changes, every ``replan_every`` steps, and when a plan runs out of
+        actions. With a vector env call ``reset(mask=terminated | truncated)`` after each step
+        so that a sub-environment that starts over gets a fresh plan.
+        """
+        states, goals, single = self._parse(obs, goal)
+        n = len(states)
+        mem = self._memory
+        if mem is None or len(mem["step"]) != n:
+            mem = self._memory = self._fresh_memory(n)
+        stale = ~mem["has_plan"]
+        if goals is not None:
+            stale |= np.any(mem["goal"] != goals, axis=1)
+        if self.replan_every is not None:
+            stale |= mem["step"] >= self.replan_every
+        if self.action_source != "tracking":
+            stale |= mem["step"] >= self.horizon - 1  # no action left in the plan
+        if stale.any():
+            self._replan(np.nonzero(stale)[0], states, goals)
+        actions = self._actions(states, np.arange(n))
+        mem["step"] += 1
+        return actions[0] if single else actions
+
+    __call__ = act
+
+    def _fresh_memory(self, n: int) -> dict[str, Any]:
+        """What ``act`` keeps per environment: the plan being followed and how far along it is."""
+        return {
+            "has_plan": np.zeros(n, dtype=bool),
+            "step": np.zeros(n, dtype=np.int64),  # steps taken since the plan was made
+            "x": torch.zeros(n, self.transition_dim, self.horizon),  # normalised, for warm starts
+            "states": np.zeros((n, self.horizon, self.observation_dim)),
+            "actions": np.zeros((n, self.horizon, self.action_dim), np.float32),
+            "goal": np.full((n, 2), np.nan),  # the goal the plan was made for
+        }
+
+    def plan(self, obs, goal=None) -> Plan:
+        """A fresh plan from ``obs`` (one observation or a batch), without touching ``act``'s plans."""
+        states, goals, single = self._parse(obs, goal)
+        x, values = self._sample(states, goals)
+        plan = self._to_plan(x, states, goals, values)
+        if single:
+            return Plan(plan.states[0], plan.actions[0], None if plan.values is None else plan.values[0],
+                        None if plan.goal is None else plan.goal[0])
+        return plan
+
+    @property
+    def current_plan(self) -> Optional[Plan]:
+        """The plans ``act`` is following (batched), for plotting; None before the first action."""
+        mem = self._memory
+        if mem is None:
+            return None
+        return Plan(mem["states"].copy(), mem["actions"].copy(), None,
+                    None if np.isnan(mem["goal"]).all() else mem["goal"].copy())
+
+    # ------------------------------------------------------------------ internals
+    def _parse(self, obs, goal) -> tuple[np.ndarray, Optional[np.ndarray], bool]:
+        """Observations (N, obs_dim) and goals (N, 2) as float64 arrays, checked; single-observation flag."""
+        observation, obs_goal = flatten_observation(obs)
+        goal = obs_goal if goal is None else goal
+        observation = np.asarray(observation)
+        if observation.dtype == object or not (np.issubdtype(observation.dtype, np.floating)
+                                               or np.issubdtype(observation.dtype, np.integer)):
+            raise ValueError(f"observations must be numbers, got dtype {observation.dtype}")
+        single = observation.ndim == 1
+        states = observation.reshape(1, -1) if single else observation
+        if states.ndim != 2 or states.shape[1] != self.observation_dim:
+            raise ValueError(f"expected an observation of shape ({self.observation_dim},) or a batch "
+                             f"(N, {self.observation_dim}), got shape {observation.shape}")
+        if not np.isfinite(states).all():
+            raise ValueError("the observation contains NaN or Inf")
+        states = states.astype(np.float64)
+        goals = None
+        if self.condition_on_goal:
+            if goal is None:
+                raise ValueError("this planner plans to a goal: pass the goal-env observation dict (with "
+                                 "desired_goal) or goal=(x, y)")
+            goals = np.asarray(goal, dtype=np.float64).reshape(-1, 2) if np.size(goal) % 2 == 0 else None
+            if goals is None or len(goals) not in (1, len(states)):
+                raise ValueError(f"expected a goal of shape (2,) or ({len(states)}, 2), got shape {np.shape(goal)}")
+            goals = np.broadcast_to(goals, (len(states), 2)).copy()
+            if self.maze is not None:
+                for g in goals:
+                    self.maze.check_point(g, "goal")
+        return states, goals, single
+
+    def _known(self, states: np.ndarray, goals: Optional[np.ndarray]) -> KnownValues:
+        n, a, h = len(states), self.action_dim, self.horizon
+        mask = torch.zeros(n, self.transition_dim, h, dtype=torch.bool)
+        known = torch.zeros(n, self.transition_dim, h)
+        mask[:, a:, 0] = True
+        known[:, a:, 0] = torch.as_tensor(self._obs_norm.normalize(states), dtype=torch.float32)
+        if goals is not None:
+            # The goal as a state at rest: position = goal, velocity 0 (Diffuser's maze target).
+            target = np.zeros((n, self.observation_dim))
+            target[:, :2] = goals
+            mask[:, a:, -1] = True
+            known[:, a:, -1] = torch.as_tensor(self._obs_norm.normalize(target), dtype=torch.float32)
+        return KnownValues(mask.to(self.device), known.to(self.device), clean=True)
+
+    def _value(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.value_net(x, t)
+
+    def _sample(self, states: np.ndarray, goals: Optional[np.ndarray], init: Optional[torch.Tensor] = None):
+        n, k = len(states), self.num_candidates
+        rows = np.repeat(np.arange(n), k)  # candidate j of example b is row b * k + j (sample_candidates)
+        known = self._known(states[rows], None if goals is None else goals[rows])
+        wrappers: list = []
+        if self.normalizer.kind == "limits":
+            wrappers.append(ClipX0(-1.0, 1.0))  # the data lie in [-1, 1]; so must the model's guesses
+        wrappers.append(known)
+        if self.value_guidance > 0:
+            wrappers.append(GradientSteps(self._value, self.value_guidance, num_steps=self.guidance_steps,
+                                          stop_below=self.guidance_stop_below, conditions=[known]))
+        kwargs: dict[str, Any] = dict(sampler=self.sampler, steps=self.steps, generator=self._generator,
+                                      wrappers=wrappers, device=self.device)
+        if init is not None:
+            kwargs.update(init=init.to(self.device), strength=self.warm_start_strength, steps=self.warm_start_steps)
+        shape = (n, self.transition_dim, self.horizon)
+        if k > 1:
+            best = self.diffusion.sample_candidates(self.net, shape, k, score_fn=self._score, **kwargs)
+            return best.top, best.scores[:, 0]
+        x = self.diffusion.sample(self.net, shape, **kwargs)
+        return x, (self._score(x) if self.value_net is not None else None)
+
+    @torch.no_grad()
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value_net(x, torch.zeros(len(x), device=x.device))
+
+    def _to_plan(self, x: torch.Tensor, states: np.ndarray, goals, values) -> Plan:
+        # float64 like Gymnasium's observations, so the current state is copied in exactly.
+        rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
+        plan_states = rows[:, :, self.action_dim:].copy()
+        plan_states[:, 0] = states  # exact, not a normalise/unnormalise round trip
+        plan_actions = np.clip(rows[:, :, : self.action_dim], self.action_low, self.action_high).astype(np.float32)
+        if values is not None:
+            values = self.value_normalizer.unnormalize(values.float().cpu()[:, None]).numpy()[:, 0]
+        return Plan(plan_states, plan_actions, values, goals)
+
+    def _replan(self, idx: np.ndarray, states: np.ndarray, goals: Optional[np.ndarray]) -> None:
+        mem = self._memory
+        warm = self.warm_start_strength is not None and self.replan_every is not None
+        same_goal = np.ones(len(idx), dtype=bool) if goals is None else np.all(mem["goal"][idx] == goals[idx], axis=1)
+        groups = [(idx, None)]
+        if warm:
+            reuse = mem["has_plan"][idx] & same_goal
+            groups = [(idx[~reuse], None), (idx[reuse], "warm")]
+        for rows, mode in groups:
+            if len(rows) == 0:
+                continue
+            init = None
+            if mode == "warm":
+                init = torch.stack([_shift(mem["x"][r], int(mem["step"][r])) for r in rows])
+            x, values = self._sample(states[rows], None if goals is None else goals[rows], init)
+            plan = self._to_plan(x, states[rows], None if goals is None else goals[rows], values)
+            mem["x"][rows] = x.float().cpu()
+            mem["states"][rows], mem["actions"][rows] = plan.states, plan.actions
+            mem["step"][rows] = 0
+            mem["has_plan"][rows] = True
+            self.plans_made += len(rows)
+            if goals is not None:
+                mem["goal"][rows] = goals[rows]
+
+    def _actions(self, states: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        mem = self._memory
+        step = mem["step"][rows]
+        if self.action_source == "tracking":
+            nxt = np.minimum(step + 1, self.horizon - 1)
+            waypoint = mem["states"][rows, nxt].astype(np.float64)
+            waypoint[step + 1 > self.horizon - 1, 2:] = 0.0  # past the plan's end: hold at its last point
+            action = (waypoint[:, :2] - states[:, :2]) + (waypoint[:, 2:] - states[:, 2:])
+        elif self.action_source == "plan":
+            action = mem["actions"][rows, step]
+        else:
+            s = torch.as_tensor(self._obs_norm.normalize(states), dtype=torch.float32, device=self.device)
+            s_next = mem["x"][rows, self.action_dim:, step + 1].to(self.device)
+            with torch.no_grad():
+                a = self.inverse_dynamics(s, s_next).float().cpu().numpy()
+            action = self._act_norm.unnormalize(a)
+        return np.clip(action, self.action_low, self.action_high).astype(np.float32)
+
+
+def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
+    """A (C, H) plan moved k steps ahead, its last step repeated at the end: the warm start's init."""
+    if k <= 0:
+        return x.clone()
+    k = min(k, x.shape[1] - 1)
+    return torch.cat([x[:, k:], x[:, -1:].expand(-1, k)], dim=1)
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A checkpoint directory, or the shipped one for an environment id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    shipped = CHECKPOINTS_DIR / str(source)
+    if (shipped / "config.json").is_file():
+        return shipped
+    available = sorted(p.name for p in CHECKPOINTS_DIR.glob("*") if (p / "config.json").is_file()) \
+        if CHECKPOINTS_DIR.is_dir() else []
+    raise ValueError(
+        f"no planner checkpoint {str(source)!r}: it is neither a checkpoint directory nor a shipped environment "
+        f"(shipped: {', '.join(available) or 'none yet'}). Train one with "
+        f"`python recipes/planner_train.py --env {source}` and pass its checkpoint directory."
+    )
+
+
+# ------------------------------------------------------------------ Gymnasium forms
+try:
+    import gymnasium as _gym
+
+    _WrapperBase = _gym.Wrapper
+except ImportError:  # gymnasium is an optional dependency (the rl extra)
+    _WrapperBase = object  # type: ignore[assignment,misc]
+
+
+class PlannerWrapper(_WrapperBase):  # type: ignore[misc,valid-type]
+    """A Gymnasium wrapper that runs the planner alongside the environment.
+
+    Spaces and ``step`` are unchanged (Gymnasium's conventions); after ``reset`` and every
+    ``step`` the planner's next action is in ``info["planner_action"]`` and
+    ``wrapper.planner_action``, so a loop reads::
+
+        env = PlannerWrapper(gym.make("PointMaze_UMaze-v3", continuing_task=True), planner)
+        obs, info = env.reset(seed=0)
+        while True:
+            obs, reward, terminated, truncated, info = env.step(info["planner_action"])
+            if terminated or truncated: break
+    """
+
+    def __init__(self, env, planner: DiffusionPlanner):
+        super().__init__(env)
+        planner.check_env(env)
+        self.planner = planner
+        self.planner_action: Optional[np.ndarray] = None
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.planner.reset(seed=seed)
+        self.planner_action = self.planner.act(obs)
+        return obs, {**info, "planner_action": self.planner_action}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.planner_action = self.planner.act(obs)
+        return obs, reward, terminated, truncated, {**info, "planner_action": self.planner_action}
+
+
+def evaluate(planner, env_id: str, *, episodes: int = 10, seed: int = 0, record: bool = False,
+             progress: bool = False, **env_kwargs) -> dict[str, Any]:
+    """Run ``episodes`` seeded episodes; returns returns, success, steps per second (and paths with ``record``).
+
+    ``planner`` is any policy with ``act`` and ``reset``. Success means the goal was reached
+    at least once (``info["success"]``), or, for environments without that flag, that the
+    episode ended by termination rather than time-out.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    env = make_env(env_id, **env_kwargs)
+    if hasattr(planner, "check_env"):
+        planner.check_env(env)
+    results: dict[str, Any] = {"env_id": env_id, "episodes": []}
+    steps = 0
+    start = time.perf_counter()
+    for k in tqdm(range(episodes), desc="episodes", disable=not progress, leave=False):
+        obs, info = env.reset(seed=seed + k)
+        planner.reset()
+        total, success, path, plans = 0.0, False, [], []
+        while True:
+            observation, goal = flatten_observation(obs)
+            if record:
+                path.append(np.asarray(observation, dtype=np.float64).tolist())
+            made = getattr(planner, "plans_made", 0)
+            action = planner.act(obs)
+            if record and getattr(planner, "plans_made", 0) != made:
+                plans.append(planner.current_plan.states[0].tolist())  # the plan made at this step
+            obs, reward, terminated, truncated, info = env.step(action)
+            steps += 1
+            total += float(reward)
+            success = success or bool(info.get("success", False))
+            if terminated or truncated:
+                success = success or (terminated and "success" not in info)
+                break
+        episode = {"seed": seed + k, "return": total, "success": success}
+        if record:
+            episode.update(path=path, plans=plans, goal=None if goal is None else np.asarray(goal).tolist())
+        results["episodes"].append(episode)
+    elapsed = time.perf_counter() - start
+    env.close()
+    returns = [e["return"] for e in results["episodes"]]
+    results.update(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
+                   success_rate=float(np.mean([e["success"] for e in results["episodes"]])),
+                   actions_per_second=steps / max(elapsed, 1e-9), steps=steps)
+    return results

@@ -1,0 +1,353 @@
+"""Train a Diffuser-style trajectory planner for a Gymnasium environment with diffkit.
+
+For the PointMaze mazes the data is recorded on the spot by the BFS waypoint expert (one long
+stream with goals resampled on arrival, like D4RL's maze2d), unless --dataset gives a D4RL
+HDF5 file or a Minari dataset. The diffusion model learns [action, observation] windows of
+the preset's horizon with the current state and the window's end given clean; a value
+network (--value) and an inverse-dynamics model (--inverse-dynamics) are trained when asked.
+A few evaluation episodes follow training. The presets (one per maze, and a generic one for
+other environments) are sized for a CPU.
+
+    python recipes/planner_train.py --env PointMaze_UMaze-v3
+    python recipes/planner_train.py --env PointMaze_Medium-v3 --value --inverse-dynamics
+    python recipes/planner_train.py --env PointMaze_Large-v3 --dataset minari:D4RL/pointmaze/large-v2
+    python recipes/planner_train.py --env PointMaze_UMaze-v3 --dataset runs/umaze-expert.hdf5
+    python recipes/planner_train.py --env Hopper-v5 --dataset hopper.hdf5 --value
+    torchrun --nproc_per_node 4 recipes/planner_train.py --env PointMaze_Large-v3
+
+Every run writes to --output-dir: data.hdf5 (the recorded data, reused by later runs),
+checkpoint/ (resumed automatically when the same command runs again), value/ and
+inverse_dynamics/ (their own runs), tensorboard/ logs and eval.json. --export DIR writes the
+compact planner checkpoint (EMA weights, value and inverse-dynamics networks inside) with the
+command, seed, hardware and wall time recorded: the form shipped checkpoints take, loaded by
+DiffusionPlanner.load(DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import diffkit
+from diffkit import distributed
+from diffkit.checkpoint import CheckpointError
+from diffkit.trainer import TrainConfig, Trainer
+
+from modalities.planning.data import (
+    Normalizer,
+    TrajectoryWindows,
+    TransitionPairs,
+    collect,
+    load_d4rl_hdf5,
+    load_dataset,
+)
+from modalities.planning.maze import MazeGrid, WaypointExpert, is_maze_env, make_env
+from modalities.planning.model import InverseDynamics, TemporalUNet, ValueNet
+from modalities.planning.training import (
+    NormalisedValues,
+    compact_copy,
+    inverse_dynamics_loss,
+    planner_config,
+    planner_diffusion,
+    side_files_of,
+    value_loss_fn,
+)
+
+_MAZE = dict(dim=32, dim_mults=(1, 2, 4), prediction="x0", schedule="cosine", batch_size=32, lr=2e-4,
+             warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=None,
+             action_source="tracking", discount=0.99, save_every=2000, eval_episodes=5)
+# Horizons and diffusion steps follow Diffuser's maze2d (128/64, 256/256, 384/256), with fewer
+# diffusion steps for the larger mazes: a few-step solver never visits most of them anyway.
+# Optimizer steps are sized for one CPU core (measured: 3.6 steps/s at horizon 128, 2.1 at 384,
+# so about 1.5, 3 and 4 hours); Diffuser trained for far longer on a GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "PointMaze_UMaze-v3": dict(_MAZE, horizon=128, diffusion_steps=64, collect_steps=300_000, max_steps=20_000),
+    "PointMaze_Medium-v3": dict(_MAZE, horizon=256, diffusion_steps=100, collect_steps=600_000, max_steps=30_000),
+    "PointMaze_Large-v3": dict(_MAZE, horizon=384, diffusion_steps=100, collect_steps=1_000_000, max_steps=30_000),
+    # Any other environment (a --dataset is then required): Diffuser's locomotion settings,
+    # replanning every step from the plan's own first action.
+    "generic": dict(dim=32, dim_mults=(1, 2, 4), prediction="eps", schedule="cosine", batch_size=32, lr=2e-4,
+                    warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=1,
+                    action_source="plan", discount=0.99, save_every=2000, eval_episodes=3, horizon=32,
+                    diffusion_steps=20, collect_steps=0, max_steps=50_000),
+}
+for _dense in ("UMaze", "Medium", "Large"):
+    PRESETS[f"PointMaze_{_dense}Dense-v3"] = dict(PRESETS[f"PointMaze_{_dense}-v3"])
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like '1,2,4', got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like '1,2,4', got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _replan(text: str) -> int:
+    """K >= 1, or 0 for 'none' (plan once per goal); 0 becomes None once the flags are merged."""
+    return 0 if text.lower() in ("none", "never", "0") else _positive(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parts = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(
+        prog="planner_train.py",
+        description="\n\n".join([parts[0], parts[1], parts[3]]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + parts[2],
+    )
+    p.add_argument("--env", required=True,
+                   help=f"Gymnasium environment id; presets: {', '.join(k for k in PRESETS if 'Dense' not in k)}")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="path.hdf5 (D4RL layout) or minari:<dataset id> (default for mazes: record "
+                                     "with the waypoint expert)")
+    g.add_argument("--collect-steps", type=_positive, help="steps the expert records (mazes, no --dataset)")
+    g = p.add_argument_group("model")
+    g.add_argument("--horizon", type=_positive, help="planned steps (a multiple of 2^(levels-1))")
+    g.add_argument("--dim", type=_positive, help="U-Net width of the first level")
+    g.add_argument("--dim-mults", type=_ints, help="width multipliers per level, e.g. 1,2,4 (Diffuser: 1,2,4,8)")
+    g.add_argument("--diffusion-steps", type=_positive, help="training timesteps T")
+    g.add_argument("--prediction", choices=("eps", "x0", "v"), help="what the network predicts")
+    g.add_argument("--action-weight", type=float, default=1.0,
+                   help="loss weight of the first action (Diffuser's locomotion uses 10; default 1)")
+    g.add_argument("--value", action="store_true", help="also train a value network (candidate ranking, guidance)")
+    g.add_argument("--inverse-dynamics", action="store_true", help="also train an inverse-dynamics MLP")
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=_positive, help="optimizer steps of the diffusion model")
+    g.add_argument("--aux-steps", type=_positive, help="optimizer steps of the value / inverse-dynamics models "
+                                                       "(default: half of --max-steps)")
+    g.add_argument("--batch-size", type=_positive, help="batch size per process")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps")
+    g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything: data, weights, order (default: 0)")
+    g.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N (default: auto)")
+    g.add_argument("--output-dir", help="run directory (default: runs/planner-<env>)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("planning defaults recorded with the model")
+    g.add_argument("--sampler", choices=diffkit.SAMPLERS, help="sampler")
+    g.add_argument("--sample-steps", type=_positive, help="solver steps per plan")
+    g.add_argument("--replan-every", type=_replan, help="replan every K steps, or 'none' to plan once per goal")
+    g.add_argument("--action-source", choices=("tracking", "plan", "inverse_dynamics"),
+                   help="how actions come from a plan (tracking: mazes)")
+    g = p.add_argument_group("output")
+    g.add_argument("--eval-episodes", type=int, help="seeded evaluation episodes after training (0: none)")
+    g.add_argument("--export", metavar="DIR", help="after training, write the compact planner checkpoint here")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The environment's preset (or the generic one) with every given flag laid over it."""
+    preset = PRESETS.get(args.env.split(":")[-1], PRESETS["generic"])
+    s = dict(preset)
+    for key, value in vars(args).items():
+        if value is not None:
+            s[key] = value
+    if s["replan_every"] == 0:
+        s["replan_every"] = None
+    s.setdefault("output_dir", f"runs/planner-{args.env.split(':')[-1]}")
+    s["maze"] = is_maze_env(args.env)
+    if not s["maze"] and not s.get("dataset"):
+        raise ValueError(f"{args.env} has no built-in expert to record data with: pass --dataset path.hdf5 or "
+                         "--dataset minari:<id>")
+    if s["action_source"] == "tracking" and not s["maze"]:
+        raise ValueError("--action-source tracking follows PointMaze waypoints; use plan or inverse_dynamics")
+    if s["action_source"] == "inverse_dynamics":
+        s["inverse_dynamics"] = True
+    multiple = 2 ** (len(s["dim_mults"]) - 1)
+    if s["horizon"] % multiple:
+        raise ValueError(f"--horizon {s['horizon']} must be a multiple of {multiple} for {len(s['dim_mults'])} "
+                         "U-Net levels")
+    if s["eval_episodes"] < 0:
+        raise ValueError(f"--eval-episodes must be >= 0, got {s['eval_episodes']}")
+    return s
+
+
+def load_data(s: dict[str, Any], env, main_process: bool):
+    """The training stream: --dataset, data.hdf5 of an earlier run, or a fresh expert recording."""
+    if s.get("dataset"):
+        traj = load_dataset(s["dataset"])
+    else:
+        cached = Path(s["output_dir"]) / "data.hdf5"
+        if cached.is_file():
+            traj = load_d4rl_hdf5(cached)
+        else:
+            # One long continuing stream, goals resampled on arrival: D4RL's maze2d recipe.
+            stream = make_env(s["env"], continuing_task=True, reset_target=True, max_episode_steps=s["collect_steps"])
+            traj = collect(stream, WaypointExpert(MazeGrid.from_env(stream)), steps=s["collect_steps"], seed=s["seed"],
+                           path=cached if main_process else None, progress=main_process and not s["no_progress"])
+            stream.close()
+    obs_space = env.observation_space
+    box = obs_space["observation"] if hasattr(obs_space, "spaces") and "observation" in obs_space.spaces else obs_space
+    if traj.observation_dim != int(np.prod(box.shape)) or traj.action_dim != int(np.prod(env.action_space.shape)):
+        raise ValueError(f"the dataset has observations of {traj.observation_dim} and actions of {traj.action_dim} "
+                         f"values, but {s['env']} has {box.shape} and {env.action_space.shape}")
+    if s["maze"]:
+        # The ball's radius lets it graze wall cells a little; far fewer than this means another maze
+        # or another frame (D4RL's maze2d files put (x, y) at (row, column), not PointMaze's x-right, y-up).
+        share = MazeGrid.from_env(env).fraction_free(traj.observations[:, :2])
+        if share < 0.9:
+            raise ValueError(f"only {100 * share:.0f}% of the dataset's positions lie in free cells of {s['env']}: "
+                             "the data come from another maze or another coordinate frame (D4RL's maze2d files "
+                             "use (row, column) coordinates; Minari's D4RL/pointmaze datasets match PointMaze v3)")
+    return traj
+
+
+def train_config(s: dict[str, Any], output_dir: Path, max_steps: int) -> TrainConfig:
+    return TrainConfig(max_steps=max_steps, batch_size=s["batch_size"], lr=s["lr"],
+                       warmup_steps=min(s["warmup_steps"], max_steps), ema_decay=s["ema_decay"], seed=s["seed"],
+                       output_dir=str(output_dir), save_every=s["save_every"], sample_every=0,
+                       log_every=min(100, max_steps), device=s["device"], progress=not s["no_progress"])
+
+
+def hardware_summary() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Up to three Trainers run one after the other: the recipe owns the torchrun process group,
+    # so that no Trainer tears it down under the next one.
+    owns_group = distributed.init_distributed(distributed.device_for_rank(diffkit.resolve_device(args.device)))
+    try:
+        return _main(argv, parser, args)
+    finally:
+        if owns_group:
+            distributed.cleanup()
+
+
+def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    main_process = distributed.is_main_process()  # torchrun starts one process per device
+    start = time.perf_counter()
+    try:
+        s = resolve_settings(args)
+        out = Path(s["output_dir"])
+        env = make_env(s["env"])
+        maze = MazeGrid.from_env(env) if s["maze"] else None
+        traj = load_data(s, env, main_process)
+        normalizer = Normalizer.fit(traj.transitions(), kind="limits")
+        windows = TrajectoryWindows(traj, s["horizon"], normalizer, condition_on_end=s["maze"],
+                                    discount=s["discount"] if s["value"] else None)
+        diffusion = planner_diffusion(s["diffusion_steps"], s["prediction"], s["schedule"])
+        aux_steps = s.get("aux_steps") or max(1, s["max_steps"] // 2)
+        side_files: dict[str, bytes] = {}
+        value_normalizer = None
+        trainers = []
+
+        if s["value"]:
+            value_normalizer = Normalizer.fit(windows.values.numpy()[:, None], kind="gaussian")
+            diffkit.seed_everything(s["seed"])  # same seed, same initial weights
+            kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]))
+            trainers.append(("value", Trainer(
+                ValueNet(**kwargs), None, NormalisedValues(windows, value_normalizer),
+                train_config(s, out / "value", aux_steps), loss_fn=value_loss_fn(diffusion), modality="planning",
+                model_config={"class": "modalities.planning.model.ValueNet", "kwargs": kwargs})))
+        if s.get("inverse_dynamics"):
+            diffkit.seed_everything(s["seed"])
+            kwargs = dict(observation_dim=traj.observation_dim, action_dim=traj.action_dim)
+            trainers.append(("inverse_dynamics", Trainer(
+                InverseDynamics(**kwargs), None, TransitionPairs(traj, normalizer),
+                train_config(s, out / "inverse_dynamics", aux_steps), loss_fn=inverse_dynamics_loss,
+                modality="planning",
+                model_config={"class": "modalities.planning.model.InverseDynamics", "kwargs": kwargs})))
+        for _, trainer in trainers:
+            trainer.resume()  # a run directory of another kind is a usage error, found before training
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        parser.error(str(err))
+
+    for name, trainer in trainers:
+        trainer.train()
+        if main_process:  # only rank 0 writes checkpoints, so only it carries the side files
+            compact = compact_copy(trainer.checkpoint_dir, out / name / "export")
+            side_files.update(side_files_of(compact, name))
+
+    # A few-step solver needs no more steps than the model has training timesteps.
+    defaults = {"sampler": s["sampler"], "steps": min(s["sample_steps"], s["diffusion_steps"]), "replan_every": s["replan_every"],
+                "action_source": s["action_source"], "warm_start_strength": 0.5}
+    modality_config = planner_config(
+        env_id=s["env"].split(":")[-1], traj=traj, normalizer=normalizer, horizon=s["horizon"], maze=maze,
+        action_low=env.action_space.low, action_high=env.action_space.high, defaults=defaults,
+        value_normalizer=value_normalizer, inverse_dynamics=bool(s.get("inverse_dynamics")),
+        data=s.get("dataset") or f"waypoint expert, {len(traj)} steps, seed {s['seed']}")
+    kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]))
+    loss_kwargs = None
+    if s["action_weight"] != 1.0:
+        weight = torch.ones(windows.transition_dim, s["horizon"])
+        weight[: traj.action_dim, 0] = s["action_weight"]
+        loss_kwargs = {"weight": weight}
+    try:
+        diffkit.seed_everything(s["seed"])  # before building: the same seed gives the same weights
+        net = TemporalUNet(**kwargs)
+        trainer = Trainer(net, diffusion, windows, train_config(s, out, s["max_steps"]), modality="planning",
+                          model_config={"class": "modalities.planning.model.TemporalUNet", "kwargs": kwargs},
+                          modality_config=modality_config, side_files=side_files or None, loss_kwargs=loss_kwargs)
+        trainer.resume()
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        parser.error(str(err))
+    if main_process:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"{s['env']}: {len(traj)} steps in {len(windows.episodes)} episode(s), {len(windows)} windows of "
+              f"{s['horizon']} steps; temporal U-Net {n_params / 1e6:.2f}M parameters; {diffusion!r}")
+    trainer.train()
+    wall = time.perf_counter() - start
+    if not main_process:
+        return 0
+    print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
+
+    if s["eval_episodes"] > 0:
+        from modalities.planning.planner import DiffusionPlanner, evaluate
+
+        planner = DiffusionPlanner.load(trainer.checkpoint_dir, env=s["env"], device=s["device"], seed=s["seed"])
+        env_kwargs = {"continuing_task": True} if s["maze"] else {}
+        results = evaluate(planner, s["env"], episodes=s["eval_episodes"], seed=s["seed"],
+                           progress=not s["no_progress"], **env_kwargs)
+        (out / "eval.json").write_text(json.dumps(results, indent=2))
+        print(f"evaluation: mean return {results['mean_return']:.1f}, success {100 * results['success_rate']:.0f}% "
+              f"over {s['eval_episodes']} episodes, {results['actions_per_second']:.0f} actions/s")
+    if args.export:
+        extra = {"recipe": "python " + shlex.join(["recipes/planner_train.py", *argv]), "seed": s["seed"],
+                 "hardware": hardware_summary(), "device": str(trainer.device), "wall_time_s": round(wall, 1),
+                 "final_loss": trainer.history[-1]["loss"] if trainer.history else None, "weights": "EMA"}
+        path = compact_copy(trainer.checkpoint_dir, Path(args.export), extra=extra, side_files=side_files)
+        print(f"exported {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""DiffusionPlanner end to end with a tiny model trained by recipes/planner_train.py: plans hold
+the current state exactly, actions stay in the action space, batches, warm starts, candidates,
+guidance, the Gymnasium wrapper, the modality and `diffkit rollout planning`, and bad input."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium_robotics")
+
+import diffkit  # noqa: E402
+from modalities.planning import DiffusionPlanner, PlannerWrapper, PlanningModality  # noqa: E402
+from modalities.planning.maze import make_env  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import planner_train  # noqa: E402
+
+ENV = "PointMaze_UMaze-v3"
+TINY = ["--collect-steps", "2000", "--horizon", "16", "--dim", "8", "--dim-mults", "1,2",
+        "--diffusion-steps", "16", "--batch-size", "8", "--aux-steps", "10", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny planner with value and inverse-dynamics networks, trained and exported by the recipe."""
+    root = tmp_path_factory.mktemp("planner")
+    argv = ["--env", ENV, "--max-steps", "30", "--value", "--inverse-dynamics", "--eval-episodes", "0",
+            "--output-dir", str(root / "run"), "--export", str(root / "export"), *TINY]
+    assert planner_train.main(argv) == 0
+    return root
+
+
+@pytest.fixture
+def env():
+    env = make_env(ENV, continuing_task=True)
+    yield env
+    env.close()
+
+
+def test_plan_holds_the_current_state_and_the_goal(trained, env):
+    planner = DiffusionPlanner.load(trained / "export", env=env, device="cpu")
+    obs, _ = env.reset(seed=0)
+    plan = planner.plan(obs)
+    assert plan.states.shape == (16, 4) and plan.actions.shape == (16, 2) and len(plan) == 16
+    np.testing.assert_array_equal(plan.states[0], obs["observation"])  # exactly the current state
+    np.testing.assert_allclose(plan.states[-1, :2], obs["desired_goal"], atol=1e-5)  # and the goal at rest
+    np.testing.assert_allclose(plan.states[-1, 2:], 0.0, atol=1e-5)
+    assert np.all(np.abs(plan.actions) <= 1) and np.ndim(plan.values) == 0 and np.isfinite(plan.values)
+
+
+def test_act_returns_bounded_actions_and_is_seeded(trained, env):
+    planner = DiffusionPlanner.load(trained / "export", device="cpu", seed=3)
+    obs, _ = env.reset(seed=1)
+    planner.reset(seed=3)
+    first = planner.act(obs)
+    assert first.shape == (2,) and first.dtype == np.float32 and np.all(np.abs(first) <= 1)
+    planner.reset(seed=3)
+    np.testing.assert_array_equal(planner(obs), first)  # __call__ is act; same seed, same plan
+    for _ in range(20):
+        obs, *_ = env.step(planner.act(obs))
+    assert planner.plans_made == 2  # open-loop: one plan per goal (and one after the reset)
+
+
+def test_batched_act_for_vector_envs(trained):
+    import gymnasium as gym
+
+    envs = gym.vector.SyncVectorEnv([lambda: make_env(ENV, continuing_task=True) for _ in range(3)])
+    planner = DiffusionPlanner.load(trained / "export", device="cpu")
+    obs, _ = envs.reset(seed=0)
+    for _ in range(3):
+        actions = planner.act(obs)
+        assert actions.shape == (3, 2) and np.all(np.abs(actions) <= 1)
+        obs, *_ = envs.step(actions)
+    assert planner.plans_made == 3  # one plan per environment, made together
+    planner.reset(mask=[True, False, False])
+    planner.act(obs)
+    assert planner.plans_made == 4  # only the reset one planned again
+    plans = planner.plan(obs)
+    assert plans.states.shape == (3, 16, 4) and plans.values.shape == (3,)
+    np.testing.assert_array_equal(plans.states[:, 0], obs["observation"])
+    envs.close()
+
+
+def test_replanning_warm_starts_from_the_shifted_plan(trained, env):
+    planner = DiffusionPlanner.load(trained / "export", device="cpu", replan_every=4, warm_start_strength=0.5)
+    calls = []
+    sample = planner.diffusion.sample
+
+    def spy(*args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("init", "strength", "steps")})
+        return sample(*args, **kwargs)
+
+    planner.diffusion.sample = spy
+    obs, _ = env.reset(seed=2)
+    for _ in range(9):
+        obs, *_ = env.step(planner.act(obs))
+    assert planner.plans_made == 3
+    assert calls[0]["init"] is None and calls[1]["strength"] == 0.5
+    assert calls[1]["init"].shape == (1, 6, 16)
+    # Half the chain redone at the cold plan's step density: half the network calls.
+    assert calls[0]["steps"] == 10 and calls[1]["steps"] == 5
+
+
+def test_candidates_are_ranked_by_the_value(trained, env):
+    planner = DiffusionPlanner.load(trained / "export", device="cpu", num_candidates=4)
+    seen = []
+    pick = planner.diffusion.sample_candidates
+
+    def spy(*args, **kwargs):
+        seen.append(pick(*args, **kwargs))
+        return seen[-1]
+
+    planner.diffusion.sample_candidates = spy
+    obs, _ = env.reset(seed=0)
+    plan = planner.plan(obs)
+    scores = seen[0].scores[0]
+    assert scores.shape == (4,) and torch.all(scores[:-1] >= scores[1:])
+    best = planner.value_normalizer.unnormalize(scores[:1].reshape(1, 1)).item()
+    assert plan.values == pytest.approx(best, rel=1e-5)
+    np.testing.assert_array_equal(plan.states[0], obs["observation"])
+
+
+def test_value_guidance_moves_the_plan_but_not_the_known_state(trained, env):
+    obs, _ = env.reset(seed=0)
+    plain = DiffusionPlanner.load(trained / "export", device="cpu", seed=0).plan(obs)
+    guided = DiffusionPlanner.load(trained / "export", device="cpu", seed=0, value_guidance=10.0,
+                                   guidance_stop_below=0.0).plan(obs)
+    assert not np.allclose(plain.states[1:-1], guided.states[1:-1])
+    np.testing.assert_array_equal(guided.states[0], obs["observation"])
+
+
+def test_inverse_dynamics_and_plan_actions(trained, env):
+    obs, _ = env.reset(seed=0)
+    for source in ("inverse_dynamics", "plan"):
+        planner = DiffusionPlanner.load(trained / "export", device="cpu", action_source=source)
+        action = planner.act(obs)
+        assert action.shape == (2,) and np.all(np.abs(action) <= 1)
+
+
+def test_bad_input_is_refused_clearly(trained, env):
+    planner = DiffusionPlanner.load(trained / "export", device="cpu")
+    obs, _ = env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(4,\) or a batch \(N, 4\), got shape \(5,\)"):
+        planner.act({"observation": np.zeros(5), "desired_goal": obs["desired_goal"]})
+    with pytest.raises(ValueError, match="must be numbers"):
+        planner.act(np.array(["a", "b", "c", "d"]), goal=obs["desired_goal"])
+    with pytest.raises(ValueError, match="NaN"):
+        planner.act(np.full(4, np.nan), goal=obs["desired_goal"])
+    with pytest.raises(ValueError, match="goal .* lies in a wall or outside the maze"):
+        planner.act(obs["observation"], goal=[0.0, 0.0])  # the U's middle wall
+    with pytest.raises(ValueError, match="plans to a goal"):
+        planner.act(obs["observation"])
+    with pytest.raises(ValueError, match="trained for PointMaze_UMaze-v3, not PointMaze_Medium-v3"):
+        DiffusionPlanner.load(trained / "export", env="PointMaze_Medium-v3", device="cpu")
+    with pytest.raises(ValueError, match="no planner checkpoint 'PointMaze_Nowhere-v3'"):
+        DiffusionPlanner.load("PointMaze_Nowhere-v3")
+    with pytest.raises(ValueError, match="replan_every must lie in"):
+        DiffusionPlanner.load(trained / "export", device="cpu", replan_every=16)
+    with pytest.raises(TypeError, match="unknown planner option"):
+        DiffusionPlanner.load(trained / "export", device="cpu", horizon=8)
+    with pytest.raises(diffkit.CheckpointError, match="not 'planning'"):
+        DiffusionPlanner.load(Path(diffkit.__file__).parents[1] / "modalities/image/checkpoints/digits")
+
+
+def test_gymnasium_wrapper_exposes_the_planner_action(trained):
+    planner = DiffusionPlanner.load(trained / "export", device="cpu")
+    env = PlannerWrapper(make_env(ENV, continuing_task=True, max_episode_steps=12), planner)
+    obs, info = env.reset(seed=0)
+    steps = 0
+    while True:
+        assert info["planner_action"].shape == (2,) and env.planner_action is info["planner_action"]
+        obs, reward, terminated, truncated, info = env.step(info["planner_action"])
+        steps += 1
+        if terminated or truncated:
+            break
+    assert steps == 12
+    env.close()
+    with pytest.raises(ValueError, match="trained for PointMaze_UMaze-v3"):
+        PlannerWrapper(make_env("PointMaze_Medium-v3"), planner)
+
+
+def test_modality_generates_and_saves_plans(trained, tmp_path):
+    modality = PlanningModality()
+    samples = modality.generate(checkpoint=trained / "export", num_samples=3, seed=0, device="cpu", steps=4)
+    assert len(samples) == 3 and samples.plans.states.shape == (3, 16, 4)
+    np.testing.assert_array_equal(samples.plans.states[:, 0], samples.starts)
+    fixed = modality.generate(checkpoint=trained / "export", num_samples=2, seed=0, device="cpu", start=[0.5, 1.0],
+                              goal=[-1.0, -1.0])
+    np.testing.assert_array_equal(fixed.plans.states[:, 0], [[0.5, 1.0, 0.0, 0.0]] * 2)
+    np.testing.assert_allclose(fixed.plans.states[:, -1, :2], [[-1.0, -1.0]] * 2, atol=1e-5)
+    with pytest.raises(ValueError, match="lies in a wall"):
+        modality.generate(checkpoint=trained / "export", num_samples=1, device="cpu", start=[0.0, 0.0])
+    written = modality.save(samples, tmp_path / "plans.png")
+    assert [p.name for p in written] == ["plans.png", "plans.json"]
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(json.loads(written[1].read_text())["states"]) == 3
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        modality.generate(checkpoint=trained / "export", steps=0)
+    with pytest.raises(ValueError, match="needs --checkpoint"):
+        modality.generate()
+    assert isinstance(modality.policy(checkpoint=trained / "export", device="cpu"), diffkit.registry.Policy)
+
+
+def test_rollout_command_writes_results_and_plots(trained, tmp_path, capsys):
+    from diffkit import cli
+    from diffkit.registry import register_modality, unregister_modality
+
+    register_modality("planning", PlanningModality)
+    try:
+        out = tmp_path / "rollouts"
+        status = cli.main(["rollout", "planning", "--env", ENV, "--checkpoint", str(trained / "export"),
+                           "--episodes", "2", "--out", str(out), "--device", "cpu", "--no-progress"])
+        assert status == 0
+        results = json.loads((out / "results.json").read_text())
+        assert len(results["episodes"]) == 2 and 0 <= results["success_rate"] <= 1
+        assert results["steps"] == 600 and results["actions_per_second"] > 0
+        assert (out / "episode_000.png").read_bytes()[:4] == b"\x89PNG"
+        status = cli.main(["rollout", "planning", "--env", ENV, "--expert", "--episodes", "1",
+                           "--out", str(tmp_path / "expert"), "--no-progress"])
+        assert status == 0
+        assert json.loads((tmp_path / "expert" / "results.json").read_text())["success_rate"] == 1.0
+        assert cli.main(["rollout", "planning", "--env", "PointMaze_Medium-v3", "--checkpoint",
+                         str(trained / "export"), "--out", str(tmp_path / "x")]) == 1
+        assert "trained for PointMaze_UMaze-v3" in capsys.readouterr().err
+        # `diffkit generate planning` with the modality's own options, and the policy lookup.
+        assert cli.main(["generate", "planning", "--checkpoint", str(trained / "export"), "--num-samples", "2",
+                         "--goal", "1.0,1.0", "--device", "cpu", "--out", str(tmp_path / "gen" / "plans.png"),
+                         "--no-progress"]) == 0
+        plans = json.loads((tmp_path / "gen" / "plans.json").read_text())
+        assert plans["goals"] == [[1.0, 1.0], [1.0, 1.0]] and len(plans["states"][0]) == 16
+        policy = diffkit.registry.load_policy("planning", checkpoint=trained / "export", device="cpu")
+        assert isinstance(policy, DiffusionPlanner)
+    finally:
+        unregister_modality("planning")
