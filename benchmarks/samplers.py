@@ -5,17 +5,35 @@ samples is the sampler's own. For every sampler and step count it prints the num
 calls and the KL divergence per dimension (nats) between the Gaussian fitted to the samples and
 the true data distribution.
 
-Two data sets:
-  A  16-D, mean linspace(-1, 1), std linspace(0.1, 1)       -- unit-scale data, the issue's test
+Four data sets:
+  A  16-D, mean linspace(-1, 1), std linspace(0.1, 1)       -- unit-scale data
   B  16-D, mean 0, std log-spaced 0.05 .. 8                 -- multi-scale data, like the low
                                                               frequencies of an image
+  C  16-D, mean linspace(1, 3), std linspace(0.1, 1.6)      -- means of order 2 (the core
+                                                              accuracy issue's test)
+  D  16-D, mean linspace(-8, 8), std log-spaced 0.5 .. 5      -- far above unit scale
+  E  16-D, mean linspace(-0.1, 0.1), std log-spaced 0.005 .. 0.1 -- far below unit scale
+
+``--start exact`` starts every sampler (ours and diffusers') from the exact q(x_{T-1}) of the
+data instead of N(0, I) -- the same standardised draws, scaled and shifted -- which removes the
+prior-mismatch floor below and leaves solver error (plus the final-denoise floor).
+
+"calibrated" rows run ``Diffusion.sample`` with its defaults after
+``diffkit.calibration.calibrate(diff, model, (512, 16))``: grids fitted to a fine-step reference
+on 512 noise draws (seed + 100, not the evaluation noise); step counts without a stored grid
+fall back to the default grid. Each data set also prints two closed-form floors: the KL that
+starting from N(0, I) instead of q(x_{T-1}) costs (alpha_{T-1} > 0 on the linear schedule; the
+exact flow preserves KL, so no solver goes below it), and the KL of the final denoise from
+t = 0, E[x0 | x_0], which shrinks each dimension's variance by alpha_0^2 s^2 / (alpha_0^2 s^2 +
+sigma_0^2).
 
 The starting noise is standardised per dimension (mean exactly 0, variance exactly 1), so
 deterministic samplers -- affine maps on Gaussian data -- are measured without a Monte-Carlo
 floor; stochastic samplers keep theirs (about 1/N).
 
-    python benchmarks/samplers.py                 # about 3 minutes on 2 CPU cores
+    python benchmarks/samplers.py                 # a few minutes on 2 CPU cores
     python benchmarks/samplers.py --quick         # fewer samples and steps
+    python benchmarks/samplers.py --data C --quick   # one data set
 """
 
 from __future__ import annotations
@@ -31,11 +49,28 @@ import torch
 
 import diffkit
 from diffkit import Diffusion, GaussianData
+from diffkit.calibration import calibrate
 
 DATA_SETS = {
     "A": GaussianData(torch.linspace(-1, 1, 16), torch.linspace(0.1, 1.0, 16)),
     "B": GaussianData(torch.zeros(16), torch.logspace(math.log10(0.05), math.log10(8.0), 16)),
+    "C": GaussianData(torch.linspace(1, 3, 16), torch.linspace(0.1, 1.6, 16)),
+    "D": GaussianData(torch.linspace(-8, 8, 16), torch.logspace(math.log10(0.5), math.log10(5.0), 16)),
+    "E": GaussianData(torch.linspace(-0.1, 0.1, 16), torch.logspace(math.log10(0.005), math.log10(0.1), 16)),
 }
+CALIBRATED = "unipc (calibrated)"
+
+
+def floors(diff: Diffusion, data: GaussianData) -> tuple[float, float]:
+    """(prior floor, final-denoise floor): closed-form KLs per dimension, nats (see the module docstring)."""
+    T = diff.num_timesteps
+    a_T, s_T = diff.schedule.alpha_at(torch.tensor(T - 1)), diff.schedule.sigma_at(torch.tensor(T - 1))
+    m, v = a_T * data.mean, a_T**2 * data.std**2 + s_T**2
+    prior = 0.5 * (torch.log(v) + (1 + m**2) / v - 1)
+    a_0, s_0 = diff.schedule.alpha_at(torch.tensor(0)), diff.schedule.sigma_at(torch.tensor(0))
+    r = a_0**2 * data.std**2 / (a_0**2 * data.std**2 + s_0**2)
+    shrink = 0.5 * (r - 1 - torch.log(r))
+    return float(prior.mean()), float(shrink.mean())
 
 # (label, sampler, options: log_snr_range for the grid, the rest for Diffusion.sample)
 DIFFKIT_CONFIGS = [
@@ -98,16 +133,39 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="4000 samples, steps 5 10 20")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--data", nargs="+", default=list(DATA_SETS), choices=list(DATA_SETS))
+    parser.add_argument("--start", choices=["noise", "exact"], default="noise",
+                        help="start from N(0, I) (default) or from the data's exact q(x_{T-1})")
+    parser.add_argument("--calibrate-steps", type=int, nargs="+", default=[5, 10, 20],
+                        help="step counts to fit calibrated grids for (default 5 10 20)")
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.steps = 4000, [5, 10, 20]
+    # diffusers also runs at twice each step count: the goal is its accuracy at half the calls.
+    reference_steps = sorted(set(args.steps) | {2 * s for s in args.steps})
 
     started = time.time()
     diff = Diffusion("linear", 1000, prediction="eps")
     noise = standard_noise(args.samples, 16, args.seed)
-    results = []
-    for data_name, data in DATA_SETS.items():
+    results, calibration_seconds = [], {}
+    data_sets = {name: DATA_SETS[name] for name in args.data}
+    standard = noise
+    for data_name, data in data_sets.items():
         model = data.model(diff.schedule)
+        noise = standard
+        if args.start == "exact":
+            a_T, s_T = diff.schedule.alpha_at(torch.tensor(999)), diff.schedule.sigma_at(torch.tensor(999))
+            noise = a_T * data.mean + (a_T**2 * data.std**2 + s_T**2).sqrt() * standard
+        calibrated = Diffusion.from_config(diff.config)
+        tick = time.time()
+        calibrate(calibrated, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2],
+                  generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64)
+        calibration_seconds[data_name] = time.time() - tick
+        for steps in args.steps:
+            x = calibrated.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64)
+            results.append(dict(data=data_name, library="diffkit", config=CALIBRATED, steps=steps,
+                                calls=steps, kl=data.kl_per_dim(x),
+                                grid=calibrated.calibration.get("grids", {}).get(f"unipc/{steps}")))
         for label, sampler, options in DIFFKIT_CONFIGS:
             for steps in args.steps:
                 options = dict(options)
@@ -118,7 +176,7 @@ def main(argv=None) -> None:
                 results.append(dict(data=data_name, library="diffkit", config=label, steps=steps,
                                     calls=diffkit.model_calls(sampler, steps), kl=data.kl_per_dim(x)))
         for label, make, dtype in diffusers_configs():
-            for steps in args.steps:
+            for steps in reference_steps:
                 try:
                     x, calls = run_diffusers(make, dtype, model, noise, steps)
                     kl = data.kl_per_dim(x)
@@ -127,21 +185,37 @@ def main(argv=None) -> None:
                     print(f"diffusers {label} at {steps} steps failed: {error}")
                 results.append(dict(data=data_name, library="diffusers", config=label, steps=steps, calls=calls, kl=kl))
 
-    print(f"# Sampler accuracy: KL(samples || data) per dimension, nats; {args.samples} samples, seed {args.seed}")
+    print(f"# Sampler accuracy: KL(samples || data) per dimension, nats; {args.samples} samples, seed {args.seed}, "
+          f"start {'N(0, I)' if args.start == 'noise' else 'exact q(x_T)'}")
     print(f"# exact eps-model, linear schedule (1e-4..0.02), T=1000; torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    for data_name in DATA_SETS:
-        print(f"\n## data {data_name}\n")
+    for data_name, data in data_sets.items():
+        prior_floor, shrink_floor = floors(diff, data)
+        print(f"\n## data {data_name}: mean {data.mean.min():.3g}..{data.mean.max():.3g}, "
+              f"std {data.std.min():.3g}..{data.std.max():.3g}\n")
+        print(f"closed-form floors: prior mismatch {prior_floor:.1e}, final denoise from t = 0 {shrink_floor:.1e}; "
+              f"calibration took {calibration_seconds[data_name]:.0f} s\n")
         print("| library | configuration | " + " | ".join(f"{s} steps (calls)" for s in args.steps) + " |")
         print("|---|---|" + "---|" * len(args.steps))
         configs = dict.fromkeys((r["library"], r["config"]) for r in results if r["data"] == data_name)
         for library, config in configs:
             rows = {r["steps"]: r for r in results if r["data"] == data_name and r["config"] == config and r["library"] == library}
-            cells = [f"{rows[s]['kl']:.1e} ({rows[s]['calls']})" for s in args.steps]
+            cells = [f"{rows[s]['kl']:.1e} ({rows[s]['calls']})" if s in rows else "-" for s in args.steps]
             print(f"| {library} | {config} | " + " | ".join(cells) + " |")
         print()
         for calls in args.steps:
+            ours = next(r for r in results if r["data"] == data_name and r["config"] == CALIBRATED and r["steps"] == calls)
+            theirs = [r for r in results if r["data"] == data_name and r["library"] == "diffusers"
+                      and r["calls"] <= 2 * calls and not math.isnan(r["kl"])]
+            same = min((r for r in theirs if r["calls"] <= calls), key=lambda r: r["kl"])
+            double = min(theirs, key=lambda r: r["kl"])
+            print(f"- calibrated defaults at {calls} calls: {ours['kl']:.1e}; diffusers best at {calls} calls "
+                  f"{same['kl']:.1e} ({same['config']}; ratio {same['kl'] / ours['kl']:.1f}x), at {2 * calls} calls "
+                  f"{double['kl']:.1e} ({double['config']}; ratio {double['kl'] / ours['kl']:.1f}x): half the calls "
+                  f"{'met' if ours['kl'] <= double['kl'] else 'NOT met'}")
+        for calls in args.steps:
             best = {lib: min((r for r in results if r["data"] == data_name and r["library"] == lib and r["calls"] <= calls
+                              and r["config"] != CALIBRATED
                               and not math.isnan(r["kl"])), key=lambda r: r["kl"], default=None)
                     for lib in ("diffkit", "diffusers")}
             if best["diffkit"] and best["diffusers"]:
@@ -149,6 +223,10 @@ def main(argv=None) -> None:
                 print(f"- at <= {calls} calls: diffkit best {best['diffkit']['kl']:.1e} ({best['diffkit']['config']}), "
                       f"diffusers best {best['diffusers']['kl']:.1e} ({best['diffusers']['config']}): ratio {ratio:.1f}x")
     print(f"\nwall time {time.time() - started:.0f} s")
+    for data_name in data_sets:
+        print(f"calibrated grids, data {data_name}: " + "; ".join(
+            f"{r['steps']}: {[round(t, 1) for t in r['grid']['times']]} {r['grid']['sampler_options']}"
+            for r in results if r["data"] == data_name and r["config"] == CALIBRATED and r["grid"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

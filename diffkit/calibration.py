@@ -15,7 +15,9 @@ Two pieces of information make the defaults of a trained model accurate without 
    element's error counts relative to its own scale (on Gaussian data L is then, to second
    order, twice the KL divergence per dimension the benchmark reports). The first point stays at
    T-1, where sampling starts; the others move in log-SNR by a pattern search (coordinate
-   steps that halve when nothing improves), starting from the sampler's default grid. No
+   steps that halve when nothing improves), starting from the sampler's default grid: first
+   two parameters (the points evenly spaced in log-SNR between a movable first and last
+   value, a quarter of the budget), then every point on its own. No
    data is needed: only the model and noise. The cost is a few hundred runs of the K-step
    sampler on the batch, once per (model, sampler, K); the result is a list of K times stored
    in ``diffusion.calibration["grids"]["<sampler>/<K>"]`` and used by ``sample(steps=K)``.
@@ -55,7 +57,7 @@ from .guidance import split_output
 from .parameterization import to_x0_eps
 from .process import posterior_coefficients, transition_variance
 from .sampling import SamplingGrid, get_sampler, model_calls
-from .utils import append_dims, check_finite, randn
+from .utils import check_finite, randn
 
 # Samplers whose output is a deterministic function of the starting noise: a grid can be fitted
 # to a reference for them (a stochastic sampler's error would be mostly its own noise).
@@ -200,6 +202,39 @@ def _times_from_lambdas(diffusion, lambdas: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.tensor([float(T - 1)], dtype=torch.float64), interior])
 
 
+def _pattern_search(score, x: torch.Tensor, best: float, valid, delta: float, final: float, budget: int, count):
+    """Coordinate pattern search: try +-delta on each coordinate, repeat a success with doubling
+    length while it improves, halve delta when a sweep finds nothing; stop below ``final`` or
+    when ``count[0]`` reaches ``budget``. Returns (x, best)."""
+    while delta >= final and count[0] < budget:
+        improved = False
+        for j in range(x.numel()):
+            for sign in (1.0, -1.0):
+                if count[0] >= budget:
+                    break
+                trial = x.clone()
+                trial[j] += sign * delta
+                if not valid(trial):
+                    continue
+                value = score(trial)
+                if value < best:
+                    best, x, improved = value, trial, True
+                    step = 2.0 * delta
+                    while count[0] < budget:
+                        trial = x.clone()
+                        trial[j] += sign * step
+                        if not valid(trial):
+                            break
+                        value = score(trial)
+                        if value >= best:
+                            break
+                        best, x, step = value, trial, 2.0 * step
+                    break
+        if not improved:
+            delta /= 2.0
+    return x, best
+
+
 @torch.no_grad()
 def optimize_grid(
     diffusion,
@@ -220,6 +255,7 @@ def optimize_grid(
     device=None,
     return_history: bool = False,
     sample_kwargs: Optional[dict] = None,
+    coarse: bool = True,
     **cond,
 ):
     """A ``steps``-point grid for ``sampler`` that minimises its error against a fine-step reference.
@@ -298,37 +334,30 @@ def optimize_grid(
         edges = torch.cat([torch.tensor([lam_low]), lams, torch.tensor([lam_high + gap])])
         return bool((edges[1:] - edges[:-1] >= gap).all())
 
-    best = objective(_times_from_lambdas(diffusion, lambdas))
-    initial, evals, delta = best, 1, initial_step
-    while delta >= final_step and evals < max_evals:
-        improved = False
-        for j in range(lambdas.numel()):
-            for sign in (1.0, -1.0):
-                if evals >= max_evals:
-                    break
-                trial = lambdas.clone()
-                trial[j] += sign * delta
-                if not valid(trial):
-                    continue
-                value = objective(_times_from_lambdas(diffusion, trial))
-                evals += 1
-                if value < best:
-                    best, lambdas, improved = value, trial, True
-                    # Keep going while it pays: the same move, twice as far each time.
-                    step = 2.0 * delta
-                    while evals < max_evals:
-                        trial = lambdas.clone()
-                        trial[j] += sign * step
-                        if not valid(trial):
-                            break
-                        value = objective(_times_from_lambdas(diffusion, trial))
-                        evals += 1
-                        if value >= best:
-                            break
-                        best, lambdas, step = value, trial, 2.0 * step
-                    break
-        if not improved:
-            delta /= 2.0
+    count = [0]
+
+    def score(lams: torch.Tensor) -> float:
+        count[0] += 1
+        return objective(_times_from_lambdas(diffusion, lams))
+
+    best = score(lambdas)
+    initial = best
+    # Stage 1: two parameters -- the interior points evenly spaced in log-SNR between a first
+    # and a last value -- which moves all points at once for a few runs (what matters most
+    # on a small budget). Stage 2: every point on its own, from the better of the two.
+    n_free = lambdas.numel()
+    if coarse and n_free >= 3:
+        def spread(ends: torch.Tensor) -> torch.Tensor:
+            return ends[0] + (ends[1] - ends[0]) * torch.linspace(0, 1, n_free, dtype=torch.float64)
+
+        ends, value = _pattern_search(lambda e: score(spread(e)), torch.stack([lambdas[0], lambdas[-1]]), best,
+                                      lambda e: bool(e[1] - e[0] >= gap * n_free) and valid(spread(e)),
+                                      initial_step, final_step * 4, max(max_evals // 4, 1) - count[0] + 1,
+                                      count)
+        if value < best:
+            best, lambdas = value, spread(ends)
+    lambdas, best = _pattern_search(score, lambdas, best, valid, initial_step, final_step, max_evals, count)
+    evals = count[0]
     grid = SamplingGrid.from_times(diffusion.schedule, _times_from_lambdas(diffusion, lambdas))
     if return_history:
         return grid, {"initial": initial, "final": best, "evals": evals, "reference": reference,
@@ -385,12 +414,14 @@ def calibrate(
                                  f"got {sampler!r}")
             reference = None
             for k in steps:
-                variants = [{"variant": "bh1"}, {}] if sampler == "unipc" else [{}]
+                # (options, coarse first stage): bh1 is poor on the default grid, and the coarse
+                # stage walks it into a poor basin, so it refines point by point from the start.
+                variants = [({"variant": "bh1"}, False), ({}, True)] if sampler == "unipc" else [({}, True)]
                 best = None
-                for options in variants:
+                for options, coarse in variants:
                     grid, info = optimize_grid(diffusion, model, noise, int(k), sampler, sampler_options=options,
                                                reference_steps=reference_steps, reference=reference,
-                                               max_evals=max_evals, return_history=True,
+                                               max_evals=max_evals, return_history=True, coarse=coarse,
                                                sample_kwargs=sample_kwargs, **cond)
                     reference = info["reference"]
                     if best is None or info["final"] < best[2]:

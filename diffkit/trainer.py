@@ -661,10 +661,12 @@ def _changed_settings(saved: Mapping[str, Any] | None, current: Mapping[str, Any
     """
     if saved is None or current is None:
         return []
-    # The version that wrote a config is not a setting: upgrading diffkit is no reason to warn.
+    # Neither the version that wrote a config nor a calibration fitted to some weights (step
+    # grids, Analytic-DPM statistics) is a training setting: no reason to warn.
+    ignored = ("diffkit_version", "calibration")
     return _differences(
-        {k: v for k, v in saved.items() if k != "diffkit_version"},
-        {k: v for k, v in current.items() if k != "diffkit_version"},
+        {k: v for k, v in saved.items() if k not in ignored},
+        {k: v for k, v in current.items() if k not in ignored},
         "",
     )
 

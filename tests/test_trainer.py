@@ -145,6 +145,7 @@ def test_resume_ignores_float_noise_in_the_schedule_but_not_a_change(tmp_path, c
         ({"flag": True}, {"flag": 1}, ["flag"]),
         ({"a": 1, "diffkit_version": "0.1"}, {"a": 1, "new": None, "diffkit_version": "0.2"}, ["new"]),
         ({"a": 0.0}, {"a": 1e-300}, ["a"]),
+        ({"a": 1, "calibration": {"eps_norm_sq": [0.5]}}, {"a": 1}, []),  # fitted to weights, not a setting
     ],
 )
 def test_changed_settings_compares_numbers_with_a_relative_tolerance(saved, current, changed):
