@@ -43,7 +43,7 @@ def checkpoint(tmp_path_factory):
     assert audio_train.main(["--max-clips", "6", "--length", "1024", "--residual-channels", "8",
                              "--num-layers", "4", "--dilation-cycle", "2", "--batch-size", "4",
                              "--max-steps", "2", "--sample-every", "0", "--no-progress",
-                             "--output-dir", str(out), "--export", str(out / "export")]) == 0
+                             "--output-dir", str(out), "--export", str(out / "export"), "--preset", "cpu"]) == 0
     return out / "export"
 
 
@@ -271,8 +271,10 @@ def test_mel_route_through_griffin_lim_or_a_vocoder(tmp_path):
         out = generate_audio(checkpoint=mel_ckpt, route="mel", vocoder=vocoder, num_samples=2, labels=[3, 4],
                              steps=6, seed=0, device="cpu")
         assert out.audio.shape == (2, 1, 512) and out.audio.abs().max() <= 1 and out.sample_rate == 8000
+    # Without route= a checkpoint samples its own route; the waveform route refuses a mel model.
+    assert generate_audio(checkpoint=mel_ckpt, num_samples=1, steps=2, device="cpu").audio.shape == (1, 1, 512)
     with pytest.raises(ValueError, match="is a mel model"):
-        generate_audio(checkpoint=mel_ckpt, num_samples=1, device="cpu")
+        generate_audio(checkpoint=mel_ckpt, route="waveform", num_samples=1, device="cpu")
     with pytest.raises(ValueError, match="not a vocoder"):
         generate_audio(checkpoint=mel_ckpt, route="mel", vocoder=mel_ckpt, num_samples=1, device="cpu")
 

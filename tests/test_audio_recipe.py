@@ -15,10 +15,10 @@ import diffkit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import audio_train  # noqa: E402
 
-# 6 FSDD clips of 1024 samples, a 4-layer network: seconds per run.
+# 6 FSDD clips of 1024 samples, a 4-layer DiffWave (the waveform route's cpu preset): seconds per run.
 TINY = ["--max-clips", "6", "--length", "1024", "--residual-channels", "8", "--num-layers", "4",
         "--dilation-cycle", "2", "--batch-size", "4", "--sample-every", "2", "--save-every", "2",
-        "--num-samples", "3", "--sample-steps", "6", "--no-progress"]
+        "--num-samples", "3", "--sample-steps", "6", "--no-progress", "--preset", "cpu"]
 
 
 def test_default_recipe_trains_samples_exports_and_resumes(tmp_path):
@@ -66,7 +66,7 @@ def test_same_seed_gives_the_same_initial_weights(tmp_path):
 
 @pytest.mark.parametrize("preset", ["vocoder", "mel"])
 def test_spectrogram_route_presets_train(tmp_path, preset):
-    args = ["--preset", preset, "--max-steps", "2", "--output-dir", str(tmp_path), *TINY]
+    args = ["--max-steps", "2", "--output-dir", str(tmp_path), *TINY, "--preset", preset]
     if preset == "mel":
         args += ["--mel-channels", "8", "--mel-blocks", "1"]
     assert audio_train.main(args) == 0
@@ -84,7 +84,7 @@ def test_folder_data_resampled_with_labels_from_names(tmp_path, capsys):
     out = tmp_path / "run"
     assert audio_train.main(["--data", str(tmp_path), "--label-pattern", r"^([a-z]+)_", "--sample-rate", "8000",
                              "--max-steps", "1", "--output-dir", str(out), "--sample-every", "0",
-                             *TINY[4:12], "--no-progress"]) == 0
+                             *TINY[4:12], "--no-progress", "--preset", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "4 resampled to 8000 Hz" in text and "class conditioning" in text
     ckpt = diffkit.checkpoint.load_checkpoint(out / "checkpoint", modality="audio")
@@ -96,7 +96,7 @@ def test_folder_without_labels_trains_an_unconditional_model(tmp_path, capsys):
         sf.write(str(tmp_path / f"clip{i}.flac"), np.full(700, 0.1 * (i + 1), np.float32), 8000, subtype="PCM_16")
     out = tmp_path / "run"
     assert audio_train.main(["--data", str(tmp_path), "--length", "512", "--max-steps", "1", "--output-dir", str(out),
-                             "--sample-every", "0", *TINY[4:12], "--no-progress"]) == 0
+                             "--sample-every", "0", *TINY[4:12], "--no-progress", "--preset", "cpu"]) == 0
     assert "none conditioning" in capsys.readouterr().out
     ckpt = diffkit.checkpoint.load_checkpoint(out / "checkpoint", modality="audio")
     assert ckpt.model_config["kwargs"]["num_classes"] is None and ckpt.modality_config["class_names"] is None
@@ -131,3 +131,21 @@ def test_class_conditioning_without_labels_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         audio_train.main(["--data", str(tmp_path), "--conditioning", "class", "--output-dir", str(tmp_path / "r")])
     assert "needs labels" in capsys.readouterr().err
+
+
+def test_the_default_preset_is_the_spectrogram_route_on_a_schedule_that_ends_in_noise():
+    parser = audio_train.build_parser()
+    s = audio_train.resolve_settings(parser.parse_args([]), parser)
+    assert (s["model"], s["schedule"], s["prediction"], s["output_dir"]) == ("mel", "cosine", "x0", "runs/audio-mel")
+    data = audio_train.load_data({**s, "max_clips": 4})
+    net, model_config, diffusion, modality_config, conditioning, _ = audio_train.build(s, data)
+    assert model_config["class"].endswith("MelDenoiser") and conditioning == "class"
+    assert diffusion.schedule.alpha_bar[-1] < 1e-6  # the sampler's N(0, I) start is the schedule's end
+    # DiffWave's six fast betas belong to its T=50 schedule; this model respaces its own grid.
+    assert modality_config["fast_schedules"] == {} and modality_config["defaults"]["sampler"] == "dpm++2m"
+
+
+def test_beta_flags_belong_to_the_linear_schedule(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        audio_train.main(["--beta-end", "0.02", "--output-dir", str(tmp_path)])
+    assert "set the linear schedule" in capsys.readouterr().err

@@ -7,17 +7,19 @@
     diffkit.generate(modality="audio", labels=[7] * 8, num_samples=8, save="samples/")   # WAVs + spectrogram PNG
 
 Three kinds of checkpoint, told apart by ``modality_config["kind"]``:
-- ``waveform``: DiffWave over raw samples, optionally class-conditional (the digits);
+- ``waveform``: DiffWave over raw samples, optionally class-conditional;
 - ``vocoder``: DiffWave conditioned on log-mel frames (``generate(mel=...)`` / :func:`vocode`);
-- ``mel``: a :class:`~modalities.audio.model.MelDenoiser` over log-mel frames; with
-  ``route="mel"`` its frames become audio through a vocoder checkpoint or Griffin-Lim.
+- ``mel``: a :class:`~modalities.audio.model.MelDenoiser` over log-mel frames, whose frames
+  become audio through a vocoder checkpoint or Griffin-Lim (the spectrogram route). The
+  shipped ``checkpoints/digits`` is one: generate without a checkpoint takes this route.
 
 All networks take the continuous noise level sqrt(alpha_bar) as their time input, so a
-checkpoint samples on any grid: ``steps=6`` uses DiffWave's fast inference schedule
-(betas 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5, or the checkpoint's own ``fast_schedules``), other
-step counts respace the training schedule (fractional times beyond its T steps). Sampling
-itself is the core's (``Diffusion.sample``, DDPM ancestral by default, as DiffWave does);
-this module only chooses grids and conditions.
+checkpoint samples on any grid: a step count listed in the checkpoint's ``fast_schedules``
+uses those betas (DiffWave-schedule checkpoints list DiffWave's fast schedule for 6 steps:
+1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5), other step counts respace the training schedule
+(fractional times beyond its T steps). Sampling itself is the core's (``Diffusion.sample``;
+the checkpoint records its default sampler: DDPM ancestral for DiffWave, as the paper,
+DPM-Solver++(2M) for the mel model); this module only chooses grids and conditions.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import torch
 
 import diffkit
 from diffkit import SamplingGrid
+from diffkit.runs import resolve_steps, seeded_generator
+from diffkit.utils import module_device
 
 from .data import window_mask
 from .mel import MelConfig, griffin_lim
@@ -82,7 +86,7 @@ KINDS = ("waveform", "vocoder", "mel")
 
 HOW_TO_TRAIN = (
     "train one with `python recipes/audio_train.py` (spoken digits on the CPU) and pass "
-    "checkpoint=runs/audio-cpu/checkpoint (--checkpoint on the command line), or export it with "
+    "checkpoint=runs/audio-mel/checkpoint (--checkpoint on the command line), or export it with "
     "`python recipes/audio_train.py --export modalities/audio/checkpoints/digits` to make it the default"
 )
 
@@ -147,10 +151,6 @@ class AudioModel:
         return (self.info.get("defaults") or {}).get(key, fallback)
 
 
-def _device_of(net: torch.nn.Module) -> torch.device:
-    return next(net.parameters()).device
-
-
 def load_audio_model(checkpoint: str | os.PathLike | None = None,
                      device: str | torch.device = "auto") -> AudioModel:
     """Load an audio checkpoint directory (default: the shipped digits model) onto ``device``.
@@ -192,14 +192,15 @@ def sampling_grid(diffusion: diffkit.Diffusion, steps: int, sampler: str = FALLB
                   fast_schedules: dict[str, Sequence[float]] | None = None) -> SamplingGrid:
     """The grid for ``steps`` network evaluations.
 
-    A step count with a fast inference schedule (DiffWave's six betas for 6, or the
-    checkpoint's ``fast_schedules``) uses those noise levels; up to T steps respace the
+    A step count with a fast inference schedule (the checkpoint's ``fast_schedules``; without
+    one, DiffWave's six betas for 6) uses those noise levels; up to T steps respace the
     training schedule; more than T place fractional training times evenly from T-1 to 0
     (the network takes any noise level, so a 1000-step chain on a 50-step schedule is fine).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    schedules = {"6": FAST_BETAS, **(fast_schedules or {})}
+    # A checkpoint's own table replaces DiffWave's (a mel model on a cosine schedule records {}).
+    schedules = {"6": FAST_BETAS} if fast_schedules is None else dict(fast_schedules)
     if str(steps) in schedules:
         return SamplingGrid.from_betas(diffusion.schedule, schedules[str(steps)])
     T = diffusion.num_timesteps
@@ -209,15 +210,6 @@ def sampling_grid(diffusion: diffkit.Diffusion, steps: int, sampler: str = FALLB
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _seeded_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()  # fresh entropy: different samples each call
-    else:
-        gen.manual_seed(int(seed))
-    return gen
-
-
 def _labels(labels: int | Sequence[int] | torch.Tensor, model: AudioModel, n: int) -> torch.Tensor:
     if model.num_classes is None:
         raise ValueError(f"checkpoint {model.path} is not class-conditional; it takes no labels")
@@ -284,9 +276,9 @@ def _sample(model: AudioModel, shape: tuple[int, ...], *, gen: torch.Generator, 
             cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run the core's sampler in batches; the network gets cond[k][batch rows]."""
     sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
-    steps = model.default("steps", FALLBACK_STEPS) if steps is None else steps
+    steps = resolve_steps(steps, model.default("steps", FALLBACK_STEPS))
     grid = sampling_grid(model.diffusion, steps, sampler, model.info.get("fast_schedules"))
-    dev = _device_of(model.net)
+    dev = module_device(model.net)
     n = shape[0]
     out = []
     for start in range(0, n, batch_size):
@@ -327,8 +319,10 @@ def generate_audio(
         labels: one class index (the digit) or one per sample; without labels a
             class-conditional model samples its unconditional (null-class) mode.
         guidance_scale: classifier-free guidance weight for labels (1 = none).
-        route: ``waveform`` (default; DiffWave on samples) or ``mel`` (a mel-diffusion
-            checkpoint, then ``vocoder``: a vocoder checkpoint, or "griffin-lim").
+        route: ``waveform`` (DiffWave on samples) or ``mel`` (a mel-diffusion checkpoint,
+            then ``vocoder``: a vocoder checkpoint, or "griffin-lim"). Default: the
+            checkpoint's own route; the shipped ``digits`` model is a mel model, so with no
+            checkpoint generate runs the spectrogram route (see the README for why).
         mel: log-mel frames (N, n_mels, frames) to vocode, for a vocoder checkpoint.
         batch_size: clips per sampling batch, to bound memory.
     """
@@ -340,17 +334,17 @@ def generate_audio(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    route = route or "waveform"
-    if route not in ROUTES:
+    if route is not None and route not in ROUTES:
         raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     if route == "waveform" and vocoder is not None:
         raise ValueError("vocoder= belongs to route='mel' (spectrogram, then vocoder)")
-    if checkpoint is None and route == "mel":
-        if not (MEL_CHECKPOINT / "config.json").is_file():
-            raise ValueError(f"no mel-diffusion checkpoint is shipped yet (expected {MEL_CHECKPOINT}); train one with "
-                             "`python recipes/audio_train.py --model mel` and pass checkpoint=")
-        checkpoint = MEL_CHECKPOINT
+    if checkpoint is None:
+        checkpoint = _default_checkpoint(route)
     model = load_audio_model(checkpoint, device)
+    if route is None:  # the checkpoint's own route: a mel model's frames go through a vocoder
+        route = "mel" if model.kind == "mel" else "waveform"
+        if route == "waveform" and vocoder is not None:
+            raise ValueError(f"vocoder= belongs to route='mel'; checkpoint {model.path} is a {model.kind} model")
     n = num_samples
     expected = {"waveform": ("waveform", "vocoder"), "mel": ("mel",)}[route]
     if model.kind not in expected:
@@ -372,14 +366,14 @@ def generate_audio(
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
 
-    gen = _seeded_generator(seed)
+    gen = seeded_generator(seed)
     common = dict(gen=gen, sampler=sampler, steps=steps, guidance_scale=guidance_scale, progress=progress,
                   batch_size=batch_size)
     if model.kind == "vocoder":
         if mel is None:
             raise ValueError(f"checkpoint {model.path} is a vocoder: pass mel= log-mel frames (N, "
                              f"{model.mel_config.n_mels}, {model.length // model.mel_config.hop_length})")
-        frames = _check_mel(mel, model, n).to(_device_of(model.net))
+        frames = _check_mel(mel, model, n).to(module_device(model.net))
         # Upsampled once here, not at every step: the sampler calls the network `steps` times.
         with torch.no_grad():
             cond["mel_features"] = model.net.upsample_mel(frames)
@@ -394,6 +388,26 @@ def generate_audio(
         audio = _frames_to_audio(frames, model, vocoder, seed, device, progress, batch_size)
     return AudioSamples(audio=audio, sample_rate=model.sample_rate,
                         labels=cond["labels"].clone() if conditional else None, class_names=model.class_names)
+
+
+def _default_checkpoint(route: str | None) -> Path:
+    """The shipped checkpoint for a route: ``digits`` (whatever its route), or for route="mel"
+    a separate ``digits-mel`` when ``digits`` is a waveform model."""
+    shipped = (DEFAULT_CHECKPOINT / "config.json").is_file()
+    if route == "mel":
+        if (MEL_CHECKPOINT / "config.json").is_file():
+            return MEL_CHECKPOINT
+        if shipped and load_audio_model(DEFAULT_CHECKPOINT, "cpu").kind == "mel":
+            return DEFAULT_CHECKPOINT
+        raise ValueError(f"no mel-diffusion checkpoint is shipped (expected {MEL_CHECKPOINT}); train one with "
+                         "`python recipes/audio_train.py --preset mel` and pass checkpoint=")
+    if route == "waveform" and shipped and load_audio_model(DEFAULT_CHECKPOINT, "cpu").kind == "mel":
+        raise ValueError(f"the shipped digits model ({DEFAULT_CHECKPOINT}) is a mel-diffusion model; the waveform "
+                         "route needs a DiffWave checkpoint: train one with `python recipes/audio_train.py "
+                         "--preset cpu` (or gpu) and pass checkpoint=")
+    if not shipped:
+        raise ValueError(f"no audio checkpoint is shipped (expected {DEFAULT_CHECKPOINT}); {HOW_TO_TRAIN}")
+    return DEFAULT_CHECKPOINT
 
 
 def _count(labels, mel) -> int:
@@ -486,7 +500,7 @@ def bits_per_sample(
         if torch.as_tensor(lengths).numel() != n:
             raise ValueError(f"got {torch.as_tensor(lengths).numel()} lengths for {n} clips; pass one per clip")
         mask = window_mask(lengths, x.shape[-1])
-    dev = _device_of(model.net)
+    dev = module_device(model.net)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     out = []
     for start in range(0, n, batch_size):
@@ -621,15 +635,15 @@ class AudioModality:
         group = parser.add_argument_group(
             "audio options",
             "--out is a folder: one 16-bit WAV per sample and spectrograms.png. With no --checkpoint "
-            "the shipped spoken-digits model is used.",
+            "the shipped spoken-digits model is used (log-mel diffusion, then Griffin-Lim).",
         )
         group.add_argument("--labels", "--label", dest="labels", type=int, nargs="+", metavar="Y",
                            help="class label(s), e.g. the digit to say: one for all samples or one per sample")
         group.add_argument("--guidance-scale", type=float, metavar="W",
                            help="classifier-free guidance weight for --labels (1 = none; default: the checkpoint's)")
         group.add_argument("--route", choices=ROUTES, default=None,
-                           help="waveform: DiffWave on samples (default); mel: a mel-diffusion checkpoint, "
-                                "then --vocoder")
+                           help="waveform: DiffWave on samples; mel: log-mel diffusion, then --vocoder "
+                                "(default: the checkpoint's own; the shipped digits model is a mel model)")
         group.add_argument("--vocoder", metavar="DIR",
                            help="route mel: a vocoder checkpoint directory, or griffin-lim "
                                 "(default: the shipped vocoder, else griffin-lim)")

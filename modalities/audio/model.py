@@ -19,7 +19,7 @@ diffusion's ``time_input="noise_level"``, WaveGrad's choice), embedded by
 MLP as in DiffWave). Because the model never sees a step index, one trained model samples
 on any grid: 1000, 50 or DiffWave's 6-point fast schedule.
 
-:class:`MelDenoiser` (the spectrogram route's first stage, trained in phase 2) is a small 1-D
+:class:`MelDenoiser` (the spectrogram route's first stage; the shipped digits model) is a small 1-D
 U-Net over log-mel frames; :class:`DiffWave` with ``n_mels`` then turns its frames into a
 waveform (or Griffin-Lim does, as the baseline; see :mod:`modalities.audio.mel`).
 

@@ -1,0 +1,31 @@
+"""The spoken-digit measures: the classifier's front end, Frechet distance and inception score."""
+
+import numpy as np
+import torch
+
+from modalities.audio.metrics import SpokenDigitClassifier, frechet_distance, inception_score
+
+
+def test_inception_score_runs_from_one_to_the_number_of_classes():
+    assert abs(inception_score(np.full((50, 10), 0.1)) - 1.0) < 1e-9   # no confidence
+    one_class = np.zeros((50, 10))
+    one_class[:, 3] = 1
+    assert abs(inception_score(one_class) - 1.0) < 1e-6                # every clip the same digit
+    balanced = np.eye(10)[np.arange(50) % 10]
+    assert abs(inception_score(balanced) - 10.0) < 1e-4                # ten confident, balanced classes
+
+
+def test_frechet_distance_is_zero_for_one_set_and_the_mean_shift_squared_for_a_shifted_one():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 8))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert abs(frechet_distance(a, a + 2.0) - 4.0 * 8) < 1e-6
+
+
+def test_the_classifier_takes_any_loudness_and_length():
+    net = SpokenDigitClassifier().eval()
+    clip = torch.randn(3, 1, 8192) * 0.3
+    with torch.no_grad():
+        assert torch.allclose(net.features(clip), net.features(clip * 0.05), atol=1e-4)  # peak-normalised
+        assert net(torch.randn(2, 1, 4000) * 0.1).shape == (2, 10)                       # padded to the hop
+        assert net.embed(clip).shape == (3, 64)
