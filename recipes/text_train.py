@@ -14,9 +14,10 @@ restaurant descriptions shipped in data/e2e, on the CPU or GPU. Presets and flag
 
 Every run writes to ``--output-dir``: ``checkpoint/`` (resumed automatically when the same
 command is run again), ``samples/step_XXXXXX.txt`` every ``--sample-every`` steps and
-``tensorboard/`` logs. ``--export DIR`` finally writes a compact copy (EMA weights in float16,
-the tokenizer as a side file) with the command, seed, hardware and wall time recorded: the
-form the shipped checkpoint in ``modalities/text/checkpoints`` takes. ``--task classifier``
+``tensorboard/`` logs. ``--export DIR`` finally writes a compact copy (float16 weights, EMA or
+trained per ``--export-weights``, the tokenizer as a side file) with the command, seed, hardware
+and wall time recorded: the form the shipped checkpoint ``modalities/text/checkpoints/e2e``
+takes (made by the first command below). ``--task classifier``
 trains, instead of a denoiser, the classifier of plug-and-play control (p(MR slot | noisy
 embeddings)) for the denoiser given by ``--denoiser``.
 """
@@ -24,10 +25,8 @@ embeddings)) for the denoiser given by ``--denoiser``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from typing import Any
 import torch
 
 import diffkit
-from diffkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffkit.checkpoint import load_checkpoint, save_checkpoint
+from diffkit.runs import export_checkpoint, is_main_process, usage_errors
 from diffkit.trainer import TrainConfig, Trainer
 
 # The recipe runs as a script from anywhere: make the repository's modalities importable.
@@ -57,17 +57,19 @@ CLASSIFIER_SETTINGS = {"cpu": dict(depth=2, max_steps=1500, lr=1e-3), "gpu": dic
 
 # Each preset is a complete, reproducible configuration; flags override single entries.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Sized for 2 CPU cores and under an hour: 4 layers of width 128 (0.99M parameters) at
-    # batch 64 over sequences trimmed to each batch's longest text. Measured 0.8-1.1 s per
-    # step with one thread on the shared 2-core development machine, so 3000 steps take
-    # 40-55 min there, less with both cores to itself.
+    # Sized for one CPU core and under an hour: 4 layers of width 128 (0.99M parameters) at
+    # batch 64 over sequences trimmed to each batch's longest text, at most 48 tokens (all but 36
+    # of the 8,408 E2E training descriptions fit; those are truncated), 2200 steps (17
+    # epochs). The shipped model took 51 min with one thread on the shared, loaded 2-core
+    # development machine (0.65-2.7 s a step as the load changed).
     "cpu": dict(
-        data="e2e", conditional=True, min_count=3, max_length=64,
+        data="e2e", conditional=True, min_count=3, max_length=48,
         embed_dim=16, hidden=128, depth=4, heads=4, dropout=0.1,
         schedule="sqrt", num_timesteps=2000,
-        max_steps=3000, batch_size=64, lr=1e-3, warmup_steps=300, lr_decay="cosine", ema_decay=0.999,
+        max_steps=2200, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25,
-        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=1000, save_every=1000,
+        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=1000, save_every=500,
+        export_weights="model",
     ),
     # Diffusion-LM's E2E configuration: a BERT-base-sized Transformer, sqrt schedule, T=2000.
     "gpu": dict(
@@ -77,6 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25,
         sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=5000, save_every=5000,
+        export_weights="ema",
     ),
 }
 
@@ -137,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
     g.add_argument("--guidance-scale", type=float, help="default guidance for --control recorded with the model")
     g.add_argument("--export", metavar="DIR",
-                   help="after training, write a compact EMA-only float16 checkpoint (with the tokenizer) here")
+                   help="after training, write a compact float16 checkpoint (with the tokenizer) here")
+    g.add_argument("--export-weights", choices=EXPORT_WEIGHTS,
+                   help="which weights --export ships: the EMA, the EMA without its share of the initial weights "
+                        "(ema-debiased), or the raw trained weights (model)")
     return p
 
 
@@ -199,16 +205,13 @@ def diffusion_arguments(s: dict[str, Any]) -> dict[str, Any]:
     return {"schedule": s["schedule"], "num_timesteps": s["num_timesteps"], "prediction": "x0"}
 
 
-def modality_info(s, diffusion, dataset, mr_vocab, objective) -> dict[str, Any]:
+def modality_info(s, dataset, mr_vocab, objective) -> dict[str, Any]:
     return {
         "tokenizer": TOKENIZER_FILE,
         "data": s["data"],
         "max_length": s["max_length"],
         "length_counts": dataset.length_counts(),
         "mr_values": mr_vocab.to_config() if mr_vocab else None,
-        # The Trainer records "diffusion": null for a loss_fn objective; the loader rebuilds
-        # the diffusion from these arguments (short, unlike the config's table of betas).
-        "diffusion": diffusion_arguments(s),
         "objective": objective.config,
         "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"]},
     }
@@ -241,42 +244,47 @@ def make_sample_fn(s, diffusion, tokenizer, info, mr_vocab: MRVocabulary | None,
     return sample_fn
 
 
-def hardware_summary() -> str:
-    """CPU model and core count (and the GPU, when there is one), for records."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
+EXPORT_WEIGHTS = ("ema", "ema-debiased", "model")
 
 
-def export(s, trainer: Trainer, model_config, diffusion, info, tokenizer: TextTokenizer, path: Path,
-           wall_time: float, argv: list[str]) -> Path:
-    """A compact shipping checkpoint: EMA weights in float16, the tokenizer, no optimizer state."""
-    ckpt = load_checkpoint(trainer.checkpoint_dir, modality="text")
-    state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    last = trainer.history[-1] if trainer.history else {}
-    extra = {
-        "recipe": "python " + shlex.join(["recipes/text_train.py", *argv]),
-        "seed": s["seed"],
-        "hardware": hardware_summary(),
-        "device": str(trainer.device),
-        "wall_time_s": round(wall_time, 1),
-        "final_loss": last.get("loss"),
-        "weights": "EMA, float16",
-    }
-    path = save_checkpoint(path, model=weights, step=ckpt.step, extra=extra, config={
-        "modality": "text", "model": model_config, "diffusion": diffusion.config,
-        "modality_config": info, "train": ckpt.config.get("train"),
-    }, side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")})
+def shipped_state(s: dict[str, Any], run_checkpoint: Path, which: str, initial: dict[str, torch.Tensor] | None):
+    """The weights to ship: the EMA as the Trainer kept it, the EMA with the share of the
+    initial weights taken out (``ema-debiased``: (ema - d^n w_0) / (1 - d^n), the trainer's EMA
+    starts at the initial weights w_0, which after n steps of decay d still weigh d^n: 11% after
+    2200 steps at 0.999), or the raw trained weights (``model``)."""
+    ckpt = load_checkpoint(run_checkpoint, modality="text")
+    if which == "model" or ckpt.ema_state is None:
+        return ckpt, ckpt.model_state
+    if which == "ema":
+        return ckpt, ckpt.ema_state
+    share = s["ema_decay"] ** ckpt.step
+    if initial is None or share > 0.5:
+        raise ValueError(f"--export-weights ema-debiased needs the initial weights and at most half of them left "
+                         f"in the EMA (here {share:.2f}); use ema or model")
+    return ckpt, {key: (value - share * initial[key].to(value)) / (1 - share) if value.is_floating_point() else value
+                  for key, value in ckpt.ema_state.items()}
+
+
+def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
+           initial: dict[str, torch.Tensor] | None = None) -> Path:
+    """A compact shipping checkpoint (``diffkit.runs.export_checkpoint``): float16 weights (see
+    ``--export-weights``), the tokenizer (a side file of the run) carried along, command, seed,
+    hardware and wall time."""
+    which = s.get("export_weights", "ema")
+    record = dict(command=["recipes/text_train.py", *argv], seed=s["seed"], wall_time_s=wall_time,
+                  device=trainer.device, final_loss=trainer.history[-1]["loss"] if trainer.history else None)
+    if which == "ema":
+        path = export_checkpoint(trainer.checkpoint_dir, path, modality="text", **record)
+    else:
+        ckpt, state = shipped_state(s, Path(trainer.checkpoint_dir), which, initial)
+        with tempfile.TemporaryDirectory() as tmp:
+            # A run checkpoint holding only the chosen weights, exported the usual way.
+            config = {key: ckpt.config.get(key) for key in ("modality", "model", "diffusion", "modality_config", "train")}
+            side = {name: Path(ckpt.path) / name for name in (ckpt.config.get("checksums") or {})
+                    if name.endswith(".json") and name != "config.json"}
+            staged = save_checkpoint(Path(tmp) / "run", model=state, config=config, step=ckpt.step, side_files=side)
+            path = export_checkpoint(staged, path, modality="text", **record,
+                                     extra={"weights": f"{which.replace('-', ' ')}, float16"})
     for file in path.iterdir():
         file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable
     return path
@@ -293,7 +301,7 @@ def train_config(s: dict[str, Any]) -> TrainConfig:
 
 def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
     """--task classifier: p(MR slot codes | x_t, t) in the embedding space of --denoiser."""
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     if not str(s["data"]).startswith("e2e"):
         raise ValueError("--task classifier learns meaning representations: it needs E2E data")
     denoiser = load_text_model(args.denoiser, "cpu")
@@ -311,11 +319,12 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
         net.embedding.copy_(denoiser.net.embedding.weight.float().cpu())  # frozen: a buffer, not trained
     model_config = {"class": CLASSIFIER_CLASS, "kwargs": kwargs}
     info = {"kind": "classifier", "tokenizer": TOKENIZER_FILE, "data": s["data"], "denoiser": str(denoiser.path),
-            "mr_values": mr_vocab.to_config(), "diffusion": denoiser.info.get("diffusion")}
+            "mr_values": mr_vocab.to_config()}
     if main_process:
         print(f"classifier for {denoiser.path}: {len(dataset)} texts, "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
-    trainer = Trainer(net, None, dataset, train_config({**s, "sample_every": 0}),
+    # The denoiser's diffusion is recorded with the classifier: it was trained on its noise levels.
+    trainer = Trainer(net, denoiser.diffusion, dataset, train_config({**s, "sample_every": 0}),
                       loss_fn=ClassifierObjective(denoiser.diffusion), modality="text",
                       model_config=model_config, modality_config=info,
                       side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")})
@@ -325,7 +334,7 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
     if main_process:
         print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
     if args.export and main_process:
-        path = export(s, trainer, model_config, denoiser.diffusion, info, tokenizer, Path(args.export), wall, argv)
+        path = export(s, trainer, Path(args.export), wall, argv)
         print(f"exported {path}")
     return 0
 
@@ -335,20 +344,21 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     s = resolve_settings(args)
     if args.task == "classifier":
         return run_classifier(args, s, argv)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun starts one process per GPU
+    main_process = is_main_process()  # torchrun starts one process per GPU
     corpus = load_corpus(s["data"], "train")
     tokenizer = load_tokenizer(s, corpus.texts)
     mr_vocab = MRVocabulary.from_mrs(corpus.mrs) if s["conditional"] else None
     dataset = encode_corpus(corpus, tokenizer, s["max_length"], mr_vocab)
     net, model_config, diffusion, objective = build(s, tokenizer, mr_vocab)
-    info = modality_info(s, diffusion, dataset, mr_vocab, objective)
+    initial = {key: value.detach().clone() for key, value in net.state_dict().items()}  # for ema-debiased
+    info = modality_info(s, dataset, mr_vocab, objective)
     if main_process:
         n_params = sum(p.numel() for p in net.parameters())
         print(f"preset {args.preset}: {len(dataset)} texts from {corpus.source} (skipped: {corpus.num_empty} empty, "
               f"{corpus.num_invalid} not UTF-8), "
               f"vocabulary {tokenizer.vocab_size}, {'MR-conditioned' if mr_vocab else 'unconditional'} "
               f"Transformer {n_params / 1e6:.2f}M parameters, {diffusion!r}")
-    trainer = Trainer(net, None, dataset, train_config(s), loss_fn=objective, modality="text",
+    trainer = Trainer(net, diffusion, dataset, train_config(s), loss_fn=objective, modality="text",
                       model_config=model_config, modality_config=info,
                       side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")},
                       sample_fn=make_sample_fn(s, diffusion, tokenizer, info, mr_vocab) if s["sample_every"] else None)
@@ -358,7 +368,7 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     if main_process:
         print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
     if args.export and main_process:
-        path = export(s, trainer, model_config, diffusion, info, tokenizer, Path(args.export), wall, argv)
+        path = export(s, trainer, Path(args.export), wall, argv, initial)
         print(f"exported {path}")
     return 0
 
@@ -366,10 +376,8 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    try:
+    with usage_errors(parser):  # "text_train.py: error: ..." and exit status 2, no traceback
         return run(argv, parser)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        parser.error(str(err))  # "text_train.py: error: ..." and exit status 2, no traceback
     return 2
 
 

@@ -93,7 +93,7 @@ def test_infill_errors_and_unknown_words(checkpoint):
     mod = TextModality()
     with pytest.raises(ValueError, match=r"no \[MASK\]"):
         mod.generate(checkpoint=checkpoint, num_samples=1, infill="The Eagle is a pub .")
-    with pytest.raises(ValueError, match="at most 64"):
+    with pytest.raises(ValueError, match="at most 48"):
         mod.generate(checkpoint=checkpoint, num_samples=1, infill="word " * 70 + "[MASK]")
     with pytest.raises(ValueError, match="fixes the length"):
         mod.generate(checkpoint=checkpoint, num_samples=1, infill=TEMPLATE, length=5)
@@ -125,8 +125,8 @@ def test_generate_bad_input(checkpoint, tmp_path):
         mod.generate(checkpoint=checkpoint, num_samples=0)
     with pytest.raises(ValueError, match="steps"):
         mod.generate(checkpoint=checkpoint, num_samples=1, steps=0)
-    with pytest.raises(ValueError, match=r"length must be a whole number in \[1, 64\]"):
-        mod.generate(checkpoint=checkpoint, num_samples=1, length=65)
+    with pytest.raises(ValueError, match=r"length must be a whole number in \[1, 48\]"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, length=49)
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         mod.generate(checkpoint=tmp_path, num_samples=1)
     image_checkpoint = Path(__file__).resolve().parents[1] / "modalities" / "image" / "checkpoints" / "digits"
@@ -134,10 +134,11 @@ def test_generate_bad_input(checkpoint, tmp_path):
         load_text_model(image_checkpoint, "cpu")
 
 
-@pytest.mark.skipif(DEFAULT_CHECKPOINT.exists(), reason="the shipped checkpoint exists (phase 2)")
-def test_missing_shipped_checkpoint_says_how_to_train_one():
+def test_missing_shipped_checkpoint_says_how_to_train_one(tmp_path, monkeypatch):
+    monkeypatch.setattr("modalities.text.modality.DEFAULT_CHECKPOINT", tmp_path / "e2e")
     with pytest.raises(ValueError, match="recipes/text_train.py"):
         TextModality().generate(num_samples=1)
+    assert DEFAULT_CHECKPOINT.name == "e2e"
 
 
 def test_save_writes_one_utf8_line_per_sample(tmp_path):
@@ -167,6 +168,17 @@ def test_cli_generate_infill_and_control(checkpoint, tmp_path, capsys, text_regi
     assert "--infill" in capsys.readouterr().out
 
 
+def test_cli_prints_samples_without_out(checkpoint, capsys, text_registered):
+    assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--num-samples", "3", "--steps", "2",
+                     "--seed", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = TextModality().generate(checkpoint=checkpoint, num_samples=3, steps=2, seed=0)
+    assert printed == [" ".join(t.split()) for t in expected]
+    assert TextModality().format_samples(["a  b", "two\nlines"]) == "a b\ntwo lines"
+    with pytest.raises(ValueError, match="list of strings"):
+        TextModality().format_samples("one string")
+
+
 def test_nll_per_token(checkpoint):
     texts = ["The Eagle is a coffee shop .", "Zizzi is a pub in the riverside area near The Sorrento ."]
     bits = nll_per_token(texts, checkpoint=checkpoint, steps=4)
@@ -178,6 +190,13 @@ def test_nll_per_token(checkpoint):
     assert torch.isfinite(conditioned).all()
     with pytest.raises(ValueError, match="non-empty list"):
         nll_per_token("one string", checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
+        nll_per_token(texts, checkpoint=checkpoint, steps=0)
+    # Diffusion-LM's embedding-space quantity swaps the rounding decoder for the Gaussian one.
+    embedding = nll_per_token(texts, checkpoint=checkpoint, steps=4, bound="embedding")
+    assert torch.isfinite(embedding).all() and not torch.equal(embedding, bits)
+    with pytest.raises(ValueError, match="bound must be"):
+        nll_per_token(texts, checkpoint=checkpoint, bound="bits")
 
 
 # ---------------------------------------------------------------------------------- classifier control

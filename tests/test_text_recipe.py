@@ -40,7 +40,9 @@ def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
         assert f.get_tensor("embedding.weight").dtype == torch.float16
     texts = diffkit.generate(modality=TextModality(), checkpoint=export, num_samples=3, steps=2, seed=0)
     assert isinstance(texts, list) and len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
-    # The training checkpoint (diffusion kept in the modality config) loads as well.
+    # The training checkpoint loads as well: the Trainer records the diffusion given with loss_fn.
+    assert diffkit.load_checkpoint(out / "checkpoint").config["diffusion"]["prediction"] == "x0"
+    assert "diffusion" not in ckpt.config["modality_config"]
     assert len(TextModality().generate(checkpoint=out / "checkpoint", num_samples=1, steps=2, seed=0)) == 1
 
 
@@ -51,6 +53,28 @@ def test_same_seed_same_network(tmp_path):
         text_train.main(["--max-steps", "1", "--output-dir", str(tmp_path / name), *TINY, "--sample-every", "0"])
         runs.append(diffkit.load_checkpoint(tmp_path / name / "checkpoint").model_state)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.filterwarnings("ignore:.*(truncated|vocabulary).*:UserWarning")
+def test_export_weights_choices(tmp_path):
+    out = tmp_path / "run"
+    base = ["--max-steps", "3", "--output-dir", str(out), "--ema-decay", "0.5", *TINY, "--sample-every", "0"]
+    assert text_train.main([*base, "--export", str(tmp_path / "ema"), "--export-weights", "ema"]) == 0
+    run = diffkit.load_checkpoint(out / "checkpoint")
+    shipped = {}
+    for which in ("model", "ema-debiased"):
+        assert text_train.main([*base, "--export", str(tmp_path / which), "--export-weights", which]) == 0
+        shipped[which] = diffkit.load_checkpoint(tmp_path / which, modality="text")
+        assert shipped[which].extra["weights"].startswith(which.replace("-", " "))
+        assert shipped[which].ema_state is None and (tmp_path / which / "tokenizer.json").is_file()
+        assert shipped[which].config["diffusion"] == run.config["diffusion"]
+    key = "embedding.weight"
+    assert torch.equal(shipped["model"].model_state[key], run.model_state[key].half())
+    # The debiased EMA takes the initial weights' share (0.5 ** 3) out of the trainer's EMA.
+    ema = diffkit.load_checkpoint(tmp_path / "ema", modality="text").model_state[key].float()
+    debiased = shipped["ema-debiased"].model_state[key].float()
+    assert not torch.allclose(ema, debiased, atol=1e-3)
+    assert len(TextModality().generate(checkpoint=tmp_path / "ema-debiased", num_samples=1, steps=2, seed=0)) == 1
 
 
 def test_text_file_data_is_unconditional(tmp_path):

@@ -34,6 +34,7 @@ import torch
 
 import diffkit
 from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transform
+from diffkit.runs import resolve_steps, seeded_generator
 
 from .data import SLOTS, MRVocabulary
 from .model import NoisyMRClassifier, TextDenoiser, rounding_loss
@@ -115,7 +116,7 @@ def load_text_model(checkpoint: str | os.PathLike | None = None, device: str | t
         checkpoint = DEFAULT_CHECKPOINT
         if not (DEFAULT_CHECKPOINT / "config.json").is_file():
             raise ValueError(
-                f"no text checkpoint is shipped yet (expected {DEFAULT_CHECKPOINT}). Train one with "
+                f"the shipped text checkpoint is missing (expected {DEFAULT_CHECKPOINT}). Train one with "
                 "`python recipes/text_train.py --export runs/text-cpu/export` and pass that directory with "
                 "--checkpoint (CLI) or checkpoint= (Python)")
     path = Path(checkpoint).expanduser().resolve()
@@ -131,14 +132,6 @@ def _load_cached(path: str, _stamp: int, device: str) -> TextModel:
     loaded = diffkit.load_network(path, NETWORKS, modality="text", device=device)
     info = dict(loaded.modality_config)
     diffusion = loaded.diffusion
-    if diffusion is None and info.get("diffusion"):
-        # Training checkpoints of a loss_fn objective record "diffusion": null at the top
-        # level; the recipe keeps the Diffusion's arguments in the modality config.
-        try:
-            diffusion = diffkit.Diffusion(**info["diffusion"])
-        except (TypeError, ValueError) as err:
-            raise diffkit.CheckpointError(f"checkpoint {path}: modality_config['diffusion'] does not describe a "
-                                          f"Diffusion ({err})") from err
     if diffusion is None:
         raise diffkit.CheckpointError(f"checkpoint {path} has no diffusion config; it cannot be sampled")
     tokenizer = TextTokenizer.load(loaded.side_file(info.get("tokenizer", TOKENIZER_FILE)))
@@ -289,15 +282,6 @@ def _lengths(model: TextModel, n: int, length: int | None, generator: torch.Gene
     return torch.multinomial(counts, n, replacement=True, generator=generator)
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
-
-
 # ---------------------------------------------------------------------------------- generate
 def snap_to_embeddings(net: TextDenoiser, allowed: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None):
@@ -387,14 +371,13 @@ def generate_text(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    resolve_steps(steps, FALLBACK_STEPS)  # a bad steps is an error before anything is loaded
     controls = parse_control(control)  # check the syntax before loading anything
     model = load_text_model(checkpoint, device)
-    gen = _generator(seed)
+    gen = seeded_generator(seed)
     n = num_samples
     sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
-    steps = steps or int(model.default("steps", FALLBACK_STEPS))
+    steps = resolve_steps(steps, int(model.default("steps", FALLBACK_STEPS)))
 
     if control_method not in CONTROL_METHODS:
         raise ValueError(f"unknown control_method {control_method!r}; choose one of {', '.join(CONTROL_METHODS)}")
@@ -461,13 +444,22 @@ def generate_text(
 def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None = None,
                   mrs: Sequence[Mapping[str, str]] | None = None, steps: int | None = None,
                   seed: int | None = 0, device: str | torch.device = "auto",
-                  batch_size: int = 64) -> torch.Tensor:
-    """Bits per token of each text: the core's variational bound on the embeddings (Gaussian
-    decoder, padding masked, times the embedding width) plus the rounding term -log2 p(w | x_0).
+                  batch_size: int = 64, bound: str = "discrete") -> torch.Tensor:
+    """Bits per token of each text from the core's variational bound (padding masked, times the
+    embedding width).
+
+    ``bound="discrete"`` (default): an upper bound on -log2 p(words): the core's prior and KL
+    terms with the rounding term -log2 p(w | x_0) (the tied head at the least noisy latent
+    x_0 = alpha_0 EMB(w) + sigma_0 eps) as the decoder, in place of the Gaussian decoder.
+    ``bound="embedding"``: Diffusion-LM's quantity, the core's whole bound on the continuous
+    embeddings (Gaussian decoder included) plus the rounding term; a density of vectors, not a
+    probability of text, it can be negative.
 
     ``steps`` evaluates the bound on a respaced chain (fewer network calls, a looser bound).
     ``mrs`` gives each text's meaning representation to an MR-conditioned model.
     """
+    if bound not in ("discrete", "embedding"):
+        raise ValueError(f"bound must be 'discrete' or 'embedding', got {bound!r}")
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings")
     model = load_text_model(checkpoint, device)
@@ -480,7 +472,9 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
         if model.mr_vocab is None or len(mrs) != len(texts):
             raise ValueError("mrs needs an MR-conditioned checkpoint and one MR per text")
         codes = torch.tensor([model.mr_vocab.encode(mr) for mr in mrs])
-    gen = _generator(seed)
+    if steps is not None:
+        steps = resolve_steps(steps, model.diffusion.num_timesteps)
+    gen = seeded_generator(seed)
     alpha0 = float(diff.schedule.alpha_at(torch.tensor(0)))
     sigma0 = float(diff.schedule.sigma_at(torch.tensor(0)))
     out = []
@@ -493,7 +487,9 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
         if codes is not None:
             cond["mr"] = codes[part].to(dev)
         x0 = net.embed(ids)
-        bpd = diff.nll(net, x0, mask=mask[:, None, :], steps=steps, generator=gen, **cond)
+        bpd, terms = diff.nll(net, x0, mask=mask[:, None, :], steps=steps, generator=gen, return_terms=True, **cond)
+        if bound == "discrete":
+            bpd = bpd - terms["decoder"]  # the rounding term below is the decoder
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         rounding_bits = rounding_loss(net, alpha0 * x0 + sigma0 * eps, ids, mask) / math.log(2.0)
         out.append((bpd.float() * net.embed_dim + rounding_bits.float()).cpu())
@@ -531,6 +527,13 @@ class TextModality:
         """One UTF-8 text file, one sample per line."""
         return save_text(samples, path)
 
+    def format_samples(self, samples: Sequence[str]) -> str:
+        """The texts one per line, as ``diffkit generate text`` prints them without --out
+        (the same lines ``save`` writes)."""
+        if isinstance(samples, str) or not all(isinstance(s, str) for s in samples):
+            raise ValueError("text samples must be a list of strings")
+        return "\n".join(" ".join(s.split()) for s in samples)
+
     def nll_per_token(self, texts: Sequence[str], **kwargs: Any) -> torch.Tensor:
         """Bits per token of each text (see :func:`nll_per_token`)."""
         return nll_per_token(texts, **kwargs)
@@ -539,7 +542,7 @@ class TextModality:
         """Options of ``diffkit generate text``; their names match generate's arguments."""
         group = parser.add_argument_group(
             "text options",
-            "With no --checkpoint the shipped E2E model is used. Samples are written one per line.",
+            "With no --checkpoint the shipped E2E model is used. Samples are printed (or, with --out, written) one per line.",
         )
         group.add_argument("--infill", metavar="TEMPLATE",
                            help=f'fill the {MASK} words of a template, e.g. "The Eagle is a {MASK} {MASK} '
