@@ -168,11 +168,12 @@ def main(argv=None) -> None:
                                 grid=calibrated.calibration.get("grids", {}).get(f"unipc/{steps}")))
         for label, sampler, options in DIFFKIT_CONFIGS:
             for steps in args.steps:
-                options = dict(options)
-                log_snr_range = options.pop("log_snr_range", None)
+                # A fresh copy each time: the grid's option must not be popped for good.
+                sample_options = dict(options)
+                log_snr_range = sample_options.pop("log_snr_range", None)
                 grid = diff.sampling_grid(steps, sampler=sampler, log_snr_range=log_snr_range)
                 x = diff.sample(model, noise.shape, sampler=sampler, grid=grid, noise=noise, dtype=torch.float64,
-                                generator=torch.Generator().manual_seed(args.seed + 1), **options)
+                                generator=torch.Generator().manual_seed(args.seed + 1), **sample_options)
                 results.append(dict(data=data_name, library="diffkit", config=label, steps=steps,
                                     calls=diffkit.model_calls(sampler, steps), kl=data.kl_per_dim(x)))
         for label, make, dtype in diffusers_configs():
