@@ -20,12 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffkit.checkpoint import checkpoint_exists, load_network, save_checkpoint
+from diffkit.metrics import frechet_distance, inception_score  # noqa: F401  (re-exported: part of this module's API)
 
 from .data import DEFAULT_WINDOW, FSDD_SAMPLE_RATE, load_fsdd
 from .mel import MelConfig, log_mel
@@ -179,26 +179,3 @@ def load_digit_classifier(path: str | os.PathLike = CLASSIFIER_DIR,
                                 "python benchmarks/audio_quality.py --train-classifier")
     net = load_network(path, {CLASSIFIER_CLASS: SpokenDigitClassifier}, modality="audio", device=device).net
     return net.float().eval()
-
-
-def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D).
-
-    ||mu_a - mu_b||^2 + tr(A) + tr(B) - 2 tr((A B)^1/2), the last trace from the eigenvalues
-    of the symmetric A^1/2 B A^1/2 (as in :func:`modalities.image.metrics.frechet_distance`).
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(cov_a)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
-
-
-def inception_score(probs: torch.Tensor | np.ndarray) -> float:
-    """exp(E_x KL(p(y|x) || p(y))) of class probabilities (N, C): 1 (one class, or no confidence) to C."""
-    p = np.asarray(probs, dtype=np.float64).clip(1e-12, 1)
-    marginal = p.mean(0, keepdims=True)
-    return float(np.exp((p * (np.log(p) - np.log(marginal))).sum(1).mean()))

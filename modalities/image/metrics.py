@@ -20,12 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffkit.checkpoint import checkpoint_exists, load_network, save_checkpoint
+from diffkit.metrics import frechet_distance  # noqa: F401  (re-exported: part of this module's API)
 
 from .data import load_digits
 
@@ -151,23 +151,6 @@ def load_digit_classifier(path: str | os.PathLike = CLASSIFIER_DIR,
             "--train-classifier"
         )
     return load_network(path, {CLASSIFIER_CLASS: DigitClassifier}, modality="image", device=device).net
-
-
-def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D).
-
-    ||mu_a - mu_b||^2 + tr(A) + tr(B) - 2 tr((A B)^1/2), with the last trace computed as the
-    sum of square roots of the eigenvalues of the symmetric A^1/2 B A^1/2 (the same
-    eigenvalues as A B), which is stable where a general matrix square root is not.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(cov_a)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
 def nearest_neighbour_distances(queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
