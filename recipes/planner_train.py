@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,11 +37,12 @@ import torch
 
 import diffkit
 from diffkit import distributed
-from diffkit.checkpoint import CheckpointError
+from diffkit.runs import export_checkpoint, hardware_summary, is_main_process, usage_errors
 from diffkit.trainer import TrainConfig, Trainer
 
 from modalities.planning.data import (
     Normalizer,
+    d4rl_maze2d_to_pointmaze,
     TrajectoryWindows,
     TransitionPairs,
     collect,
@@ -55,7 +53,6 @@ from modalities.planning.maze import MazeGrid, WaypointExpert, is_maze_env, make
 from modalities.planning.model import InverseDynamics, TemporalUNet, ValueNet
 from modalities.planning.training import (
     NormalisedValues,
-    compact_copy,
     inverse_dynamics_loss,
     planner_config,
     planner_diffusion,
@@ -66,19 +63,25 @@ from modalities.planning.training import (
 _MAZE = dict(dim=32, dim_mults=(1, 2, 4), prediction="x0", schedule="cosine", batch_size=32, lr=2e-4,
              warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=None,
              action_source="tracking", discount=0.99, save_every=2000, eval_episodes=5)
-# Horizons and diffusion steps follow Diffuser's maze2d (128/64, 256/256, 384/256), with fewer
-# diffusion steps for the larger mazes: a few-step solver never visits most of them anyway.
-# Optimizer steps are sized for one CPU core (measured: 3.6 steps/s at horizon 128, 2.1 at 384,
-# so about 1.5, 3 and 4 hours); Diffuser trained for far longer on a GPU.
+# Diffuser's maze2d plans 128 / 256 / 384 steps with 64 / 256 / 256 diffusion steps (x0
+# prediction). The ball moves at most ~0.05 a step, so these presets plan every 4th (U-Maze) or
+# 8th step (--every): 32 / 32 / 48 waypoints span 125 / 249 / 377 steps, enough for the
+# expert's longest routes (~100 / ~180 / ~320 steps), and the planner interpolates between
+# them. A training step then costs a third to a half of a full-horizon one: measured (CPU time,
+# one thread, batch 32) 14 / 14 / 12 steps/s for the bare network step against 5.4 at horizon
+# 128; see modalities/planning/README.md for the recipe's own rate and expected wall times.
 PRESETS: dict[str, dict[str, Any]] = {
-    "PointMaze_UMaze-v3": dict(_MAZE, horizon=128, diffusion_steps=64, collect_steps=300_000, max_steps=20_000),
-    "PointMaze_Medium-v3": dict(_MAZE, horizon=256, diffusion_steps=100, collect_steps=600_000, max_steps=30_000),
-    "PointMaze_Large-v3": dict(_MAZE, horizon=384, diffusion_steps=100, collect_steps=1_000_000, max_steps=30_000),
+    "PointMaze_UMaze-v3": dict(_MAZE, horizon=32, every=4, diffusion_steps=64, collect_steps=200_000,
+                               max_steps=16_000),
+    "PointMaze_Medium-v3": dict(_MAZE, horizon=32, every=8, diffusion_steps=128, collect_steps=400_000,
+                                max_steps=16_000),
+    "PointMaze_Large-v3": dict(_MAZE, horizon=48, every=8, diffusion_steps=128, collect_steps=600_000,
+                               max_steps=16_000),
     # Any other environment (a --dataset is then required): Diffuser's locomotion settings,
     # replanning every step from the plan's own first action.
     "generic": dict(dim=32, dim_mults=(1, 2, 4), prediction="eps", schedule="cosine", batch_size=32, lr=2e-4,
                     warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=1,
-                    action_source="plan", discount=0.99, save_every=2000, eval_episodes=3, horizon=32,
+                    action_source="plan", discount=0.99, save_every=2000, eval_episodes=3, horizon=32, every=1,
                     diffusion_steps=20, collect_steps=0, max_steps=50_000),
 }
 for _dense in ("UMaze", "Medium", "Large"):
@@ -125,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with the waypoint expert)")
     g.add_argument("--collect-steps", type=_positive, help="steps the expert records (mazes, no --dataset)")
     g = p.add_argument_group("model")
-    g.add_argument("--horizon", type=_positive, help="planned steps (a multiple of 2^(levels-1))")
+    g.add_argument("--horizon", type=_positive, help="planned waypoints (a multiple of 2^(levels-1))")
+    g.add_argument("--every", type=_positive, help="one waypoint every K environment steps (mazes: 4 or 8; "
+                                                   "a plan spans (horizon - 1) K + 1 steps)")
     g.add_argument("--dim", type=_positive, help="U-Net width of the first level")
     g.add_argument("--dim-mults", type=_ints, help="width multipliers per level, e.g. 1,2,4 (Diffuser: 1,2,4,8)")
     g.add_argument("--diffusion-steps", type=_positive, help="training timesteps T")
@@ -151,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=diffkit.SAMPLERS, help="sampler")
     g.add_argument("--sample-steps", type=_positive, help="solver steps per plan")
     g.add_argument("--replan-every", type=_replan, help="replan every K steps, or 'none' to plan once per goal")
+    g.add_argument("--replan-distance", type=float,
+                   help="also replan when the position strays further than this from the plan (default: never)")
     g.add_argument("--action-source", choices=("tracking", "plan", "inverse_dynamics"),
                    help="how actions come from a plan (tracking: mazes)")
     g = p.add_argument_group("output")
@@ -177,6 +184,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--action-source tracking follows PointMaze waypoints; use plan or inverse_dynamics")
     if s["action_source"] == "inverse_dynamics":
         s["inverse_dynamics"] = True
+    if s["every"] > 1 and s["action_source"] == "plan":
+        raise ValueError(f"--every {s['every']} plans every {s['every']}th step, so the plan holds no action for the "
+                         "steps between: use --action-source tracking (mazes) or inverse_dynamics, or --every 1")
     multiple = 2 ** (len(s["dim_mults"]) - 1)
     if s["horizon"] % multiple:
         raise ValueError(f"--horizon {s['horizon']} must be a multiple of {multiple} for {len(s['dim_mults'])} "
@@ -207,8 +217,18 @@ def load_data(s: dict[str, Any], env, main_process: bool):
                          f"values, but {s['env']} has {box.shape} and {env.action_space.shape}")
     if s["maze"]:
         # The ball's radius lets it graze wall cells a little; far fewer than this means another maze
-        # or another frame (D4RL's maze2d files put (x, y) at (row, column), not PointMaze's x-right, y-up).
-        share = MazeGrid.from_env(env).fraction_free(traj.observations[:, :2])
+        # or another frame: D4RL's maze2d files put (x, y) at (row, column), not PointMaze's x-right,
+        # y-up, and are converted when that fits.
+        grid = MazeGrid.from_env(env)
+        share = grid.fraction_free(traj.observations[:, :2])
+        if share < 0.9 and s.get("dataset"):
+            converted = d4rl_maze2d_to_pointmaze(traj, grid)
+            converted_share = grid.fraction_free(converted.observations[:, :2])
+            if converted_share >= 0.9:
+                if main_process:
+                    print(f"{s['dataset']}: D4RL maze2d (row, column) coordinates, converted to PointMaze's frame "
+                          f"({100 * converted_share:.0f}% of positions in free cells)")
+                traj, share = converted, converted_share
         if share < 0.9:
             raise ValueError(f"only {100 * share:.0f}% of the dataset's positions lie in free cells of {s['env']}: "
                              "the data come from another maze or another coordinate frame (D4RL's maze2d files "
@@ -221,21 +241,6 @@ def train_config(s: dict[str, Any], output_dir: Path, max_steps: int) -> TrainCo
                        warmup_steps=min(s["warmup_steps"], max_steps), ema_decay=s["ema_decay"], seed=s["seed"],
                        output_dir=str(output_dir), save_every=s["save_every"], sample_every=0,
                        log_every=min(100, max_steps), device=s["device"], progress=not s["no_progress"])
-
-
-def hardware_summary() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    main_process = distributed.is_main_process()  # torchrun starts one process per device
+    main_process = is_main_process()  # torchrun starts one process per device
     start = time.perf_counter()
-    try:
+    with usage_errors(parser):
         s = resolve_settings(args)
         out = Path(s["output_dir"])
         env = make_env(s["env"])
@@ -263,7 +268,7 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
         traj = load_data(s, env, main_process)
         normalizer = Normalizer.fit(traj.transitions(), kind="limits")
         windows = TrajectoryWindows(traj, s["horizon"], normalizer, condition_on_end=s["maze"],
-                                    discount=s["discount"] if s["value"] else None)
+                                    discount=s["discount"] if s["value"] else None, every=s["every"])
         diffusion = planner_diffusion(s["diffusion_steps"], s["prediction"], s["schedule"])
         aux_steps = s.get("aux_steps") or max(1, s["max_steps"] // 2)
         side_files: dict[str, bytes] = {}
@@ -288,47 +293,53 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
                 model_config={"class": "modalities.planning.model.InverseDynamics", "kwargs": kwargs})))
         for _, trainer in trainers:
             trainer.resume()  # a run directory of another kind is a usage error, found before training
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        parser.error(str(err))
 
     for name, trainer in trainers:
+        aux_start = time.perf_counter()
         trainer.train()
         if main_process:  # only rank 0 writes checkpoints, so only it carries the side files
-            compact = compact_copy(trainer.checkpoint_dir, out / name / "export")
+            compact = export_checkpoint(
+                trainer.checkpoint_dir, out / name / "export", modality="planning",
+                command=["recipes/planner_train.py", *argv], seed=s["seed"],
+                wall_time_s=time.perf_counter() - aux_start, device=trainer.device,
+                final_loss=trainer.history[-1]["loss"] if trainer.history else None)
             side_files.update(side_files_of(compact, name))
 
     # A few-step solver needs no more steps than the model has training timesteps.
-    defaults = {"sampler": s["sampler"], "steps": min(s["sample_steps"], s["diffusion_steps"]), "replan_every": s["replan_every"],
+    defaults = {"sampler": s["sampler"], "steps": min(s["sample_steps"], s["diffusion_steps"]),
+                "replan_every": s["replan_every"], "replan_distance": s.get("replan_distance"),
                 "action_source": s["action_source"], "warm_start_strength": 0.5}
     modality_config = planner_config(
         env_id=s["env"].split(":")[-1], traj=traj, normalizer=normalizer, horizon=s["horizon"], maze=maze,
         action_low=env.action_space.low, action_high=env.action_space.high, defaults=defaults,
         value_normalizer=value_normalizer, inverse_dynamics=bool(s.get("inverse_dynamics")),
-        data=s.get("dataset") or f"waypoint expert, {len(traj)} steps, seed {s['seed']}")
+        data=s.get("dataset") or f"waypoint expert, {len(traj)} steps, seed {s['seed']}", every=s["every"])
     kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]))
     loss_kwargs = None
     if s["action_weight"] != 1.0:
         weight = torch.ones(windows.transition_dim, s["horizon"])
         weight[: traj.action_dim, 0] = s["action_weight"]
         loss_kwargs = {"weight": weight}
-    try:
+    with usage_errors(parser):
         diffkit.seed_everything(s["seed"])  # before building: the same seed gives the same weights
         net = TemporalUNet(**kwargs)
         trainer = Trainer(net, diffusion, windows, train_config(s, out, s["max_steps"]), modality="planning",
                           model_config={"class": "modalities.planning.model.TemporalUNet", "kwargs": kwargs},
                           modality_config=modality_config, side_files=side_files or None, loss_kwargs=loss_kwargs)
         trainer.resume()
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        parser.error(str(err))
     if main_process:
         n_params = sum(p.numel() for p in net.parameters())
         print(f"{s['env']}: {len(traj)} steps in {len(windows.episodes)} episode(s), {len(windows)} windows of "
-              f"{s['horizon']} steps; temporal U-Net {n_params / 1e6:.2f}M parameters; {diffusion!r}")
+              f"{s['horizon']} waypoints every {s['every']} step(s) ({windows.span} steps); temporal U-Net "
+              f"{n_params / 1e6:.2f}M parameters; {diffusion!r}")
+    first_step, train_start = trainer.step, time.perf_counter()
     trainer.train()
+    train_wall = time.perf_counter() - train_start
     wall = time.perf_counter() - start
     if not main_process:
         return 0
     print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
+    results = None
 
     if s["eval_episodes"] > 0:
         from modalities.planning.planner import DiffusionPlanner, evaluate
@@ -341,12 +352,68 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
         print(f"evaluation: mean return {results['mean_return']:.1f}, success {100 * results['success_rate']:.0f}% "
               f"over {s['eval_episodes']} episodes, {results['actions_per_second']:.0f} actions/s")
     if args.export:
-        extra = {"recipe": "python " + shlex.join(["recipes/planner_train.py", *argv]), "seed": s["seed"],
-                 "hardware": hardware_summary(), "device": str(trainer.device), "wall_time_s": round(wall, 1),
-                 "final_loss": trainer.history[-1]["loss"] if trainer.history else None, "weights": "EMA"}
-        path = compact_copy(trainer.checkpoint_dir, Path(args.export), extra=extra, side_files=side_files)
-        print(f"exported {path}")
+        # The run's checkpoint carries the value / inverse-dynamics side files; the export copies them.
+        path = export_checkpoint(trainer.checkpoint_dir, args.export, modality="planning",
+                                 command=["recipes/planner_train.py", *argv], seed=s["seed"], wall_time_s=wall,
+                                 device=trainer.device,
+                                 final_loss=trainer.history[-1]["loss"] if trainer.history else None)
+        card = model_card(s, argv, traj=traj, windows=windows, n_params=n_params,
+                          trainer=trainer, steps_run=trainer.step - first_step, train_wall=train_wall, wall=wall,
+                          results=results)
+        (path / "README.md").write_text(card)
+        print(f"exported {path} (model card: README.md)")
     return 0
+
+
+def model_card(s: dict[str, Any], argv: list[str], *, traj, windows, n_params: int, trainer,
+               steps_run: int, train_wall: float, wall: float, results) -> str:
+    """The README.md of an exported planner: how it was made, with what, and how it did."""
+    env_id = s["env"].split(":")[-1]
+    rate = f"{steps_run / train_wall:.1f} steps/s" if steps_run and train_wall > 0 else "resumed, no new steps"
+    loss = trainer.history[-1]["loss"] if trainer.history else None
+    side = [name for name, on in (("value (ValueNet)", s["value"]),
+                                  ("inverse dynamics (MLP)", s.get("inverse_dynamics"))) if on]
+    lines = [
+        f"# {env_id}: Diffuser-style planner",
+        "",
+        f"Used by `DiffusionPlanner.load({env_id!r})` (and `diffkit rollout planning --env {env_id}`).",
+        "",
+        "## How it was made",
+        "",
+        "```",
+        "python " + " ".join(["recipes/planner_train.py", *argv]),
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| data | {s.get('dataset') or 'BFS waypoint expert, one continuing stream with goals resampled on arrival'}: "
+        f"{len(traj):,} steps, seed {s['seed']} |",
+        f"| plans | {s['horizon']} waypoints every {s['every']} step(s) = {windows.span} steps, start and "
+        f"{'goal' if s['maze'] else 'no end'} inpainted |",
+        f"| network | `TemporalUNet` dim {s['dim']} x {tuple(s['dim_mults'])}; {n_params:,} parameters |",
+        f"| side networks | {', '.join(side) or 'none'} |",
+        f"| diffusion | {s['schedule']} schedule, "
+        f"T = {s['diffusion_steps']}, {s['prediction']} prediction |",
+        f"| training | {trainer.step:,} steps, batch {s['batch_size']}, AdamW lr {s['lr']:g} "
+        f"({min(s['warmup_steps'], s['max_steps'])} warm-up), EMA {s['ema_decay']}, seed {s['seed']} |",
+        f"| hardware | {hardware_summary()} |",
+        f"| wall time | {wall:.0f} s for this command ({rate} in training); final loss "
+        f"{'-' if loss is None else f'{loss:.4f}'} |",
+        "| weights | EMA, float16 |",
+        f"| sampling defaults | {s['sampler']} {min(s['sample_steps'], s['diffusion_steps'])} steps, "
+        f"{'plan once per goal' if s['replan_every'] is None else 'replan every %d steps' % s['replan_every']}, "
+        f"actions by {s['action_source']} |",
+        "",
+    ]
+    if results is not None:
+        last = s["seed"] + len(results["episodes"]) - 1
+        lines += ["## Measured after training", "",
+                  f"{len(results['episodes'])} seeded episodes (seeds {s['seed']}..{last}"
+                  f"{', continuing_task=True' if s['maze'] else ''}): mean return {results['mean_return']:.1f} "
+                  f"(std {results['std_return']:.1f}), success {100 * results['success_rate']:.0f}%, "
+                  f"{results['actions_per_second']:.0f} actions/s. The benchmarks in `benchmarks/planning_*.py` "
+                  "measure it at length.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,66 @@ def test_collector_records_any_environment(tmp_path):
     env.close()
     with pytest.raises(ValueError, match="needs an 'observation' entry"):
         flatten_observation({"achieved_goal": np.zeros(2)})
+
+
+# ------------------------------------------------------------------ waypoint subsampling
+def test_windows_keep_every_kth_step():
+    traj = _stream(n=30)
+    norm = Normalizer.fit(traj.transitions())
+    windows = TrajectoryWindows(traj, horizon=4, normalizer=norm, every=3)
+    assert windows.span == 10 and len(windows) == 30 - 10 + 1
+    item = windows[5]
+    expected = norm.normalize(traj.transitions()[[5, 8, 11, 14]]).T
+    np.testing.assert_allclose(item["x"].numpy(), expected, rtol=1e-6)
+    assert item["mask"].all() and item["known_mask"][2:, 0].all() and item["known_mask"][2:, -1].all()
+    # Padded: the window from step 25 holds steps 25 and 28, then the last row repeated with no action.
+    padded = TrajectoryWindows(traj, horizon=4, normalizer=norm, every=3, pad=True)
+    last = padded[25]
+    assert last["mask"].tolist() == [[True, True, False, False]] and not last["known_mask"][:, -1].any()
+    np.testing.assert_allclose(last["x"][2:, 3].numpy(), last["x"][2:, 1].numpy())
+    assert (last["x"][:2, 2:] == 0).all()
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        TrajectoryWindows(traj, horizon=4, normalizer=norm, every=0)
+    with pytest.raises(ValueError, match=r"every 10 step\(s\): 31 steps\) fits"):
+        TrajectoryWindows(traj, horizon=4, normalizer=norm, every=10)
+
+
+# ------------------------------------------------------------------ D4RL maze2d frame
+def test_d4rl_maze2d_file_converts_to_pointmaze_frame(tmp_path):
+    """A synthetic D4RL maze2d file: D4RL's ball sits at qpos + (1.2, 1.2) and wall (r, c) at
+    (r + 1, c + 1), so qpos (r - 0.2, c - 0.2) is the centre of cell (r, c)."""
+    from modalities.planning.data import d4rl_maze2d_to_pointmaze
+    from modalities.planning.maze import MazeGrid
+
+    u_maze = [[1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
+    grid = MazeGrid.from_map(u_maze)  # D4RL's U_MAZE and PointMaze's are the same map
+    cells = grid.free_cells()
+    n = len(cells)
+    qpos = np.array([[r - 0.2, c - 0.2] for r, c in cells])
+    # Moving "down" D4RL's rows (+x there) is moving down the maze: -y in PointMaze.
+    qvel = np.tile([1.0, 0.0], (n, 1))
+    observations = np.concatenate([qpos, qvel], axis=1)
+    actions = np.tile([0.5, -0.25], (n, 1))
+    goals = qpos[::-1] + 0.05
+    traj = Trajectories(observations, actions, np.zeros(n), np.zeros(n), np.zeros(n), goals=goals, qpos=qpos,
+                        qvel=qvel)
+    save_d4rl_hdf5(traj, tmp_path / "maze2d-umaze-sparse-v1.hdf5")
+    loaded = load_d4rl_hdf5(tmp_path / "maze2d-umaze-sparse-v1.hdf5")
+    assert grid.fraction_free(loaded.observations[:, :2]) < 0.5  # as stored: not PointMaze's frame
+
+    converted = d4rl_maze2d_to_pointmaze(loaded, grid)
+    centres = np.stack([grid.cell_center(cell) for cell in cells])
+    np.testing.assert_allclose(converted.observations[:, :2], centres, atol=1e-5)
+    np.testing.assert_allclose(converted.qpos, centres, atol=1e-5)
+    np.testing.assert_allclose(converted.observations[:, 2:], np.tile([0.0, -1.0], (n, 1)), atol=1e-6)
+    np.testing.assert_allclose(converted.qvel, np.tile([0.0, -1.0], (n, 1)), atol=1e-6)
+    np.testing.assert_allclose(converted.actions, np.tile([-0.25, -0.5], (n, 1)), atol=1e-6)
+    np.testing.assert_allclose(converted.goals, centres[::-1] + [0.05, -0.05], atol=1e-5)
+    assert grid.fraction_free(converted.observations[:, :2]) == 1.0
+    # D4RL's resets (whole-number qpos) land 0.2 off the centre, still inside the cell.
+    resets = d4rl_maze2d_to_pointmaze(
+        Trajectories(np.array([[r, c, 0, 0] for r, c in cells], float), np.zeros((n, 2)), np.zeros(n),
+                     np.zeros(n), np.zeros(n)), grid)
+    assert [grid.cell_of(p) for p in resets.observations[:, :2]] == cells
+    with pytest.raises(ValueError, match="maze2d data hold"):
+        d4rl_maze2d_to_pointmaze(_stream(obs_dim=3), grid)

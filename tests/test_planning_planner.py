@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import planner_train  # noqa: E402
 
 ENV = "PointMaze_UMaze-v3"
-TINY = ["--collect-steps", "2000", "--horizon", "16", "--dim", "8", "--dim-mults", "1,2",
+TINY = ["--collect-steps", "2000", "--horizon", "16", "--every", "1", "--dim", "8", "--dim-mults", "1,2",
         "--diffusion-steps", "16", "--batch-size", "8", "--aux-steps", "10", "--no-progress"]
 
 
@@ -198,7 +198,7 @@ def test_modality_generates_and_saves_plans(trained, tmp_path):
     assert [p.name for p in written] == ["plans.png", "plans.json"]
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(json.loads(written[1].read_text())["states"]) == 3
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
         modality.generate(checkpoint=trained / "export", steps=0)
     with pytest.raises(ValueError, match="needs --checkpoint"):
         modality.generate()
@@ -236,3 +236,126 @@ def test_rollout_command_writes_results_and_plots(trained, tmp_path, capsys):
         assert isinstance(policy, DiffusionPlanner)
     finally:
         unregister_modality("planning")
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory):
+    """A tiny planner of waypoints every 4 steps (the maze presets' subsampling)."""
+    root = tmp_path_factory.mktemp("sparse")
+    argv = ["--env", ENV, "--max-steps", "2", "--eval-episodes", "0", "--output-dir", str(root / "run"),
+            *TINY[:4], "--every", "4", *TINY[6:]]
+    assert planner_train.main(argv) == 0
+    return root / "run" / "checkpoint"
+
+
+def test_waypoint_plans_are_interpolated_to_every_step(sparse, env):
+    planner = DiffusionPlanner.load(sparse, env=env, device="cpu")
+    assert planner.horizon == 16 and planner.every == 4 and planner.span == 61
+    obs, _ = env.reset(seed=0)
+    plan = planner.plan(obs)
+    assert plan.states.shape == (61, 4) and plan.actions.shape == (61, 2) and plan.waypoints.shape == (16, 4)
+    np.testing.assert_array_equal(plan.states[::4], plan.waypoints)  # the drawn waypoints, every 4th step
+    np.testing.assert_allclose(plan.states[1], 0.75 * plan.waypoints[0] + 0.25 * plan.waypoints[1])
+    np.testing.assert_array_equal(plan.states[0], obs["observation"])
+    np.testing.assert_allclose(plan.states[-1, :2], obs["desired_goal"], atol=1e-5)
+    # Open-loop tracking over the interpolated plan: one plan for 61 steps and beyond.
+    planner.reset()
+    for _ in range(70):
+        action = planner.act(obs)
+        assert np.all(np.abs(action) <= 1)
+        obs, *_ = env.step(action)
+    assert planner.plans_made == 1
+    # Replanning counts environment steps; a warm start shifts the plan by whole waypoints.
+    planner = DiffusionPlanner.load(sparse, device="cpu", replan_every=8)
+    obs, _ = env.reset(seed=1)
+    for _ in range(17):
+        obs, *_ = env.step(planner.act(obs))
+    assert planner.plans_made == 3
+    with pytest.raises(ValueError, match=r"replan_every must lie in \[1, 60\]"):
+        DiffusionPlanner.load(sparse, device="cpu", replan_every=61)
+
+
+def test_value_loss_draws_times_and_tells_them_as_the_denoiser_does():
+    from modalities.planning.model import ValueNet
+    from modalities.planning.training import planner_diffusion, value_loss_fn
+
+    diffusion = planner_diffusion(16, "x0")
+    calls = []
+    for name in ("draw_times", "model_time"):
+        original = getattr(diffusion, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(diffusion, name, spy)
+    net = ValueNet(6, dim=8, dim_mults=(1, 2))
+    batch = {"x": torch.randn(4, 6, 8), "known_mask": torch.zeros(4, 6, 8, dtype=torch.bool),
+             "value": torch.randn(4)}
+    loss = value_loss_fn(diffusion)(net, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and calls == ["draw_times", "model_time"]
+
+
+def test_replan_when_knocked_off_the_plan(sparse, env):
+    planner = DiffusionPlanner.load(sparse, device="cpu", replan_distance=0.3)
+    obs, _ = env.reset(seed=0)
+    planner.act(obs)
+    assert planner.plans_made == 1
+    on_plan = planner.current_plan.states[0, 1, :2]
+    planner.act({**obs, "observation": np.concatenate([on_plan + [0.1, 0.0], obs["observation"][2:]])})
+    assert planner.plans_made == 1  # near the plan: no new one
+    path = planner.current_plan.states[0, 2:, :2]
+    far = path[0] + [0.4, 0.0]
+    while np.linalg.norm(path - far, axis=1).min() <= 0.3:  # a point 0.3 clear of the rest of the path
+        far = far + [0.2, 0.2]
+    planner.act({**obs, "observation": np.concatenate([far, obs["observation"][2:]])})
+    assert planner.plans_made == 2  # off the plan's path: a fresh one
+    with pytest.raises(ValueError, match="replan_distance must be > 0"):
+        DiffusionPlanner.load(sparse, device="cpu", replan_distance=0)
+
+
+def test_tracking_an_expert_route_of_waypoints_scores_like_the_expert():
+    """The maze presets' premise: a plan of every 4th state, interpolated and tracked open-loop
+    with Diffuser's controller, does as well as the expert whose route it is."""
+    from modalities.planning.data import Normalizer
+    from modalities.planning.maze import MazeGrid, WaypointExpert
+    from modalities.planning.model import TemporalUNet
+    from modalities.planning.training import planner_diffusion
+
+    env = make_env(ENV, continuing_task=True)
+    grid = MazeGrid.from_env(env)
+    horizon, every = 32, 4
+    config = {"observation_dim": 4, "action_dim": 2, "horizon": horizon, "every": every, "env_id": ENV,
+              "normalizer": Normalizer(np.zeros(6), np.ones(6), "gaussian").to_config(), "maze": grid.to_config(),
+              "defaults": {"action_source": "tracking", "replan_every": None}}
+    planner = DiffusionPlanner(TemporalUNet(6, dim=8, dim_mults=(1, 2)), planner_diffusion(16), config)
+    for seed in (0, 1, 2):
+        obs, _ = env.reset(seed=seed)
+        expert, route, expert_return = WaypointExpert(grid), [obs["observation"]], 0.0
+        for _ in range(300):
+            obs, reward, *_ = env.step(expert.act(obs))
+            route.append(obs["observation"])
+            expert_return += reward
+        waypoints = np.array(route[: planner.span : every])
+        waypoints[-1] = [*obs["desired_goal"], 0.0, 0.0]  # the goal at rest, as the planner asks
+        x = torch.zeros(1, 6, horizon)
+        x[0, 2:] = torch.as_tensor(waypoints.T, dtype=torch.float32)
+        planner._sample = lambda states, goals, init=None, _x=x: (_x, None)  # the model "draws" the route
+        obs, _ = env.reset(seed=seed)
+        planner.reset()
+        total, success = 0.0, False
+        for _ in range(300):
+            obs, reward, _, _, info = env.step(planner.act(obs))
+            total += reward
+            success |= info["success"]
+        assert success and total >= 0.95 * expert_return and planner.plans_made == seed + 1  # one plan each
+    env.close()
+
+
+def test_export_carries_a_model_card(trained):
+    card = (trained / "export" / "README.md").read_text()
+    assert card.startswith("# PointMaze_UMaze-v3: Diffuser-style planner")
+    assert "python recipes/planner_train.py --env PointMaze_UMaze-v3" in card
+    assert "16 waypoints every 1 step(s) = 16 steps" in card and "parameters" in card and "hardware" in card
+    config = json.loads((trained / "export" / "config.json").read_text())
+    assert "README.md" not in config["checksums"]  # documentation, not weights

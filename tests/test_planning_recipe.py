@@ -107,3 +107,41 @@ def test_recipe_trains_any_environment_from_a_dataset(tmp_path):
     obs, _ = gym.make("Pendulum-v1").reset(seed=0)
     action = planner.act(obs)
     assert action.shape == (1,) and -2.0 <= float(action[0]) <= 2.0  # Pendulum's torque bounds
+
+
+def test_d4rl_maze2d_frame_is_converted(tmp_path, capsys):
+    """A D4RL maze2d-layout file ((row, col) frame) trains after conversion to PointMaze's frame."""
+    import numpy as np
+
+    from modalities.planning.data import D4RL_BALL_OFFSET, Trajectories, collect, save_d4rl_hdf5
+    from modalities.planning.maze import MazeGrid, WaypointExpert, make_env
+
+    env = make_env("PointMaze_UMaze-v3", continuing_task=True, reset_target=True, max_episode_steps=300)
+    grid = MazeGrid.from_env(env)
+    traj = collect(env, WaypointExpert(grid), steps=300)
+    env.close()
+
+    def to_d4rl(xy):  # PointMaze (x right, y up) -> D4RL (row, col) qpos
+        return np.stack([(grid.y_center - xy[:, 1]) - 0.5 - D4RL_BALL_OFFSET,
+                         (xy[:, 0] + grid.x_center) - 0.5 - D4RL_BALL_OFFSET], axis=1)
+
+    def rotate_back(v):
+        return np.stack([-v[:, 1], v[:, 0]], axis=1)
+
+    obs = np.concatenate([to_d4rl(traj.observations[:, :2]), rotate_back(traj.observations[:, 2:])], axis=1)
+    d4rl = Trajectories(obs, rotate_back(traj.actions), traj.rewards, traj.terminals, traj.timeouts,
+                        goals=to_d4rl(traj.goals))
+    save_d4rl_hdf5(d4rl, tmp_path / "maze2d-umaze.hdf5")
+    out = tmp_path / "run"
+    assert planner_train.main(["--env", "PointMaze_UMaze-v3", "--dataset", str(tmp_path / "maze2d-umaze.hdf5"),
+                               *TINY[4:], "--max-steps", "1", "--eval-episodes", "0", "--output-dir", str(out)]) == 0
+    assert "converted to PointMaze's frame" in capsys.readouterr().out
+    shift = load_checkpoint(out / "checkpoint").config["modality_config"]["normalizer"]["shift"]
+    expected = (traj.observations.max(0) + traj.observations.min(0)) / 2
+    np.testing.assert_allclose(shift[2:], expected, atol=1e-4)  # the normaliser saw PointMaze's frame
+
+
+def test_waypoints_need_tracking_or_inverse_dynamics(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        planner_train.main([*TINY, "--every", "4", "--action-source", "plan", "--output-dir", str(tmp_path)])
+    assert "holds no action for the steps between" in capsys.readouterr().err

@@ -40,6 +40,7 @@ _EXPORTS = {
     "TransitionPairs": "data",
     "collect": "data",
     "collect_minari": "data",
+    "d4rl_maze2d_to_pointmaze": "data",
     "load_d4rl_hdf5": "data",
     "load_minari": "data",
     "load_dataset": "data",

@@ -35,6 +35,7 @@ __all__ = [
     "Trajectories",
     "collect",
     "collect_minari",
+    "d4rl_maze2d_to_pointmaze",
     "flatten_observation",
     "load_d4rl_hdf5",
     "load_dataset",
@@ -47,6 +48,9 @@ __all__ = [
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 # Optional extras of D4RL's maze2d files: the goal in force at each step and the MuJoCo state.
 D4RL_INFO_KEYS = {"goals": "infos/goal", "qpos": "infos/qpos", "qvel": "infos/qvel"}
+# D4RL's maze2d ball sits at world (1.2, 1.2) + qpos, its walls at (row + 1, col + 1): qpos + 0.2
+# are cell coordinates with cell centres at whole numbers.
+D4RL_BALL_OFFSET = 0.2
 
 
 @dataclass
@@ -190,6 +194,50 @@ def save_d4rl_hdf5(traj: Trajectories, path: str | os.PathLike) -> Path:
             f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
     os.replace(tmp, path)  # never leave a half-written file under the real name
     return path
+
+
+def d4rl_maze2d_to_pointmaze(traj: Trajectories, grid) -> Trajectories:
+    """D4RL maze2d data moved into Gymnasium-Robotics PointMaze's frame, for the same maze map.
+
+    D4RL's maze2d (``d4rl/pointmaze/maze_model.py``) puts wall (row, col) at world (row + 1,
+    col + 1) and the ball's body at world (1.2, 1.2), so a position ``qpos = (x, y)`` (the
+    observation's first two values, and the goals, which D4RL draws as cells plus noise in the
+    same frame) lies at the continuous cell coordinates (row, col) = (x + 0.2, y + 0.2), cell
+    centres at whole numbers. PointMaze puts the centre of cell (row, col) at
+    x' = (col + 0.5) s - W s / 2, y' = H s / 2 - (row + 0.5) s, x' to the right and y' up
+    (``grid``: a :class:`~.maze.MazeGrid` of the same map, e.g.
+    ``MazeGrid.from_env(make_env("PointMaze_UMaze-v3"))``). So positions map as
+    x' = (y + 0.7) s - W s / 2, y' = H s / 2 - (x + 0.7) s, and velocities, forces and qvel
+    rotate: (vx', vy') = (vy, -vx). Minari's ``D4RL/pointmaze/*`` datasets are already in
+    PointMaze's frame and need no conversion.
+    """
+    scale = float(grid.scale)
+
+    def position(xy):
+        xy = np.asarray(xy, dtype=np.float64)
+        out = np.empty_like(xy)
+        out[:, 0] = (xy[:, 1] + D4RL_BALL_OFFSET + 0.5) * scale - grid.x_center
+        out[:, 1] = grid.y_center - (xy[:, 0] + D4RL_BALL_OFFSET + 0.5) * scale
+        return out
+
+    def direction(v):
+        v = np.asarray(v, dtype=np.float64)
+        return np.stack([v[:, 1], -v[:, 0]], axis=1)
+
+    if traj.observation_dim < 4 or traj.action_dim != 2:
+        raise ValueError(f"D4RL maze2d data hold (x, y, vx, vy) observations and 2 forces; got observations of "
+                         f"{traj.observation_dim} and actions of {traj.action_dim} values")
+    observations = np.array(traj.observations, dtype=np.float64)
+    observations[:, :2] = position(observations[:, :2])
+    observations[:, 2:4] = direction(observations[:, 2:4])
+    converted = {
+        "goals": None if traj.goals is None else position(traj.goals[:, :2]),
+        "qpos": None if traj.qpos is None else position(traj.qpos[:, :2]),
+        "qvel": None if traj.qvel is None else direction(traj.qvel[:, :2]),
+    }
+    metadata = {**traj.metadata, "frame": "PointMaze (converted from D4RL maze2d's (row, col) frame)"}
+    return Trajectories(observations, direction(traj.actions), traj.rewards, traj.terminals, traj.timeouts,
+                        metadata=metadata, **converted)
 
 
 def _plain(value: Any) -> Any:
@@ -474,20 +522,31 @@ class TrajectoryWindows(torch.utils.data.Dataset):
     With ``pad=True`` windows start at every step of an episode and run past its end (the
     padding repeats the last observation with a zero action); without, only windows that fit
     are used and shorter episodes are skipped.
+
+    ``every=k`` keeps every k-th step: a window's H rows are steps start, start + k, ...,
+    start + (H - 1) k, so it spans ``span = (H - 1) k + 1`` environment steps. Diffuser's maze
+    horizons (128-384 steps) are long because PointMaze moves the ball only ~0.05 per step; a
+    plan of every 4th or 8th state carries the same route at a fraction of the cost, and the
+    planner interpolates it back to every step (``DiffusionPlanner``'s tracking). ``stride``
+    spaces the windows' starts (every start by default).
     """
 
     def __init__(self, traj: Trajectories, horizon: int, normalizer: Normalizer, *, pad: bool = False,
                  condition_on_end: bool = True, split_on_goal_change: bool = False,
-                 discount: Optional[float] = None, stride: int = 1):
+                 discount: Optional[float] = None, stride: int = 1, every: int = 1):
         if horizon < 2:
             raise ValueError(f"horizon must be >= 2, got {horizon}")
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (keep every k-th step), got {every}")
         transitions = traj.transitions()
         if normalizer.dim != transitions.shape[1]:
             raise ValueError(f"the normaliser covers {normalizer.dim} dims but a transition has "
                              f"{transitions.shape[1]} (actions {traj.action_dim} + observations {traj.observation_dim})")
         self.horizon, self.pad, self.condition_on_end = horizon, pad, condition_on_end
+        self.every = int(every)
+        self.span = (horizon - 1) * self.every + 1  # environment steps a window covers
         self.action_dim, self.observation_dim = traj.action_dim, traj.observation_dim
         self.data = torch.from_numpy(np.ascontiguousarray(normalizer.normalize(transitions), dtype=np.float32))
         self.episodes = traj.episodes(split_on_goal_change=split_on_goal_change)
@@ -495,15 +554,15 @@ class TrajectoryWindows(torch.utils.data.Dataset):
         # million windows, too many for Python tuples.
         starts, ends = [], []
         for start, end in self.episodes:
-            last = end - 1 if pad else end - horizon
+            last = end - 1 if pad else end - self.span
             window_starts = np.arange(start, last + 1, stride, dtype=np.int64)
             starts.append(window_starts)
             ends.append(np.full_like(window_starts, end))
         self.index = np.stack([np.concatenate(starts), np.concatenate(ends)], axis=1)
         if not len(self.index):
             longest = max(end - start for start, end in self.episodes)
-            raise ValueError(f"no window of horizon {horizon} fits: the longest episode has {longest} steps; "
-                             "use a shorter horizon or pad=True")
+            raise ValueError(f"no window of horizon {horizon} (every {self.every} step(s): {self.span} steps) fits: "
+                             f"the longest episode has {longest} steps; use a shorter horizon or pad=True")
         self.values = None
         if discount is not None:
             self.values = torch.from_numpy(_returns_to_go(traj.rewards, self.episodes, discount))
@@ -517,9 +576,9 @@ class TrajectoryWindows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         start, end = (int(v) for v in self.index[i])
-        stop = min(start + self.horizon, end)
-        window = self.data[start:stop]
-        valid = stop - start
+        stop = min(start + self.span, end)
+        window = self.data[start:stop:self.every]
+        valid = len(window)
         if valid < self.horizon:
             filler = window[-1:].repeat(self.horizon - valid, 1)
             filler[:, : self.action_dim] = 0.0

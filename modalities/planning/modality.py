@@ -115,10 +115,9 @@ class PlanningModality:
         if checkpoint is None:
             raise ValueError("the planning modality needs --checkpoint: an environment id with a shipped planner "
                              "(e.g. PointMaze_UMaze-v3) or a checkpoint directory from recipes/planner_train.py")
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        # The planner checks steps (diffkit.runs.resolve_steps) against the model's timesteps.
         overrides = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
         planner = DiffusionPlanner.load(checkpoint, device=device, seed=seed, **overrides)
         rng = np.random.default_rng(seed)
@@ -207,6 +206,8 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="sampler (default: the checkpoint's)")
     parser.add_argument("--steps", type=int, help="solver steps per plan (default: the checkpoint's)")
     parser.add_argument("--replan-every", type=int, help="replan every K steps (default: the checkpoint's)")
+    parser.add_argument("--replan-distance", type=float,
+                        help="also replan when this far off the plan (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -225,7 +226,8 @@ def _rollout(args: argparse.Namespace) -> int:
         policy = WaypointExpert(maze)
     else:
         overrides = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
-                                       ("replan_every", args.replan_every)) if v is not None}
+                                       ("replan_every", args.replan_every),
+                                       ("replan_distance", args.replan_distance)) if v is not None}
         policy = DiffusionPlanner.load(args.checkpoint or args.env, env=args.env, device=args.device,
                                        seed=args.seed, **overrides)
         maze = policy.maze

@@ -13,7 +13,11 @@
 
 A plan is a (transition_dim, H) trajectory of [action, observation] rows, sampled by the core
 with the current observation (and, in mazes, the goal at step H - 1) written in clean at every
-step (``KnownValues(clean=True)``, matching ``known_mask`` at training). How it is used:
+step (``KnownValues(clean=True)``, matching ``known_mask`` at training). A model trained on
+every k-th step (the checkpoint's ``every``, the maze presets' waypoint subsampling) plans H
+waypoints k steps apart; the planner interpolates them linearly back to every step, so a plan
+covers ``span = (H - 1) k + 1`` environment steps and everything below counts in those steps.
+How it is used:
 
 - ``replan_every=None`` (mazes, as Diffuser): plan once per goal and track the plan open-loop
   with a = (wp[k+1][:2] - s[:2]) + (wp[k+1][2:] - s[2:]) (``action_source="tracking"``).
@@ -41,6 +45,8 @@ import torch
 import diffkit
 from diffkit.checkpoint import CheckpointError, load_network
 from diffkit.guidance import ClipX0, GradientSteps, KnownValues
+from diffkit.runs import resolve_steps, seeded_generator
+from diffkit.utils import module_device
 
 from .data import Normalizer, flatten_observation
 from .maze import MazeGrid, make_env
@@ -69,19 +75,24 @@ DEFAULTS: dict[str, Any] = {
     "value_guidance": 0.0,
     "guidance_steps": 2,
     "guidance_stop_below": 2.0,
+    "replan_distance": None,
 }
 
 
 @dataclass
 class Plan:
-    """A planned trajectory, unnormalised: ``states`` (H, observation_dim), ``actions``
-    (H, action_dim), ``values`` (the value network's estimate, or None) and the ``goal`` it
-    was made for. For a batch of observations every field has a leading batch dimension."""
+    """A planned trajectory, unnormalised, one row per environment step: ``states`` (L,
+    observation_dim), ``actions`` (L, action_dim), ``values`` (the value network's estimate, or
+    None) and the ``goal`` it was made for; L is the planner's ``span`` (its horizon when the
+    model plans every step). ``waypoints`` (H, observation_dim) are the states the model drew
+    (every ``every``-th row of ``states``). For a batch of observations every field has a
+    leading batch dimension."""
 
     states: np.ndarray
     actions: np.ndarray
     values: Optional[np.ndarray] = None
     goal: Optional[np.ndarray] = None
+    waypoints: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return self.states.shape[-2]
@@ -92,7 +103,8 @@ class DiffusionPlanner:
 
     Build it with :meth:`load` (a shipped checkpoint by environment id, or a checkpoint
     directory). Keyword arguments override the checkpoint's sampling defaults: ``sampler``,
-    ``steps``, ``replan_every``, ``warm_start_strength`` (None: no warm start),
+    ``steps``, ``replan_every``, ``replan_distance`` (also replan, cold, when the position lies
+    further than this from every point of the plan still ahead; None: never), ``warm_start_strength`` (None: no warm start),
     ``warm_start_steps``, ``action_source``,
     ``num_candidates``, ``value_guidance`` (scale; 0 = off), ``guidance_steps``,
     ``guidance_stop_below``; ``seed`` fixes the sampling noise.
@@ -107,10 +119,15 @@ class DiffusionPlanner:
             self.observation_dim = int(config["observation_dim"])
             self.action_dim = int(config["action_dim"])
             self.horizon = int(config["horizon"])
+            self.every = int(config.get("every", 1))
             self.normalizer = Normalizer.from_config(config["normalizer"])
         except KeyError as err:
             raise CheckpointError(f"the planning config lacks {err}; it needs observation_dim, action_dim, horizon "
                                   "and normalizer (write checkpoints with recipes/planner_train.py)") from None
+        if self.every < 1 or self.horizon < 2:
+            raise CheckpointError(f"the planning config needs horizon >= 2 and every >= 1, got horizon "
+                                  f"{self.horizon} and every {self.every}")
+        self.span = (self.horizon - 1) * self.every + 1  # environment steps one plan covers
         if self.normalizer.dim != self.transition_dim:
             raise CheckpointError(f"the normaliser covers {self.normalizer.dim} dims, the transitions "
                                   f"{self.transition_dim} (actions {self.action_dim} + observations {self.observation_dim})")
@@ -132,13 +149,13 @@ class DiffusionPlanner:
         self.sampler = str(settings["sampler"])
         if self.sampler not in diffkit.SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
-        self.steps = int(settings["steps"])
+        self.steps = resolve_steps(settings["steps"], DEFAULTS["steps"])
         if not 1 <= self.steps <= diffusion.num_timesteps:
             raise ValueError(f"steps must lie in [1, {diffusion.num_timesteps}] (the model's training timesteps), "
                              f"got {self.steps}")
         self.replan_every = None if settings["replan_every"] is None else int(settings["replan_every"])
-        if self.replan_every is not None and not 1 <= self.replan_every <= self.horizon - 1:
-            raise ValueError(f"replan_every must lie in [1, {self.horizon - 1}] (the plan's horizon is {self.horizon}) "
+        if self.replan_every is not None and not 1 <= self.replan_every <= self.span - 1:
+            raise ValueError(f"replan_every must lie in [1, {self.span - 1}] (a plan covers {self.span} steps) "
                              f"or be None (plan once per goal), got {self.replan_every}")
         strength = settings["warm_start_strength"]
         self.warm_start_strength = None if strength is None else float(strength)
@@ -164,6 +181,11 @@ class DiffusionPlanner:
         self.value_guidance = float(settings["value_guidance"])
         self.guidance_steps = int(settings["guidance_steps"])
         self.guidance_stop_below = float(settings["guidance_stop_below"])
+        distance = settings["replan_distance"]
+        self.replan_distance = None if distance is None else float(distance)
+        if self.replan_distance is not None and not self.replan_distance > 0:
+            raise ValueError(f"replan_distance must be > 0 (a distance in the first two observation values) or "
+                             f"None, got {distance}")
         if self.num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
         if (self.num_candidates > 1 or self.value_guidance > 0) and value_net is None:
@@ -173,9 +195,9 @@ class DiffusionPlanner:
         if self.horizon % multiple:
             raise CheckpointError(f"horizon {self.horizon} is not a multiple of {multiple}, which the network needs")
 
-        self.device = next(net.parameters()).device
+        self.device = module_device(net)
         self._seed = seed
-        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._generator = seeded_generator(seed)
         self._obs_norm = self.normalizer.subset(slice(self.action_dim, None))
         self._act_norm = self.normalizer.subset(slice(0, self.action_dim))
         self._memory: Optional[dict[str, Any]] = None
@@ -238,7 +260,7 @@ class DiffusionPlanner:
         ``seed`` restarts the sampling noise, so the same seed gives the same plans.
         """
         if seed is not None:
-            self._generator = torch.Generator().manual_seed(seed)
+            self._generator = seeded_generator(seed)
         if mask is None or self._memory is None:
             self._memory = None
             return
@@ -267,10 +289,19 @@ class DiffusionPlanner:
             stale |= np.any(mem["goal"] != goals, axis=1)
         if self.replan_every is not None:
             stale |= mem["step"] >= self.replan_every
+        strayed = np.zeros(n, dtype=bool)
+        if self.replan_distance is not None:
+            # Knocked off the plan's path (a wall's corner, a bad plan): plan afresh from here. The
+            # path, not the plan's schedule: the tracking controller lags behind a fast plan.
+            ahead = np.arange(self.span)[None, :] >= np.minimum(mem["step"], self.span - 1)[:, None]
+            gaps = np.linalg.norm(mem["states"][:, :, :2] - states[:, None, :2], axis=2)
+            off_path = np.where(ahead, gaps, np.inf).min(axis=1) > self.replan_distance
+            strayed = mem["has_plan"] & off_path
+            stale |= strayed
         if self.action_source != "tracking":
-            stale |= mem["step"] >= self.horizon - 1  # no action left in the plan
+            stale |= mem["step"] >= self.span - 1  # no action left in the plan
         if stale.any():
-            self._replan(np.nonzero(stale)[0], states, goals)
+            self._replan(np.nonzero(stale)[0], states, goals, cold=strayed)
         actions = self._actions(states, np.arange(n))
         mem["step"] += 1
         return actions[0] if single else actions
@@ -282,9 +313,9 @@ class DiffusionPlanner:
         return {
             "has_plan": np.zeros(n, dtype=bool),
             "step": np.zeros(n, dtype=np.int64),  # steps taken since the plan was made
-            "x": torch.zeros(n, self.transition_dim, self.horizon),  # normalised, for warm starts
-            "states": np.zeros((n, self.horizon, self.observation_dim)),
-            "actions": np.zeros((n, self.horizon, self.action_dim), np.float32),
+            "x": torch.zeros(n, self.transition_dim, self.horizon),  # normalised model rows, for warm starts
+            "states": np.zeros((n, self.span, self.observation_dim)),  # one row per environment step
+            "actions": np.zeros((n, self.span, self.action_dim), np.float32),
             "goal": np.full((n, 2), np.nan),  # the goal the plan was made for
         }
 
@@ -295,7 +326,7 @@ class DiffusionPlanner:
         plan = self._to_plan(x, states, goals, values)
         if single:
             return Plan(plan.states[0], plan.actions[0], None if plan.values is None else plan.values[0],
-                        None if plan.goal is None else plan.goal[0])
+                        None if plan.goal is None else plan.goal[0], plan.waypoints[0])
         return plan
 
     @property
@@ -384,27 +415,34 @@ class DiffusionPlanner:
     def _to_plan(self, x: torch.Tensor, states: np.ndarray, goals, values) -> Plan:
         # float64 like Gymnasium's observations, so the current state is copied in exactly.
         rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
-        plan_states = rows[:, :, self.action_dim:].copy()
-        plan_states[:, 0] = states  # exact, not a normalise/unnormalise round trip
-        plan_actions = np.clip(rows[:, :, : self.action_dim], self.action_low, self.action_high).astype(np.float32)
+        waypoints = rows[:, :, self.action_dim:].copy()
+        waypoints[:, 0] = states  # exact, not a normalise/unnormalise round trip
+        # Back to one row per environment step: states on straight lines between waypoints (the
+        # ball moves ~0.05 a step, so k steps are close to straight), each action held for its k steps.
+        plan_states = _interpolate(waypoints, self.every)
+        actions = np.repeat(rows[:, :, : self.action_dim], self.every, axis=1)[:, : self.span]
+        plan_actions = np.clip(actions, self.action_low, self.action_high).astype(np.float32)
         if values is not None:
             values = self.value_normalizer.unnormalize(values.float().cpu()[:, None]).numpy()[:, 0]
-        return Plan(plan_states, plan_actions, values, goals)
+        return Plan(plan_states, plan_actions, values, goals, waypoints)
 
-    def _replan(self, idx: np.ndarray, states: np.ndarray, goals: Optional[np.ndarray]) -> None:
+    def _replan(self, idx: np.ndarray, states: np.ndarray, goals: Optional[np.ndarray],
+                cold: Optional[np.ndarray] = None) -> None:
         mem = self._memory
         warm = self.warm_start_strength is not None and self.replan_every is not None
         same_goal = np.ones(len(idx), dtype=bool) if goals is None else np.all(mem["goal"][idx] == goals[idx], axis=1)
         groups = [(idx, None)]
         if warm:
             reuse = mem["has_plan"][idx] & same_goal
+            if cold is not None:
+                reuse &= ~cold[idx]  # a plan left behind is no start for the next
             groups = [(idx[~reuse], None), (idx[reuse], "warm")]
         for rows, mode in groups:
             if len(rows) == 0:
                 continue
             init = None
             if mode == "warm":
-                init = torch.stack([_shift(mem["x"][r], int(mem["step"][r])) for r in rows])
+                init = torch.stack([_shift(mem["x"][r], round(int(mem["step"][r]) / self.every)) for r in rows])
             x, values = self._sample(states[rows], None if goals is None else goals[rows], init)
             plan = self._to_plan(x, states[rows], None if goals is None else goals[rows], values)
             mem["x"][rows] = x.float().cpu()
@@ -419,19 +457,30 @@ class DiffusionPlanner:
         mem = self._memory
         step = mem["step"][rows]
         if self.action_source == "tracking":
-            nxt = np.minimum(step + 1, self.horizon - 1)
+            nxt = np.minimum(step + 1, self.span - 1)
             waypoint = mem["states"][rows, nxt].astype(np.float64)
-            waypoint[step + 1 > self.horizon - 1, 2:] = 0.0  # past the plan's end: hold at its last point
+            waypoint[step + 1 > self.span - 1, 2:] = 0.0  # past the plan's end: hold at its last point
             action = (waypoint[:, :2] - states[:, :2]) + (waypoint[:, 2:] - states[:, 2:])
         elif self.action_source == "plan":
             action = mem["actions"][rows, step]
         else:
             s = torch.as_tensor(self._obs_norm.normalize(states), dtype=torch.float32, device=self.device)
-            s_next = mem["x"][rows, self.action_dim:, step + 1].to(self.device)
+            s_next = torch.as_tensor(self._obs_norm.normalize(mem["states"][rows, step + 1]), dtype=torch.float32,
+                                     device=self.device)
             with torch.no_grad():
                 a = self.inverse_dynamics(s, s_next).float().cpu().numpy()
             action = self._act_norm.unnormalize(a)
         return np.clip(action, self.action_low, self.action_high).astype(np.float32)
+
+
+def _interpolate(waypoints: np.ndarray, every: int) -> np.ndarray:
+    """(N, H, D) waypoints ``every`` steps apart -> (N, (H - 1) every + 1, D), linear in between."""
+    if every == 1:
+        return waypoints
+    frac = (np.arange(every) / every)[None, None, :, None]  # (1, 1, k, 1)
+    start, end = waypoints[:, :-1, None, :], waypoints[:, 1:, None, :]
+    between = (start + frac * (end - start)).reshape(len(waypoints), -1, waypoints.shape[-1])
+    return np.concatenate([between, waypoints[:, -1:]], axis=1)
 
 
 def _shift(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Training pieces shared by recipes/planner_train.py and the tests: the planner's diffusion,
 the losses of the value function and the inverse-dynamics model (for ``Trainer(loss_fn=...)``),
-the modality config a planner checkpoint carries, and compact inference copies of checkpoints.
+the modality config a planner checkpoint carries, and the side files that put the value and
+inverse-dynamics networks inside a planner checkpoint (compact copies come from
+``diffkit.runs.export_checkpoint``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import diffkit
-from diffkit.checkpoint import load_checkpoint, save_checkpoint
 
 from .data import Normalizer, Trajectories
 from .maze import MazeGrid
 
 __all__ = [
-    "compact_copy",
     "inverse_dynamics_loss",
     "planner_config",
     "planner_diffusion",
@@ -39,17 +39,18 @@ def planner_diffusion(num_timesteps: int = 64, prediction: str = "x0", schedule:
 def value_loss_fn(diffusion: diffkit.Diffusion) -> Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Any]:
     """MSE of V(x_t, t) against the (normalised) return of the window, on noisy windows.
 
-    The value sees x_t as the sampler will: noised at a random training time, with the known
-    entries (current state, goal) clean. Batches are :class:`TrajectoryWindows` items with
-    ``value`` already normalised.
+    The value sees x_t as the sampler will: noised at a time drawn as the denoiser's training
+    draws it (``Diffusion.draw_times``), told that time as the denoiser is told it
+    (``model_time``), with the known entries (current state, goal) clean. Batches are
+    :class:`TrajectoryWindows` items with ``value`` already normalised.
     """
 
     def loss_fn(model, batch):
         x0 = batch["x"]
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],)).to(torch.float64)
+        t = diffusion.draw_times(x0.shape[0])
         x_t = diffusion.q_sample(x0, t)
         x_t = torch.where(batch["known_mask"], x0, x_t)
-        prediction = model(x_t, t.to(device=x0.device, dtype=torch.float32))
+        prediction = model(x_t, diffusion.model_time(t).to(x0.device))
         return F.mse_loss(prediction, batch["value"].to(prediction.dtype))
 
     return loss_fn
@@ -82,13 +83,17 @@ class NormalisedValues(torch.utils.data.Dataset):
 def planner_config(*, env_id: Optional[str], traj: Trajectories, normalizer: Normalizer, horizon: int,
                    maze: Optional[MazeGrid], action_low, action_high, defaults: Mapping[str, Any],
                    value_normalizer: Optional[Normalizer] = None, inverse_dynamics: bool = False,
-                   data: Optional[str] = None) -> dict[str, Any]:
-    """The ``modality_config`` of a planner checkpoint: what the planner needs besides weights."""
+                   data: Optional[str] = None, every: int = 1) -> dict[str, Any]:
+    """The ``modality_config`` of a planner checkpoint: what the planner needs besides weights.
+
+    ``horizon`` counts the model's rows; with ``every`` = k they are k environment steps apart.
+    """
     return {
         "env_id": env_id,
         "observation_dim": traj.observation_dim,
         "action_dim": traj.action_dim,
         "horizon": int(horizon),
+        "every": int(every),
         "normalizer": normalizer.to_config(),
         "action_low": np.asarray(action_low, dtype=float).reshape(-1).tolist(),
         "action_high": np.asarray(action_high, dtype=float).reshape(-1).tolist(),
@@ -99,20 +104,6 @@ def planner_config(*, env_id: Optional[str], traj: Trajectories, normalizer: Nor
         "inverse_dynamics": "inverse_dynamics" if inverse_dynamics else None,
         "data": data,
     }
-
-
-def compact_copy(source: str | Path, destination: str | Path, *, half: bool = False,
-                 extra: Optional[Mapping[str, Any]] = None,
-                 side_files: Optional[Mapping[str, bytes]] = None) -> Path:
-    """An inference copy of a training checkpoint: EMA weights only (float16 with ``half``), no
-    optimizer state, with ``side_files`` (e.g. the value network) written in."""
-    ckpt = load_checkpoint(source)
-    weights = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
-    if half:
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-    described = ("modality", "model", "diffusion", "modality_config", "train")
-    return save_checkpoint(destination, model=weights, step=ckpt.step, extra=dict(extra or ckpt.extra),
-                           config={key: ckpt.config.get(key) for key in described}, side_files=side_files)
 
 
 def side_files_of(directory: str | Path, prefix: str) -> dict[str, bytes]:
