@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -257,6 +259,20 @@ def control_rates(tokenizer, texts, targets) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- main
+
+def _read_ar_cache(path: Path):
+    """(key, state dict, training seconds) of a cached AR model, or None when there is none to use."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        return json.loads(metadata["key"]), state, float(metadata["train_s"])
+    except (SafetensorError, KeyError, ValueError, OSError):
+        return None  # an old or damaged cache: train again
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="text checkpoint (default: the shipped one)")
@@ -272,7 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-nll", action="store_true", help="skip the likelihood bounds")
     p.add_argument("--ar-steps", type=int, default=1000, help="training steps of the AR judge/baseline")
     p.add_argument("--ar-only", action="store_true", help="only train (and cache) the AR judge/baseline, then stop")
-    p.add_argument("--ar-cache", default="runs/text-ar/ar_lm.pt", help="where the AR model is kept between runs")
+    p.add_argument("--ar-cache", default="runs/text-ar/ar_lm.safetensors", help="where the AR model is kept between runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="e2e")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -295,12 +311,13 @@ def main(argv=None) -> int:
     key = {"steps": args.ar_steps, "seed": args.seed, "vocab": tok.vocab_size, "max_length": model.max_length,
            "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest()}
     ar_train_s = None
-    if cache.is_file() and torch.load(cache, weights_only=False)["key"] == key:
-        saved = torch.load(cache, weights_only=False)
+    # Cached as safetensors with the key in its metadata: loading never unpickles anything.
+    cached = _read_ar_cache(cache)
+    if cached is not None and cached[0] == key:
+        _, state, ar_train_s = cached
         ar = CausalLM(tok.vocab_size, max_length=model.max_length + 1)
-        ar.load_state_dict(saved["state"])
+        ar.load_state_dict(state)
         ar.eval()
-        ar_train_s = saved["train_s"]
         log(f"AR model from {cache}")
     else:
         log(f"training the AR judge/baseline ({args.ar_steps} steps)")
@@ -308,7 +325,8 @@ def main(argv=None) -> int:
         ar = train_ar(enc.ids, enc.lengths, tok.vocab_size, tok.pad_id, steps=args.ar_steps, seed=args.seed, log=log)
         ar_train_s = time.perf_counter() - t0
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "state": ar.state_dict(), "train_s": ar_train_s}, cache)
+        save_file({k: v.detach().contiguous() for k, v in ar.state_dict().items()}, str(cache),
+                  metadata={"key": json.dumps(key, sort_keys=True), "train_s": repr(ar_train_s)})
     ar_params = sum(p.numel() for p in ar.parameters())
     if args.ar_only:
         return 0
