@@ -21,11 +21,14 @@ prior-mismatch floor below and leaves solver error (plus the final-denoise floor
 "calibrated" rows run ``Diffusion.sample`` with its defaults after
 ``diffkit.calibration.calibrate(diff, model, (512, 16))``: grids fitted to a fine-step reference
 on 512 noise draws (seed + 100, not the evaluation noise); step counts without a stored grid
-fall back to the default grid. Each data set also prints two closed-form floors: the KL that
-starting from N(0, I) instead of q(x_{T-1}) costs (alpha_{T-1} > 0 on the linear schedule; the
-exact flow preserves KL, so no solver goes below it), and the KL of the final denoise from
-t = 0, E[x0 | x_0], which shrinks each dimension's variance by alpha_0^2 s^2 / (alpha_0^2 s^2 +
-sigma_0^2).
+fall back to the default grid. Each data set also prints two closed-form floors
+(``GaussianData.prior_mismatch_kl`` and ``posterior_mean_kl``): the KL that starting from
+N(0, I) instead of q(x_{T-1}) costs (alpha_{T-1} > 0 on the linear schedule; the exact flow
+preserves KL), and the KL of a first-order final jump from t = 0 to E[x0 | x_0], which shrinks
+each dimension's variance by alpha_0^2 s^2 / (alpha_0^2 s^2 + sigma_0^2). diffkit's samplers
+remove both by default: the start is moved to q(x_T)'s mean with the first prediction
+(``start="prior"``, ``PriorMeanStart``) and the multistep solvers' final jump is second order
+(``final_order=2``); diffusers' samplers keep both.
 
 The starting noise is standardised per dimension (mean exactly 0, variance exactly 1), so
 deterministic samplers -- affine maps on Gaussian data -- are measured without a Monte-Carlo
@@ -63,14 +66,8 @@ CALIBRATED = "unipc (calibrated)"
 
 def floors(diff: Diffusion, data: GaussianData) -> tuple[float, float]:
     """(prior floor, final-denoise floor): closed-form KLs per dimension, nats (see the module docstring)."""
-    T = diff.num_timesteps
-    a_T, s_T = diff.schedule.alpha_at(torch.tensor(T - 1)), diff.schedule.sigma_at(torch.tensor(T - 1))
-    m, v = a_T * data.mean, a_T**2 * data.std**2 + s_T**2
-    prior = 0.5 * (torch.log(v) + (1 + m**2) / v - 1)
-    a_0, s_0 = diff.schedule.alpha_at(torch.tensor(0)), diff.schedule.sigma_at(torch.tensor(0))
-    r = a_0**2 * data.std**2 / (a_0**2 * data.std**2 + s_0**2)
-    shrink = 0.5 * (r - 1 - torch.log(r))
-    return float(prior.mean()), float(shrink.mean())
+    return data.prior_mismatch_kl(diff.schedule), data.posterior_mean_kl(diff.schedule, 0.0)
+
 
 # (label, sampler, options: log_snr_range for the grid, the rest for Diffusion.sample)
 DIFFKIT_CONFIGS = [
@@ -156,13 +153,15 @@ def main(argv=None) -> None:
         if args.start == "exact":
             a_T, s_T = diff.schedule.alpha_at(torch.tensor(999)), diff.schedule.sigma_at(torch.tensor(999))
             noise = a_T * data.mean + (a_T**2 * data.std**2 + s_T**2).sqrt() * standard
+        # Our samplers move an N(0, I) start to q(x_T)'s mean by default; an exact start stays as it is.
+        start = "noise" if args.start == "exact" else "prior"
         calibrated = Diffusion.from_config(diff.config)
         tick = time.time()
         calibrate(calibrated, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2],
                   generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64)
         calibration_seconds[data_name] = time.time() - tick
         for steps in args.steps:
-            x = calibrated.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64)
+            x = calibrated.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64, start=start)
             results.append(dict(data=data_name, library="diffkit", config=CALIBRATED, steps=steps,
                                 calls=steps, kl=data.kl_per_dim(x),
                                 grid=calibrated.calibration.get("grids", {}).get(f"unipc/{steps}")))
@@ -173,7 +172,7 @@ def main(argv=None) -> None:
                 log_snr_range = sample_options.pop("log_snr_range", None)
                 grid = diff.sampling_grid(steps, sampler=sampler, log_snr_range=log_snr_range)
                 x = diff.sample(model, noise.shape, sampler=sampler, grid=grid, noise=noise, dtype=torch.float64,
-                                generator=torch.Generator().manual_seed(args.seed + 1), **sample_options)
+                                start=start, generator=torch.Generator().manual_seed(args.seed + 1), **sample_options)
                 results.append(dict(data=data_name, library="diffkit", config=label, steps=steps,
                                     calls=diffkit.model_calls(sampler, steps), kl=data.kl_per_dim(x)))
         for label, make, dtype in diffusers_configs():

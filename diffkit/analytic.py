@@ -58,6 +58,28 @@ class GaussianData:
         kl = 0.5 * (torch.log(v / v_hat) + (v_hat + (m_hat - m) ** 2) / v - 1.0)
         return float(kl.mean())
 
+    def prior_mismatch_kl(self, schedule: NoiseSchedule) -> float:
+        """KL(N(0, I) || q(x_{T-1})) per dimension, nats: what a plain N(0, I) start costs.
+
+        The exact flow preserves KL, so an exact solver started from N(0, I) ends this far from
+        the data; :class:`~diffkit.guidance.PriorMeanStart` removes most of it.
+        """
+        last = torch.tensor(schedule.num_timesteps - 1)
+        alpha, sigma = schedule.alpha_at(last).double(), schedule.sigma_at(last).double()
+        mean, var = alpha * self.mean, alpha**2 * self.std**2 + sigma**2
+        return float((0.5 * (torch.log(var) + (1 + mean**2) / var - 1)).mean())
+
+    def posterior_mean_kl(self, schedule: NoiseSchedule, t: float = 0.0) -> float:
+        """KL per dimension, nats, of E[x0 | x_t] (x_t from the data) against the data.
+
+        The posterior mean shrinks a dimension of std s by r = alpha^2 s^2 / (alpha^2 s^2 + sigma^2)
+        in variance: the floor of a sampler whose last step jumps from t to E[x0 | x_t].
+        """
+        time = torch.tensor(float(t))
+        alpha, sigma = schedule.alpha_at(time).double(), schedule.sigma_at(time).double()
+        r = alpha**2 * self.std**2 / (alpha**2 * self.std**2 + sigma**2)
+        return float((0.5 * (r - 1 - torch.log(r))).mean())
+
     def model(self, schedule: NoiseSchedule, prediction: str = "eps", learn_variance: bool = False):
         """The exact network for this data: ``model(x_t, t)`` returns E[target | x_t].
 

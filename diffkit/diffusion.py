@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__ as _version
-from .guidance import SamplingContext, Wrapper, apply_wrappers, model_denoiser, split_output
+from .guidance import PriorMeanStart, SamplingContext, Wrapper, apply_wrappers, model_denoiser, split_output
 from .parameterization import check_prediction, from_x0_eps, to_x0_eps, x0_error_scale
 from .process import (
     LOG2,
@@ -641,6 +641,7 @@ class Diffusion:
         callback: Optional[Callable[[dict], None]] = None,
         progress: bool = False,
         sampler_options: Optional[dict] = None,
+        start: str = "prior",
         **cond,
     ) -> torch.Tensor:
         """Draw samples of ``shape`` = (B, ...) from ``model``.
@@ -663,8 +664,14 @@ class Diffusion:
                 an explicit ``grid``, ``init`` is noised to the grid's first point instead.
             callback: called with a dict (i, t, x, denoised, steps) at every grid point.
             sampler_options: extra keyword arguments for the sampler (e.g. ``{"eta": 1.0}``).
+            start: ``"prior"`` (default) moves the N(0, I) start by alpha_0 x0_hat at the first
+                call, to the mean of q(x_T) (:class:`~diffkit.guidance.PriorMeanStart`; free,
+                and a no-op where alpha_0 = 0); ``"noise"`` starts exactly at ``noise`` (pass an
+                exact draw of q(x_T) this way). Warm starts (``init``) ignore it.
             **cond: passed to the model on every call.
         """
+        if start not in ("prior", "noise"):
+            raise ValueError(f"start must be 'prior' or 'noise', got {start!r}")
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
@@ -694,6 +701,9 @@ class Diffusion:
             if check is not None:
                 check(shape)
 
+        if start == "prior" and init is None:
+            # Innermost, next to the network: wrappers that pin entries (KnownValues) rewrite them afterwards.
+            wrappers = [PriorMeanStart(), *wrappers]
         denoise = self.denoiser(model, grid, cond=cond, guidance_scale=guidance_scale, noise=noise,
                                 generator=generator, wrappers=wrappers)
         options = dict(sampler_options or {})

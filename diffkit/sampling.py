@@ -235,17 +235,44 @@ def _first_order_update(x, d0, a_t: float, s_t: float, s_s: float, h: torch.Tens
     return (s_t / s_s) * x - a_t * float(torch.expm1(-h)) * d0
 
 
-def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callback) -> torch.Tensor:
+def _second_order_final(x0, pred: Prediction, previous: Optional[Prediction], grid: SamplingGrid) -> torch.Tensor:
+    """The jump to clean data made second order with the previous evaluation; no extra call.
+
+    In the variance-exploding variables y = x / alpha, s = sigma / alpha the probability-flow
+    ODE is dy/ds = eps(y, s), so y(0) = y_t - integral_0^{s_t} eps ds. The first-order jump takes
+    eps constant and returns x0_hat, the posterior mean E[x0 | x_t], which shrinks every
+    dimension of standard deviation d by d^2 / (d^2 + s_t^2) in variance: a floor of about
+    1e-6 to 1e-5 nats/dim below which no step count goes (benchmarks/samplers.py, the final-denoise
+    floor). Extrapolating eps linearly in s through the previous point gives
+
+        y(0) = x0_hat + (s_t^2 / 2) (eps_t - eps_prev) / (s_t - s_prev),
+
+    which removes the floor. Entries whose x0_hat is identical at both points (known values
+    written in by a wrapper) are left as they are, so they stay exact.
+    """
+    K = len(grid)
+    if previous is None or K < 2 or float(grid.sigmas[K]) != 0.0 or float(grid.alphas[K - 2]) == 0.0:
+        return x0
+    s_t = float(grid.sigmas[K - 1]) / float(grid.alphas[K - 1])
+    s_prev = float(grid.sigmas[K - 2]) / float(grid.alphas[K - 2])
+    slope = (pred.eps - previous.eps) / (s_t - s_prev)
+    return x0 + torch.where(pred.x0 == previous.x0, 0.0, 0.5 * s_t**2 * slope)
+
+
+def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callback, final_order: int = 2) -> torch.Tensor:
     """DPM-Solver++ multistep in data prediction (Lu et al., 2022), orders 1-3.
 
     Earlier evaluations stand in for the intermediate points of a single-step method, so each
     step costs one network call. Orders warm up from 1, the final jump to clean data is
-    first order, and on short grids (< 15 points) the second-to-last step is at most second
-    order, where higher-order extrapolation has too few points to be stable.
+    second order in sigma / alpha (``final_order=2``, :func:`_second_order_final`; 1 is the
+    paper's first-order jump), and on short grids (< 15 points) the second-to-last step is at
+    most second order, where higher-order extrapolation has too few points to be stable.
     """
+    _check_final_order(final_order)
     lambdas = grid.lambdas
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, D), newest last
     K = len(grid)
+    previous = None
     for i in range(K):
         x, pred = _evaluate(denoise, x, i, grid, callback)
         history = (history + [(lambdas[i], pred.x0)])[-order:]
@@ -279,18 +306,25 @@ def _dpmpp_multistep(denoise: Denoiser, x, grid: SamplingGrid, order: int, callb
                     + a_t * float(phi1 / h + 1.0) * d1
                     - a_t * float((phi1 + h) / h**2 - 0.5) * d2
                 )
-        x = x_next
+        if i == K - 1 and final_order == 2:
+            x_next = _second_order_final(x_next, pred, previous, grid)
+        x, previous = x_next, pred
     return x
 
 
-def sample_dpmpp_2m(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None):
+def _check_final_order(final_order: int) -> None:
+    if final_order not in (1, 2):
+        raise ValueError(f"final_order must be 1 (the posterior-mean jump) or 2, got {final_order}")
+
+
+def sample_dpmpp_2m(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None, final_order: int = 2):
     """DPM-Solver++(2M): second-order multistep exponential integrator, one call a step."""
-    return _dpmpp_multistep(denoise, x, grid, 2, callback)
+    return _dpmpp_multistep(denoise, x, grid, 2, callback, final_order)
 
 
-def sample_dpmpp_3m(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None):
+def sample_dpmpp_3m(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None, final_order: int = 2):
     """DPM-Solver++(3M): third-order multistep exponential integrator, one call a step."""
-    return _dpmpp_multistep(denoise, x, grid, 3, callback)
+    return _dpmpp_multistep(denoise, x, grid, 3, callback, final_order)
 
 
 def _unipc_coefficients(rks: list[torch.Tensor], hh: torch.Tensor, b_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,14 +349,15 @@ def _unipc_coefficients(rks: list[torch.Tensor], hh: torch.Tensor, b_h: torch.Te
 
 def sample_unipc(
     denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, callback=None, order: Optional[int] = None,
-    corrector: bool = True, variant: str = "bh2",
+    corrector: bool = True, variant: str = "bh2", final_order: int = 2,
 ):
     """UniPC (Zhao et al., 2023): a multistep predictor with a free corrector, in data prediction.
 
     After each network call at a new point, the corrector (UniC) refines that point's state
     with the fresh evaluation, raising the order by one at no extra call: the evaluation is the
-    one the next predictor step needs anyway. The final jump to clean data is first order.
-    When a denoiser changed the state it evaluated (known values, gradient steps), the
+    one the next predictor step needs anyway. The final jump to clean data is second order in
+    sigma / alpha (``final_order=2``, :func:`_second_order_final`; 1 is the paper's first-order
+    jump). When a denoiser changed the state it evaluated (known values, gradient steps), the
     corrected state keeps that change.
 
     ``order`` defaults to 3 on grids of 15 points or more and 2 below, where third-order
@@ -335,10 +370,12 @@ def sample_unipc(
         raise ValueError(f"unknown UniPC variant {variant!r}; choose bh1 or bh2")
     if order not in (1, 2, 3, 4):
         raise ValueError(f"UniPC order must be 1-4, got {order}")
+    _check_final_order(final_order)
     lambdas = grid.lambdas
     K = len(grid)
     history: list[tuple[torch.Tensor, torch.Tensor]] = []
     pending = None  # what the corrector needs from the last predictor step
+    previous = None
     for i in range(K):
         x_predicted = x
         x, pred = _evaluate(denoise, x, i, grid, callback)
@@ -348,7 +385,10 @@ def sample_unipc(
         if i == K - 1:
             x = _first_order_update(x, pred.x0, float(grid.alphas[i + 1]), float(grid.sigmas[i + 1]),
                                     float(grid.sigmas[i]), lambdas[i + 1] - lambdas[i])
+            if final_order == 2:
+                x = _second_order_final(x, pred, previous, grid)
             break
+        previous = pred
         step_order = min(order, len(history), K - i)
         while step_order > 1 and not torch.isfinite(history[-step_order][0]):
             step_order -= 1

@@ -84,7 +84,7 @@ def test_ddim_on_any_grid_is_the_closed_form_map(grid_name, time_input):
         seen.append(t.clone())
         return model(x, t)
 
-    ours = diff.sample(recording_model, noise.shape, sampler="ddim", grid=grid, noise=noise, dtype=torch.float64)
+    ours = diff.sample(recording_model, noise.shape, start="noise", sampler="ddim", grid=grid, noise=noise, dtype=torch.float64)
     expected = closed_form_ddim(noise, [float(a) for a in grid.alphas])
     assert torch.allclose(ours, expected, atol=1e-6)
     told = torch.stack([t[0] for t in seen]).double()
@@ -99,7 +99,7 @@ def test_ddpm_on_fractional_grids_has_the_closed_form_moments(grid_name):
     grid = grids()[grid_name]
     data = GaussianData(MEAN, STD)
     diff = Diffusion(diffwave_schedule())
-    samples = diff.sample(data.model(diff.schedule), (40000, 4), sampler="ddpm", grid=grid, dtype=torch.float64,
+    samples = diff.sample(data.model(diff.schedule), (40000, 4), start="noise", sampler="ddpm", grid=grid, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(2))
     mean, var = closed_form_ddpm_moments([float(a) for a in grid.alphas])
     assert torch.allclose(samples.mean(0), mean, atol=4 * (var / 40000).sqrt().max().item())
@@ -211,7 +211,7 @@ def test_learned_variance_on_a_respaced_grid_interpolates_that_grid_steps_varian
         tilde = beta * (1 - a_s**2) / (1 - a_t**2)
         step_variances.append(torch.exp(frac * math.log(beta) + (1 - frac) * math.log(max(tilde, 1e-20))))
     step_variances[-1] = torch.zeros(4, dtype=torch.float64)  # no noise on the last step
-    samples = diff.sample(model, (40000, 4), sampler="ddpm", grid=grid, dtype=torch.float64,
+    samples = diff.sample(model, (40000, 4), start="noise", sampler="ddpm", grid=grid, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(3))
     mean, var = closed_form_ddpm_moments(alphas, step_variances)
     assert torch.allclose(samples.mean(0), mean, atol=4 * (var / 40000).sqrt().max().item())

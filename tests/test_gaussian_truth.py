@@ -173,3 +173,51 @@ def test_ddpm_with_large_or_learned_variance_reproduces_gaussian_data(variance):
     samples = diff.sample(model, noise.shape, sampler="ddpm", noise=noise, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(5))
     assert DATA.kl_per_dim(samples) < 2e-3
+
+
+# --------------------------------------------------------------------------- the two floors
+# Data with means of order 2 (the prior mismatch matters) and a dimension narrower than
+# sigma_0 = 0.01 allows (the posterior-mean shrink matters).
+FLOOR_DATA = GaussianData(mean=torch.linspace(1.0, 3.0, 6), std=torch.tensor([0.03, 0.05, 0.1, 0.4, 0.8, 1.6]))
+
+
+def test_plain_noise_start_sits_on_the_prior_mismatch_floor_and_the_prior_start_removes_it():
+    diff = Diffusion("linear", 1000)
+    model = FLOOR_DATA.model(diff.schedule)
+    noise = standard_noise(4000, 6)
+    floor = FLOOR_DATA.prior_mismatch_kl(diff.schedule)
+    assert floor > 5e-5  # the test means something only if the floor is well above solver error
+    plain = diff.sample(model, noise.shape, steps=50, noise=noise, dtype=torch.float64, start="noise")
+    moved = diff.sample(model, noise.shape, steps=50, noise=noise, dtype=torch.float64)
+    assert FLOOR_DATA.kl_per_dim(plain) == pytest.approx(floor, rel=0.1)
+    assert FLOOR_DATA.kl_per_dim(moved) < floor / 20
+
+
+def test_prior_start_moves_the_first_state_by_alpha_times_the_first_prediction():
+    diff = Diffusion("linear", 1000)
+    model = FLOOR_DATA.model(diff.schedule)
+    noise = standard_noise(16, 6)
+    seen = []
+    diff.sample(model, noise.shape, sampler="ddim", steps=4, noise=noise, dtype=torch.float64, callback=seen.append)
+    alpha = float(diff.sampling_grid(4, sampler="ddim").alphas[0])
+    assert torch.allclose(seen[0]["x"], noise + alpha * seen[0]["denoised"], atol=1e-12)
+    with pytest.raises(ValueError, match="start must be"):
+        diff.sample(model, noise.shape, steps=4, start="exact")
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "dpm++2m", "dpm++3m"])
+def test_second_order_final_jump_removes_the_posterior_mean_floor(sampler):
+    """A first-order jump from t = 0 lands on E[x0 | x_0], the closed-form shrink floor; the
+    default second-order jump goes far below it."""
+    diff = Diffusion("linear", 1000)
+    model = FLOOR_DATA.model(diff.schedule)
+    noise = standard_noise(4000, 6)
+    floor = FLOOR_DATA.posterior_mean_kl(diff.schedule, 0.0)
+    assert floor > 1e-4
+    first = diff.sample(model, noise.shape, sampler=sampler, steps=100, noise=noise, dtype=torch.float64,
+                        sampler_options={"final_order": 1})
+    second = diff.sample(model, noise.shape, sampler=sampler, steps=100, noise=noise, dtype=torch.float64)
+    assert FLOOR_DATA.kl_per_dim(first) == pytest.approx(floor, rel=0.2)
+    assert FLOOR_DATA.kl_per_dim(second) < floor / 20
+    with pytest.raises(ValueError, match="final_order"):
+        diff.sample(model, noise.shape, sampler=sampler, steps=5, sampler_options={"final_order": 3})

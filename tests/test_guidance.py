@@ -160,7 +160,7 @@ def test_gradient_steps_follow_diffusers_algorithm_exactly():
     scale, stop_below, n_steps = 0.5, 10.0, 2
 
     condition = KnownValues(mask, start, clean=True)
-    ours = diff.sample(model, noise.shape, sampler="ddpm", grid=grid, noise=noise, dtype=torch.float64,
+    ours = diff.sample(model, noise.shape, start="noise", sampler="ddpm", grid=grid, noise=noise, dtype=torch.float64,
                        generator=torch.Generator().manual_seed(5),
                        wrappers=[condition, GradientSteps(value, scale, num_steps=n_steps, stop_below=stop_below,
                                                           conditions=[condition])])
@@ -183,7 +183,7 @@ def test_gradient_steps_follow_diffusers_algorithm_exactly():
         x = mean if i == len(grid) - 1 else mean + var**0.5 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
     assert torch.allclose(ours, x, atol=1e-10)
     assert torch.equal(ours[:, mask], start[:, mask])
-    unguided = diff.sample(model, noise.shape, sampler="ddpm", grid=grid, noise=noise, dtype=torch.float64,
+    unguided = diff.sample(model, noise.shape, start="noise", sampler="ddpm", grid=grid, noise=noise, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(5), wrappers=[condition])
     assert (ours[:, 1:] - unguided[:, 1:]).abs().max() > 0.05  # the guidance did something
 
@@ -210,7 +210,7 @@ def test_state_hook_runs_after_every_step_but_not_on_the_start():
         calls.append((i, float(t[0])))
         return x + 0.1
 
-    ours = diff.sample(model, noise.shape, sampler="ddim", grid=grid, noise=noise, dtype=torch.float64,
+    ours = diff.sample(model, noise.shape, start="noise", sampler="ddim", grid=grid, noise=noise, dtype=torch.float64,
                        wrappers=[StateHook(hook)])
     x = noise.clone()
     for i in range(len(grid)):
