@@ -86,7 +86,8 @@ def test_batched_act_for_vector_envs(trained):
 
 
 def test_replanning_warm_starts_from_the_shifted_plan(trained, env):
-    planner = DiffusionPlanner.load(trained / "export", device="cpu", replan_every=4, warm_start_strength=0.5)
+    planner = DiffusionPlanner.load(trained / "export", device="cpu", replan_every=4, warm_start_strength=0.5,
+                                    num_candidates=1)
     calls = []
     sample = planner.diffusion.sample
 
@@ -350,6 +351,78 @@ def test_tracking_an_expert_route_of_waypoints_scores_like_the_expert():
             success |= info["success"]
         assert success and total >= 0.95 * expert_return and planner.plans_made == seed + 1  # one plan each
     env.close()
+
+
+def _route_planner(action_source: str, **overrides):
+    """A U-Maze planner with an untrained network, for tests that hand it a plan to act on."""
+    from modalities.planning.data import Normalizer
+    from modalities.planning.maze import MazeGrid
+    from modalities.planning.model import TemporalUNet
+    from modalities.planning.training import planner_diffusion
+
+    env = make_env(ENV, continuing_task=True)
+    grid = MazeGrid.from_env(env)
+    config = {"observation_dim": 4, "action_dim": 2, "horizon": 32, "every": 4, "env_id": ENV,
+              "normalizer": Normalizer(np.zeros(6), np.ones(6), "gaussian").to_config(), "maze": grid.to_config(),
+              "defaults": {"action_source": action_source, "replan_every": None}}
+    return env, grid, DiffusionPlanner(TemporalUNet(6, dim=8, dim_mults=(1, 2)), planner_diffusion(16), config,
+                                       **overrides)
+
+
+def test_following_the_route_arrives_as_early_as_the_expert_where_tracking_waits_for_the_schedule():
+    """A plan with the expert's route at a slower pace (arriving at the plan's last row, as
+    Diffuser's goal inpainting asks): tracking arrives with the plan, following the route
+    arrives as soon as the ball can."""
+    from modalities.planning.maze import WaypointExpert
+
+    returns = {}
+    for source in ("tracking", "path"):
+        env, grid, planner = _route_planner(source)
+        obs, _ = env.reset(seed=1)
+        expert, route, expert_return = WaypointExpert(grid), [obs["observation"]], 0.0
+        for _ in range(300):
+            obs, reward, *_ = env.step(expert.act(obs))
+            route.append(obs["observation"])
+            expert_return += reward
+        arrival = next(k for k, p in enumerate(route) if np.linalg.norm(p[:2] - obs["desired_goal"]) < 0.45)
+        assert arrival < planner.span / 2  # else the test shows nothing
+        slow = np.array([route[round(j * arrival / (planner.horizon - 1))] for j in range(planner.horizon)])
+        slow[-1] = [*obs["desired_goal"], 0.0, 0.0]
+        x = torch.zeros(1, 6, planner.horizon)
+        x[0, 2:] = torch.as_tensor(slow.T, dtype=torch.float32)
+        planner._sample = lambda states, goals, init=None, _x=x: (_x, None)
+        obs, _ = env.reset(seed=1)
+        planner.reset()
+        returns[source] = 0.0
+        for _ in range(300):
+            obs, reward, *_ = env.step(planner.act(obs))
+            returns[source] += reward
+        env.close()
+    assert returns["tracking"] < 0.9 * expert_return
+    assert returns["path"] >= 0.95 * expert_return
+
+
+def test_free_space_ranks_a_route_through_walls_below_one_around_them():
+    from modalities.planning.maze import WaypointExpert
+
+    env, grid, planner = _route_planner("path", num_candidates=2)
+    assert planner.candidate_score == "free_space"  # a maze planner without a value network
+    obs, _ = env.reset(seed=2)  # start and goal on the two arms of the U
+    expert, route = WaypointExpert(grid), [obs["observation"]]
+    for _ in range(planner.span - 1):
+        obs, *_ = env.step(expert.act(obs))
+        route.append(obs["observation"])
+    around = np.array(route[:: planner.every])
+    straight = np.linspace(around[0], around[-1], planner.horizon)  # the chord cuts the U-Maze's wall
+    plans = torch.as_tensor(np.stack([np.c_[np.zeros((planner.horizon, 2)), p] for p in (straight, around)]),
+                            dtype=torch.float32).transpose(1, 2)
+    scores = planner._score(plans)
+    assert scores[1] == 1.0 and scores[0] < 0.9
+    env.close()
+    with pytest.raises(ValueError, match="value network"):
+        _route_planner("path", num_candidates=2, candidate_score="value")
+    with pytest.raises(ValueError, match="path_lookahead"):
+        _route_planner("path", path_lookahead=0)
 
 
 def test_export_carries_a_model_card(trained):

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("gymnasium_robotics")
 
 from modalities.planning.maze import make_env  # noqa: E402
-from modalities.planning.planner import CHECKPOINTS_DIR, DiffusionPlanner  # noqa: E402
+from modalities.planning.planner import CHECKPOINTS_DIR, DiffusionPlanner, evaluate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from planner_train import PRESETS  # noqa: E402
@@ -37,9 +37,14 @@ def test_shipped_planner(env_id):
     assert planner.path == directory and planner.env_id == env_id
     preset = PRESETS[env_id]
     assert (planner.horizon, planner.every) == (preset["horizon"], preset["every"])
-    assert planner.action_source == "tracking" and planner.replan_every is None
+    assert planner.replan_every is None
+    assert (planner.action_source, planner.num_candidates, planner.replan_distance) == (
+        preset["action_source"], preset["num_candidates"], preset["replan_distance"])
     obs, _ = env.reset(seed=0)
     plan = planner.plan(obs)
     np.testing.assert_array_equal(plan.states[0], obs["observation"])
     np.testing.assert_allclose(plan.states[-1, :2], obs["desired_goal"], atol=1e-4)
     env.close()
+    # Reaching the goal, with the defaults it ships with (benchmarks/planning_maze.py scores it at length).
+    results = evaluate(planner, env_id, episodes=2, seed=1000, continuing_task=True)
+    assert results["success_rate"] == 1.0, results["episodes"]

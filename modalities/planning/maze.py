@@ -203,6 +203,17 @@ def _downhill(dist: np.ndarray, cell: tuple[int, int]) -> tuple[int, int]:
     raise AssertionError("distance map without a downhill neighbour")  # cannot happen for a BFS map
 
 
+def pd_action(target, state, gain: float = 10.0, damping: float = 1.0) -> np.ndarray:
+    """The PointMaze controller: clip(gain (target - position) - damping velocity, -1, 1).
+
+    ``state`` is (x, y, vx, vy). D4RL's maze2d expert steered this way; so do the waypoint
+    expert and the planner's path following.
+    """
+    state = np.asarray(state, dtype=np.float64)
+    action = gain * (np.asarray(target, dtype=np.float64) - state[:2]) - damping * state[2:]
+    return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
 class WaypointExpert:
     """D4RL's maze2d controller, done right: BFS waypoints and PD control, a fresh plan per goal.
 
@@ -243,9 +254,7 @@ class WaypointExpert:
                 raise ValueError("WaypointExpert.act needs the goal: pass the observation dict or goal=(x, y)")
         if state.shape != (4,):
             raise ValueError(f"WaypointExpert expects a PointMaze state (x, y, vx, vy) of shape (4,), got {state.shape}")
-        target = self.waypoint(state[:2], goal)
-        action = self.gain * (target - state[:2]) - self.damping * state[2:]
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
+        return pd_action(self.waypoint(state[:2], goal), state, self.gain, self.damping)
 
     __call__ = act
 

@@ -25,11 +25,19 @@ How it is used:
   by k steps: it is noised to ``warm_start_strength`` of the chain and denoised from there in
   ``warm_start_steps`` solver steps respaced inside it (default: ``steps`` x strength, the
   same step density as a cold plan at a fraction of its cost).
-- ``action_source``: "tracking" (mazes), "plan" (the plan's own action at the current step)
-  or "inverse_dynamics" (Decision Diffuser: a = f(s_k, s_k+1) with a trained MLP).
-- ``num_candidates`` > 1: sample that many plans and keep the one the value network ranks
-  best (``Diffusion.sample_candidates``); ``value_guidance`` > 0: Diffuser's guidance, a few
-  gradient steps on the value before each denoising step (``GradientSteps``).
+- ``action_source``: "path" (mazes; the default of the shipped maze planners), "tracking"
+  (mazes, Diffuser's controller), "plan" (the plan's own action at the current step) or
+  "inverse_dynamics" (Decision Diffuser: a = f(s_k, s_k+1) with a trained MLP). "path" follows
+  the plan's route at the controller's own pace instead of the plan's schedule: the target is
+  the point ``path_lookahead`` further along the route than the nearest point ahead, and the
+  action the maze expert's a = clip(10 (target - position) - velocity, -1, 1). A plan's
+  schedule is the data's pace, so Diffuser's tracking arrives when the plan does (the
+  horizon's end); following the route arrives as soon as the ball can.
+- ``num_candidates`` > 1: sample that many plans in one batch and keep the best
+  (``Diffusion.sample_candidates``), ranked by ``candidate_score``: "value" (the value
+  network) or "free_space" (mazes: the share of the route inside free cells, so plans that cut
+  through walls lose); ``value_guidance`` > 0: Diffuser's guidance, a few gradient steps on
+  the value before each denoising step (``GradientSteps``).
 """
 
 from __future__ import annotations
@@ -49,14 +57,15 @@ from diffkit.runs import resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
 from .data import Normalizer, flatten_observation
-from .maze import MazeGrid, make_env
+from .maze import MazeGrid, make_env, pd_action
 from .model import InverseDynamics, TemporalUNet, ValueNet
 
 __all__ = ["CHECKPOINTS_DIR", "DiffusionPlanner", "Plan", "PlannerWrapper", "evaluate"]
 
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
 MODALITY = "planning"
-ACTION_SOURCES = ("tracking", "plan", "inverse_dynamics")
+ACTION_SOURCES = ("path", "tracking", "plan", "inverse_dynamics")
+CANDIDATE_SCORES = ("value", "free_space")
 
 # Network classes a checkpoint may name: a checkpoint never chooses what code runs.
 NETWORKS = {"modalities.planning.model.TemporalUNet": TemporalUNet}
@@ -76,6 +85,8 @@ DEFAULTS: dict[str, Any] = {
     "guidance_steps": 2,
     "guidance_stop_below": 2.0,
     "replan_distance": None,
+    "path_lookahead": 1.0,
+    "candidate_score": None,  # None: "value" with a value network, else "free_space" in a maze
 }
 
 
@@ -171,9 +182,13 @@ class DiffusionPlanner:
         self.action_source = str(settings["action_source"])
         if self.action_source not in ACTION_SOURCES:
             raise ValueError(f"unknown action_source {self.action_source!r}; choose one of {', '.join(ACTION_SOURCES)}")
-        if self.action_source == "tracking" and (self.maze is None or self.observation_dim != 4):
-            raise ValueError("action_source='tracking' follows (x, y, vx, vy) waypoints and needs a PointMaze "
-                             "checkpoint; use 'plan' or 'inverse_dynamics'")
+        if self.action_source in ("tracking", "path") and (self.maze is None or self.observation_dim != 4):
+            raise ValueError(f"action_source={self.action_source!r} follows (x, y, vx, vy) waypoints and needs a "
+                             "PointMaze checkpoint; use 'plan' or 'inverse_dynamics'")
+        self.path_lookahead = float(settings["path_lookahead"])
+        if not self.path_lookahead > 0:
+            raise ValueError(f"path_lookahead must be > 0 (a distance along the plan's route), got "
+                             f"{settings['path_lookahead']}")
         if self.action_source == "inverse_dynamics" and inverse_dynamics is None:
             raise ValueError("action_source='inverse_dynamics' needs a checkpoint trained with an inverse-dynamics "
                              "model (recipes/planner_train.py --inverse-dynamics)")
@@ -188,9 +203,20 @@ class DiffusionPlanner:
                              f"None, got {distance}")
         if self.num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
-        if (self.num_candidates > 1 or self.value_guidance > 0) and value_net is None:
-            raise ValueError("ranking candidates (num_candidates > 1) and value guidance need a checkpoint with a "
-                             "value network (recipes/planner_train.py --value)")
+        score = settings["candidate_score"]
+        if score is None:
+            score = "value" if value_net is not None or self.maze is None else "free_space"
+        if score not in CANDIDATE_SCORES:
+            raise ValueError(f"unknown candidate_score {score!r}; choose one of {', '.join(CANDIDATE_SCORES)}")
+        self.candidate_score = score
+        if self.value_guidance > 0 and value_net is None:
+            raise ValueError("value guidance needs a checkpoint with a value network (recipes/planner_train.py --value)")
+        if self.num_candidates > 1 and score == "value" and value_net is None:
+            raise ValueError("ranking candidates by value needs a checkpoint with a value network "
+                             "(recipes/planner_train.py --value); in a maze, candidate_score='free_space' needs none")
+        if score == "free_space" and self.maze is None:
+            raise ValueError("candidate_score='free_space' ranks routes by the maze's free cells and needs a PointMaze "
+                             "checkpoint")
         multiple = getattr(net, "horizon_multiple", 1)
         if self.horizon % multiple:
             raise CheckpointError(f"horizon {self.horizon} is not a multiple of {multiple}, which the network needs")
@@ -293,12 +319,13 @@ class DiffusionPlanner:
         if self.replan_distance is not None:
             # Knocked off the plan's path (a wall's corner, a bad plan): plan afresh from here. The
             # path, not the plan's schedule: the tracking controller lags behind a fast plan.
-            ahead = np.arange(self.span)[None, :] >= np.minimum(mem["step"], self.span - 1)[:, None]
+            reached = mem["progress"] if self.action_source == "path" else mem["step"]
+            ahead = np.arange(self.span)[None, :] >= np.minimum(reached, self.span - 1)[:, None]
             gaps = np.linalg.norm(mem["states"][:, :, :2] - states[:, None, :2], axis=2)
             off_path = np.where(ahead, gaps, np.inf).min(axis=1) > self.replan_distance
             strayed = mem["has_plan"] & off_path
             stale |= strayed
-        if self.action_source != "tracking":
+        if self.action_source not in ("tracking", "path"):  # those hold at the plan's end
             stale |= mem["step"] >= self.span - 1  # no action left in the plan
         if stale.any():
             self._replan(np.nonzero(stale)[0], states, goals, cold=strayed)
@@ -313,6 +340,7 @@ class DiffusionPlanner:
         return {
             "has_plan": np.zeros(n, dtype=bool),
             "step": np.zeros(n, dtype=np.int64),  # steps taken since the plan was made
+            "progress": np.zeros(n, dtype=np.int64),  # action_source "path": the plan row reached
             "x": torch.zeros(n, self.transition_dim, self.horizon),  # normalised model rows, for warm starts
             "states": np.zeros((n, self.span, self.observation_dim)),  # one row per environment step
             "actions": np.zeros((n, self.span, self.action_dim), np.float32),
@@ -404,12 +432,16 @@ class DiffusionPlanner:
         shape = (n, self.transition_dim, self.horizon)
         if k > 1:
             best = self.diffusion.sample_candidates(self.net, shape, k, score_fn=self._score, **kwargs)
-            return best.top, best.scores[:, 0]
+            return best.top, (best.scores[:, 0] if self.candidate_score == "value" else None)
         x = self.diffusion.sample(self.net, shape, **kwargs)
-        return x, (self._score(x) if self.value_net is not None else None)
+        return x, (self._score(x) if self.candidate_score == "value" and self.value_net is not None else None)
 
     @torch.no_grad()
     def _score(self, x: torch.Tensor) -> torch.Tensor:
+        if self.candidate_score == "free_space":
+            rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
+            route = _interpolate(rows[:, :, self.action_dim: self.action_dim + 2], self.every)
+            return torch.tensor([self.maze.fraction_free(points) for points in route], device=x.device)
         return self.value_net(x, torch.zeros(len(x), device=x.device))
 
     def _to_plan(self, x: torch.Tensor, states: np.ndarray, goals, values) -> Plan:
@@ -448,6 +480,7 @@ class DiffusionPlanner:
             mem["x"][rows] = x.float().cpu()
             mem["states"][rows], mem["actions"][rows] = plan.states, plan.actions
             mem["step"][rows] = 0
+            mem["progress"][rows] = 0
             mem["has_plan"][rows] = True
             self.plans_made += len(rows)
             if goals is not None:
@@ -456,6 +489,8 @@ class DiffusionPlanner:
     def _actions(self, states: np.ndarray, rows: np.ndarray) -> np.ndarray:
         mem = self._memory
         step = mem["step"][rows]
+        if self.action_source == "path":
+            return self._follow_path(states, rows)
         if self.action_source == "tracking":
             nxt = np.minimum(step + 1, self.span - 1)
             waypoint = mem["states"][rows, nxt].astype(np.float64)
@@ -471,6 +506,25 @@ class DiffusionPlanner:
                 a = self.inverse_dynamics(s, s_next).float().cpu().numpy()
             action = self._act_norm.unnormalize(a)
         return np.clip(action, self.action_low, self.action_high).astype(np.float32)
+
+
+    def _follow_path(self, states: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Action source "path": steer at the route point ``path_lookahead`` beyond the nearest one ahead."""
+        mem = self._memory
+        actions = np.empty((len(rows), self.action_dim), dtype=np.float32)
+        for k, (r, state) in enumerate(zip(rows, states)):
+            route = mem["states"][r, :, :2]
+            start = int(mem["progress"][r])
+            # The nearest route point among the next 40 rows (env steps; the plan moves at the data's
+            # pace, which the ball cannot outrun by that much in one step): progress only moves
+            # forward, so a route that passes near itself (a U-turn) is not short-cut.
+            window = route[start: start + 40]
+            nearest = start + int(np.argmin(np.linalg.norm(window - state[:2], axis=1)))
+            mem["progress"][r] = nearest
+            along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(route[nearest:], axis=0), axis=1))])
+            target = route[min(nearest + int(np.searchsorted(along, self.path_lookahead)), self.span - 1)]
+            actions[k] = pd_action(target, state)
+        return np.clip(actions, self.action_low, self.action_high)
 
 
 def _interpolate(waypoints: np.ndarray, every: int) -> np.ndarray:
