@@ -22,24 +22,24 @@ Two pieces of information make the defaults of a trained model accurate without 
    sampler on the batch, once per (model, sampler, K); the result is a list of K times stored
    in ``diffusion.calibration["grids"]["<sampler>/<K>"]`` and used by ``sample(steps=K)``.
 
-2. **Reverse variances** (:func:`estimate_eps_norms`, :func:`analytic_variances`;
-   Analytic-DPM, Bao et al. 2022). For a step t -> s of the reverse process with the mean
-   of q(x_s | x_t, x0 = x0_hat), the variance that maximises the likelihood is
+2. **Reverse variances** (:func:`estimate_reverse_statistics`, :func:`analytic_variances`;
+   Analytic-DPM, Bao et al. 2022, with its imperfect-mean correction). For a step t -> s of the
+   reverse process with the mean of q(x_s | x_t, x0 = x0_theta), the variance that minimises the
+   step's expected KL term, i.e. maximises the bound, is
 
-       var*(t -> s) = beta_tilde(t, s) + c_x0(t, s)^2 * E Var[x0 | x_t]       (per dimension)
+       var*(t -> s) = beta_tilde(t, s) + c_x0(t, s)^2 * E||x0 - x0_theta(x_t, t)||^2 / d
 
-   with c_x0 = alpha_s sigma_{t|s}^2 / sigma_t^2 the posterior's weight on x0. The
-   x0-uncertainty follows from the model's own eps-prediction:
-
-       E Var[x0 | x_t] / d = (sigma_t^2 / alpha_t^2) (1 - Gamma_t),   Gamma_t = E||eps_theta(x_t, t)||^2 / d,
-
-   because Cov[x0 | x_t] = (sigma_t / alpha_t)^2 Cov[eps | x_t] and E||E[eps|x_t]||^2 =
-   E||eps||^2 - E tr Cov[eps | x_t]. Gamma_t is estimated once per training step by Monte Carlo
-   on data (with E||eps||^2 / d = 1 as a control variate), stored in
-   ``diffusion.calibration["eps_norm_sq"]`` and used by :meth:`Diffusion.nll` by default. As in
-   Analytic-DPM the variance is clipped to [beta_tilde, beta] (its lower and upper bounds for
-   any data), and for bounded data (the discretised decoder) Var[x0 | x_t] <= (range / 2)^2.
-   The decoder step (to clean data) uses var = E Var[x0 | x_{t_last}].
+   with c_x0 = alpha_s sigma_{t|s}^2 / sigma_t^2 the posterior's weight on x0. The model's x0
+   error is estimated once per training step by Monte Carlo on data and stored in
+   ``diffusion.calibration["x0_mse"]``. Analytic-DPM's own estimate of the same quantity,
+   (sigma_t / alpha_t)^2 (1 - Gamma_t) with Gamma_t = E||eps_theta(x_t, t)||^2 / d (stored as
+   ``eps_norm_sq``, with E||eps||^2 / d = 1 as a control variate), is exact only when the
+   network is the true posterior mean, E Var[x0 | x_t]; a real network's x0 is worse at low
+   noise, Gamma exceeds 1 there, and the decoder's variance would collapse to zero. It is kept
+   for calibrations made before ``x0_mse`` existed (clipped to [beta_tilde, beta] and, for
+   bounded data, Var[x0 | x_t] <= (range / 2)^2, as Analytic-DPM does). The decoder step (to
+   clean data) uses var = the x0 error at the last point. :meth:`Diffusion.nll` uses these
+   variances by default once they are calibrated.
 
 Both are pure functions of (diffusion, model, inputs); :func:`calibrate` runs them and writes the
 results into ``diffusion.calibration``, which :attr:`Diffusion.config` carries, so a checkpoint
@@ -70,8 +70,16 @@ def grid_key(sampler: str, steps: int) -> str:
 
 
 # --------------------------------------------------------------------------- reverse variances
+def estimate_eps_norms(diffusion, model: Callable[..., torch.Tensor], data: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Gamma_t = E||eps_theta(x_t, t)||^2 / d for every training step, float64 (T,).
+
+    The ``eps_norm_sq`` half of :func:`estimate_reverse_statistics` (same arguments).
+    """
+    return estimate_reverse_statistics(diffusion, model, data, **kwargs)["eps_norm_sq"]
+
+
 @torch.no_grad()
-def estimate_eps_norms(
+def estimate_reverse_statistics(
     diffusion,
     model: Callable[..., torch.Tensor],
     data: torch.Tensor,
@@ -81,8 +89,15 @@ def estimate_eps_norms(
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
     **cond,
-) -> torch.Tensor:
-    """Gamma_t = E||eps_theta(x_t, t)||^2 / d for every training step t = 0..T-1, float64 (T,).
+) -> dict[str, torch.Tensor]:
+    """Per training step t = 0..T-1, float64 (T,) each, from one pass of the model over ``data``:
+
+    * ``eps_norm_sq``: Gamma_t = E||eps_theta(x_t, t)||^2 / d (Analytic-DPM's statistic);
+    * ``x0_mse``: E||x0 - x0_theta(x_t, t)||^2 / d, the model's own error.
+
+    For the exact posterior mean the two say the same thing (x0_mse = (sigma_t / alpha_t)^2
+    (1 - Gamma_t)); for a real network they differ, and x0_mse is the one that gives the best
+    variances (:func:`analytic_variances`).
 
     ``data`` (N, ...) are clean examples (a few hundred suffice); each step sees every
     example once with fresh noise. The estimate uses the exact E||eps||^2 / d = 1 as a control
@@ -114,11 +129,12 @@ def estimate_eps_norms(
     n = data.shape[0]
     dims = data[0].numel()
     values = torch.empty(eval_times.numel(), dtype=torch.float64)
+    errors = torch.empty(eval_times.numel(), dtype=torch.float64)
     from tqdm.auto import tqdm
 
     for k in tqdm(range(eval_times.numel()), desc="eps norms", disable=not progress, leave=False):
         t_value = float(eval_times[k])
-        model_norms, noise_norms = [], []
+        model_norms, noise_norms, x0_errors = [], [], []
         for start in range(0, n, batch_size):
             x0 = data[start:start + batch_size]
             b = x0.shape[0]
@@ -130,27 +146,30 @@ def estimate_eps_norms(
             x_t = alpha * x0 + sigma * noise
             output = model(x_t, diffusion.model_time(t, alpha, sigma).to(x0.device), **part)
             output, _ = split_output(output.to(x0.dtype), x_t, diffusion.learn_variance)
-            _, eps_hat = to_x0_eps(diffusion.prediction, output, x_t, alpha, sigma)
+            x0_hat, eps_hat = to_x0_eps(diffusion.prediction, output, x_t, alpha, sigma)
+            x0_errors.append(((x0_hat.to(torch.float64) - x0.to(torch.float64)) ** 2).reshape(b, -1).sum(dim=1).cpu() / dims)
             model_norms.append((eps_hat.to(torch.float64) ** 2).reshape(b, -1).sum(dim=1).cpu() / dims)
             noise_norms.append((noise.to(torch.float64) ** 2).reshape(b, -1).sum(dim=1).cpu() / dims)
         a, c = torch.cat(model_norms), torch.cat(noise_norms)
         # The regression coefficient of ||eps_theta||^2 on ||eps||^2: the variance-minimising weight.
         slope = float(((a - a.mean()) * (c - c.mean())).mean() / (c.var(unbiased=False) + 1e-300)) if n > 1 else 0.0
         values[k] = float(a.mean()) - slope * (float(c.mean()) - 1.0)
-    if not torch.isfinite(values).all():
-        raise FloatingPointError("the model returned NaN or Inf while estimating E||eps||^2")
+        errors[k] = float(torch.cat(x0_errors).mean())
+    if not (torch.isfinite(values).all() and torch.isfinite(errors).all()):
+        raise FloatingPointError("the model returned NaN or Inf while estimating its reverse statistics")
     if times is None:
-        return values
+        return {"eps_norm_sq": values, "x0_mse": errors}
     steps = torch.arange(T, dtype=torch.float64)
     upper = torch.searchsorted(eval_times, steps).clamp(1, eval_times.numel() - 1)
     lower = upper - 1
     frac = (steps - eval_times[lower]) / (eval_times[upper] - eval_times[lower])
-    return values[lower] * (1 - frac) + values[upper] * frac
+    return {name: table[lower] * (1 - frac) + table[upper] * frac
+            for name, table in (("eps_norm_sq", values), ("x0_mse", errors))}
 
 
-def eps_norms_at(eps_norm_sq: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-    """Gamma at (fractional) training times, by linear interpolation of the per-step table."""
-    table = torch.as_tensor(eps_norm_sq, dtype=torch.float64)
+def per_step_at(table: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """A per-training-step table (Gamma, x0 error) at (fractional) times, by linear interpolation."""
+    table = torch.as_tensor(table, dtype=torch.float64)
     times = torch.as_tensor(times, dtype=torch.float64).clamp(0, table.numel() - 1)
     low = times.floor().long().clamp(max=table.numel() - 1)
     high = (low + 1).clamp(max=table.numel() - 1)
@@ -159,26 +178,40 @@ def eps_norms_at(eps_norm_sq: torch.Tensor, times: torch.Tensor) -> torch.Tensor
 
 
 def analytic_variances(grid: SamplingGrid, eps_norm_sq: torch.Tensor, *,
-                       data_range: Optional[tuple[float, float]] = None) -> torch.Tensor:
-    """Analytic-DPM's reverse variances for every step of ``grid``, float64 (K,).
+                       data_range: Optional[tuple[float, float]] = None,
+                       x0_mse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The likelihood-optimal reverse variances for every step of ``grid``, float64 (K,).
 
     Entry i is the variance of p(x_{i+1} | x_i) (the last entry: of the decoder p(x0 | x_{K-1}))
 
-        var_i = beta_tilde_i + c_x0,i^2 * v_i,    v_i = (sigma_i / alpha_i)^2 (1 - Gamma(t_i))
+        var_i = beta_tilde_i + c_x0,i^2 * v_i,
 
-    clipped to [beta_tilde_i, beta_i] for steps between noisy points (the bounds of
-    Analytic-DPM's Theorem 2), with v_i <= ((high - low) / 2)^2 when ``data_range`` bounds the
-    data. Points with NaN times (outside the schedule) are not supported.
+    with v_i the uncertainty of the model's x0 at t_i. Given ``x0_mse`` (the model's measured
+    error E||x0 - x0_theta||^2 / d), v_i = x0_mse(t_i): the exact minimiser of each step's
+    expected KL term for the model's own mean, E KL(q(x_s | x_t, x0) || N(mu_theta, var I)),
+    which is beta_tilde + E||mu_q - mu_theta||^2 / d (the imperfect-mean correction of Bao et
+    al., 2022b). Otherwise Analytic-DPM's v_i = (sigma_i / alpha_i)^2 (1 - Gamma(t_i)), exact
+    only for the true posterior mean: it is clipped to [beta_tilde_i, beta_i] (Analytic-DPM's
+    Theorem 2) and v_i <= ((high - low) / 2)^2 when ``data_range`` bounds the data. It fails
+    where a network's x0 is worse than the posterior mean: at low noise Gamma then exceeds 1,
+    v_i becomes 0 and the decoder's variance collapses (benchmarks/results/likelihood_gain.md
+    measured this on x0-predicting audio and planning models). Points with NaN times (outside
+    the schedule) are not supported.
     """
     if torch.isnan(grid.times).any():
         raise ValueError("analytic variances need grid points inside the schedule (no NaN times)")
-    gamma = eps_norms_at(eps_norm_sq, grid.times).clamp(max=1.0)
     alphas, sigmas = grid.alphas.to(torch.float64), grid.sigmas.to(torch.float64)
     a_t, s_t, a_s, s_s = alphas[:-1], sigmas[:-1], alphas[1:], sigmas[1:]
+    _, c_x0, tilde = posterior_coefficients(a_t, s_t, a_s, s_s)
+    if x0_mse is not None:
+        x0_var = per_step_at(x0_mse, grid.times).clamp(min=0.0)
+        var = tilde + c_x0**2 * x0_var
+        var[-1] = x0_var[-1].clamp(min=1e-12)
+        return var
+    gamma = per_step_at(eps_norm_sq, grid.times).clamp(max=1.0)
     x0_var = (s_t / a_t.clamp(min=1e-300)) ** 2 * (1.0 - gamma)
     if data_range is not None:
         x0_var = x0_var.clamp(max=((data_range[1] - data_range[0]) / 2.0) ** 2)
-    _, c_x0, tilde = posterior_coefficients(a_t, s_t, a_s, s_s)
     var = tilde + c_x0**2 * x0_var
     beta = transition_variance(a_t, s_t, a_s, s_s)
     var = torch.minimum(torch.maximum(var, tilde), beta)
@@ -432,9 +465,9 @@ def calibrate(
                 grids[grid_key(sampler, int(k))] = {"times": best[0].times.tolist(), "sampler_options": best[1]}
             current["grids"] = grids
     if data is not None:
-        norms = estimate_eps_norms(diffusion, model, data, times=eps_norm_times, batch_size=batch_size,
-                                   generator=generator, progress=progress,
-                                   **(cond if eps_norm_cond is None else eps_norm_cond))
-        current["eps_norm_sq"] = norms.tolist()
+        statistics = estimate_reverse_statistics(diffusion, model, data, times=eps_norm_times, batch_size=batch_size,
+                                                 generator=generator, progress=progress,
+                                                 **(cond if eps_norm_cond is None else eps_norm_cond))
+        current.update({name: values.tolist() for name, values in statistics.items()})
     diffusion.calibration = diffusion._check_calibration(current)
     return diffusion.calibration

@@ -121,10 +121,11 @@ class Diffusion:
             uniformly, then sqrt(alpha_bar) uniformly between steps i-1 and i).
         calibration: what :mod:`diffkit.calibration` measured on a trained model, carried in
             :attr:`config` (so a checkpoint keeps it): ``{"grids": {"<sampler>/<K>": {"times":
-            [...], "sampler_options": {...}}}, "eps_norm_sq": [T floats]}``, both optional. A
-            stored grid is what ``sample(sampler=..., steps=K)`` and ``sampling_grid(K)`` use;
-            ``eps_norm_sq`` gives :meth:`nll` (and ``ddpm`` with ``variance="analytic"``)
-            Analytic-DPM's reverse variances. Fill it with :func:`diffkit.calibration.calibrate`.
+            [...], "sampler_options": {...}}}, "eps_norm_sq": [T floats], "x0_mse": [T floats]}``,
+            all optional. A stored grid is what ``sample(sampler=..., steps=K)`` and
+            ``sampling_grid(K)`` use; ``x0_mse`` (or, in older calibrations, ``eps_norm_sq``
+            alone) gives :meth:`nll` (and ``ddpm`` with ``variance="analytic"``) the optimal
+            reverse variances. Fill it with :func:`diffkit.calibration.calibrate`.
     """
 
     def __init__(
@@ -184,16 +185,18 @@ class Diffusion:
             return {}
         if not isinstance(calibration, dict):
             raise ValueError(f"calibration must be a dict, got {type(calibration).__name__}")
-        unknown = set(calibration) - {"grids", "eps_norm_sq", "notes"}
+        unknown = set(calibration) - {"grids", "eps_norm_sq", "x0_mse", "notes"}
         if unknown:
-            raise ValueError(f"unknown calibration entries {sorted(unknown)}; expected 'grids', 'eps_norm_sq', 'notes'")
+            raise ValueError(f"unknown calibration entries {sorted(unknown)}; expected 'grids', 'eps_norm_sq', 'x0_mse', 'notes'")
         checked: dict = {}
-        if "eps_norm_sq" in calibration:
-            values = torch.as_tensor(calibration["eps_norm_sq"], dtype=torch.float64).flatten()
+        for name in ("eps_norm_sq", "x0_mse"):
+            if name not in calibration:
+                continue
+            values = torch.as_tensor(calibration[name], dtype=torch.float64).flatten()
             if values.numel() != self.num_timesteps or not torch.isfinite(values).all():
-                raise ValueError(f"calibration['eps_norm_sq'] needs {self.num_timesteps} finite values (one per "
+                raise ValueError(f"calibration[{name!r}] needs {self.num_timesteps} finite values (one per "
                                  f"training step), got {values.numel()}")
-            checked["eps_norm_sq"] = [float(v) for v in values]
+            checked[name] = [float(v) for v in values]
         grids = calibration.get("grids", {})
         if not isinstance(grids, dict):
             raise ValueError("calibration['grids'] must map '<sampler>/<steps>' to times")
@@ -525,19 +528,11 @@ class Diffusion:
         counted = _element_mask(mask, known_mask, x0)
         decoder = _choose(decoder or self.decoder, DECODERS, "decoder")
         decoder_variance = grid.decoder_variance()
-        has_norms = "eps_norm_sq" in self.calibration
-        if analytic and not has_norms:
-            raise ValueError("analytic=True needs calibration['eps_norm_sq']; run "
-                             "diffkit.calibration.calibrate(diffusion, model, data=...) first")
+        has_statistics = "eps_norm_sq" in self.calibration or "x0_mse" in self.calibration
         if analytic and self.learn_variance:
             raise ValueError("analytic=True replaces fixed variances; this diffusion learns its variance")
-        use_analytic = bool(has_norms and not self.learn_variance) if analytic is None else bool(analytic)
-        log_vars = None
-        if use_analytic:
-            from .calibration import analytic_variances
-
-            log_vars = torch.log(analytic_variances(grid, torch.tensor(self.calibration["eps_norm_sq"]),
-                                                    data_range=self._analytic_data_range()))
+        use_analytic = bool(has_statistics and not self.learn_variance) if analytic is None else bool(analytic)
+        log_vars = torch.log(self._optimal_variances(grid)) if use_analytic else None
 
         prior = _masked_mean(prior_kl(x0, float(grid.alphas[0]), torch.tensor(float(grid.sigmas[0]), dtype=x0.dtype)), counted) / LOG2
         kls, decoder_bits = [], None
@@ -737,16 +732,11 @@ class Diffusion:
     def _analytic_ddpm_denoiser(self, denoise, grid: SamplingGrid):
         """``denoise`` with Analytic-DPM's variance expressed as DDPM's learned interpolation.
 
-        The analytic variance lies in [beta_tilde, beta] on every step between noisy points, so
-        it is exp(v log beta + (1 - v) log beta_tilde) for v = log(var / beta_tilde) / log(beta / beta_tilde).
+        The optimal variance is at least beta_tilde; clipped to beta (sampling with more noise than
+        the forward step added only hurts), it is exp(v log beta + (1 - v) log beta_tilde) with
+        v = log(var / beta_tilde) / log(beta / beta_tilde).
         """
-        eps_norm_sq = self.calibration.get("eps_norm_sq")
-        if eps_norm_sq is None:
-            raise ValueError("variance='analytic' needs calibration['eps_norm_sq']; run "
-                             "diffkit.calibration.calibrate(diffusion, model, data=...) first")
-        from .calibration import analytic_variances
-
-        variances = analytic_variances(grid, torch.tensor(eps_norm_sq), data_range=self._analytic_data_range())
+        variances = self._optimal_variances(grid)
         fracs = []
         for i in range(len(grid)):
             if i == len(grid) - 1:
@@ -755,13 +745,27 @@ class Diffusion:
             beta = transition_variance(*grid.step_scales(i))
             tilde = posterior_coefficients(*grid.step_scales(i))[2]
             span = math.log(beta) - math.log(max(tilde, 1e-300))
-            fracs.append(0.0 if span <= 0 else (math.log(float(variances[i])) - math.log(max(tilde, 1e-300))) / span)
+            # A variance above beta (an imperfect model's measured error) is sampled at beta.
+            frac = 0.0 if span <= 0 else (math.log(float(variances[i])) - math.log(max(tilde, 1e-300))) / span
+            fracs.append(min(max(frac, 0.0), 1.0))
 
         def analytic(x, i):
             pred = denoise(x, i)
             return dataclasses.replace(pred, variance_frac=torch.tensor(fracs[i], dtype=x.dtype, device=x.device))
 
         return analytic
+
+    def _optimal_variances(self, grid: SamplingGrid) -> torch.Tensor:
+        """The calibrated reverse variances on ``grid`` (:func:`diffkit.calibration.analytic_variances`)."""
+        if "x0_mse" not in self.calibration and "eps_norm_sq" not in self.calibration:
+            raise ValueError("optimal (analytic) variances need calibration['x0_mse']; run "
+                             "diffkit.calibration.calibrate(diffusion, model, data=...) first")
+        from .calibration import analytic_variances
+
+        x0_mse = self.calibration.get("x0_mse")
+        return analytic_variances(grid, torch.tensor(self.calibration.get("eps_norm_sq", [])),
+                                  data_range=self._analytic_data_range(),
+                                  x0_mse=None if x0_mse is None else torch.tensor(x0_mse))
 
     def _analytic_data_range(self) -> Optional[tuple[float, float]]:
         """The bound on the data the analytic variances may use: the data range of quantised data."""

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from diffkit import Diffusion, GaussianData, SamplingGrid
-from diffkit.calibration import analytic_variances, calibrate, estimate_eps_norms, optimize_grid
+from diffkit.calibration import (
+    analytic_variances,
+    calibrate,
+    estimate_eps_norms,
+    estimate_reverse_statistics,
+    optimize_grid,
+)
 from diffkit.process import posterior_coefficients, transition_variance
 
 # The core accuracy issue's test: 16-D, means of order 2, standard deviations 0.1 to 1.6.
@@ -78,6 +84,42 @@ def test_eps_norm_estimate_matches_the_closed_form():
     bounds = [data.expected_bound_bits_per_dim(diff.schedule, grid, analytic_variances(grid, g)) for g in (gamma, exact)]
     assert bounds[0] == pytest.approx(bounds[1], abs=1e-3)
     assert 0 < bounds[1] - data.entropy_bits_per_dim() < 0.01
+
+
+def test_x0_error_estimate_of_the_exact_model_is_the_posterior_variance():
+    diff = Diffusion("linear", 1000)
+    data = GaussianData(torch.linspace(-1, 1, 8), torch.linspace(0.2, 1.0, 8))
+    stats = estimate_reverse_statistics(diff, data.model(diff.schedule), data.sample(2048, torch.Generator().manual_seed(0)),
+                                        generator=torch.Generator().manual_seed(1), times=list(range(0, 1000, 50)) + [999])
+    t = torch.arange(1000)
+    a2, s2 = diff.schedule.alpha_bar_at(t)[:, None], 1 - diff.schedule.alpha_bar_at(t)[:, None]
+    exact = (data.std**2 * s2 / (a2 * data.std**2 + s2)).mean(1)  # E Var[x0 | x_t] / d
+    assert stats["x0_mse"].shape == (1000,)
+    measured = torch.tensor(list(range(0, 1000, 50)) + [999])  # in between it is interpolated
+    assert torch.allclose(stats["x0_mse"][measured], exact[measured], rtol=0.06, atol=1e-6)
+
+
+def test_x0_error_variances_keep_the_bound_of_an_imperfect_model_where_analytic_dpm_collapses():
+    """A network whose x0 is off by 0.05 everywhere: at low noise its eps norm exceeds the
+    exact model's, Analytic-DPM reads that as a certain x0 and shrinks the decoder to nothing;
+    the measured x0 error gives the variance that is optimal for this network."""
+    diff = Diffusion("linear", 1000)
+    data = GaussianData(torch.linspace(-1, 1, 4), torch.linspace(0.2, 1.0, 4))
+    exact_model = data.model(diff.schedule, prediction="x0")
+    imperfect = lambda x_t, t: exact_model(x_t, t) + 0.05  # noqa: E731
+    diff = Diffusion("linear", 1000, prediction="x0")
+    stats = estimate_reverse_statistics(diff, imperfect, data.sample(1024, torch.Generator().manual_seed(0)),
+                                        generator=torch.Generator().manual_seed(1), times=list(range(0, 1000, 50)) + [999])
+    assert stats["eps_norm_sq"][0] > 1.0  # what breaks Analytic-DPM
+    x0 = data.sample(512, torch.Generator().manual_seed(2))
+    bounds = {}
+    for name, calibration in {"fixed": None, "eps_norm_sq only": {"eps_norm_sq": stats["eps_norm_sq"].tolist()},
+                              "x0_mse": {k: v.tolist() for k, v in stats.items()}}.items():
+        calibrated = Diffusion("linear", 1000, prediction="x0", calibration=calibration)
+        bounds[name] = calibrated.nll(imperfect, x0, steps=100, generator=torch.Generator().manual_seed(3)).mean().item()
+    exact_nll = data.nll_bits_per_dim(x0).mean().item()
+    assert bounds["eps_norm_sq only"] > bounds["fixed"] + 10  # the collapse
+    assert exact_nll < bounds["x0_mse"] < bounds["fixed"], bounds
 
 
 @pytest.mark.parametrize("prediction, time_input", [("v", "log_snr"), ("x0", "noise_level")])
@@ -184,9 +226,9 @@ def test_bad_calibration_inputs_raise():
         Diffusion("linear", 100, calibration={"grids": {"unipc/3": [50, 99, 0]}})
     with pytest.raises(ValueError, match="unknown calibration"):
         Diffusion("linear", 100, calibration={"grid": {}})
-    with pytest.raises(ValueError, match="analytic=True needs"):
+    with pytest.raises(ValueError, match=r"optimal \(analytic\) variances need"):
         diff.nll(model, data.sample(4), analytic=True)
-    with pytest.raises(ValueError, match="variance='analytic' needs"):
+    with pytest.raises(ValueError, match=r"optimal \(analytic\) variances need"):
         diff.sample(model, (4, 3), sampler="ddpm", steps=10, sampler_options={"variance": "analytic"})
     with pytest.raises(ValueError, match="deterministic"):
         optimize_grid(diff, model, (8, 3), 5, "ddpm")
