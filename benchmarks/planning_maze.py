@@ -9,7 +9,10 @@ a behaviour-cloning MLP trained on the planner's own data beside it.
 Protocol (D4RL maze2d, as Diffuser reports it): sparse reward (1 for every step within 0.45 of
 the goal), ``continuing_task=True`` (the episode never ends early; staying at the goal keeps
 scoring), 300 / 600 / 800 steps, start and goal drawn by the environment from the episode's
-seed; the same seeds for every policy. Score = 100 (R - R_random) / (R_expert - R_random) with
+seed; the same seeds for every policy. Two ways of acting on the same model are scored: the
+checkpoint's defaults ("planner": for the shipped mazes, following the plan's route, 16
+candidates ranked by free space, a fresh plan when 0.6 off the route) and Diffuser's ("planner,
+Diffuser's acting": one plan per goal tracked open-loop on its schedule). Score = 100 (R - R_random) / (R_expert - R_random) with
 both references measured here (uniform random actions; the BFS waypoint expert of
 ``modalities.planning.maze``), standard errors over episodes. Scores against D4RL's own
 references (random 23.85 / 13.13 / 6.7, expert 161.86 / 277.39 / 273.99, an expert that
@@ -56,6 +59,7 @@ D4RL_REFERENCES = {  # (random, expert): D4RL's maze2d v1 sparse references
     "PointMaze_Medium-v3": (13.13, 277.39),
     "PointMaze_Large-v3": (6.7, 273.99),
 }
+DIFFUSER_STYLE = "planner, Diffuser's acting"
 ANCHORS = {"Diffuser": (113.9, 121.5, 123.0), "IQL": (47.4, 34.9, 58.6)}
 
 
@@ -136,8 +140,10 @@ def main(argv=None) -> int:
         bc = BehaviourCloning.fit(traj, steps=args.bc_steps, seed=args.seed, action_low=space.low,
                                   action_high=space.high)
         bc_time = time.perf_counter() - bc_start
+        diffuser_style = DiffusionPlanner.load(checkpoints.get(env_id, env_id), env=env_id, seed=args.seed,
+                                               action_source="tracking", num_candidates=1, replan_distance=None)
         policies = {"random": RandomPolicy(space, args.seed), "expert": WaypointExpert(maze),
-                    "planner": planner, "bc": bc}
+                    "planner": planner, DIFFUSER_STYLE: diffuser_style, "bc": bc}
         stats, first_episode = {}, None
         for name, policy in policies.items():
             results = evaluate(policy, env_id, episodes=args.episodes, seed=args.seed, record=name == "planner",
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
                   f"success {100 * stats[name]['success_rate']:.0f}%", flush=True)
         r_rand, r_exp = stats["random"]["mean_return"], stats["expert"]["mean_return"]
         d_rand, d_exp = D4RL_REFERENCES[env_id]
-        for name in ("planner", "bc", "expert", "random"):
+        for name in policies:
             stats[name]["score"], stats[name]["score_se"] = normalised(stats[name], r_rand, r_exp)
             stats[name]["d4rl_score"], stats[name]["d4rl_score_se"] = normalised(stats[name], d_rand, d_exp)
         png = plot_episode(first_episode, maze, args.out / f"planning_maze_{env_id}.png",
@@ -159,10 +165,11 @@ def main(argv=None) -> int:
             "bc_train_s": round(bc_time, 1), "bc_final_loss": getattr(bc, "final_loss", None),
             "planner": {"sampler": planner.sampler, "steps": planner.steps, "horizon": planner.horizon,
                         "every": planner.every, "replan_every": planner.replan_every,
-                        "replan_distance": planner.replan_distance},
+                        "replan_distance": planner.replan_distance, "action_source": planner.action_source,
+                        "num_candidates": planner.num_candidates, "candidate_score": planner.candidate_score},
             "png": png.name, **stats,
         }
-        for name in ("planner", "bc", "expert", "random"):
+        for name in ("planner", DIFFUSER_STYLE, "bc", "expert", "random"):
             s = stats[name]
             rows.append(f"| {env_id} | {name} | {s['score']:.1f} ± {s['score_se']:.1f} | "
                         f"{s['d4rl_score']:.1f} ± {s['d4rl_score_se']:.1f} | {s['mean_return']:.1f} ± "

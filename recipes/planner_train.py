@@ -62,19 +62,12 @@ from modalities.planning.training import (
 
 _MAZE = dict(dim=32, dim_mults=(1, 2, 4), prediction="x0", schedule="cosine", batch_size=32, lr=2e-4,
              warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=None,
-             action_source="path", num_candidates=8, replan_distance=0.6, discount=0.99, save_every=2000,
+             action_source="path", num_candidates=16, replan_distance=0.6, discount=0.99, save_every=2000,
              eval_episodes=5)
-# Acting (measured on the shipped U-Maze and Large planners, 20 seeds): following the plan's route
-# at the controller's pace instead of tracking its schedule, 8 candidate plans ranked by the share
-# of the route in free cells, and a fresh plan when the ball strays 0.6 from the route took
-# U-Maze from 200.7 to 225.6 mean return and Large from 302.3 (85% success) to 494.2 (100%).
-# Diffuser's maze2d plans 128 / 256 / 384 steps with 64 / 256 / 256 diffusion steps (x0
-# prediction). The ball moves at most ~0.05 a step, so these presets plan every 4th (U-Maze) or
-# 8th step (--every): 32 / 32 / 48 waypoints span 125 / 249 / 377 steps, enough for the
-# expert's longest routes (~100 / ~180 / ~320 steps), and the planner interpolates between
-# them. A training step then costs a third to a half of a full-horizon one: measured (CPU time,
-# one thread, batch 32) 14 / 14 / 12 steps/s for the bare network step against 5.4 at horizon
-# 128; see modalities/planning/README.md for the recipe's own rate and expected wall times.
+# Acting: following the plan's route at the controller's pace instead of tracking its schedule,
+# 16 candidate plans ranked by the share of the route in free cells, and a fresh plan when the
+# ball strays 0.6 from the route. benchmarks/planning_maze.py scores these defaults beside
+# Diffuser's way of acting on the same model (one plan tracked on its schedule).
 PRESETS: dict[str, dict[str, Any]] = {
     "PointMaze_UMaze-v3": dict(_MAZE, horizon=32, every=4, diffusion_steps=64, collect_steps=200_000,
                                max_steps=16_000),

@@ -26,6 +26,7 @@ def test_maze_benchmark_quick(tmp_path):
     umaze = result["envs"]["PointMaze_UMaze-v3"]
     assert umaze["expert"]["score"] == pytest.approx(100.0) and umaze["random"]["score"] == pytest.approx(0.0)
     assert umaze["planner"]["episodes"] == 3 and umaze["bc"]["episodes"] == 3
+    assert umaze["planner, Diffuser's acting"]["episodes"] == 3  # the same model, acting as Diffuser does
     assert umaze["planner"]["actions_per_second"] > 0 and "score_se" in umaze["bc"]
     assert (tmp_path / "planning_maze_PointMaze_UMaze-v3.png").read_bytes()[:4] == b"\x89PNG"
     assert "| PointMaze_UMaze-v3 | planner |" in (tmp_path / "planning_maze.md").read_text()
