@@ -10,7 +10,8 @@ random goal (batch 1, after warm-up), its rate in plans per second (Hz: what a p
 replans every step could act at), and actions per second over seeded episodes of the maze loop
 (``continuing_task=True``, the environment's own stepping included). Ways of sampling:
 
-- ``ours``: the checkpoint's defaults (a 10-step DDIM plan once per goal, tracked open-loop);
+- ``ours``: the checkpoint's defaults (the shipped mazes: 16 candidate plans of 10 DDIM steps in
+  one batch, once per goal and again when the ball strays from the route, which it follows);
 - ``ours, replan every 25``: a fresh plan every 25 steps, warm-started from the last one;
 - ``Diffuser (maze)``: ancestral DDPM over every training step of the model (Diffuser samples
   its maze planners so, with 64 / 256 / 256 steps on its own models), one plan per goal;
