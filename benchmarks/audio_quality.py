@@ -3,6 +3,7 @@
     python benchmarks/audio_quality.py                        # the shipped model (its own route)
     python benchmarks/audio_quality.py --checkpoint runs/audio-cpu/checkpoint --steps 6 20
     python benchmarks/audio_quality.py --likelihood-checkpoint runs/audio-cpu/checkpoint
+    python benchmarks/audio_quality.py --vocoder runs/audio-vocoder/checkpoint   # both inverses of a mel model
     python benchmarks/audio_quality.py --train-classifier     # (re)train the digit classifier
 
 What it measures (the references are FSDD's test split, takes 0-4, which no model trained on):
@@ -15,7 +16,8 @@ What it measures (the references are FSDD's test split, takes 0-4, which no mode
   exp(E KL(p(y|x) || p(y))) of the generated clips (10 = ten confident, balanced classes).
   Real-data references, with as many clips as a generated row (Frechet distances shrink with
   more clips): training clips (features the classifier has seen, so a lower bound) and the
-  same clips sent through log-mel and Griffin-Lim (the spectrogram route's ceiling).
+  same clips sent through log-mel and Griffin-Lim (the spectrogram route's ceiling) and, with
+  ``--vocoder``, through log-mel and that mel-conditioned diffusion vocoder.
 - at 6, 20, 50 and 200 sampler steps (one model, the checkpoint's default sampler; 6 steps of
   a DiffWave-schedule checkpoint is DiffWave's fast schedule); unconditional samples at 6 and
   50 steps, to show that they are not one sound (the share of the most common class, and the
@@ -50,7 +52,7 @@ from modalities.audio.metrics import (
     save_digit_classifier,
     train_digit_classifier,
 )
-from modalities.audio.modality import DEFAULT_CHECKPOINT, bits_per_sample, generate_audio, load_audio_model
+from modalities.audio.modality import DEFAULT_CHECKPOINT, bits_per_sample, generate_audio, load_audio_model, vocode
 
 
 def score(clf, audio: torch.Tensor, labels: torch.Tensor | None, ref_features: np.ndarray) -> dict:
@@ -101,6 +103,10 @@ def main(argv=None) -> int:
     p.add_argument("--likelihood-checkpoint", help="waveform checkpoint for bits per sample (default: the "
                                                    "checkpoint when it is a waveform model)")
     p.add_argument("--nll-clips", type=int, default=100, help="held-out clips for bits per sample")
+    p.add_argument("--vocoder", help="a vocoder checkpoint: also score a mel model's frames turned into sound by it "
+                                     "(beside Griffin-Lim)")
+    p.add_argument("--vocoder-steps", type=int, nargs="+", default=[6],
+                   help="vocoder sampler steps for the --vocoder rows (default: 6, DiffWave's fast schedule)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", help="file name stem (default: the checkpoint's directory name)")
     p.add_argument("--classifier", default=str(CLASSIFIER_DIR))
@@ -138,6 +144,12 @@ def main(argv=None) -> int:
         round_trip = griffin_lim(log_mel(train.audio[pick], cfg), cfg, length=train.audio.shape[-1])
         rows["the same training clips -> log-mel -> Griffin-Lim (route ceiling)"] = {
             **score(clf, round_trip, train.labels[pick], ref), "seconds": round(time.perf_counter() - start, 1)}
+        for vsteps in (args.vocoder_steps if args.vocoder else []):
+            start = time.perf_counter()
+            voiced = vocode(log_mel(train.audio[pick], cfg), checkpoint=args.vocoder, steps=vsteps, seed=args.seed,
+                            device="cpu").audio
+            rows[f"the same training clips -> log-mel -> vocoder, {vsteps} steps (route ceiling)"] = {
+                **score(clf, voiced, train.labels[pick], ref), "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(rows, indent=1), flush=True)
 
     labels = torch.arange(args.num_samples) % 10
@@ -148,6 +160,13 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - start
         rows[f"class-conditional, {steps} steps"] = {**score(clf, out.audio, labels, ref), "seconds": round(wall, 1)}
         print(f"{steps} steps: {rows[f'class-conditional, {steps} steps']}", flush=True)
+        if args.vocoder and model.kind == "mel" and steps == min(args.steps):
+            start = time.perf_counter()
+            out = generate_audio(checkpoint=args.checkpoint, labels=labels, steps=steps, seed=args.seed,
+                                 sampler=args.sampler, device="cpu", vocoder=args.vocoder)
+            key = f"class-conditional, {steps} steps, then the vocoder (its default steps)"
+            rows[key] = {**score(clf, out.audio, labels, ref), "seconds": round(time.perf_counter() - start, 1)}
+            print(f"{key}: {rows[key]}", flush=True)
     if model.num_classes is not None:
         for steps in sorted({min(args.steps), 50 if 50 in args.steps else max(args.steps)}):
             out = generate_audio(checkpoint=args.checkpoint, num_samples=args.num_samples, steps=steps,
@@ -169,6 +188,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         griffin_lim(frames, cfg, length=out.audio.shape[-1])
         rtf["griffin_lim_seconds"] = round(time.perf_counter() - start, 3)
+        if args.vocoder:
+            start = time.perf_counter()
+            vocode(frames, checkpoint=args.vocoder, steps=min(args.vocoder_steps), seed=args.seed, device="cpu")
+            rtf["vocoder_seconds"] = round(time.perf_counter() - start, 3)
     results["rtf_6_steps"] = rtf
     print(f"RTF at 6 steps: {rtf}", flush=True)
 
@@ -218,6 +241,7 @@ def markdown(r: dict) -> str:
     lines += ["", f"Real-time factor at 6 steps: **{rtf['rtf']:.3f}** ({rtf['compute_seconds']} s of compute for "
                   f"{rtf['clips']} clips, {rtf['audio_seconds']} s of audio, {rtf['threads']} thread(s)"
               + (f"; Griffin-Lim alone {rtf['griffin_lim_seconds']} s" if "griffin_lim_seconds" in rtf else "")
+              + (f"; the vocoder alone {rtf['vocoder_seconds']} s" if "vocoder_seconds" in rtf else "")
               + ")."]
     b = r.get("bits_per_sample")
     if b:

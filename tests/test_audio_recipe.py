@@ -76,6 +76,32 @@ def test_spectrogram_route_presets_train(tmp_path, preset):
     assert len(list((tmp_path / "samples" / "step_000002").glob("*.wav"))) == 3
 
 
+def test_vocoder_trains_on_aligned_crops_that_hold_sound():
+    """Each crop's audio lies under its mel frames (hop 64), and crops start where there is sound."""
+    seen = {}
+
+    class Recorder:
+        def loss(self, model, x, mel):
+            seen.update(x=x, mel=mel)
+            return x.sum() * 0
+
+    frames, crop = 40, 8
+    audio = torch.zeros(6, 1, frames * 64)
+    mel = torch.full((6, 5, frames), -1.0)
+    for b in range(6):  # a loud stretch of frames 20..27, tagged so alignment can be checked
+        mel[b, :, 20:28] = 0.5
+        audio[b, 0, 20 * 64: 28 * 64] = torch.arange(20 * 64, 28 * 64, dtype=torch.float32) + 1000 * b
+    torch.manual_seed(0)
+    audio_train.cropped_vocoder_loss(Recorder(), crop)(None, {"x": audio, "mel": mel})
+    x, m = seen["x"], seen["mel"]
+    assert x.shape == (6, 1, crop * 64) and m.shape == (6, 5, crop)
+    for b in range(6):
+        starts = [s for s in range(frames - crop + 1)
+                  if torch.equal(m[b], mel[b, :, s: s + crop]) and torch.equal(x[b], audio[b, :, s * 64: (s + crop) * 64])]
+        assert len(starts) == 1, f"clip {b}: the audio crop is not the one under its mel frames"
+        assert 20 - crop < starts[0] < 28  # the crop holds some of the loud frames
+
+
 def test_folder_data_resampled_with_labels_from_names(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(4):
