@@ -135,7 +135,8 @@ def build_parser() -> _Parser:
     g.add_argument("--peak", type=float, help="scale every clip to this peak in (0, 1]; 0 keeps the recorded levels")
     g.add_argument("--crop-frames", type=int,
                    help="vocoder: train on random crops of this many mel frames (x 64 samples) that hold "
-                        "sound, as DiffWave trains its vocoder; 0 = whole clips (preset vocoder: 16)")
+                        "sound, as DiffWave trains its vocoder; 0 = whole clips (preset vocoder: 16, or whole "
+                        "clips when they are shorter)")
     g.add_argument("--max-clips", type=int,
                    help="use only N clips, for quick trials (spread evenly over FSDD; the first N of a folder)")
     g = p.add_argument_group("network")
@@ -208,6 +209,8 @@ def resolve_settings(args: argparse.Namespace, parser: _Parser) -> dict[str, Any
         parser.fail("--model mel needs a number of mel frames divisible by 4: --length a multiple of 256")
     if s.get("crop_frames") and s["model"] != "vocoder":
         parser.fail("--crop-frames is for --model vocoder (its receptive field is local; the others see whole clips)")
+    if args.crop_frames is None and s.get("crop_frames", 0) > s["length"] // 64:
+        s["crop_frames"] = 0  # the preset's crop is longer than these clips: train on whole clips
     if s.get("crop_frames") is not None and not 0 <= s["crop_frames"] <= s["length"] // 64:
         parser.fail(f"--crop-frames must lie in [0, {s['length'] // 64}] (the clip's frames), got {s['crop_frames']}")
     if s["model"] == "vocoder" and s["conditioning"] == "class":
