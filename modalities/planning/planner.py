@@ -507,7 +507,6 @@ class DiffusionPlanner:
             action = self._act_norm.unnormalize(a)
         return np.clip(action, self.action_low, self.action_high).astype(np.float32)
 
-
     def _follow_path(self, states: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Action source "path": steer at the route point ``path_lookahead`` beyond the nearest one ahead."""
         mem = self._memory
