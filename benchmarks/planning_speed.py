@@ -12,6 +12,7 @@ replans every step could act at), and actions per second over seeded episodes of
 
 - ``ours``: the checkpoint's defaults (the shipped mazes: 16 candidate plans of 10 DDIM steps in
   one batch, once per goal and again when the ball strays from the route, which it follows);
+- ``ours, one candidate``: the same with one plan (the plan rate of the network itself);
 - ``ours, replan every 25``: a fresh plan every 25 steps, warm-started from the last one;
 - ``Diffuser (maze)``: ancestral DDPM over every training step of the model (Diffuser samples
   its maze planners so, with 64 / 256 / 256 steps on its own models), one plan per goal;
@@ -87,11 +88,15 @@ def main(argv=None) -> int:
         source = checkpoints.get(env_id, env_id)
         base = DiffusionPlanner.load(source, env=env_id, device="cpu", seed=args.seed)
         T = base.diffusion.num_timesteps
+        # Diffuser's ways draw one plan each (a batch of 64 for locomotion) and act as Diffuser does.
+        diffuser = dict(replan_every=None, num_candidates=1, replan_distance=None,
+                        **({"action_source": "tracking"} if base.maze is not None else {}))
         ways = {
             "ours": dict(),
+            "ours, one candidate": dict(num_candidates=1),
             "ours, replan every 25": dict(replan_every=min(25, base.span - 1)),
-            "Diffuser (maze)": dict(sampler="ddpm", steps=T, replan_every=None),
-            "Diffuser (locomotion)": dict(sampler="ddpm", steps=min(20, T), replan_every=None),
+            "Diffuser (maze)": dict(diffuser, sampler="ddpm", steps=T),
+            "Diffuser (locomotion)": dict(diffuser, sampler="ddpm", steps=min(20, T)),
         }
         payload["envs"][env_id] = {"checkpoint": str(base.path), "training_timesteps": T,
                                    "horizon": base.horizon, "every": base.every, "ways": {}}
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
             batch = 64 if name == "Diffuser (locomotion)" else 1
             times = plan_times(planner, env_id, args.plans, args.seed, batch=batch)
             median = statistics.median(times)
-            entry = {"sampler": planner.sampler, "steps": planner.steps, "candidates": batch,
+            entry = {"sampler": planner.sampler, "steps": planner.steps, "candidates": batch * planner.num_candidates,
                      "replan_every": planner.replan_every, "plan_ms": 1000 * median,
                      "plan_ms_p90": 1000 * float(np.percentile(times, 90)), "plans_per_second": 1 / median}
             if batch == 1:
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
                              plans_in_loop=planner.plans_made, success_rate=loop["success_rate"])
             payload["envs"][env_id]["ways"][name] = entry
             loop_text = f"{entry['actions_per_second']:.0f}" if "actions_per_second" in entry else "-"
-            rows.append(f"| {env_id} | {name} | {planner.sampler} {planner.steps} | {batch} | "
+            rows.append(f"| {env_id} | {name} | {planner.sampler} {planner.steps} | {entry['candidates']} | "
                         f"{entry['plan_ms']:.1f} | {entry['plans_per_second']:.1f} | {loop_text} |")
             print(rows[-1], flush=True)
     payload["anchors_hz"] = ANCHORS_HZ
