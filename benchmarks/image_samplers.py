@@ -42,8 +42,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # samplers.py: the same diffusers configurations
 
 import diffkit  # noqa: E402
+import samplers as sampler_benchmark  # noqa: E402
 from diffkit.parameterization import to_x0_eps  # noqa: E402
 from diffkit.runs import hardware_summary, seeded_generator  # noqa: E402
 from diffkit.utils import randn  # noqa: E402
@@ -63,20 +65,9 @@ FLOOR = "real digits (floor)"
 
 
 def diffusers_configs(betas: torch.Tensor, quick: bool = False):
-    """(label, factory) for diffusers' schedulers on the checkpoint's own betas."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
-    common = dict(num_train_timesteps=len(betas), trained_betas=betas.double().numpy())
-    configs = [
-        ("DPM++2M default", lambda: DPMSolverMultistepScheduler(**common)),
-        ("DPM++2M lu_lambdas", lambda: DPMSolverMultistepScheduler(**common, use_lu_lambdas=True)),
-        ("DPM++2M karras", lambda: DPMSolverMultistepScheduler(**common, use_karras_sigmas=True)),
-        ("DPM++3M lu_lambdas", lambda: DPMSolverMultistepScheduler(**common, solver_order=3, use_lu_lambdas=True)),
-        ("UniPC-2 karras", lambda: UniPCMultistepScheduler(**common, use_karras_sigmas=True)),
-        ("UniPC-2 exponential", lambda: UniPCMultistepScheduler(**common, use_exponential_sigmas=True)),
-        ("UniPC-3 exponential", lambda: UniPCMultistepScheduler(**common, solver_order=3, use_exponential_sigmas=True)),
-        ("DDIM trailing", lambda: DDIMScheduler(**common, timestep_spacing="trailing", clip_sample=False)),
-    ]
+    """(label, factory) for samplers.py's diffusers configurations on the checkpoint's own betas."""
+    configs = [(label, make) for label, make, _ in
+               sampler_benchmark.diffusers_configs(num_train_timesteps=len(betas), trained_betas=betas.double().numpy())]
     if quick:
         configs = [c for c in configs if c[0] in ("DPM++2M default", "UniPC-2 karras")]
     return configs

@@ -52,6 +52,7 @@ import torch
 
 import diffkit
 from diffkit import Diffusion, GaussianData
+from diffkit.analytic import standardized_noise
 from diffkit.calibration import calibrate
 
 DATA_SETS = {
@@ -84,10 +85,18 @@ DIFFKIT_CONFIGS = [
 ]
 
 
-def diffusers_configs():
+LINEAR_1000 = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def diffusers_configs(**schedule):
+    """(label, scheduler factory, dtype) for the diffusers configurations every comparison runs.
+
+    ``schedule``: the schedulers' noise-schedule arguments (default: DDPM's linear schedule,
+    T = 1000; ``benchmarks/image_samplers.py`` passes a checkpoint's ``trained_betas``).
+    """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    common = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    common = schedule or LINEAR_1000
     return [
         ("DPM++2M default", lambda: DPMSolverMultistepScheduler(**common), torch.float64),
         ("DPM++2M lu_lambdas", lambda: DPMSolverMultistepScheduler(**common, use_lu_lambdas=True), torch.float64),
@@ -99,11 +108,6 @@ def diffusers_configs():
         ("UniPC-3 exponential", lambda: UniPCMultistepScheduler(**common, solver_order=3, use_exponential_sigmas=True), torch.float32),
         ("DDIM trailing", lambda: DDIMScheduler(**common, timestep_spacing="trailing", clip_sample=False), torch.float64),
     ]
-
-
-def standard_noise(num: int, dims: int, seed: int) -> torch.Tensor:
-    z = torch.randn(num, dims, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (z - z.mean(0)) / z.std(0)
 
 
 def run_diffusers(make_scheduler, dtype, model, noise, steps):
@@ -143,7 +147,7 @@ def main(argv=None) -> None:
 
     started = time.time()
     diff = Diffusion("linear", 1000, prediction="eps")
-    noise = standard_noise(args.samples, 16, args.seed)
+    noise = standardized_noise(args.samples, 16, args.seed)
     results, calibration_seconds = [], {}
     data_sets = {name: DATA_SETS[name] for name in args.data}
     standard = noise

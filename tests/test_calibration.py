@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffkit import Diffusion, GaussianData, SamplingGrid
+from diffkit.analytic import standardized_noise
 from diffkit.calibration import (
     analytic_variances,
     calibrate,
@@ -17,11 +18,6 @@ from diffkit.process import posterior_coefficients, transition_variance
 
 # The core accuracy issue's test: 16-D, means of order 2, standard deviations 0.1 to 1.6.
 DATA = GaussianData(torch.linspace(1, 3, 16), torch.linspace(0.1, 1.6, 16))
-
-
-def standard_noise(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (z - z.mean(0)) / z.std(0)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +32,7 @@ def calibrated():
 def test_fitted_grids_meet_the_issue_targets_and_beat_the_default(calibrated):
     diff, model = calibrated
     plain = Diffusion("linear", 1000)
-    noise = standard_noise(4000, 16)  # other draws than the calibration batch
+    noise = standardized_noise(4000, 16)  # other draws than the calibration batch
     for steps, target in ((5, 1.3e-3), (10, 3.3e-4)):
         ours = DATA.kl_per_dim(diff.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64))
         default = DATA.kl_per_dim(plain.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64))
@@ -182,7 +178,7 @@ def test_sample_uses_the_stored_grid_and_options():
 
 def test_ddpm_with_analytic_variances_beats_fixed_small(calibrated):
     diff, model = calibrated
-    noise = standard_noise(4000, 16)
+    noise = standardized_noise(4000, 16)
     kls = {}
     for variance in ("analytic", "fixed_small"):
         x = diff.sample(model, noise.shape, sampler="ddpm", steps=50, noise=noise, dtype=torch.float64,

@@ -11,15 +11,9 @@ import torch
 
 import diffkit
 from diffkit import Diffusion, GaussianData
+from diffkit.analytic import standardized_noise
 
 DATA = GaussianData(mean=torch.linspace(-1.0, 1.0, 8), std=torch.linspace(0.2, 1.0, 8))
-
-
-def standard_noise(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """Noise whose per-dimension mean and variance are exactly 0 and 1, which removes the
-    Monte-Carlo floor of the KL estimate for deterministic (affine) samplers."""
-    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (z - z.mean(0)) / z.std(0)
 
 
 # sampler, steps, KL bound (nats/dim) for 4000 samples: about twice what each measured, so a
@@ -40,7 +34,7 @@ CASES = [
 def test_every_sampler_reproduces_gaussian_data(sampler, steps, bound):
     diff = Diffusion("linear", 1000)
     model = DATA.model(diff.schedule)
-    noise = standard_noise(4000, 8)
+    noise = standardized_noise(4000, 8)
     samples = diff.sample(model, noise.shape, sampler=sampler, steps=steps, noise=noise, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(1))
     kl = DATA.kl_per_dim(samples)
@@ -53,7 +47,7 @@ def test_every_sampler_reproduces_gaussian_data(sampler, steps, bound):
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "unipc", "heun"])
 def test_predictions_agree_on_the_same_trajectory(prediction, sampler):
     diff_eps, diff_other = Diffusion("cosine", 200), Diffusion("cosine", 200, prediction=prediction)
-    noise = standard_noise(64, 8)
+    noise = standardized_noise(64, 8)
     ref = diff_eps.sample(DATA.model(diff_eps.schedule), noise.shape, sampler=sampler, steps=12, noise=noise, dtype=torch.float64)
     out = diff_other.sample(DATA.model(diff_other.schedule, prediction), noise.shape, sampler=sampler, steps=12,
                             noise=noise, dtype=torch.float64)
@@ -64,7 +58,7 @@ def test_predictions_agree_on_the_same_trajectory(prediction, sampler):
 def test_zero_terminal_snr_with_v_prediction_samples_correctly(sampler):
     diff = Diffusion("scaled_linear", 1000, prediction="v", zero_terminal_snr=True)
     model = DATA.model(diff.schedule, "v")
-    noise = standard_noise(4000, 8)
+    noise = standardized_noise(4000, 8)
     steps = 200 if sampler in ("ddpm", "ddim", "euler") else 30
     samples = diff.sample(model, noise.shape, sampler=sampler, steps=steps, noise=noise, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(3))
@@ -89,7 +83,7 @@ def test_fast_sampler_targets_on_exact_model():
     diff = Diffusion("linear", 1000)
     data = GaussianData(mean=torch.linspace(-1, 1, 16), std=torch.linspace(0.1, 1.0, 16))
     model = data.model(diff.schedule)
-    noise = standard_noise(4000, 16)
+    noise = standardized_noise(4000, 16)
     scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", use_lu_lambdas=True)
     scheduler.set_timesteps(10)
     x = noise.clone()
@@ -169,7 +163,7 @@ def test_loss_of_the_exact_model_is_its_irreducible_error():
 def test_ddpm_with_large_or_learned_variance_reproduces_gaussian_data(variance):
     diff = Diffusion("linear", 1000, variance=variance)
     model = DATA.model(diff.schedule, learn_variance=variance == "learned_range")
-    noise = standard_noise(4000, 8)
+    noise = standardized_noise(4000, 8)
     samples = diff.sample(model, noise.shape, sampler="ddpm", noise=noise, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(5))
     assert DATA.kl_per_dim(samples) < 2e-3
@@ -184,7 +178,7 @@ FLOOR_DATA = GaussianData(mean=torch.linspace(1.0, 3.0, 6), std=torch.tensor([0.
 def test_plain_noise_start_sits_on_the_prior_mismatch_floor_and_the_prior_start_removes_it():
     diff = Diffusion("linear", 1000)
     model = FLOOR_DATA.model(diff.schedule)
-    noise = standard_noise(4000, 6)
+    noise = standardized_noise(4000, 6)
     floor = FLOOR_DATA.prior_mismatch_kl(diff.schedule)
     assert floor > 5e-5  # the test means something only if the floor is well above solver error
     plain = diff.sample(model, noise.shape, steps=50, noise=noise, dtype=torch.float64, start="noise")
@@ -196,7 +190,7 @@ def test_plain_noise_start_sits_on_the_prior_mismatch_floor_and_the_prior_start_
 def test_prior_start_moves_the_first_state_by_alpha_times_the_first_prediction():
     diff = Diffusion("linear", 1000)
     model = FLOOR_DATA.model(diff.schedule)
-    noise = standard_noise(16, 6)
+    noise = standardized_noise(16, 6)
     seen = []
     diff.sample(model, noise.shape, sampler="ddim", steps=4, noise=noise, dtype=torch.float64, callback=seen.append)
     alpha = float(diff.sampling_grid(4, sampler="ddim").alphas[0])
@@ -211,7 +205,7 @@ def test_second_order_final_jump_removes_the_posterior_mean_floor(sampler):
     default second-order jump goes far below it."""
     diff = Diffusion("linear", 1000)
     model = FLOOR_DATA.model(diff.schedule)
-    noise = standard_noise(4000, 6)
+    noise = standardized_noise(4000, 6)
     floor = FLOOR_DATA.posterior_mean_kl(diff.schedule, 0.0)
     assert floor > 1e-4
     first = diff.sample(model, noise.shape, sampler=sampler, steps=100, noise=noise, dtype=torch.float64,

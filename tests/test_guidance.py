@@ -14,13 +14,9 @@ from diffkit import (
     StateHook,
     X0Transform,
 )
+from diffkit.analytic import standardized_noise
 from diffkit.process import posterior_coefficients
 from diffkit.sampling import sample_ddpm
-
-
-def standard_noise(n, d, seed=0):
-    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (z - z.mean(0)) / z.std(0)
 
 
 # --------------------------------------------------------------------------- gradient guidance
@@ -50,7 +46,7 @@ def test_gradient_guidance_with_the_exact_likelihood_samples_the_exact_posterior
     """Guiding with log p(y | x_t) samples p(x0 | y) exactly, whatever the network predicts."""
     data = GaussianData(torch.zeros(4), torch.full((4,), S))
     diff = Diffusion("linear", 1000, prediction=prediction)
-    noise = standard_noise(4000, 4)
+    noise = standardized_noise(4000, 4)
     samples = diff.sample(data.model(diff.schedule, prediction=prediction), noise.shape, sampler="unipc", steps=40,
                           noise=noise, dtype=torch.float64, wrappers=[GradientGuidance(_log_likelihood(diff))])
     assert samples.mean().item() == pytest.approx(POSTERIOR_MEAN, abs=0.01)
@@ -89,7 +85,7 @@ def test_gradient_guidance_composes_with_classifier_free_guidance():
         var = s**2 * sigma**2 / denom + r**2
         return (-0.5 * (y - mean) ** 2 / var).sum(dim=1)
 
-    noise = standard_noise(4000, 2)
+    noise = standardized_noise(4000, 2)
     samples = diff.sample(model, noise.shape, sampler="unipc", steps=40, noise=noise, dtype=torch.float64,
                           guidance_scale=w, label=torch.ones(4000), wrappers=[GradientGuidance(log_likelihood)])
     expected_mean = (w * r**2 + s**2 * y) / (s**2 + r**2)
@@ -101,7 +97,7 @@ def test_classifier_free_guidance_scales_the_class_mean():
     """With equal variances, eps_u + w (eps_c - eps_u) is the exact model of N(w mu, s^2)."""
     diff = Diffusion("linear", 1000)
     model = TwoClassGaussian(diff)
-    noise = standard_noise(2000, 3)
+    noise = standardized_noise(2000, 3)
     for scale in (1.0, 2.5):
         model.calls.clear()
         samples = diff.sample(model, noise.shape, sampler="unipc", steps=25, noise=noise, dtype=torch.float64,
@@ -117,7 +113,7 @@ def test_classifier_free_guidance_scales_the_class_mean():
 def test_classifier_free_guidance_falls_back_to_two_calls_for_non_tensor_conditions():
     diff = Diffusion("linear", 1000)
     model = TwoClassGaussian(diff)
-    noise = standard_noise(500, 3)
+    noise = standardized_noise(500, 3)
     batched = diff.sample(model, noise.shape, steps=10, noise=noise, dtype=torch.float64, guidance_scale=3.0,
                           label=torch.ones(500))
     model.calls.clear()
@@ -156,7 +152,7 @@ def test_gradient_steps_follow_diffusers_algorithm_exactly():
     mask = torch.tensor([True, False, False, False, False])
     start = torch.full((8, 5), 0.25, dtype=torch.float64)
     grid = diff.sampling_grid(20, "linspace", sampler="ddpm")
-    noise = standard_noise(8, 5, seed=3)
+    noise = standardized_noise(8, 5, seed=3)
     scale, stop_below, n_steps = 0.5, 10.0, 2
 
     condition = KnownValues(mask, start, clean=True)
@@ -191,7 +187,7 @@ def test_gradient_steps_follow_diffusers_algorithm_exactly():
 def test_gradient_steps_below_the_cutoff_change_nothing():
     diff = Diffusion("linear", 100)
     model = GaussianData(torch.zeros(3), torch.ones(3)).model(diff.schedule)
-    noise = standard_noise(16, 3)
+    noise = standardized_noise(16, 3)
     plain = diff.sample(model, noise.shape, sampler="ddim", steps=10, noise=noise, dtype=torch.float64)
     cut = diff.sample(model, noise.shape, sampler="ddim", steps=10, noise=noise, dtype=torch.float64,
                       wrappers=[GradientSteps(lambda x, t: x.sum(1), 10.0, num_steps=3, stop_below=1000)])
@@ -202,7 +198,7 @@ def test_state_hook_runs_after_every_step_but_not_on_the_start():
     """A hook that adds a constant after each DDIM step matches the hand-written loop."""
     diff = Diffusion("linear", 100)
     model = GaussianData(torch.zeros(2), torch.ones(2)).model(diff.schedule)
-    noise = standard_noise(4, 2)
+    noise = standardized_noise(4, 2)
     grid = diff.sampling_grid(5, "linspace")
     calls = []
 
@@ -230,7 +226,7 @@ def test_state_hook_runs_after_every_step_but_not_on_the_start():
 def test_known_values_are_exact_and_the_rest_is_sampled(sampler, clean):
     data = GaussianData(torch.linspace(-1, 1, 6), torch.full((6,), 0.5))
     diff = Diffusion("linear", 1000)
-    noise = standard_noise(3000, 6)
+    noise = standardized_noise(3000, 6)
     mask = torch.tensor([True, False, True, False, False, False])
     known = torch.full((3000, 6), 7.0, dtype=torch.float64)  # far outside the data: must not leak
     steps = 200 if sampler in ("ddpm", "ddim") else 30
