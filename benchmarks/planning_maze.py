@@ -10,8 +10,9 @@ Protocol (D4RL maze2d, as Diffuser reports it): sparse reward (1 for every step 
 the goal), ``continuing_task=True`` (the episode never ends early; staying at the goal keeps
 scoring), 300 / 600 / 800 steps, start and goal drawn by the environment from the episode's
 seed; the same seeds for every policy. Two ways of acting on the same model are scored: the
-checkpoint's defaults ("planner": for the shipped mazes, following the plan's route, 16
-candidates ranked by free space, a fresh plan when 0.6 off the route) and Diffuser's ("planner,
+checkpoint's defaults ("planner": for the shipped mazes, following the plan's route with
+shortcuts in straight sight, 16 candidates ranked by free space and then by arrival, a fresh
+plan when 0.6 off the route) and Diffuser's ("planner,
 Diffuser's acting": one plan per goal tracked open-loop on its schedule). Score = 100 (R - R_random) / (R_expert - R_random) with
 both references measured here (uniform random actions; the BFS waypoint expert of
 ``modalities.planning.maze``), standard errors over episodes. Scores against D4RL's own

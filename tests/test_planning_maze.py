@@ -48,6 +48,22 @@ def test_points_in_walls_or_outside_are_refused(umaze):
         grid.distances_to((0, 0))
 
 
+def test_clear_lines_see_along_corridors_but_not_through_walls(umaze):
+    grid = MazeGrid.from_env(umaze)
+    top, bottom = grid.cell_center((1, 1)), grid.cell_center((3, 1))  # the two arms of the U
+    right_bottom = grid.cell_center((3, 3))
+    np.testing.assert_array_equal(grid.clear_lines(bottom, [right_bottom, top]), [True, False])
+    # A line 0.1 from the middle wall's face (y = -0.5) is clear as a line, not as a 0.15-wide band.
+    near_wall = np.array([-1.0, -0.6])
+    assert grid.clear_lines(near_wall, [[0.3, -0.6]])[0]
+    assert not grid.clear_lines(near_wall, [[0.3, -0.6]], margin=0.15)[0]
+    assert grid.clear_lines(bottom, [bottom], margin=0.15)[0]  # a zero-length line
+    # Corner to corner of the U's bend: the diagonal clips the middle wall's end block.
+    assert not grid.clear_lines(grid.cell_center((1, 2)), [grid.cell_center((3, 2))])[0]
+    np.testing.assert_array_equal(grid.free_at(np.stack([top, grid.cell_center((2, 1)), [9.0, 0.0]])),
+                                  [True, False, False])
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_expert_reaches_the_goal_in_umaze(umaze, seed):
     expert = WaypointExpert(MazeGrid.from_env(umaze))

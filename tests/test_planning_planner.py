@@ -402,6 +402,52 @@ def test_following_the_route_arrives_as_early_as_the_expert_where_tracking_waits
     assert returns["path"] >= 0.95 * expert_return
 
 
+def test_shortcuts_skip_a_detour_that_fills_the_horizon():
+    """Start and goal in one corridor, and a plan that must fill its horizon, so its route runs
+    up the U's side arm and back (as trained plans do for near goals). Following the route
+    retraces the detour; with shortcuts the goal is in straight sight and reached as the
+    expert reaches it."""
+    from modalities.planning.maze import WaypointExpert
+
+    returns = {}
+    for margin in (None, 0.15):
+        env, grid, planner = _route_planner("path", shortcut_margin=margin)
+        obs, _ = env.reset(seed=4)
+        start, goal = obs["observation"][:2], obs["desired_goal"]
+        assert grid.cell_of(start)[0] == grid.cell_of(goal)[0] == 3  # both in the bottom corridor
+        turn = grid.cell_center((1, 3))  # the far end of the right arm
+        half = planner.horizon // 2
+        out = np.linspace(start, turn, half)
+        back = np.linspace(turn, goal, planner.horizon - half + 1)[1:]
+        route = np.c_[np.concatenate([out, back]), np.zeros((planner.horizon, 2))]
+        x = torch.zeros(1, 6, planner.horizon)
+        x[0, 2:] = torch.as_tensor(route.T, dtype=torch.float32)
+        planner._sample = lambda states, goals, init=None, _x=x: (_x, None)
+        planner.reset()
+        returns[margin] = 0.0
+        for _ in range(300):
+            obs, reward, *_ = env.step(planner.act(obs))
+            returns[margin] += reward
+        env.close()
+    env = make_env(ENV, continuing_task=True)
+    obs, _ = env.reset(seed=4)
+    expert, expert_return = WaypointExpert(MazeGrid_of(env)), 0.0
+    for _ in range(300):
+        obs, reward, *_ = env.step(expert.act(obs))
+        expert_return += reward
+    env.close()
+    assert returns[None] < 0.8 * expert_return
+    assert returns[0.15] >= 0.98 * expert_return
+    with pytest.raises(ValueError, match="shortcut_margin"):
+        _route_planner("path", shortcut_margin=-1)
+
+
+def MazeGrid_of(env):
+    from modalities.planning.maze import MazeGrid
+
+    return MazeGrid.from_env(env)
+
+
 def test_free_space_ranks_a_route_through_walls_below_one_around_them():
     from modalities.planning.maze import WaypointExpert
 
@@ -417,7 +463,17 @@ def test_free_space_ranks_a_route_through_walls_below_one_around_them():
     plans = torch.as_tensor(np.stack([np.c_[np.zeros((planner.horizon, 2)), p] for p in (straight, around)]),
                             dtype=torch.float32).transpose(1, 2)
     scores = planner._score(plans)
-    assert scores[1] == 1.0 and scores[0] < 0.9
+    assert scores[1] >= 1.0 and scores[0] < 0.9
+    # Two routes inside the free cells: the one that reaches the goal's radius first ranks
+    # higher (the plan's own sparse return), and a small share of wall still outweighs it.
+    arrival = next(j for j, p in enumerate(around) if np.linalg.norm(p[:2] - around[-1, :2]) < 0.45)
+    late = np.array([around[round(j * arrival / (planner.horizon - 1))] for j in range(planner.horizon)])
+    through_wall = around.copy()
+    through_wall[1, :2] = grid.cell_center((2, 1))  # one waypoint inside the middle wall
+    plans = torch.as_tensor(np.stack([np.c_[np.zeros((planner.horizon, 2)), p]
+                                      for p in (late, around, through_wall)]), dtype=torch.float32)
+    scores = planner._score(plans.transpose(1, 2))
+    assert arrival < planner.horizon - 4 and scores[1] > scores[0] > scores[2]  # early > late > wall
     env.close()
     with pytest.raises(ValueError, match="value network"):
         _route_planner("path", num_candidates=2, candidate_score="value")

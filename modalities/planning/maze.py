@@ -132,20 +132,40 @@ class MazeGrid:
         x, y = float(xy[0]), float(xy[1])
         return int(np.floor((self.y_center - y) / self.scale)), int(np.floor((x + self.x_center) / self.scale))
 
+    def free_at(self, points) -> np.ndarray:
+        """For (..., 2) points (x, y): True where the point lies inside the maze and not in a wall block."""
+        points = np.asarray(points, dtype=np.float64)
+        rows = np.floor((self.y_center - points[..., 1]) / self.scale).astype(np.int64)
+        cols = np.floor((points[..., 0] + self.x_center) / self.scale).astype(np.int64)
+        inside = (rows >= 0) & (rows < self.shape[0]) & (cols >= 0) & (cols < self.shape[1])
+        free = np.zeros(points.shape[:-1], dtype=bool)
+        free[inside] = ~self.walls[rows[inside], cols[inside]]
+        return free
+
     def is_free(self, xy) -> bool:
         """True when (x, y) lies inside the maze and not in a wall block."""
-        row, col = self.cell_of(xy)
-        return 0 <= row < self.shape[0] and 0 <= col < self.shape[1] and not self.walls[row, col]
+        return bool(self.free_at(np.asarray(xy, dtype=np.float64).reshape(2)))
 
     def fraction_free(self, points) -> float:
         """The share of (x, y) points (N, 2) that lie in free cells: a check that data belong to this maze."""
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        rows = np.floor((self.y_center - points[:, 1]) / self.scale).astype(np.int64)
-        cols = np.floor((points[:, 0] + self.x_center) / self.scale).astype(np.int64)
-        inside = (rows >= 0) & (rows < self.shape[0]) & (cols >= 0) & (cols < self.shape[1])
-        free = np.zeros(len(points), dtype=bool)
-        free[inside] = ~self.walls[rows[inside], cols[inside]]
-        return float(free.mean()) if len(points) else 1.0
+        return float(self.free_at(points).mean()) if len(points) else 1.0
+
+    def clear_lines(self, start, ends, margin: float = 0.0, spacing: float = 0.05) -> np.ndarray:
+        """For each of ``ends`` (N, 2): True when the straight segment from ``start`` to it, widened
+        to a band of half-width ``margin``, stays in free cells (checked every ``spacing``: the
+        band's centre line and both edges)."""
+        start = np.asarray(start, dtype=np.float64).reshape(1, 2)
+        ends = np.asarray(ends, dtype=np.float64).reshape(-1, 2)
+        offsets = ends - start
+        lengths = np.linalg.norm(offsets, axis=1, keepdims=True)
+        normals = np.stack([-offsets[:, 1], offsets[:, 0]], axis=1) / np.maximum(lengths, 1e-12)
+        samples = max(2, int(np.ceil(lengths.max(initial=0.0) / spacing)) + 1)
+        along = start[:, None] + offsets[:, None] * np.linspace(0.0, 1.0, samples)[None, :, None]  # (N, S, 2)
+        clear = np.ones(len(ends), dtype=bool)
+        for side in ((-margin, 0.0, margin) if margin > 0 else (0.0,)):
+            clear &= self.free_at(along + side * normals[:, None]).all(axis=1)
+        return clear
 
     def free_cells(self) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in rc) for rc in np.argwhere(~self.walls)]

@@ -32,11 +32,17 @@ How it is used:
   the point ``path_lookahead`` further along the route than the nearest point ahead, and the
   action the maze expert's a = clip(10 (target - position) - velocity, -1, 1). A plan's
   schedule is the data's pace, so Diffuser's tracking arrives when the plan does (the
-  horizon's end); following the route arrives as soon as the ball can.
+  horizon's end); following the route arrives as soon as the ball can. The route ends where
+  it first comes within the goal's radius (the rest of a plan that must fill its horizon is
+  loitering), and with ``shortcut_margin`` set the target moves on to the furthest point of
+  the route that lies in straight sight: a band of that half-width to it crosses no wall
+  cell. The plan still chooses the way round the walls; the controller only stops retracing
+  its detours and corners.
 - ``num_candidates`` > 1: sample that many plans in one batch and keep the best
   (``Diffusion.sample_candidates``), ranked by ``candidate_score``: "value" (the value
   network) or "free_space" (mazes: the share of the route inside free cells, so plans that cut
-  through walls lose); ``value_guidance`` > 0: Diffuser's guidance, a few gradient steps on
+  through walls lose; among equally free routes, the one that reaches the goal's radius first,
+  i.e. the plan's own return under the sparse reward); ``value_guidance`` > 0: Diffuser's guidance, a few gradient steps on
   the value before each denoising step (``GradientSteps``).
 """
 
@@ -57,7 +63,7 @@ from diffkit.runs import resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
 from .data import Normalizer, flatten_observation
-from .maze import MazeGrid, make_env, pd_action
+from .maze import GOAL_RADIUS, MazeGrid, make_env, pd_action
 from .model import InverseDynamics, TemporalUNet, ValueNet
 
 __all__ = ["CHECKPOINTS_DIR", "DiffusionPlanner", "Plan", "PlannerWrapper", "evaluate"]
@@ -86,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "guidance_stop_below": 2.0,
     "replan_distance": None,
     "path_lookahead": 1.0,
+    "shortcut_margin": 0.15,  # action_source "path"; None: no shortcuts. The ball's radius is 0.1
     "candidate_score": None,  # None: "value" with a value network, else "free_space" in a maze
 }
 
@@ -116,7 +123,7 @@ class DiffusionPlanner:
     directory). Keyword arguments override the checkpoint's sampling defaults: ``sampler``,
     ``steps``, ``replan_every``, ``replan_distance`` (also replan, cold, when the position lies
     further than this from every point of the plan still ahead; None: never), ``warm_start_strength`` (None: no warm start),
-    ``warm_start_steps``, ``action_source``,
+    ``warm_start_steps``, ``action_source``, ``path_lookahead`` and ``shortcut_margin`` (for "path"), ``candidate_score``,
     ``num_candidates``, ``value_guidance`` (scale; 0 = off), ``guidance_steps``,
     ``guidance_stop_below``; ``seed`` fixes the sampling noise.
     """
@@ -189,6 +196,11 @@ class DiffusionPlanner:
         if not self.path_lookahead > 0:
             raise ValueError(f"path_lookahead must be > 0 (a distance along the plan's route), got "
                              f"{settings['path_lookahead']}")
+        margin = settings["shortcut_margin"]
+        self.shortcut_margin = None if margin is None else float(margin)
+        if self.shortcut_margin is not None and not self.shortcut_margin >= 0:
+            raise ValueError(f"shortcut_margin must be >= 0 (half the width of the band that must be free of walls) "
+                             f"or None (no shortcuts), got {margin}")
         if self.action_source == "inverse_dynamics" and inverse_dynamics is None:
             raise ValueError("action_source='inverse_dynamics' needs a checkpoint trained with an inverse-dynamics "
                              "model (recipes/planner_train.py --inverse-dynamics)")
@@ -441,7 +453,11 @@ class DiffusionPlanner:
         if self.candidate_score == "free_space":
             rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
             route = _interpolate(rows[:, :, self.action_dim: self.action_dim + 2], self.every)
-            return torch.tensor([self.maze.fraction_free(points) for points in route], device=x.device)
+            free = self.maze.free_at(route).mean(axis=1)
+            # Ties in free share broken by the earliest arrival at the goal: the term stays below
+            # 1 / span, one route row's worth of free share, so feasibility always comes first.
+            arrival = np.array([_arrival_row(points, points[-1]) for points in route])
+            return torch.tensor(free + (1.0 - arrival / self.span) / (self.span + 1), device=x.device)
         return self.value_net(x, torch.zeros(len(x), device=x.device))
 
     def _to_plan(self, x: torch.Tensor, states: np.ndarray, goals, values) -> Plan:
@@ -508,22 +524,37 @@ class DiffusionPlanner:
         return np.clip(action, self.action_low, self.action_high).astype(np.float32)
 
     def _follow_path(self, states: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Action source "path": steer at the route point ``path_lookahead`` beyond the nearest one ahead."""
+        """Action source "path": steer at the route point ``path_lookahead`` beyond the nearest one
+        ahead, or at the furthest one in straight sight (``shortcut_margin``); the goal once the
+        route has reached its radius."""
         mem = self._memory
         actions = np.empty((len(rows), self.action_dim), dtype=np.float32)
         for k, (r, state) in enumerate(zip(rows, states)):
             route = mem["states"][r, :, :2]
-            start = int(mem["progress"][r])
+            goal = route[-1] if np.isnan(mem["goal"][r]).any() else mem["goal"][r]
+            end = _arrival_row(route, goal)
+            start = min(int(mem["progress"][r]), end)
             # The nearest route point among the next 40 rows (env steps; the plan moves at the data's
             # pace, which the ball cannot outrun by that much in one step): progress only moves
             # forward, so a route that passes near itself (a U-turn) is not short-cut.
-            window = route[start: start + 40]
+            window = route[start: min(start + 40, end + 1)]
             nearest = start + int(np.argmin(np.linalg.norm(window - state[:2], axis=1)))
             mem["progress"][r] = nearest
-            along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(route[nearest:], axis=0), axis=1))])
-            target = route[min(nearest + int(np.searchsorted(along, self.path_lookahead)), self.span - 1)]
-            actions[k] = pd_action(target, state)
+            ahead = np.concatenate([route[nearest: end + 1], goal[None]])
+            along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(ahead, axis=0), axis=1))])
+            pick = min(int(np.searchsorted(along, self.path_lookahead)), len(ahead) - 1)
+            if self.shortcut_margin is not None:
+                in_sight = np.nonzero(self.maze.clear_lines(state[:2], ahead[pick:], self.shortcut_margin))[0]
+                if len(in_sight):
+                    pick += int(in_sight[-1])
+            actions[k] = pd_action(ahead[pick], state)
         return np.clip(actions, self.action_low, self.action_high)
+
+
+def _arrival_row(route: np.ndarray, goal: np.ndarray) -> int:
+    """The first row of an (L, 2) route within the environment's goal radius of ``goal`` (else L - 1)."""
+    near = np.linalg.norm(route - goal, axis=1) < GOAL_RADIUS
+    return int(np.argmax(near)) if near.any() else len(route) - 1
 
 
 def _interpolate(waypoints: np.ndarray, every: int) -> np.ndarray:
