@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # samplers.py: the sam
 
 import diffkit  # noqa: E402
 import samplers as sampler_benchmark  # noqa: E402
-from diffkit.parameterization import to_x0_eps  # noqa: E402
 from diffkit.runs import hardware_summary, seeded_generator  # noqa: E402
 from diffkit.utils import randn  # noqa: E402
 from modalities.image.data import load_digits, to_unit_range  # noqa: E402
@@ -76,26 +75,16 @@ def diffusers_configs(betas: torch.Tensor, quick: bool = False):
 def guided_eps_model(model, labels: torch.Tensor, guidance_scale: float):
     """The network as diffusers wants it: eps(x_t, integer t), classifier-free guided.
 
-    Both halves (condition kept / dropped) run as one doubled batch, as diffkit's denoiser
-    does; each output is converted to eps with the schedule's alpha, sigma at t (the network
-    predicts ``model.diffusion.prediction``), and mixed eps_u + w (eps_c - eps_u).
+    The core's own denoiser on a one-point grid at t, so guidance (one doubled batch) and the
+    conversion of the network's prediction to eps are the very ones diffkit samples with.
     """
-    diff, net = model.diffusion, model.net
-    prediction = diff.prediction
+    diff = model.diffusion
 
     @torch.no_grad()
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        t64 = torch.full((b,), float(t), dtype=torch.float64)
-        alpha = float(diff.schedule.alpha_at(t64[:1]))
-        sigma = float(diff.schedule.sigma_at(t64[:1]))
-        t_in = diff.model_time(t64).to(x.device)
-        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-        out = net(torch.cat([x, x]), torch.cat([t_in, t_in]), drop_cond=drop, labels=torch.cat([labels, labels]))
-        out_c, out_u = out.to(x.dtype).chunk(2, dim=0)
-        eps_c = to_x0_eps(prediction, out_c, x, alpha, sigma)[1]
-        eps_u = to_x0_eps(prediction, out_u, x, alpha, sigma)[1]
-        return eps_u + guidance_scale * (eps_c - eps_u)
+        grid = diffkit.SamplingGrid.from_times(diff.schedule, [float(t)])
+        denoise = diff.denoiser(model.net, grid, cond={"labels": labels}, guidance_scale=guidance_scale)
+        return denoise(x, 0).eps
 
     return eps
 

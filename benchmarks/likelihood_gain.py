@@ -89,6 +89,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # calibrate_image's null condition
 
 import diffkit  # noqa: E402
+from benchmark_stats import mean_se  # noqa: E402
 from diffkit.calibration import analytic_variances, calibrate, per_step_at  # noqa: E402
 from diffkit.runs import hardware_summary  # noqa: E402
 from diffkit.sampling import SamplingGrid  # noqa: E402
@@ -329,12 +330,6 @@ def chain_diagnostics(case: Case, tables: dict[str, list[float]], steps: int, se
             "t_last": float(grid.times[-1]), "decoder_std_fixed": math.sqrt(grid.decoder_variance()),
             "decoder_std_analytic": float(adpm[-1].sqrt()), "decoder_std_x0": float(by_error[-1].sqrt()),
             "x0_rms_error": float(error.sqrt())}
-
-
-def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    values = values.double()
-    se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return float(values.mean()), se
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -8,7 +8,6 @@ Not a benchmark itself; ``planning_maze.py``, ``planning_value_guidance.py`` and
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,20 +19,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import planner_train  # noqa: E402  (the recipe trains the --quick models and the benchmark's own)
 
+from benchmark_stats import mean_se  # noqa: E402,F401  (re-exported for the planning benchmarks)
 from diffkit.runs import hardware_summary  # noqa: E402
 from modalities.planning.data import Trajectories, flatten_observation  # noqa: E402
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one value)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    return float(values.mean()), se
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
