@@ -25,7 +25,9 @@ What it measures (the references are FSDD's test split, takes 0-4, which no mode
 - real-time factor at 6 steps: compute seconds per second of audio for a batch of clips
   (diffusion and inverse separately), on this machine's CPU;
 - bits per sample of held-out clips (16-bit, discretised decoder, real samples only) under a
-  waveform checkpoint (the shipped one when it is a waveform model, or ``--likelihood-checkpoint``).
+  waveform checkpoint (the shipped one when it is a waveform model, or ``--likelihood-checkpoint``),
+  and with ``--vocoder`` under the vocoder given each clip's own log-mel frames (what the
+  waveform holds beyond its spectrogram).
 
 Writes ``--out-dir/audio_quality_<name>.{json,md}``.
 """
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmark_stats import mean_se
 from diffkit.runs import hardware_summary
 from modalities.audio.data import DEFAULT_WINDOW, FSDD_SAMPLE_RATE, load_fsdd
 from modalities.audio.mel import griffin_lim, log_mel
@@ -195,22 +198,26 @@ def main(argv=None) -> int:
     results["rtf_6_steps"] = rtf
     print(f"RTF at 6 steps: {rtf}", flush=True)
 
-    # Bits per sample under a waveform model.
+    # Bits per sample under a waveform model, and under the vocoder given each clip's own log-mel.
     nll_ckpt = args.likelihood_checkpoint or (args.checkpoint if model.kind == "waveform" else None)
-    if nll_ckpt:
-        raw = load_fsdd("test", FSDD_SAMPLE_RATE, DEFAULT_WINDOW, peak=None)  # 16-bit as stored
-        idx = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed))[: args.nll_clips]
+    raw = load_fsdd("test", FSDD_SAMPLE_RATE, DEFAULT_WINDOW, peak=None)  # 16-bit as stored
+    idx = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed))[: args.nll_clips]
+    for key, ckpt, note in (
+        ("bits_per_sample", nll_ckpt, "variational bound over all training steps, 16-bit discretised decoder, "
+                                      "real samples only"),
+        ("vocoder_bits_per_sample", args.vocoder, "-log2 p(audio | its own log-mel) per sample: the same bound, "
+                                                  "conditional on the spectrogram"),
+    ):
+        if not ckpt:
+            results[key] = None
+            continue
         start = time.perf_counter()
-        bps = bits_per_sample(raw.audio[idx], checkpoint=nll_ckpt, lengths=[raw.lengths[i] for i in idx],
+        bps = bits_per_sample(raw.audio[idx], checkpoint=ckpt, lengths=[raw.lengths[i] for i in idx],
                               seed=args.seed, device="cpu")
-        results["bits_per_sample"] = {
-            "checkpoint": str(nll_ckpt), "clips": len(idx), "mean": round(bps.mean().item(), 4),
-            "stderr": round((bps.std() / len(bps) ** 0.5).item(), 4), "seconds": round(time.perf_counter() - start, 1),
-            "note": "variational bound over all training steps, 16-bit discretised decoder, real samples only",
-        }
-        print(f"bits per sample: {results['bits_per_sample']}", flush=True)
-    else:
-        results["bits_per_sample"] = None
+        mean, stderr = mean_se(bps)
+        results[key] = {"checkpoint": str(ckpt), "clips": len(idx), "mean": round(mean, 4), "stderr": round(stderr, 4),
+                        "seconds": round(time.perf_counter() - start, 1), "note": note}
+        print(f"{key.replace('_', ' ')}: {results[key]}", flush=True)
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +256,10 @@ def markdown(r: dict) -> str:
                       f"**{b['mean']:.3f}** (standard error {b['stderr']:.3f}; {b['note']})."]
     else:
         lines += ["", "Bits per sample: not measured (needs a waveform checkpoint: --likelihood-checkpoint)."]
+    b = r.get("vocoder_bits_per_sample")
+    if b:
+        lines += ["", f"Bits per sample of the same clips under the vocoder `{b['checkpoint']}`: "
+                      f"**{b['mean']:.3f}** (standard error {b['stderr']:.3f}; {b['note']})."]
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,13 @@ from typing import Any, Optional
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .trainer import TrainConfig
 
 __all__ = [
+    "add_training_arguments",
+    "add_sampling_default_arguments",
+    "train_config",
+    "positive_int",
     "hardware_summary",
     "export_checkpoint",
     "seeded_generator",
@@ -116,6 +121,72 @@ def resolve_steps(steps: Optional[int], default: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1 (or None for the default {default}), got {steps!r}")
     return int(steps)
+
+
+LR_DECAYS = ("none", "cosine", "linear")
+
+# The TrainConfig fields a recipe's flags set (``add_training_arguments``); the rest keep their defaults.
+_TRAINING_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "lr_decay", "ema_decay", "seed", "output_dir",
+                   "save_every", "sample_every", "device", "num_workers")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1, or a message saying what was wrong."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, run_dir: str, samples: bool = True,
+                           data_workers: bool = True):
+    """Add the "training" flags every recipe shares and return the group, for the recipe's own.
+
+    All default to None (the preset decides) except ``--seed`` (0) and ``--device`` (auto);
+    ``run_dir`` is the default run directory named in the help. ``samples`` adds
+    ``--sample-every``, ``data_workers`` adds ``--num-workers``. :func:`train_config` turns the
+    resolved values into a :class:`~diffkit.trainer.TrainConfig`.
+    """
+    g = parser.add_argument_group("training")
+    g.add_argument("--max-steps", type=positive_int, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, help="batch size per process")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps")
+    g.add_argument("--lr-decay", choices=LR_DECAYS, help="LR decay after the warm-up")
+    g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of everything: data order, initial weights, noise (default: 0)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: auto)")
+    g.add_argument("--output-dir", help=f"run directory (default: {run_dir})")
+    if samples:
+        g.add_argument("--sample-every", type=int, help="write samples every N steps (0: never)")
+    g.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
+    if data_workers:
+        g.add_argument("--num-workers", type=int, default=0, help="data loader workers (default: 0)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return g
+
+
+def add_sampling_default_arguments(parser: argparse.ArgumentParser, *, guidance: str = "default guidance scale"):
+    """Add the "output" flags that set the sampling defaults recorded with the model; returns the group."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--sampler", help="default sampler recorded with the model")
+    g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
+    g.add_argument("--guidance-scale", type=float, help=f"{guidance} recorded with the model")
+    return g
+
+
+def train_config(settings: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+    """A :class:`~diffkit.trainer.TrainConfig` from a recipe's resolved settings (its preset with
+    the flags of :func:`add_training_arguments` laid over it): the shared fields that are set,
+    ``progress`` from ``no_progress``, then ``overrides``."""
+    fields = {key: settings[key] for key in _TRAINING_FLAGS if settings.get(key) is not None}
+    fields["progress"] = not settings.get("no_progress", False)
+    fields["output_dir"] = str(fields.get("output_dir", TrainConfig.output_dir))
+    return TrainConfig(**{**fields, **overrides})
 
 
 @contextlib.contextmanager

@@ -39,8 +39,16 @@ from typing import Any
 import torch
 
 import diffkit
-from diffkit import Diffusion, NoiseSchedule, TrainConfig, Trainer
-from diffkit.runs import export_checkpoint, is_main_process, seeded_generator, usage_errors
+from diffkit import Diffusion, NoiseSchedule, Trainer
+from diffkit.runs import (
+    add_sampling_default_arguments,
+    add_training_arguments,
+    export_checkpoint,
+    is_main_process,
+    seeded_generator,
+    train_config,
+    usage_errors,
+)
 
 from modalities.audio.data import DEFAULT_WINDOW, FSDD_SAMPLE_RATE, AudioDataset, load_audio_folder, load_fsdd
 from modalities.audio.mel import MelConfig, griffin_lim, log_mel
@@ -153,25 +161,9 @@ def build_parser() -> _Parser:
     g.add_argument("--beta-start", type=float, help="first beta of the linear schedule")
     g.add_argument("--beta-end", type=float, help="last beta of the linear schedule")
     g.add_argument("--cond-drop-prob", type=float, help="probability of dropping the label (classifier-free guidance)")
-    g = p.add_argument_group("training")
-    g.add_argument("--max-steps", type=int, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, help="batch size per process")
-    g.add_argument("--lr", type=float, help="AdamW learning rate")
-    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up")
-    g.add_argument("--lr-decay", choices=("none", "cosine", "linear"), help="LR decay after the warm-up")
-    g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything, the initial weights included (default: 0)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--output-dir", help="run directory (default: runs/audio-<preset>)")
-    g.add_argument("--sample-every", type=int, help="write samples every N steps (0: never)")
-    g.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
+    g = add_training_arguments(p, run_dir="runs/audio-<preset>")
     g.add_argument("--num-samples", type=int, default=10, help="clips per sample round (default: 10)")
-    g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("output")
-    g.add_argument("--sampler", help="default sampler recorded with the model (ddpm: DiffWave's)")
-    g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
-    g.add_argument("--guidance-scale", type=float, help="default guidance recorded with the model")
+    g = add_sampling_default_arguments(p)
     g.add_argument("--export", metavar="DIR", help="after training, write a compact EMA-only float16 checkpoint here")
     return p
 
@@ -405,12 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         diffkit.seed_everything(s["seed"])
         net, model_config, diffusion, modality_config, conditioning, mel_cfg = build(s, data)
         dataset = make_dataset(s, data, conditioning, mel_cfg)
-        config = TrainConfig(
-            max_steps=s["max_steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
-            lr_decay=s["lr_decay"], ema_decay=s["ema_decay"], seed=s["seed"], output_dir=s["output_dir"],
-            save_every=s["save_every"], sample_every=s["sample_every"], device=s["device"], num_workers=s["num_workers"],
-            progress=not s["no_progress"],
-        )
+        config = train_config(s)
         cond_drop = s["cond_drop_prob"] if conditioning == "class" else 0.0
         crop = s.get("crop_frames") or 0
         trainer = Trainer(net, diffusion, dataset, config, modality="audio", model_config=model_config,

@@ -30,8 +30,15 @@ from typing import Any
 import torch
 
 import diffkit
-from diffkit.runs import export_checkpoint, is_main_process, usage_errors
-from diffkit.trainer import TrainConfig, Trainer
+from diffkit.runs import (
+    add_sampling_default_arguments,
+    add_training_arguments,
+    export_checkpoint,
+    is_main_process,
+    train_config,
+    usage_errors,
+)
+from diffkit.trainer import Trainer
 
 from modalities.image.data import (
     DIGITS_BIN_WIDTH,
@@ -122,23 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prediction", choices=("eps", "x0", "v"), help="what the network predicts")
     g.add_argument("--cond-drop-prob", type=float,
                    help="probability of dropping the condition (classifier-free guidance)")
-    g = p.add_argument_group("training")
-    g.add_argument("--max-steps", type=int, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, help="batch size per process")
-    g.add_argument("--lr", type=float, help="AdamW learning rate")
-    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up")
-    g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--output-dir", help="run directory (default: runs/image-<preset>)")
-    g.add_argument("--sample-every", type=int, help="write a sample grid every N steps")
-    g.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
-    g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("output")
-    g.add_argument("--sampler", help="default sampler recorded with the model")
-    g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
-    g.add_argument("--guidance-scale", type=float, help="default guidance recorded with the model")
+    add_training_arguments(p, run_dir="runs/image-<preset>")
+    g = add_sampling_default_arguments(p)
     g.add_argument("--export", metavar="DIR",
                    help="after training, write a compact EMA-only float16 checkpoint here")
     return p
@@ -281,12 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         images, labels, class_names, bin_width = load_data(s)
         built = build(s, labels, class_names, bin_width)
         dataset = make_dataset(s, images, labels)
-        config = TrainConfig(
-            max_steps=s["max_steps"], batch_size=s["batch_size"], lr=s["lr"],
-            warmup_steps=s["warmup_steps"], ema_decay=s["ema_decay"], seed=s["seed"],
-            output_dir=s["output_dir"], save_every=s["save_every"], sample_every=s["sample_every"],
-            device=s["device"], num_workers=s["num_workers"], progress=not s["no_progress"],
-        )
+        config = train_config(s)
         cond_drop = s["cond_drop_prob"] if s["conditioning"] in ("class", "text") else 0.0
         trainer = Trainer(built.net, built.diffusion, dataset, config, modality="image",
                           model_config=built.model_config, modality_config=built.modality_config,

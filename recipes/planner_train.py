@@ -37,7 +37,15 @@ import torch
 
 import diffkit
 from diffkit import distributed
-from diffkit.runs import export_checkpoint, hardware_summary, is_main_process, usage_errors
+from diffkit.runs import (
+    add_training_arguments,
+    export_checkpoint,
+    hardware_summary,
+    is_main_process,
+    positive_int,
+    train_config,
+    usage_errors,
+)
 from diffkit.trainer import TrainConfig, Trainer
 
 from modalities.planning.data import (
@@ -96,19 +104,9 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _replan(text: str) -> int:
     """K >= 1, or 0 for 'none' (plan once per goal); 0 becomes None once the flags are merged."""
-    return 0 if text.lower() in ("none", "never", "0") else _positive(text)
+    return 0 if text.lower() in ("none", "never", "0") else positive_int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,35 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="path.hdf5 (D4RL layout) or minari:<dataset id> (default for mazes: record "
                                      "with the waypoint expert)")
-    g.add_argument("--collect-steps", type=_positive, help="steps the expert records (mazes, no --dataset)")
+    g.add_argument("--collect-steps", type=positive_int, help="steps the expert records (mazes, no --dataset)")
     g = p.add_argument_group("model")
-    g.add_argument("--horizon", type=_positive, help="planned waypoints (a multiple of 2^(levels-1))")
-    g.add_argument("--every", type=_positive, help="one waypoint every K environment steps (mazes: 4 or 8; "
+    g.add_argument("--horizon", type=positive_int, help="planned waypoints (a multiple of 2^(levels-1))")
+    g.add_argument("--every", type=positive_int, help="one waypoint every K environment steps (mazes: 4 or 8; "
                                                    "a plan spans (horizon - 1) K + 1 steps)")
-    g.add_argument("--dim", type=_positive, help="U-Net width of the first level")
+    g.add_argument("--dim", type=positive_int, help="U-Net width of the first level")
     g.add_argument("--dim-mults", type=_ints, help="width multipliers per level, e.g. 1,2,4 (Diffuser: 1,2,4,8)")
-    g.add_argument("--diffusion-steps", type=_positive, help="training timesteps T")
+    g.add_argument("--diffusion-steps", type=positive_int, help="training timesteps T")
     g.add_argument("--prediction", choices=("eps", "x0", "v"), help="what the network predicts")
     g.add_argument("--action-weight", type=float, default=1.0,
                    help="loss weight of the first action (Diffuser's locomotion uses 10; default 1)")
     g.add_argument("--value", action="store_true", help="also train a value network (candidate ranking, guidance)")
     g.add_argument("--inverse-dynamics", action="store_true", help="also train an inverse-dynamics MLP")
-    g = p.add_argument_group("training")
-    g.add_argument("--max-steps", type=_positive, help="optimizer steps of the diffusion model")
-    g.add_argument("--aux-steps", type=_positive, help="optimizer steps of the value / inverse-dynamics models "
-                                                       "(default: half of --max-steps)")
-    g.add_argument("--batch-size", type=_positive, help="batch size per process")
-    g.add_argument("--lr", type=float, help="AdamW learning rate")
-    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps")
-    g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything: data, weights, order (default: 0)")
-    g.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--output-dir", help="run directory (default: runs/planner-<env>)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = add_training_arguments(p, run_dir="runs/planner-<env>", samples=False, data_workers=False)
+    g.add_argument("--aux-steps", type=positive_int, help="optimizer steps of the value / inverse-dynamics models "
+                                                          "(default: half of --max-steps)")
     g = p.add_argument_group("planning defaults recorded with the model")
     g.add_argument("--sampler", choices=diffkit.SAMPLERS, help="sampler")
-    g.add_argument("--sample-steps", type=_positive, help="solver steps per plan")
+    g.add_argument("--sample-steps", type=positive_int, help="solver steps per plan")
     g.add_argument("--replan-every", type=_replan, help="replan every K steps, or 'none' to plan once per goal")
     g.add_argument("--replan-distance", type=float,
                    help="also replan when the position strays further than this from the plan (default: never)")
@@ -237,11 +225,11 @@ def load_data(s: dict[str, Any], env, main_process: bool):
     return traj
 
 
-def train_config(s: dict[str, Any], output_dir: Path, max_steps: int) -> TrainConfig:
-    return TrainConfig(max_steps=max_steps, batch_size=s["batch_size"], lr=s["lr"],
-                       warmup_steps=min(s["warmup_steps"], max_steps), ema_decay=s["ema_decay"], seed=s["seed"],
-                       output_dir=str(output_dir), save_every=s["save_every"], sample_every=0,
-                       log_every=min(100, max_steps), device=s["device"], progress=not s["no_progress"])
+def planner_train_config(s: dict[str, Any], output_dir: Path, max_steps: int) -> TrainConfig:
+    """The run's training settings for one of its networks (the diffusion model, the value or the
+    inverse dynamics), each with its own step count and directory."""
+    return train_config(s, max_steps=max_steps, warmup_steps=min(s["warmup_steps"], max_steps),
+                        output_dir=str(output_dir), sample_every=0, log_every=min(100, max_steps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,14 +270,14 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
             kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]))
             trainers.append(("value", Trainer(
                 ValueNet(**kwargs), None, NormalisedValues(windows, value_normalizer),
-                train_config(s, out / "value", aux_steps), loss_fn=value_loss_fn(diffusion), modality="planning",
+                planner_train_config(s, out / "value", aux_steps), loss_fn=value_loss_fn(diffusion), modality="planning",
                 model_config={"class": "modalities.planning.model.ValueNet", "kwargs": kwargs})))
         if s.get("inverse_dynamics"):
             diffkit.seed_everything(s["seed"])
             kwargs = dict(observation_dim=traj.observation_dim, action_dim=traj.action_dim)
             trainers.append(("inverse_dynamics", Trainer(
                 InverseDynamics(**kwargs), None, TransitionPairs(traj, normalizer),
-                train_config(s, out / "inverse_dynamics", aux_steps), loss_fn=inverse_dynamics_loss,
+                planner_train_config(s, out / "inverse_dynamics", aux_steps), loss_fn=inverse_dynamics_loss,
                 modality="planning",
                 model_config={"class": "modalities.planning.model.InverseDynamics", "kwargs": kwargs})))
         for _, trainer in trainers:
@@ -325,7 +313,7 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
     with usage_errors(parser):
         diffkit.seed_everything(s["seed"])  # before building: the same seed gives the same weights
         net = TemporalUNet(**kwargs)
-        trainer = Trainer(net, diffusion, windows, train_config(s, out, s["max_steps"]), modality="planning",
+        trainer = Trainer(net, diffusion, windows, planner_train_config(s, out, s["max_steps"]), modality="planning",
                           model_config={"class": "modalities.planning.model.TemporalUNet", "kwargs": kwargs},
                           modality_config=modality_config, side_files=side_files or None, loss_kwargs=loss_kwargs)
         trainer.resume()

@@ -35,8 +35,15 @@ import torch
 
 import diffkit
 from diffkit.checkpoint import load_checkpoint, save_checkpoint
-from diffkit.runs import export_checkpoint, is_main_process, usage_errors
-from diffkit.trainer import TrainConfig, Trainer
+from diffkit.runs import (
+    add_sampling_default_arguments,
+    add_training_arguments,
+    export_checkpoint,
+    is_main_process,
+    train_config,
+    usage_errors,
+)
+from diffkit.trainer import Trainer
 
 # The recipe runs as a script from anywhere: make the repository's modalities importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,23 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cond-drop-prob", type=float, help="probability of dropping the whole MR (guidance)")
     g.add_argument("--slot-drop-prob", type=float, help="probability of dropping each MR slot on its own")
     g.add_argument("--t0-fraction", type=float, help="share of each batch that gets the t=0 embedding term")
-    g = p.add_argument_group("training")
-    g.add_argument("--max-steps", type=int, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, help="batch size per process")
-    g.add_argument("--lr", type=float, help="AdamW learning rate")
-    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up")
-    g.add_argument("--lr-decay", choices=("none", "cosine", "linear"), help="LR decay after warm-up")
-    g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything, network weights included (default: 0)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--output-dir", help="run directory (default: runs/text-<preset>)")
-    g.add_argument("--sample-every", type=int, help="write sample texts every N steps (0: never)")
-    g.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("output")
-    g.add_argument("--sampler", help="default sampler recorded with the model")
-    g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
-    g.add_argument("--guidance-scale", type=float, help="default guidance for --control recorded with the model")
+    add_training_arguments(p, run_dir="runs/text-<preset>", data_workers=False)
+    g = add_sampling_default_arguments(p, guidance="default guidance for --control")
     g.add_argument("--export", metavar="DIR",
                    help="after training, write a compact float16 checkpoint (with the tokenizer) here")
     g.add_argument("--export-weights", choices=EXPORT_WEIGHTS,
@@ -288,15 +280,6 @@ def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
     for file in path.iterdir():
         file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable
     return path
-
-
-def train_config(s: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(
-        max_steps=s["max_steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
-        lr_decay=s["lr_decay"], ema_decay=s["ema_decay"], seed=s["seed"], output_dir=s["output_dir"],
-        save_every=s["save_every"], sample_every=s["sample_every"], device=s["device"],
-        progress=not s["no_progress"],
-    )
 
 
 def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:

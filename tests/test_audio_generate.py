@@ -194,6 +194,27 @@ def test_vocoder_checkpoint_takes_mel_frames_once_upsampled(tmp_path):
     with pytest.raises(ValueError, match="pass mel="):
         generate_audio(checkpoint=out / "checkpoint", num_samples=1, device="cpu")
 
+    # Likelihood: a vocoder scores clips given their own log-mel frames.
+    from modalities.audio.data import load_fsdd
+    from modalities.audio.mel import log_mel
+
+    clips = load_fsdd("test", length=512, max_clips=2).audio
+    seen = []
+    hook = model.net.register_forward_hook(lambda m, args, kwargs, o: seen.append(kwargs["mel_features"]),
+                                           with_kwargs=True)
+    try:
+        bits = bits_per_sample(clips, checkpoint=out / "checkpoint", steps=5, device="cpu")
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        own = model.net.upsample_mel(log_mel(clips, model.mel_config))
+    assert len(seen) == 5 and all(torch.equal(f, own) for f in seen)  # every call sees the clips' own frames
+    direct = bits_per_sample_of(model.net, model.diffusion, clips, steps=5,
+                                generator=torch.Generator().manual_seed(0), mel_features=own)
+    assert bits.shape == (2,) and torch.isfinite(bits).all() and torch.allclose(bits, direct)
+    with pytest.raises(ValueError, match="not on labels"):
+        bits_per_sample(clips, checkpoint=out / "checkpoint", labels=[1, 2], device="cpu")
+
 
 # ---------------------------------------------------------------------------------- likelihood
 class OracleDenoiser(torch.nn.Module):

@@ -7,7 +7,15 @@ import torch
 
 from _toys import TinyDenoiser, vectors
 from diffkit import Diffusion, TrainConfig, Trainer, load_checkpoint
-from diffkit.runs import export_checkpoint, resolve_steps, seeded_generator, usage_errors
+from diffkit.runs import (
+    add_sampling_default_arguments,
+    add_training_arguments,
+    export_checkpoint,
+    resolve_steps,
+    seeded_generator,
+    train_config,
+    usage_errors,
+)
 
 
 def test_export_keeps_configs_and_side_files_and_halves_the_ema_weights(tmp_path):
@@ -55,3 +63,26 @@ def test_usage_errors_exit_like_argparse(capsys, monkeypatch):
     with pytest.raises(KeyError):  # a bug is not a usage error
         with usage_errors(parser):
             raise KeyError("x")
+
+
+def test_shared_training_flags_reach_the_train_config_and_unset_ones_keep_its_defaults(capsys):
+    parser = argparse.ArgumentParser(prog="toy_train.py")
+    group = add_training_arguments(parser, run_dir="runs/toy-<preset>", data_workers=False)
+    group.add_argument("--extra", type=int)  # the group is handed back for the recipe's own flags
+    add_sampling_default_arguments(parser)
+    args = parser.parse_args(["--max-steps", "7", "--lr-decay", "cosine", "--no-progress", "--extra", "2",
+                              "--sample-steps", "5"])
+    preset = {"batch_size": 16, "lr": 1e-3, "output_dir": "runs/toy-cpu"}
+    settings = {**preset, **{k: v for k, v in vars(args).items() if v is not None}}
+    config = train_config(settings, log_every=3)
+    defaults = TrainConfig()
+    assert (config.max_steps, config.batch_size, config.lr, config.lr_decay) == (7, 16, 1e-3, "cosine")
+    assert config.output_dir == "runs/toy-cpu" and config.progress is False and config.log_every == 3
+    assert config.warmup_steps == defaults.warmup_steps and config.ema_decay == defaults.ema_decay
+    assert config.seed == 0 and config.device == "auto" and not hasattr(args, "num_workers")
+    assert args.sample_steps == 5 and args.extra == 2
+    for bad in (["--max-steps", "0"], ["--batch-size", "two"], ["--lr-decay", "step"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "must be >= 1, got 0" in capsys.readouterr().err
+    assert "runs/toy-<preset>" in parser.format_help()

@@ -42,7 +42,7 @@ from diffkit.runs import resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
 from .data import window_mask
-from .mel import MelConfig, griffin_lim
+from .mel import MelConfig, griffin_lim, log_mel
 from .model import DiffWave, MelDenoiser
 
 __all__ = [
@@ -475,21 +475,27 @@ def bits_per_sample(
     batch_size: int = 16,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Bits per audio sample of 16-bit audio (T,), (N, T) or (N, 1, T) in [-1, 1] under a waveform checkpoint.
+    """Bits per audio sample of 16-bit audio (T,), (N, T) or (N, 1, T) in [-1, 1] under a waveform
+    or vocoder checkpoint.
 
     An upper bound on the negative log-likelihood (the variational bound over all T training
     steps, or over a ``steps``-point chain), with the discretised decoder at the 16-bit bin
     width 2/65535. Class-conditional models are scored unconditionally (the null class)
-    unless ``labels`` are given. ``lengths`` (the clips' lengths before they were centred in
+    unless ``labels`` are given. A vocoder scores each clip given its own log-mel frames,
+    -log2 p(audio | log_mel(audio)) / T: how much the waveform holds beyond the spectrogram. ``lengths`` (the clips' lengths before they were centred in
     the window, ``AudioData.lengths``) restrict the count to real samples, leaving out the
     zero padding (which a model finds easy). Returns (N,) float tensor.
     """
     model = load_audio_model(checkpoint, device)
-    if model.kind != "waveform":
-        raise ValueError(f"checkpoint {model.path} is a {model.kind} model; bits_per_sample needs a waveform model")
+    if model.kind not in ("waveform", "vocoder"):
+        raise ValueError(f"checkpoint {model.path} is a {model.kind} model; bits_per_sample needs a waveform model "
+                         "or a vocoder (which scores audio given its own log-mel frames)")
     x = _as_audio(audio)
     n = x.shape[0]
     cond: dict[str, torch.Tensor] = {}
+    if model.kind == "vocoder" and labels is not None:
+        raise ValueError(f"checkpoint {model.path} is a vocoder: it is conditioned on the clips' log-mel frames, "
+                         "not on labels")
     if labels is not None:
         cond["labels"] = _labels(labels, model, n)
     elif model.num_classes is not None:
@@ -505,9 +511,14 @@ def bits_per_sample(
     out = []
     for start in range(0, n, batch_size):
         part = slice(start, min(start + batch_size, n))
-        out.append(bits_per_sample_of(model.net, model.diffusion, x[part].to(dev), steps=steps, generator=gen,
+        clips = x[part].to(dev)
+        part_cond = {k: v[part].to(dev) for k, v in cond.items()}
+        if model.kind == "vocoder":
+            with torch.no_grad():
+                part_cond["mel_features"] = model.net.upsample_mel(log_mel(clips, model.mel_config))
+        out.append(bits_per_sample_of(model.net, model.diffusion, clips, steps=steps, generator=gen,
                                       mask=None if mask is None else mask[part].to(dev), progress=progress,
-                                      **{k: v[part].to(dev) for k, v in cond.items()}).float().cpu())
+                                      **part_cond).float().cpu())
     return torch.cat(out)
 
 
