@@ -58,6 +58,11 @@ def test_clear_lines_see_along_corridors_but_not_through_walls(umaze):
     assert grid.clear_lines(near_wall, [[0.3, -0.6]])[0]
     assert not grid.clear_lines(near_wall, [[0.3, -0.6]], margin=0.15)[0]
     assert grid.clear_lines(bottom, [bottom], margin=0.15)[0]  # a zero-length line
+    # A start 0.05 from two walls (the bottom corridor's corner) still sees out of the corner:
+    # the band's edges count from the margin's distance on.
+    corner = np.array([-1.45, -1.45])
+    assert not grid.free_at(corner + 0.15 * np.array([-1.0, 1.0]) / np.sqrt(2))
+    assert grid.clear_lines(corner, [[-1.0, -1.0]], margin=0.15)[0]
     # Corner to corner of the U's bend: the diagonal clips the middle wall's end block.
     assert not grid.clear_lines(grid.cell_center((1, 2)), [grid.cell_center((3, 2))])[0]
     np.testing.assert_array_equal(grid.free_at(np.stack([top, grid.cell_center((2, 1)), [9.0, 0.0]])),

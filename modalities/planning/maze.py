@@ -154,17 +154,22 @@ class MazeGrid:
     def clear_lines(self, start, ends, margin: float = 0.0, spacing: float = 0.05) -> np.ndarray:
         """For each of ``ends`` (N, 2): True when the straight segment from ``start`` to it, widened
         to a band of half-width ``margin``, stays in free cells (checked every ``spacing``: the
-        band's centre line and both edges)."""
+        band's centre line and both edges). The edges count from ``margin`` away from ``start``
+        on, so that a start close to a wall still sees the way out of it."""
         start = np.asarray(start, dtype=np.float64).reshape(1, 2)
         ends = np.asarray(ends, dtype=np.float64).reshape(-1, 2)
         offsets = ends - start
         lengths = np.linalg.norm(offsets, axis=1, keepdims=True)
         normals = np.stack([-offsets[:, 1], offsets[:, 0]], axis=1) / np.maximum(lengths, 1e-12)
         samples = max(2, int(np.ceil(lengths.max(initial=0.0) / spacing)) + 1)
-        along = start[:, None] + offsets[:, None] * np.linspace(0.0, 1.0, samples)[None, :, None]  # (N, S, 2)
-        clear = np.ones(len(ends), dtype=bool)
-        for side in ((-margin, 0.0, margin) if margin > 0 else (0.0,)):
-            clear &= self.free_at(along + side * normals[:, None]).all(axis=1)
+        fractions = np.linspace(0.0, 1.0, samples)[None, :]  # (1, S)
+        along = start[:, None] + offsets[:, None] * fractions[..., None]  # (N, S, 2)
+        clear = self.free_at(along).all(axis=1)
+        if margin > 0:
+            past_start = fractions * lengths >= margin  # (N, S)
+            for side in (-margin, margin):
+                free = self.free_at(along + side * normals[:, None])
+                clear &= (free | ~past_start).all(axis=1)
         return clear
 
     def free_cells(self) -> list[tuple[int, int]]:

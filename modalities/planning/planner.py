@@ -335,6 +335,11 @@ class DiffusionPlanner:
             ahead = np.arange(self.span)[None, :] >= np.minimum(reached, self.span - 1)[:, None]
             gaps = np.linalg.norm(mem["states"][:, :, :2] - states[:, None, :2], axis=2)
             off_path = np.where(ahead, gaps, np.inf).min(axis=1) > self.replan_distance
+            if self.action_source == "path" and self.shortcut_margin is not None:
+                # A shortcut leaves the route on purpose: lost only when no point ahead is in sight.
+                for r in np.nonzero(off_path & mem["has_plan"])[0]:
+                    route_ahead = mem["states"][r, min(int(reached[r]), self.span - 1):, :2]
+                    off_path[r] = not self.maze.clear_lines(states[r, :2], route_ahead).any()
             strayed = mem["has_plan"] & off_path
             stale |= strayed
         if self.action_source not in ("tracking", "path"):  # those hold at the plan's end
@@ -544,9 +549,13 @@ class DiffusionPlanner:
             along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(ahead, axis=0), axis=1))])
             pick = min(int(np.searchsorted(along, self.path_lookahead)), len(ahead) - 1)
             if self.shortcut_margin is not None:
-                in_sight = np.nonzero(self.maze.clear_lines(state[:2], ahead[pick:], self.shortcut_margin))[0]
-                if len(in_sight):
-                    pick += int(in_sight[-1])
+                # The furthest point in sight with room to spare; else in bare sight (a ball pressed
+                # into a corner); else the lookahead point.
+                for margin in (self.shortcut_margin, 0.0):
+                    in_sight = np.nonzero(self.maze.clear_lines(state[:2], ahead[pick:], margin))[0]
+                    if len(in_sight):
+                        pick += int(in_sight[-1])
+                        break
             actions[k] = pd_action(ahead[pick], state)
         return np.clip(actions, self.action_low, self.action_high)
 
