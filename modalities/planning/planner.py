@@ -549,13 +549,9 @@ class DiffusionPlanner:
             along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(ahead, axis=0), axis=1))])
             pick = min(int(np.searchsorted(along, self.path_lookahead)), len(ahead) - 1)
             if self.shortcut_margin is not None:
-                # The furthest point in sight with room to spare; else in bare sight (a ball pressed
-                # into a corner); else the lookahead point.
-                for margin in (self.shortcut_margin, 0.0):
-                    in_sight = np.nonzero(self.maze.clear_lines(state[:2], ahead[pick:], margin))[0]
-                    if len(in_sight):
-                        pick += int(in_sight[-1])
-                        break
+                in_sight = np.nonzero(self.maze.clear_lines(state[:2], ahead[pick:], self.shortcut_margin))[0]
+                if len(in_sight):
+                    pick += int(in_sight[-1])
             actions[k] = pd_action(ahead[pick], state)
         return np.clip(actions, self.action_low, self.action_high)
 
