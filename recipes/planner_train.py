@@ -70,11 +70,13 @@ from modalities.planning.training import (
 
 _MAZE = dict(dim=32, dim_mults=(1, 2, 4), prediction="x0", schedule="cosine", batch_size=32, lr=2e-4,
              warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=None,
-             action_source="path", num_candidates=16, replan_distance=0.6, discount=0.99, save_every=2000,
+             action_source="path", shortcut_margin=0.15, num_candidates=16, replan_distance=0.6, discount=0.99,
+             save_every=2000,
              eval_episodes=5)
-# Acting: following the plan's route at the controller's pace instead of tracking its schedule,
-# 16 candidate plans ranked by the share of the route in free cells, and a fresh plan when the
-# ball strays 0.6 from the route. benchmarks/planning_maze.py scores these defaults beside
+# Acting: following the plan's route at the controller's pace instead of tracking its schedule
+# (with the planner's default shortcuts to the furthest route point in straight sight), 16
+# candidate plans ranked by the share of the route in free cells and then by arrival, and a
+# fresh plan when the ball is lost (0.6 from the route, none of it in sight). benchmarks/planning_maze.py scores these defaults beside
 # Diffuser's way of acting on the same model (one plan tracked on its schedule).
 PRESETS: dict[str, dict[str, Any]] = {
     "PointMaze_UMaze-v3": dict(_MAZE, horizon=32, every=4, diffusion_steps=64, collect_steps=200_000,
@@ -102,6 +104,19 @@ def _ints(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like '1,2,4', got {text!r}")
     return values
+
+
+def _margin(text: str) -> float:
+    """A width >= 0, or 'none' (no shortcuts); -1 stands for 'none' until the flags are merged."""
+    if text.lower() == "none":
+        return -1.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a width like 0.15 or 'none', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _replan(text: str) -> int:
@@ -146,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also replan when the position strays further than this from the plan (default: never)")
     g.add_argument("--action-source", choices=("path", "tracking", "plan", "inverse_dynamics"),
                    help="how actions come from a plan (path, tracking: mazes)")
+    g.add_argument("--shortcut-margin", type=_margin,
+                   help="path: steer at the furthest route point in straight sight, with a band this wide "
+                        "either side free of walls; 'none': follow the route (maze presets: 0.15)")
     g.add_argument("--num-candidates", type=int,
                    help="plans sampled at once, the best kept (mazes: by free space; else by --value)")
     g = p.add_argument_group("output")
@@ -163,6 +181,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             s[key] = value
     if s["replan_every"] == 0:
         s["replan_every"] = None
+    if s.get("shortcut_margin") == -1.0:
+        s["shortcut_margin"] = None
     s.setdefault("output_dir", f"runs/planner-{args.env.split(':')[-1]}")
     s["maze"] = is_maze_env(args.env)
     if not s["maze"] and not s.get("dataset"):
@@ -299,6 +319,8 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
                 "replan_every": s["replan_every"], "replan_distance": s.get("replan_distance"),
                 "action_source": s["action_source"], "warm_start_strength": 0.5,
                 "num_candidates": s.get("num_candidates", 1)}
+    if s["action_source"] == "path":
+        defaults["shortcut_margin"] = s.get("shortcut_margin")
     modality_config = planner_config(
         env_id=s["env"].split(":")[-1], traj=traj, normalizer=normalizer, horizon=s["horizon"], maze=maze,
         action_low=env.action_space.low, action_high=env.action_space.high, defaults=defaults,
@@ -393,6 +415,7 @@ def model_card(s: dict[str, Any], argv: list[str], *, traj, windows, n_params: i
         f"| sampling defaults | {s['sampler']} {min(s['sample_steps'], s['diffusion_steps'])} steps, "
         f"{'plan once per goal' if s['replan_every'] is None else 'replan every %d steps' % s['replan_every']}, "
         f"actions by {s['action_source']}"
+        f"{' (shortcuts in straight sight, margin %g)' % s['shortcut_margin'] if s['action_source'] == 'path' and s.get('shortcut_margin') is not None else ''}"
         f"{', best of %d candidates' % s['num_candidates'] if s.get('num_candidates', 1) > 1 else ''}"
         f"{', replan when %g off the route' % s['replan_distance'] if s.get('replan_distance') else ''} |",
         "",

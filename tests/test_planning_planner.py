@@ -489,5 +489,6 @@ def test_export_carries_a_model_card(trained):
     assert card.startswith("# PointMaze_UMaze-v3: Diffuser-style planner")
     assert "python recipes/planner_train.py --env PointMaze_UMaze-v3" in card
     assert "16 waypoints every 1 step(s) = 16 steps" in card and "parameters" in card and "hardware" in card
+    assert "actions by path (shortcuts in straight sight, margin 0.15)" in card
     config = json.loads((trained / "export" / "config.json").read_text())
     assert "README.md" not in config["checksums"]  # documentation, not weights

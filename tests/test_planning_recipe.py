@@ -28,6 +28,7 @@ def test_recipe_resumes_reuses_its_data_and_evaluates(tmp_path):
     config = first.config["modality_config"]
     assert config["env_id"] == "PointMaze_UMaze-v3" and config["horizon"] == 8 and config["maze"]["walls"]
     assert config["observation_dim"] == 4 and len(config["normalizer"]["shift"]) == 6
+    assert config["defaults"]["action_source"] == "path" and config["defaults"]["shortcut_margin"] == 0.15
     data_time = (out / "data.hdf5").stat().st_mtime_ns
     # The same command with more steps continues from step 2 and reuses the recorded data.
     assert planner_train.main([*TINY, "--max-steps", "4", "--eval-episodes", "1", "--output-dir", str(out)]) == 0
@@ -62,6 +63,7 @@ def test_help_explains_itself(capsys):
     (["--env", "PointMaze_Nowhere-v3"], "cannot make environment"),
     (["--env", "PointMaze_UMaze-v3", "--dataset", "data.csv"], "unknown dataset"),
     (["--env", "PointMaze_UMaze-v3", "--dim-mults", "1,x"], "expected integers"),
+    (["--env", "PointMaze_UMaze-v3", "--shortcut-margin", "wide"], "expected a width"),
 ])
 def test_bad_input_is_a_usage_error_without_traceback(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
