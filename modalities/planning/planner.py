@@ -42,8 +42,8 @@ How it is used:
   (``Diffusion.sample_candidates``), ranked by ``candidate_score``: "value" (the value
   network) or "free_space" (mazes: the share of the route inside free cells, so plans that cut
   through walls lose; among equally free routes, the one that reaches the goal's radius first,
-  i.e. the plan's own return under the sparse reward); ``value_guidance`` > 0: Diffuser's guidance, a few gradient steps on
-  the value before each denoising step (``GradientSteps``).
+  i.e. the plan's own return under the sparse reward); ``value_guidance`` > 0: Diffuser's
+  guidance, a few gradient steps on the value before each denoising step (``GradientSteps``).
 """
 
 from __future__ import annotations
@@ -122,10 +122,11 @@ class DiffusionPlanner:
     Build it with :meth:`load` (a shipped checkpoint by environment id, or a checkpoint
     directory). Keyword arguments override the checkpoint's sampling defaults: ``sampler``,
     ``steps``, ``replan_every``, ``replan_distance`` (also replan, cold, when the position lies
-    further than this from every point of the plan still ahead; None: never), ``warm_start_strength`` (None: no warm start),
-    ``warm_start_steps``, ``action_source``, ``path_lookahead`` and ``shortcut_margin`` (for "path"), ``candidate_score``,
-    ``num_candidates``, ``value_guidance`` (scale; 0 = off), ``guidance_steps``,
-    ``guidance_stop_below``; ``seed`` fixes the sampling noise.
+    further than this from every point of the plan still ahead, and with shortcuts none of it
+    is in sight; None: never), ``warm_start_strength`` (None: no warm start),
+    ``warm_start_steps``, ``action_source``, ``path_lookahead`` and ``shortcut_margin`` (for
+    "path"), ``candidate_score``, ``num_candidates``, ``value_guidance`` (scale; 0 = off),
+    ``guidance_steps``, ``guidance_stop_below``; ``seed`` fixes the sampling noise.
     """
 
     def __init__(self, net: torch.nn.Module, diffusion: diffkit.Diffusion, config: Mapping[str, Any], *,
