@@ -12,9 +12,9 @@ scoring), 300 / 600 / 800 steps, start and goal drawn by the environment from th
 seed; the same seeds for every policy. Two ways of acting on the same model are scored: the
 checkpoint's defaults ("planner": for the shipped mazes, following the plan's route with
 shortcuts in straight sight, 16 candidates ranked by free space and then by arrival, a fresh
-plan when 0.6 off the route) and Diffuser's ("planner,
-Diffuser's acting": one plan per goal tracked open-loop on its schedule). Score = 100 (R - R_random) / (R_expert - R_random) with
-both references measured here (uniform random actions; the BFS waypoint expert of
+plan when lost) and Diffuser's ("planner, Diffuser's acting": one plan per goal tracked
+open-loop on its schedule). Score = 100 (R - R_random) / (R_expert - R_random) with both
+references measured here (uniform random actions; the BFS waypoint expert of
 ``modalities.planning.maze``), standard errors over episodes. Scores against D4RL's own
 references (random 23.85 / 13.13 / 6.7, expert 161.86 / 277.39 / 273.99, an expert that
 under-scored, D4RL #159/#215) are printed too, because Diffuser's 113.9 / 121.5 / 123.0 and

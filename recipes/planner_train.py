@@ -71,12 +71,11 @@ from modalities.planning.training import (
 _MAZE = dict(dim=32, dim_mults=(1, 2, 4), prediction="x0", schedule="cosine", batch_size=32, lr=2e-4,
              warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=None,
              action_source="path", shortcut_margin=0.15, num_candidates=16, replan_distance=0.6, discount=0.99,
-             save_every=2000,
-             eval_episodes=5)
-# Acting: following the plan's route at the controller's pace instead of tracking its schedule
-# (with the planner's default shortcuts to the furthest route point in straight sight), 16
-# candidate plans ranked by the share of the route in free cells and then by arrival, and a
-# fresh plan when the ball is lost (0.6 from the route, none of it in sight). benchmarks/planning_maze.py scores these defaults beside
+             save_every=2000, eval_episodes=5)
+# Acting: following the plan's route at the controller's pace instead of tracking its schedule,
+# with shortcuts to the furthest route point in straight sight; 16 candidate plans ranked by the
+# share of the route in free cells and then by arrival; a fresh plan when the ball is lost (0.6
+# from the route, none of it in sight). benchmarks/planning_maze.py scores these defaults beside
 # Diffuser's way of acting on the same model (one plan tracked on its schedule).
 PRESETS: dict[str, dict[str, Any]] = {
     "PointMaze_UMaze-v3": dict(_MAZE, horizon=32, every=4, diffusion_steps=64, collect_steps=200_000,
@@ -290,7 +289,8 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
             kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]))
             trainers.append(("value", Trainer(
                 ValueNet(**kwargs), None, NormalisedValues(windows, value_normalizer),
-                planner_train_config(s, out / "value", aux_steps), loss_fn=value_loss_fn(diffusion), modality="planning",
+                planner_train_config(s, out / "value", aux_steps), loss_fn=value_loss_fn(diffusion),
+                modality="planning",
                 model_config={"class": "modalities.planning.model.ValueNet", "kwargs": kwargs})))
         if s.get("inverse_dynamics"):
             diffkit.seed_everything(s["seed"])
@@ -385,6 +385,8 @@ def model_card(s: dict[str, Any], argv: list[str], *, traj, windows, n_params: i
     loss = trainer.history[-1]["loss"] if trainer.history else None
     side = [name for name, on in (("value (ValueNet)", s["value"]),
                                   ("inverse dynamics (MLP)", s.get("inverse_dynamics"))) if on]
+    margin = s.get("shortcut_margin")
+    shortcuts = f" (shortcuts in straight sight, margin {margin:g})" if s["action_source"] == "path" and margin is not None else ""
     lines = [
         f"# {env_id}: Diffuser-style planner",
         "",
@@ -415,7 +417,7 @@ def model_card(s: dict[str, Any], argv: list[str], *, traj, windows, n_params: i
         f"| sampling defaults | {s['sampler']} {min(s['sample_steps'], s['diffusion_steps'])} steps, "
         f"{'plan once per goal' if s['replan_every'] is None else 'replan every %d steps' % s['replan_every']}, "
         f"actions by {s['action_source']}"
-        f"{' (shortcuts in straight sight, margin %g)' % s['shortcut_margin'] if s['action_source'] == 'path' and s.get('shortcut_margin') is not None else ''}"
+        f"{shortcuts}"
         f"{', best of %d candidates' % s['num_candidates'] if s.get('num_candidates', 1) > 1 else ''}"
         f"{', replan when %g off the route' % s['replan_distance'] if s.get('replan_distance') else ''} |",
         "",

@@ -482,9 +482,10 @@ def bits_per_sample(
     steps, or over a ``steps``-point chain), with the discretised decoder at the 16-bit bin
     width 2/65535. Class-conditional models are scored unconditionally (the null class)
     unless ``labels`` are given. A vocoder scores each clip given its own log-mel frames,
-    -log2 p(audio | log_mel(audio)) / T: how much the waveform holds beyond the spectrogram. ``lengths`` (the clips' lengths before they were centred in
-    the window, ``AudioData.lengths``) restrict the count to real samples, leaving out the
-    zero padding (which a model finds easy). Returns (N,) float tensor.
+    -log2 p(audio | log_mel(audio)) / T: how much the waveform holds beyond the spectrogram.
+    ``lengths`` (the clips' lengths before they were centred in the window,
+    ``AudioData.lengths``) restrict the count to real samples, leaving out the zero padding
+    (which a model finds easy). Returns (N,) float tensor.
     """
     model = load_audio_model(checkpoint, device)
     if model.kind not in ("waveform", "vocoder"):
