@@ -73,7 +73,7 @@ def diffusers_configs(betas: torch.Tensor, quick: bool = False):
 
 
 def guided_eps_model(model, labels: torch.Tensor, guidance_scale: float):
-    """The network as diffusers wants it: eps(x_t, integer t), classifier-free guided.
+    """The network as diffusers wants it: eps(x_t, t), t the batch's one integer time, guided.
 
     The core's own denoiser on a one-point grid at t, so guidance (one doubled batch) and the
     conversion of the network's prediction to eps are the very ones diffkit samples with.
@@ -82,24 +82,11 @@ def guided_eps_model(model, labels: torch.Tensor, guidance_scale: float):
 
     @torch.no_grad()
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        grid = diffkit.SamplingGrid.from_times(diff.schedule, [float(t)])
+        grid = diffkit.SamplingGrid.from_times(diff.schedule, [float(t.flatten()[0])])
         denoise = diff.denoiser(model.net, grid, cond={"labels": labels}, guidance_scale=guidance_scale)
         return denoise(x, 0).eps
 
     return eps
-
-
-@torch.no_grad()
-def run_diffusers(make_scheduler, eps_model, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    calls = 0
-    for t in scheduler.timesteps:
-        e = eps_model(scheduler.scale_model_input(x, t), t)
-        calls += 1
-        x = scheduler.step(e, t, x).prev_sample
-    return x, calls
 
 
 @torch.no_grad()
@@ -267,7 +254,7 @@ def main(argv=None) -> int:
         for k in diffusers_steps:
             tick = time.perf_counter()
             try:
-                x, calls = run_diffusers(make, eps_model, noise, k)
+                x, calls = sampler_benchmark.run_diffusers(make, None, eps_model, noise, k)
                 record("diffusers", label, k, calls, x, time.perf_counter() - tick)
             except Exception as error:  # report a failing configuration instead of hiding the row
                 reason = f"{type(error).__name__}: {error}".rstrip(": ")

@@ -316,7 +316,7 @@ def chain_diagnostics(case: Case, tables: dict[str, list[float]], steps: int, se
     eps_table = torch.tensor(tables["eps_norm_sq"], dtype=torch.float64)
     x0_table = torch.tensor(tables["x0_mse"], dtype=torch.float64)
     gamma = per_step_at(eps_table, grid.times)
-    bounded = diff.data_range if diff.decoder == "discretized" else None  # as Diffusion.nll bounds Var[x0|x_t]
+    bounded = diff._analytic_data_range()  # as Diffusion.nll bounds Var[x0|x_t]
     adpm = analytic_variances(grid, eps_table, data_range=bounded)
     by_error = analytic_variances(grid, eps_table, data_range=bounded, x0_mse=x0_table)
     # x0 error of the model at the last point on the training examples (uncounted entries given clean).

@@ -110,16 +110,21 @@ def diffusers_configs(**schedule):
     ]
 
 
+@torch.no_grad()
 def run_diffusers(make_scheduler, dtype, model, noise, steps):
+    """A diffusers scheduler's ``steps``-step loop on ``model(x, t)`` (eps; t a (B,) long tensor)
+    from ``noise``: (samples, network calls). ``dtype``: the state's dtype and the default dtype
+    diffusers builds its tables in (None: the noise's own, and torch's default)."""
     scheduler = make_scheduler()
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # diffusers builds its internal tables in the default dtype
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
     try:
         scheduler.set_timesteps(steps)
-        x = noise.to(dtype)
+        x = noise.to(dtype or noise.dtype) * scheduler.init_noise_sigma
         calls = 0
         for t in scheduler.timesteps:
-            eps = model(x, t.expand(x.shape[0]).long())
+            eps = model(scheduler.scale_model_input(x, t), t.expand(x.shape[0]).long())
             calls += 1
             x = scheduler.step(eps, t, x).prev_sample
     finally:
