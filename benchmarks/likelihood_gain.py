@@ -170,7 +170,7 @@ def audio_case(n_held: int, n_train: int, seed: int) -> Case:
 def text_case(n_held: int, n_train: int, seed: int) -> Case:
     from modalities.text.data import load_corpus
     from modalities.text.model import rounding_loss
-    from modalities.text.modality import DEFAULT_CHECKPOINT, load_text_model
+    from modalities.text.modality import DEFAULT_CHECKPOINT, denoiser_call, load_text_model
 
     model = load_text_model(DEFAULT_CHECKPOINT, "cpu")
     net, diff = model.net, model.diffusion
@@ -209,7 +209,9 @@ def text_case(n_held: int, n_train: int, seed: int) -> Case:
         return {"embedding bound + rounding, bits/token": float((embedding * tokens).sum() / tokens.sum()),
                 "discrete bound (rounding as decoder), bits/token": float((discrete * tokens).sum() / tokens.sum())}
 
-    return Case(str(DEFAULT_CHECKPOINT.relative_to(ROOT)), net, diffkit.Diffusion.from_config(diff.config),
+    # A self-conditioned network is scored as nll_per_token scores it: two passes at each x_t.
+    return Case(str(DEFAULT_CHECKPOINT.relative_to(ROOT)), denoiser_call(net, chain=False),
+                diffkit.Diffusion.from_config(diff.config),
                 held, train, cond={"attention_mask": held_mask}, train_cond={"attention_mask": train_mask},
                 nll_kwargs={"mask": held_mask[:, None, :]}, train_counted=train_mask[:, None, :],
                 data=f"E2E held-out descriptions, token embeddings {net.embed_dim} x L, padding masked, "

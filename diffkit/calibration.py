@@ -177,7 +177,7 @@ def per_step_at(table: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
     return table[low] * (1 - frac) + table[high] * frac
 
 
-def analytic_variances(grid: SamplingGrid, eps_norm_sq: torch.Tensor, *,
+def analytic_variances(grid: SamplingGrid, eps_norm_sq: Optional[torch.Tensor] = None, *,
                        data_range: Optional[tuple[float, float]] = None,
                        x0_mse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The likelihood-optimal reverse variances for every step of ``grid``, float64 (K,).
@@ -196,8 +196,10 @@ def analytic_variances(grid: SamplingGrid, eps_norm_sq: torch.Tensor, *,
     where a network's x0 is worse than the posterior mean: at low noise Gamma then exceeds 1,
     v_i becomes 0 and the decoder's variance collapses (benchmarks/results/likelihood_gain.md
     measured this on x0-predicting audio and planning models). Points with NaN times (outside
-    the schedule) are not supported.
+    the schedule) are not supported. One of ``eps_norm_sq`` and ``x0_mse`` is needed.
     """
+    if eps_norm_sq is None and x0_mse is None:
+        raise ValueError("analytic variances need the model's x0 error (x0_mse) or its eps norms (eps_norm_sq)")
     if torch.isnan(grid.times).any():
         raise ValueError("analytic variances need grid points inside the schedule (no NaN times)")
     alphas, sigmas = grid.alphas.to(torch.float64), grid.sigmas.to(torch.float64)

@@ -762,8 +762,8 @@ class Diffusion:
                              "diffkit.calibration.calibrate(diffusion, model, data=...) first")
         from .calibration import analytic_variances
 
-        x0_mse = self.calibration.get("x0_mse")
-        return analytic_variances(grid, torch.tensor(self.calibration.get("eps_norm_sq", [])),
+        x0_mse, eps_norm_sq = self.calibration.get("x0_mse"), self.calibration.get("eps_norm_sq")
+        return analytic_variances(grid, None if eps_norm_sq is None else torch.tensor(eps_norm_sq),
                                   data_range=self._analytic_data_range(),
                                   x0_mse=None if x0_mse is None else torch.tensor(x0_mse))
 

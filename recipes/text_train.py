@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modalities.text.data import MRVocabulary, encode_corpus, format_mr, load_corpus  # noqa: E402
 from modalities.text.modality import TextModel, load_text_model, sample_ids  # noqa: E402
-from modalities.text.model import NoisyMRClassifier, TextDenoiser  # noqa: E402
+from modalities.text.model import HEADS, NoisyMRClassifier, TextDenoiser  # noqa: E402
 from modalities.text.objective import ClassifierObjective, TextObjective  # noqa: E402
 from modalities.text.tokenizer import TOKENIZER_FILE, TextTokenizer  # noqa: E402
 
@@ -71,20 +71,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # development machine (0.65-2.7 s a step as the load changed).
     "cpu": dict(
         data="e2e", conditional=True, min_count=3, max_length=48,
-        embed_dim=16, hidden=128, depth=4, heads=4, dropout=0.1,
+        embed_dim=16, hidden=128, depth=4, heads=4, dropout=0.1, head="softmax", self_conditioning=True,
         schedule="sqrt", num_timesteps=2000,
         max_steps=2200, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
-        cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25,
+        cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
         sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=1000, save_every=500,
         export_weights="model",
     ),
     # Diffusion-LM's E2E configuration: a BERT-base-sized Transformer, sqrt schedule, T=2000.
     "gpu": dict(
         data="e2e", conditional=True, min_count=3, max_length=64,
-        embed_dim=16, hidden=768, depth=12, heads=12, dropout=0.1,
+        embed_dim=16, hidden=768, depth=12, heads=12, dropout=0.1, head="softmax", self_conditioning=True,
         schedule="sqrt", num_timesteps=2000,
         max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
-        cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25,
+        cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
         sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=5000, save_every=5000,
         export_weights="ema",
     ),
@@ -123,12 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, help="Transformer layers")
     g.add_argument("--heads", type=int, help="attention heads")
     g.add_argument("--dropout", type=float, help="dropout inside the Transformer")
+    g.add_argument("--head", choices=HEADS,
+                   help="how x0 is predicted: softmax (a distribution over words, cross-entropy trained; x0 is its "
+                        "mean embedding) or regression (Diffusion-LM's direct x0 output)")
+    g.add_argument("--self-conditioning", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed the network its own previous x0 estimate (Chen et al., 2022)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", help="noise schedule (default sqrt, Diffusion-LM's)")
     g.add_argument("--num-timesteps", type=int, help="T, training timesteps (Diffusion-LM: 2000)")
     g.add_argument("--cond-drop-prob", type=float, help="probability of dropping the whole MR (guidance)")
     g.add_argument("--slot-drop-prob", type=float, help="probability of dropping each MR slot on its own")
     g.add_argument("--t0-fraction", type=float, help="share of each batch that gets the t=0 embedding term")
+    g.add_argument("--self-condition-prob", type=float,
+                   help="share of each batch trained with the network's own first estimate (self-conditioning)")
     add_training_arguments(p, run_dir="runs/text-<preset>", data_workers=False)
     g = add_sampling_default_arguments(p, guidance="default guidance for --control")
     g.add_argument("--export", metavar="DIR",
@@ -180,12 +187,13 @@ def build(s: dict[str, Any], tokenizer: TextTokenizer, mr_vocab: MRVocabulary | 
     """The network and its checkpoint description, the diffusion and the objective."""
     kwargs = dict(vocab_size=tokenizer.vocab_size, embed_dim=s["embed_dim"], hidden=s["hidden"],
                   depth=s["depth"], heads=s["heads"], max_length=s["max_length"],
-                  mr_sizes=mr_vocab.sizes if mr_vocab else None, dropout=s["dropout"])
+                  mr_sizes=mr_vocab.sizes if mr_vocab else None, dropout=s["dropout"], head=s["head"],
+                  self_conditioning=s["self_conditioning"])
     # Seeded right before the weights are drawn, so the same --seed gives the same network.
     diffkit.seed_everything(s["seed"])
     net = TextDenoiser(**kwargs)
     diffusion = diffkit.Diffusion(**diffusion_arguments(s))
-    objective = TextObjective(diffusion, t0_fraction=s["t0_fraction"],
+    objective = TextObjective(diffusion, t0_fraction=s["t0_fraction"], self_condition_prob=s["self_condition_prob"],
                               cond_drop_prob=s["cond_drop_prob"] if mr_vocab else 0.0,
                               slot_drop_prob=s["slot_drop_prob"] if mr_vocab else 0.0)
     return net, {"class": MODEL_CLASS, "kwargs": kwargs}, diffusion, objective

@@ -196,6 +196,11 @@ def test_analytic_variances_lie_between_the_bounds():
         beta = transition_variance(*grid.step_scales(i))
         assert tilde * (1 - 1e-9) <= float(var[i]) <= beta * (1 + 1e-9)
     assert float(var[-1]) > 0
+    # The x0 error alone is enough; neither is an error that names both.
+    by_error = analytic_variances(grid, x0_mse=torch.full((200,), 0.01))
+    assert torch.isfinite(by_error).all() and float(by_error[-1]) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="x0_mse.*eps_norm_sq"):
+        analytic_variances(grid)
 
 
 def test_optimize_grid_is_never_worse_than_its_start_and_works_on_any_shape():

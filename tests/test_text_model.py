@@ -187,3 +187,74 @@ def test_classifier_objective_learns_slots_from_noisy_embeddings():
         right = clf.log_prob(x, t, torch.stack([2 + food, torch.zeros_like(food)], 1))
         wrong = clf.log_prob(x, t, torch.stack([3 - food, torch.zeros_like(food)], 1))
     assert (right > wrong).float().mean() > 0.9
+
+
+def test_softmax_head_predicts_the_mean_embedding_of_its_word_distribution():
+    net = tiny_net(head="softmax")
+    x = torch.randn(2, 4, 6)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    x0_hat, logits = net(x, torch.tensor([3.0, 40.0]), attention_mask=mask, return_logits=True)
+    assert logits.shape == (2, 6, 12)
+    expected = (logits.softmax(-1) @ net.embedding.weight).transpose(1, 2)
+    assert torch.allclose(x0_hat[0], expected[0], atol=1e-6)
+    assert torch.allclose(x0_hat[1, :, :4], expected[1, :, :4], atol=1e-6)
+    assert x0_hat[1, :, 4:].abs().max() == 0  # padding gets no output, as with the regression head
+    assert tiny_net()(x, torch.zeros(2), return_logits=True)[1] is None
+    with pytest.raises(ValueError, match="unknown head 'mlp'; choose one of regression, softmax"):
+        tiny_net(head="mlp")
+
+
+def test_self_conditioning_reads_the_previous_estimate():
+    net = tiny_net(self_conditioning=True)
+    x, t = torch.randn(2, 4, 5), torch.tensor([10.0, 30.0])
+    previous = torch.randn(2, 4, 5)
+    # No estimate yet means zeros, and the estimate changes the prediction.
+    assert torch.equal(net(x, t), net(x, t, x0_previous=torch.zeros_like(x)))
+    assert not torch.allclose(net(x, t), net(x, t, x0_previous=previous))
+    with pytest.raises(ValueError, match=r"x0_previous must have the shape of x \(2, 4, 5\)"):
+        net(x, t, x0_previous=torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="not self-conditioned"):
+        tiny_net()(x, t, x0_previous=previous)
+
+
+def test_self_conditioned_wrapper_chains_estimates_or_makes_two_passes():
+    from modalities.text.model import SelfConditioned
+
+    net = tiny_net(self_conditioning=True, head="softmax")
+    x1, x2, t = torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.tensor([10.0, 30.0])
+    chained = SelfConditioned(net)
+    first = chained(x1, t)
+    second = chained(x2, t)
+    assert torch.equal(first, net(x1, t))
+    assert torch.equal(second, net(x2, t, x0_previous=first))
+    # A new batch shape is a new sample: it starts from zeros again.
+    x3 = torch.randn(3, 4, 5)
+    assert torch.equal(chained(x3, torch.ones(3)), net(x3, torch.ones(3)))
+    alone = SelfConditioned(net, chain=False)
+    assert torch.equal(alone(x2, t), net(x2, t, x0_previous=net(x2, t)))
+    assert torch.equal(alone(x2, t), alone(x2, t))  # no state carried between calls
+    with pytest.raises(ValueError, match="self-conditioned TextDenoiser"):
+        SelfConditioned(tiny_net())
+
+
+def test_objective_self_conditioning_and_word_term():
+    net = tiny_net(self_conditioning=True, head="softmax")
+    batch = batch_with_padding()
+    batch.pop("mr")
+    t = torch.tensor([10, 30])
+    noise = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))
+
+    def terms(prob):
+        objective = TextObjective(diffusion(), self_condition_prob=prob, t0_fraction=0.0)
+        return objective.loss(net, batch, t=t, noise=noise, generator=torch.Generator().manual_seed(2))[1]
+
+    never, always = terms(0.0), terms(1.0)
+    assert set(never) == {"mse", "embedding", "rounding", "prior", "words"}
+    # With its own first estimate fed back the prediction, hence the loss, changes.
+    assert not torch.allclose(never["mse"], always["mse"])
+    # The words term is the softmax head's cross-entropy at real tokens only.
+    x_t = diffusion().q_sample(net.embed(batch["ids"]), t.double(), noise)
+    _, logits = net(x_t, t.float(), attention_mask=batch["mask"], return_logits=True)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["ids"], reduction="none")
+    expected = ((ce * batch["mask"]).sum(1) / batch["mask"].sum(1)).mean()
+    assert torch.allclose(never["words"], expected, atol=1e-5)

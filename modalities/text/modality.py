@@ -37,7 +37,7 @@ from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transfo
 from diffkit.runs import resolve_steps, seeded_generator
 
 from .data import SLOTS, MRVocabulary
-from .model import NoisyMRClassifier, TextDenoiser, rounding_loss
+from .model import NoisyMRClassifier, SelfConditioned, TextDenoiser, rounding_loss
 from .tokenizer import MASK, TOKENIZER_FILE, TextTokenizer
 
 __all__ = [
@@ -302,6 +302,12 @@ def padding_mask(lengths: torch.Tensor, device: torch.device | str = "cpu") -> t
     return (torch.arange(int(lengths.max()))[None] < lengths[:, None]).to(device)
 
 
+def denoiser_call(net: TextDenoiser, *, chain: bool = True):
+    """What the core calls: the network itself, or, for a self-conditioned one, a fresh
+    :class:`SelfConditioned` (``chain=True`` for a sampling run, False for the bound)."""
+    return SelfConditioned(net, chain=chain) if net.self_conditioning else net
+
+
 def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Generator,
                sampler: str, steps: int, mr: torch.Tensor | None = None, guidance_scale: float = 1.0,
                known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
@@ -325,7 +331,7 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
         mask = known_mask[:, :length].to(dev)[:, None, :].expand(n, net.embed_dim, length)
         chain.append(KnownValues(mask, net.embed(known_ids[:, :length].to(dev))))
     chain.extend(wrappers)
-    x = model.diffusion.sample(net, (n, net.embed_dim, length), sampler=sampler, steps=steps,
+    x = model.diffusion.sample(denoiser_call(net), (n, net.embed_dim, length), sampler=sampler, steps=steps,
                                generator=generator, device=dev, guidance_scale=guidance_scale,
                                wrappers=chain, progress=progress, **cond)
     ids = net.nearest(x, model.allowed)
@@ -487,7 +493,8 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
         if codes is not None:
             cond["mr"] = codes[part].to(dev)
         x0 = net.embed(ids)
-        bpd, terms = diff.nll(net, x0, mask=mask[:, None, :], steps=steps, generator=gen, return_terms=True, **cond)
+        bpd, terms = diff.nll(denoiser_call(net, chain=False), x0, mask=mask[:, None, :], steps=steps,
+                              generator=gen, return_terms=True, **cond)
         if bound == "discrete":
             bpd = bpd - terms["decoder"]  # the rounding term below is the decoder
         eps = torch.randn(x0.shape, generator=gen).to(dev)

@@ -4,8 +4,8 @@ Words become learned 16-d embeddings (Li et al., 2022): the diffusion runs in th
 space, the network predicts the clean embeddings x0, and a rounding head tied to the
 embedding matrix turns vectors back into words. Shapes follow diffkit's model contract:
 
-    net(x_t (B, D, L), t (B,) float, attention_mask=(B, L) bool, mr=(B, S) long, drop_cond=(B,))
-        -> x0_hat (B, D, L)
+    net(x_t (B, D, L), t (B,) float, attention_mask=(B, L) bool, mr=(B, S) long, drop_cond=(B,),
+        x0_previous=(B, D, L)) -> x0_hat (B, D, L)
 
 D is the embedding width (16), L the sequence length; channels come first as for every
 diffkit model. ``attention_mask`` is True at real tokens: padding is never attended to and its
@@ -14,6 +14,17 @@ With ``mr_sizes`` the network is conditioned on an E2E meaning representation: o
 slot (see :class:`modalities.text.data.MRVocabulary`) enters as one extra token per slot in
 front of the words; ``drop_cond`` turns every slot into "unspecified", the null condition
 of classifier-free guidance.
+
+Two options make a small network learn far more from a short run than Diffusion-LM's plain
+regression (measured in ``modalities/text/README.md``):
+
+- ``head="softmax"`` (CDCD's score interpolation, Dieleman et al., 2022): the network
+  predicts a distribution p(w | x_t) over the vocabulary at each position, trained by
+  cross-entropy, and x0_hat is its mean embedding sum_w p(w) EMB(w). That is the same
+  posterior mean the regression head aims at, learned from a classification signal.
+- ``self_conditioning`` (Chen et al., 2022, Analog Bits): the network also reads its own
+  previous x0 estimate, so each sampling step refines the last one instead of starting over.
+  :class:`SelfConditioned` feeds it that estimate at sampling and likelihood time.
 """
 
 from __future__ import annotations
@@ -26,7 +37,10 @@ from torch import nn
 
 from diffkit.nn import TimeEmbedding
 
-__all__ = ["TextDenoiser", "NoisyMRClassifier", "rounding_loss", "slot_cross_entropy"]
+__all__ = ["HEADS", "TextDenoiser", "SelfConditioned", "NoisyMRClassifier", "rounding_loss", "slot_cross_entropy"]
+
+# How the network turns its last hidden state into x0_hat.
+HEADS = ("regression", "softmax")
 
 
 class TextDenoiser(nn.Module):
@@ -41,24 +55,32 @@ class TextDenoiser(nn.Module):
         max_length: the longest sequence (learned positions).
         mr_sizes: codes per MR slot for a conditional model, None for an unconditional one.
         dropout: dropout inside the Transformer.
+        head: ``"regression"`` (Diffusion-LM: an MLP down to the embedding width outputs x0_hat)
+            or ``"softmax"`` (logits over the vocabulary; x0_hat is the mean embedding).
+        self_conditioning: the network also takes its previous x0 estimate (``x0_previous``).
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 16, hidden: int = 128, depth: int = 4,
                  heads: int = 4, max_length: int = 64, mr_sizes: Sequence[int] | None = None,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, head: str = "regression", self_conditioning: bool = False):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
         if vocab_size < 2 or embed_dim < 1 or max_length < 1 or depth < 1:
             raise ValueError(f"TextDenoiser needs vocab_size >= 2, embed_dim, depth, max_length >= 1; got "
                              f"{vocab_size}, {embed_dim}, {depth}, {max_length}")
         if hidden % heads:
             raise ValueError(f"hidden width {hidden} must be divisible by the number of heads {heads}")
         self.vocab_size, self.embed_dim, self.max_length = vocab_size, embed_dim, max_length
+        self.head, self.self_conditioning = head, bool(self_conditioning)
         # Unit-variance coordinates (nn.Embedding's default init) match the diffusion's unit
         # noise, so at the end of the chain words are as hidden as the schedule intends.
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         # Diffusion-LM's input_up_proj / output_down_proj: a small MLP each way between the
-        # narrow word space and the Transformer width.
-        self.up = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        # narrow word space and the Transformer width. A self-conditioned network reads x_t and
+        # its previous estimate side by side.
+        inputs = embed_dim * (2 if self.self_conditioning else 1)
+        self.up = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
         self.time = TimeEmbedding(hidden, out_dim=hidden)
         self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
         self.mr_sizes = list(mr_sizes) if mr_sizes else None
@@ -74,7 +96,10 @@ class TextDenoiser(nn.Module):
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden)
-        self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim))
+        if head == "regression":
+            self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim))
+        else:
+            self.word_logits = nn.Linear(hidden, vocab_size)
 
     # ------------------------------------------------------------------ words <-> vectors
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -101,8 +126,13 @@ class TextDenoiser(nn.Module):
 
     # ------------------------------------------------------------------ denoiser
     def forward(self, x: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                mr: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+                mr: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None,
+                x0_previous: torch.Tensor | None = None, return_logits: bool = False):
+        """x0_hat (B, D, L); with ``return_logits`` the pair (x0_hat, logits (B, L, V)) of a
+        softmax head (logits None for a regression head). ``x0_previous`` (B, D, L) is the
+        previous estimate of a self-conditioned network (None: zeros, "no estimate yet")."""
         batch, dim, length = x.shape
+        dtype = x.dtype
         if dim != self.embed_dim:
             raise ValueError(f"expected x of shape (B, {self.embed_dim}, L), got {tuple(x.shape)}")
         if length > self.max_length:
@@ -112,6 +142,14 @@ class TextDenoiser(nn.Module):
         elif attention_mask.shape != (batch, length):
             raise ValueError(f"attention_mask must be (B, L) = {(batch, length)}, got {tuple(attention_mask.shape)}")
         attention_mask = attention_mask.to(torch.bool)
+        if self.self_conditioning:
+            if x0_previous is None:
+                x0_previous = torch.zeros_like(x)
+            elif x0_previous.shape != x.shape:
+                raise ValueError(f"x0_previous must have the shape of x {tuple(x.shape)}, got {tuple(x0_previous.shape)}")
+            x = torch.cat([x, x0_previous.to(x.dtype)], dim=1)
+        elif x0_previous is not None:
+            raise ValueError("this text model is not self-conditioned; it takes no x0_previous")
 
         h = self.up(x.transpose(1, 2)) + self.positions[:length]
         time = self.time(t)[:, None]
@@ -137,14 +175,48 @@ class TextDenoiser(nn.Module):
             raise ValueError("every example needs at least one real token (attention_mask all False)")
         h = self.encoder(h, src_key_padding_mask=~keep)
         h = self.norm(h[:, -length:])
+        logits = None
+        if self.head == "regression":
+            out = self.down(h)
+        else:
+            logits = self.word_logits(h)
+            out = logits.float().softmax(-1) @ self.embedding.weight.float()
         # where, not a product: whatever a fused attention kernel leaves at padded positions
         # (NaN included) must not leak into the output.
-        out = torch.where(attention_mask[..., None], self.down(h), 0.0)
-        return out.transpose(1, 2).to(x.dtype)
+        out = torch.where(attention_mask[..., None], out, 0.0).transpose(1, 2).to(dtype)
+        return (out, logits) if return_logits else out
 
     @property
     def conditional(self) -> bool:
         return bool(self.mr_sizes)
+
+
+class SelfConditioned:
+    """A self-conditioned :class:`TextDenoiser` as the plain ``model(x, t, **cond) -> x0_hat``
+    the core's sampler and bound call.
+
+    ``chain=True`` (sampling): each call is conditioned on the previous call's estimate, which
+    is how the network was trained to be used; the first call, or one whose batch differs from
+    the last (a new sample), gets zeros. ``chain=False`` (the likelihood bound, where every call
+    stands alone): two passes at the same x_t, the first's estimate feeding the second. Either
+    way x0_hat is a function of the sampler's states, so the sampler and the bound stay exact.
+    Use one instance per sampling run.
+    """
+
+    def __init__(self, net: TextDenoiser, *, chain: bool = True):
+        if not net.self_conditioning:
+            raise ValueError("SelfConditioned wraps a self-conditioned TextDenoiser (self_conditioning=True)")
+        self.net, self.chain = net, chain
+        self.previous: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        previous = self.previous if self.chain else None
+        if previous is None or previous.shape != x.shape:
+            previous = None if self.chain else self.net(x, t, **cond).detach()
+        out = self.net(x, t, x0_previous=previous, **cond)
+        if self.chain:
+            self.previous = out.detach()
+        return out
 
 
 class NoisyMRClassifier(nn.Module):

@@ -4,6 +4,11 @@
          + ||EMB(w) - x0_hat(x_0, t=0)||^2          the embedding term at the least noisy step
          + CE(round(x_0), w)                        the tied head's rounding cross-entropy
          + ||alpha_{T-1} EMB(w)||^2                 the prior term (keeps norms from drifting up)
+         + CE(p(w | x_t), w)                         a softmax head's cross-entropy at the same t
+
+A self-conditioned network is trained as Chen et al. (2022) do: on a share of the batch it first
+estimates x0 without gradient, then predicts again given that estimate; the rest of the batch
+gets zeros, so the network also works when no estimate exists yet (the first sampling step).
 
 The embeddings are learned together with the denoiser. The MSE alone would let them collapse
 (all words at one point make x0 trivially easy to predict); the rounding cross-entropy keeps
@@ -18,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import diffkit
 
@@ -48,23 +54,29 @@ class TextObjective:
         cond_drop_prob: probability of dropping the whole MR (classifier-free guidance).
         slot_drop_prob: probability of marking each MR slot "unspecified" on its own, so the
             model also learns partial conditions (``control={"food": "Italian"}`` names one).
-        rounding_weight, embedding_weight, prior_weight: weights of the extra terms.
+        self_condition_prob: share of the batch that a self-conditioned network sees with its
+            own first estimate (Chen et al.: 0.5).
+        rounding_weight, embedding_weight, prior_weight, word_weight: weights of the extra
+            terms (``word_weight``: a softmax head's cross-entropy).
     """
 
     def __init__(self, diffusion: diffkit.Diffusion, *, t0_fraction: float = 0.25,
-                 cond_drop_prob: float = 0.1, slot_drop_prob: float = 0.3,
-                 rounding_weight: float = 1.0, embedding_weight: float = 1.0, prior_weight: float = 1.0):
+                 cond_drop_prob: float = 0.1, slot_drop_prob: float = 0.3, self_condition_prob: float = 0.5,
+                 rounding_weight: float = 1.0, embedding_weight: float = 1.0, prior_weight: float = 1.0,
+                 word_weight: float = 1.0):
         if diffusion.prediction != "x0":
             raise ValueError(f"the text objective needs an x0-predicting diffusion (the clamping trick and the "
                              f"embedding term act on x0), got prediction={diffusion.prediction!r}")
         for name, value in (("t0_fraction", t0_fraction), ("cond_drop_prob", cond_drop_prob),
-                            ("slot_drop_prob", slot_drop_prob)):
+                            ("slot_drop_prob", slot_drop_prob), ("self_condition_prob", self_condition_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         self.diffusion = diffusion
         self.t0_fraction = float(t0_fraction)
         self.cond_drop_prob = float(cond_drop_prob)
         self.slot_drop_prob = float(slot_drop_prob)
+        self.self_condition_prob = float(self_condition_prob)
+        self.word_weight = float(word_weight)
         self.rounding_weight = float(rounding_weight)
         self.embedding_weight = float(embedding_weight)
         self.prior_weight = float(prior_weight)
@@ -72,8 +84,9 @@ class TextObjective:
     @property
     def config(self) -> dict[str, Any]:
         return {"t0_fraction": self.t0_fraction, "cond_drop_prob": self.cond_drop_prob,
-                "slot_drop_prob": self.slot_drop_prob, "rounding_weight": self.rounding_weight,
-                "embedding_weight": self.embedding_weight, "prior_weight": self.prior_weight}
+                "slot_drop_prob": self.slot_drop_prob, "self_condition_prob": self.self_condition_prob,
+                "rounding_weight": self.rounding_weight, "embedding_weight": self.embedding_weight,
+                "prior_weight": self.prior_weight, "word_weight": self.word_weight}
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
                  generator: torch.Generator | None = None):
@@ -102,9 +115,14 @@ class TextObjective:
         x0 = net.embed(ids)                      # (B, D, L); gradients reach the embeddings
         loss_mask = mask[:, None, :]             # broadcasts over the D embedding channels
         diff = self.diffusion
-        main, _ = diff.loss(model, x0, mask=loss_mask, return_terms=True, t=t, noise=noise,
+        call = _NetworkCall(model, net, self.self_condition_prob, generator)
+        main, _ = diff.loss(call, x0, mask=loss_mask, return_terms=True, t=t, noise=noise,
                             generator=generator, cond_drop_prob=self.cond_drop_prob if net.conditional else 0.0,
                             **cond)
+        words = torch.zeros((), device=x0.device)
+        if call.logits is not None:
+            ce = F.cross_entropy(call.logits.float().transpose(1, 2), ids, reduction="none")
+            words = ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
         # Embedding term: the prediction from the least noisy step, on a share of the batch.
         k = max(1, round(self.t0_fraction * ids.shape[0])) if self.t0_fraction > 0 else 0
@@ -112,8 +130,8 @@ class TextObjective:
         if k:
             part = {key: value[:k] for key, value in cond.items()}
             t0 = torch.zeros(k, dtype=torch.long, device=x0.device)
-            embedding, _ = diff.loss(model, x0[:k], mask=loss_mask[:k], return_terms=True, t=t0,
-                                     generator=generator, **part)
+            embedding, _ = diff.loss(_NetworkCall(model, net, 0.0, generator), x0[:k], mask=loss_mask[:k],
+                                     return_terms=True, t=t0, generator=generator, **part)
 
         # Rounding: the tied head must recover each word from its embedding noised to the
         # level of the last sampling step, which is what it rounds at the end of sampling.
@@ -130,10 +148,12 @@ class TextObjective:
         prior = prior.mean()
 
         total = (main + self.embedding_weight * embedding + self.rounding_weight * rounding
-                 + self.prior_weight * prior)
+                 + self.prior_weight * prior + self.word_weight * words)
         # 0-dim tensors, not floats: no device sync per step (the Trainer averages and logs them).
         terms = {"mse": main.detach(), "embedding": embedding.detach(), "rounding": rounding.detach(),
                  "prior": prior.detach()}
+        if call.logits is not None:
+            terms["words"] = words.detach()
         return total, terms
 
     def _drop_slots(self, mr: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -142,6 +162,33 @@ class TextObjective:
             return mr
         u = torch.rand(mr.shape, generator=generator, device=generator.device if generator else mr.device)
         return torch.where(u.to(mr.device) < self.slot_drop_prob, torch.zeros_like(mr), mr)
+
+
+class _NetworkCall:
+    """The network as the core's loss calls it, ``(x_t, t, **cond) -> x0_hat``, doing the two
+    training-only things: self-conditioning (a share ``prob`` of the batch gets the network's
+    own first estimate, made without gradient, the rest zeros) and keeping a softmax head's
+    logits for the cross-entropy. ``model`` (a DDP wrapper, or the network) makes the pass
+    that trains, so gradients are synchronised across processes."""
+
+    def __init__(self, model: torch.nn.Module, net: TextDenoiser, prob: float, generator: torch.Generator | None):
+        self.model, self.net, self.prob, self.generator = model, net, prob, generator
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        kwargs = {}
+        if self.net.self_conditioning:
+            previous = torch.zeros_like(x_t)
+            if self.prob > 0:
+                device = self.generator.device if self.generator is not None else x_t.device
+                chosen = (torch.rand(x_t.shape[0], generator=self.generator, device=device) < self.prob).to(x_t.device)
+                if bool(chosen.any()):
+                    with torch.no_grad():
+                        first = self.net(x_t[chosen], t[chosen], **{k: v[chosen] for k, v in cond.items()})
+                    previous[chosen] = first.to(previous.dtype)
+            kwargs["x0_previous"] = previous
+        x0_hat, self.logits = self.model(x_t, t, return_logits=True, **kwargs, **cond)
+        return x0_hat
 
 
 class ClassifierObjective:
