@@ -225,9 +225,10 @@ def value_appears(tokenizer, text: str, slot: str, value: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------- sampling
-def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128):
+def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None):
     """n texts from the diffusion model (lengths drawn from the training lengths), in batches;
-    ``mr`` (n, S) codes guided with the checkpoint's guidance scale. Returns (texts, seconds)."""
+    ``mr`` (n, S) codes guided with the checkpoint's guidance scale; ``clamp`` None is the
+    checkpoint's default. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
     sampler = sampler or model.default("sampler", "ddim")
     scale = float(model.default("guidance_scale", 2.0)) if mr is not None else 1.0
@@ -240,7 +241,7 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
         with torch.no_grad():  # classifier guidance turns gradients on where it needs them
             ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps,
                              mr=None if mr is None else mr[start: start + k], guidance_scale=scale,
-                             wrappers=wrappers)
+                             wrappers=wrappers, clamp=clamp)
         seconds += time.perf_counter() - t0
         texts += [model.tokenizer.decode(row[: int(m)].tolist()) for row, m in zip(ids, lengths)]
     return texts, seconds
@@ -344,6 +345,7 @@ def main(argv=None) -> int:
                 "copies": sum(normalise(t) in train_set for t in texts) / len(texts)}
 
     results: dict = {"checkpoint": str(model.path), "hardware": hardware_summary(), "seed": args.seed,
+                     "clamp": model.default_clamp,
                      "command": "python " + " ".join(["benchmarks/text_quality.py", *(argv or sys.argv[1:])]),
                      "diffusion_parameters": n_params, "ar_parameters": ar_params, "ar_train_s": ar_train_s,
                      "ar_steps": args.ar_steps, "human": human, "ar_on_training_texts": train_fit,
@@ -378,6 +380,12 @@ def main(argv=None) -> int:
         row: dict = {}
         texts, secs = diffusion_samples(model, args.samples, steps=steps, seed=args.seed)
         row["unconditional"] = {**quality(texts), "seconds_per_sentence": secs / len(texts), "examples": texts[:8]}
+        if steps == args.detail_steps:
+            # The same samples with the clamping trick switched the other way than the checkpoint's default.
+            flipped, secs = diffusion_samples(model, args.samples, steps=steps, seed=args.seed,
+                                              clamp=not model.default_clamp)
+            row["unconditional_clamp_flipped"] = {**quality(flipped), "seconds_per_sentence": secs / len(flipped),
+                                                  "clamp": not model.default_clamp, "examples": flipped[:8]}
         if vocab is not None and steps == args.detail_steps:
             # the same number of samples, unguided, for the chance rate of each pair
             free, _ = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 1)
@@ -447,7 +455,8 @@ def write(results: dict, out_dir: Path, name: str) -> None:
              f"Judge: an autoregressive Transformer LM ({results['ar_parameters'] / 1e6:.2f}M parameters, "
              f"{results['ar_steps']} steps on the training split, {results['ar_train_s']:.0f} s); "
              f"diffusion network {results['diffusion_parameters'] / 1e6:.2f}M parameters. "
-             f"{results['samples']} unconditional samples per row.", "",
+             f"{results['samples']} unconditional samples per row; the clamping trick "
+             f"{'on' if results.get('clamp', True) else 'off'} (the checkpoint's default) unless a row says.", "",
              "| samples | steps | perplexity | x human | distinct-1 | distinct-2 | copies | s / sentence |",
              "|---|---|---|---|---|---|---|---|",
              f"| held-out human text (floor) | | {h:.2f} | 1.00 | | | | |"]
@@ -460,6 +469,13 @@ def write(results: dict, out_dir: Path, name: str) -> None:
         lines.append(f"| diffusion, unconditional | {steps} | {u['perplexity']:.2f} | {u['perplexity'] / h:.2f} | "
                      f"{u['distinct_1']:.3f} | {u['distinct_2']:.3f} | {u['copies']:.2f} | "
                      f"{u['seconds_per_sentence'] * 1000:.1f} ms |")
+    for steps, row in results["steps"].items():
+        if "unconditional_clamp_flipped" in row:
+            u = row["unconditional_clamp_flipped"]
+            state = "on" if u["clamp"] else "off"
+            lines.append(f"| diffusion, unconditional, clamping trick {state} | {steps} | {u['perplexity']:.2f} | "
+                         f"{u['perplexity'] / h:.2f} | {u['distinct_1']:.3f} | {u['distinct_2']:.3f} | "
+                         f"{u['copies']:.2f} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
         if "control_single" in row:
             c = row["control_single"]

@@ -12,7 +12,7 @@ import diffkit
 from diffkit.cli import main as cli_main
 from diffkit.registry import available_modalities, register_modality, unregister_modality
 from modalities.text import DEFAULT_CHECKPOINT, SLOTS, TextModality, load_text_model, nll_per_token, parse_control
-from modalities.text.modality import parse_infill, sample_ids
+from modalities.text.modality import TextModel, parse_infill, sample_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import text_train  # noqa: E402
@@ -52,6 +52,19 @@ def test_generate_gives_strings_deterministically(checkpoint):
     fixed = mod.generate(checkpoint=checkpoint, num_samples=3, seed=1, steps=2, length=7)
     assert all(len(t.split()) == 7 for t in fixed)
     assert not any("[PAD]" in t or "[MASK]" in t for t in texts + fixed)
+
+
+def test_clamping_default_follows_the_head(checkpoint):
+    """The recipe's softmax head samples without the clamping trick unless asked; a regression
+    head (or a checkpoint that records its choice) gets it by default."""
+    model = load_text_model(checkpoint, "cpu")
+    assert model.net.head == "softmax" and model.default_clamp is False
+    mod = TextModality()
+    plain = mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3)
+    assert plain == mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, clamp=False)
+    assert plain != mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, clamp=True)
+    recorded = TextModel(model.path, model.net, model.diffusion, model.tokenizer, {"defaults": {"clamp": True}})
+    assert recorded.default_clamp is True
 
 
 def test_infill_keeps_known_words_exactly_and_sets_the_length(checkpoint):
@@ -100,6 +113,10 @@ def test_infill_errors_and_unknown_words(checkpoint):
     with pytest.warns(UserWarning, match=r"map to \[UNK\]: Zyxwvut"):
         text = mod.generate(checkpoint=checkpoint, num_samples=1, steps=2, infill="Zyxwvut is a [MASK] .")[0]
     assert text.startswith("[UNK] is a ")
+    # A template's [UNK] stays, but sampling never writes one of its own.
+    model = load_text_model(checkpoint, "cpu")
+    assert not model.allowed[model.tokenizer.unk_id] and not model.allowed[model.tokenizer.pad_id]
+    assert int(model.allowed.sum()) == model.net.vocab_size - 3  # [PAD], [MASK], [UNK]
 
 
 def test_control_follows_the_mr_vocabulary(checkpoint):

@@ -28,8 +28,8 @@ def test_shipped_checkpoint_loads_with_its_record(model):
 def test_default_generate_writes_restaurant_descriptions(model):
     texts = diffkit.generate(modality=TextModality(), num_samples=8, seed=0, steps=20)
     assert len(texts) == 8 and texts == TextModality().generate(num_samples=8, seed=0, steps=20)
-    # E2E words (the shipped model is short-trained: vocabulary in place, not yet grammar; see
-    # its README), never special tokens.
+    # E2E words (the shipped model is short-trained: phrases in place, not yet grammar; see its
+    # README), never special tokens.
     domain = {"restaurant", "pub", "coffee", "food", "rating", "price", "priced", "family", "friendly", "near",
               "riverside", "centre", "located", "customer", "kids", "children", "area", "serves"}
     assert sum(bool(domain & set(t.lower().split())) for t in texts) >= 6, texts
@@ -52,7 +52,7 @@ def test_control_makes_the_value_appear_more_often():
     steered = mod.generate(num_samples=16, seed=1, steps=20, control={"food": "Italian"})
     hits_free = sum("italian" in t.lower() for t in free)
     hits_steered = sum("italian" in t.lower() for t in steered)
-    # A short-trained model (see its README): 5 of 16 here, 0 without control.
+    # A short-trained model (see its README): 10 of 16 here, 0 without control.
     assert hits_steered >= 4 and hits_steered > hits_free, steered
 
 

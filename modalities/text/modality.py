@@ -98,11 +98,21 @@ class TextModel:
         """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale)."""
         return (self.info.get("defaults") or {}).get(key, fallback)
 
+    @property
+    def default_clamp(self) -> bool:
+        """Whether sampling uses the clamping trick unless told: as recorded, else on for a
+        regression head (it keeps a blurry x0 on the words) and off for a softmax head, whose
+        x0 already weighs the words by their probability (snapping it throws that away: judge
+        perplexity 2,580 clamped against 1,370 not, on the same weights; modalities/text/README.md)."""
+        return bool(self.default("clamp", self.net.head == "regression"))
+
     @functools.cached_property
     def allowed(self) -> torch.Tensor:
-        """(V,) bool: the words sampling may produce (not padding, not other special tokens)."""
+        """(V,) bool: the words sampling may produce: not padding, not other special tokens and
+        not [UNK] (the stand-in for rare words in training is no word to print)."""
         allowed = torch.ones(self.net.vocab_size, dtype=torch.bool)
-        allowed[[i for i in self.tokenizer.special_ids if i < self.net.vocab_size]] = False
+        banned = [*self.tokenizer.special_ids, self.tokenizer.unk_id]
+        allowed[[i for i in banned if i is not None and i < self.net.vocab_size]] = False
         return allowed.to(self.device)
 
 
@@ -311,11 +321,12 @@ def denoiser_call(net: TextDenoiser, *, chain: bool = True):
 def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Generator,
                sampler: str, steps: int, mr: torch.Tensor | None = None, guidance_scale: float = 1.0,
                known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-               clamp: bool = True, wrappers: Sequence = (), progress: bool = False) -> torch.Tensor:
+               clamp: bool | None = None, wrappers: Sequence = (), progress: bool = False) -> torch.Tensor:
     """Token ids (N, L) from the core's sampler: L = the longest length, padding after each.
 
     ``known_ids``/``known_mask`` (N, L) hold words fixed in place (infilling); ``wrappers``
-    are extra core wrappers (e.g. classifier control) laid outside the built-in ones.
+    are extra core wrappers (e.g. classifier control) laid outside the built-in ones. ``clamp``
+    None follows the checkpoint (:attr:`TextModel.default_clamp`).
     """
     net, dev = model.net, model.device
     n = lengths.shape[0]
@@ -325,7 +336,7 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
     if mr is not None:
         cond["mr"] = mr.to(dev)
     chain = []
-    if clamp:
+    if model.default_clamp if clamp is None else clamp:
         chain.append(X0Transform(snap_to_embeddings(net, model.allowed, attention_mask)))
     if known_ids is not None:
         mask = known_mask[:, :length].to(dev)[:, None, :].expand(n, net.embed_dim, length)
@@ -335,6 +346,8 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
                                generator=generator, device=dev, guidance_scale=guidance_scale,
                                wrappers=chain, progress=progress, **cond)
     ids = net.nearest(x, model.allowed)
+    if known_ids is not None:  # a template's words stay as written, [UNK] included
+        ids = torch.where(known_mask[:, :length].to(dev), known_ids[:, :length].to(dev), ids)
     return ids.masked_fill(~attention_mask, model.tokenizer.pad_id).cpu()
 
 
@@ -351,7 +364,7 @@ def generate_text(
     control: Mapping[str, str] | Sequence[str] | str | None = None,
     guidance_scale: float | None = None,
     length: int | None = None,
-    clamp: bool = True,
+    clamp: bool | None = None,
     classifier: str | os.PathLike | None = None,
     classifier_scale: float | None = None,
     control_method: str = "gradient",
@@ -373,7 +386,8 @@ def generate_text(
         control_method: ``"gradient"`` (classifier guidance) or ``"adagrad"`` (Diffusion-LM's
             Adagrad steps on each state).
         length: tokens per sample (default: drawn from the training lengths).
-        clamp: the clamping trick (snap x0 predictions to word embeddings at every step).
+        clamp: the clamping trick (snap x0 predictions to word embeddings at every step); None
+            follows the checkpoint (on for a regression head, off for a softmax head).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
@@ -567,8 +581,8 @@ class TextModality:
         group.add_argument("--control-method", choices=CONTROL_METHODS, default="gradient",
                            help="with --classifier: classifier guidance (gradient, default) or Diffusion-LM's "
                                 "Adagrad steps on each state (adagrad)")
-        group.add_argument("--no-clamp", dest="clamp", action="store_false",
-                           help="do not snap the x0 predictions to word embeddings at every step (the "
-                                "clamping trick is on by default)")
+        group.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                           help="snap the x0 predictions to word embeddings at every step, Diffusion-LM's clamping "
+                                "trick (default: the checkpoint's; on for a regression head, off for a softmax head)")
         group.add_argument("--length", type=int, metavar="L",
                            help="tokens per sample (default: drawn from the training data's lengths)")

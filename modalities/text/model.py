@@ -16,7 +16,7 @@ front of the words; ``drop_cond`` turns every slot into "unspecified", the null 
 of classifier-free guidance.
 
 Two options make a small network learn far more from a short run than Diffusion-LM's plain
-regression (measured in ``modalities/text/README.md``):
+regression (the shipped model against its predecessor: ``modalities/text/checkpoints/e2e/README.md``):
 
 - ``head="softmax"`` (CDCD's score interpolation, Dieleman et al., 2022): the network
   predicts a distribution p(w | x_t) over the vocabulary at each position, trained by
