@@ -37,7 +37,8 @@ from torch import nn
 
 from diffkit.nn import TimeEmbedding
 
-__all__ = ["HEADS", "TextDenoiser", "SelfConditioned", "NoisyMRClassifier", "rounding_loss", "slot_cross_entropy"]
+__all__ = ["HEADS", "TextDenoiser", "SelfConditioned", "NoisyMRClassifier", "rounding_loss", "slot_cross_entropy",
+           "token_cross_entropy"]
 
 # How the network turns its last hidden state into x0_hat.
 HEADS = ("regression", "softmax")
@@ -283,8 +284,14 @@ def slot_cross_entropy(logits: torch.Tensor, codes: torch.Tensor, mr_sizes: Sequ
                         for slot, block in enumerate(logits.split(list(mr_sizes), dim=1))])
 
 
-def rounding_loss(net: TextDenoiser, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (nats) of the tied head at real tokens, one value per example (B,)."""
-    ce = F.cross_entropy(net.logits(x).float().transpose(1, 2), ids, reduction="none")
+def token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats) of logits (B, L, V) against ids (B, L), averaged over the real
+    tokens of each example (``mask`` True): one value per example (B,)."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
     mask = mask.to(ce.dtype)
     return (ce * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def rounding_loss(net: TextDenoiser, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats) of the tied head at real tokens, one value per example (B,)."""
+    return token_cross_entropy(net.logits(x), ids, mask)

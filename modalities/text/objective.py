@@ -23,11 +23,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import diffkit
 
-from .model import NoisyMRClassifier, TextDenoiser, rounding_loss, slot_cross_entropy
+from .model import NoisyMRClassifier, TextDenoiser, rounding_loss, slot_cross_entropy, token_cross_entropy
 
 __all__ = ["TextObjective", "ClassifierObjective", "unwrap"]
 
@@ -121,8 +120,7 @@ class TextObjective:
                             **cond)
         words = torch.zeros((), device=x0.device)
         if call.logits is not None:
-            ce = F.cross_entropy(call.logits.float().transpose(1, 2), ids, reduction="none")
-            words = ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+            words = token_cross_entropy(call.logits, ids, mask).mean()
 
         # Embedding term: the prediction from the least noisy step, on a share of the batch.
         k = max(1, round(self.t0_fraction * ids.shape[0])) if self.t0_fraction > 0 else 0
