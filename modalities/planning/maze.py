@@ -127,18 +127,23 @@ class MazeGrid:
         row, col = cell
         return np.array([(col + 0.5) * self.scale - self.x_center, self.y_center - (row + 0.5) * self.scale])
 
-    def cell_of(self, xy) -> tuple[int, int]:
-        """(row, col) of the cell holding the point (x, y)."""
-        x, y = float(xy[0]), float(xy[1])
-        return int(np.floor((self.y_center - y) / self.scale)), int(np.floor((x + self.x_center) / self.scale))
-
-    def free_at(self, points) -> np.ndarray:
-        """For (..., 2) points (x, y): True where the point lies inside the maze and not in a wall block."""
+    def cells_of(self, points) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) int64 arrays of the cells holding (..., 2) points (x, y); outside the maze too."""
         points = np.asarray(points, dtype=np.float64)
         rows = np.floor((self.y_center - points[..., 1]) / self.scale).astype(np.int64)
         cols = np.floor((points[..., 0] + self.x_center) / self.scale).astype(np.int64)
+        return rows, cols
+
+    def cell_of(self, xy) -> tuple[int, int]:
+        """(row, col) of the cell holding the point (x, y)."""
+        row, col = self.cells_of(np.asarray(xy, dtype=np.float64).reshape(2))
+        return int(row), int(col)
+
+    def free_at(self, points) -> np.ndarray:
+        """For (..., 2) points (x, y): True where the point lies inside the maze and not in a wall block."""
+        rows, cols = self.cells_of(points)
         inside = (rows >= 0) & (rows < self.shape[0]) & (cols >= 0) & (cols < self.shape[1])
-        free = np.zeros(points.shape[:-1], dtype=bool)
+        free = np.zeros(rows.shape, dtype=bool)
         free[inside] = ~self.walls[rows[inside], cols[inside]]
         return free
 

@@ -211,12 +211,11 @@ class SelfConditioned:
         self.previous: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        previous = self.previous if self.chain else None
-        if previous is None or previous.shape != x.shape:
-            previous = None if self.chain else self.net(x, t, **cond).detach()
+        if not self.chain:
+            return self.net(x, t, x0_previous=self.net(x, t, **cond).detach(), **cond)
+        previous = self.previous if self.previous is not None and self.previous.shape == x.shape else None
         out = self.net(x, t, x0_previous=previous, **cond)
-        if self.chain:
-            self.previous = out.detach()
+        self.previous = out.detach()
         return out
 
 
