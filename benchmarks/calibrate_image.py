@@ -9,10 +9,13 @@ What it does (diffkit.calibration; the weights are not touched):
   ``--norm-times`` points spread over [0, T-1] (linear interpolation between them), scored with
   the condition the likelihood uses (the null class / empty prompt). ``Diffusion.nll`` then
   uses Analytic-DPM's reverse variances by default.
-- ``grids``: for the checkpoint's default sampler (or ``--samplers``) and ``--steps``, a grid
-  fitted to a ``--reference-steps`` solution on ``--batch`` noise draws, sampled as ``generate``
-  does (its default guidance scale, random classes, ClipX0). ``generate(steps=K)`` then uses
-  it.
+- ``statistics``: DPM-Solver-v3's model statistics (the average diagonal of the denoiser's
+  Jacobian and the offset, per pixel and log-SNR) along ``--reference-steps`` trajectories from
+  ``--batch`` noise draws, sampled as ``generate`` does (its default guidance scale, random
+  classes, ClipX0). They make ``dpm-v3`` the default sampler, and the checkpoint's recorded
+  default sampler becomes ``dpm-v3`` too (``--no-statistics`` skips them).
+- ``grids``: for the default sampler (or ``--samplers``) and ``--steps``, a grid fitted to the
+  reference on the first ``--grid-batch`` draws; ``generate(steps=K)`` then uses it.
 
 The result goes into config.json's ``diffusion.calibration`` (the checksums cover the weight
 files only, so they stay valid). It prints the time taken and the objective before and after.
@@ -61,7 +64,9 @@ def main(argv=None) -> int:
     where.add_argument("--out", type=Path, help="write a calibrated copy of the checkpoint here")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--samplers", nargs="+", default=None, help="default: the checkpoint's default sampler")
-    p.add_argument("--batch", type=int, default=32, help="noise draws the grids are fitted on")
+    p.add_argument("--batch", type=int, default=256, help="noise draws the statistics are measured on")
+    p.add_argument("--grid-batch", type=int, default=64, help="the first of those draws, the grids are fitted on")
+    p.add_argument("--no-statistics", action="store_true", help="fit grids only, for the recorded default sampler")
     p.add_argument("--max-evals", type=int, default=150, help="sampler runs per grid and variant")
     p.add_argument("--reference-steps", type=int, default=100)
     p.add_argument("--data-images", type=int, default=512)
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
     diff = diffkit.Diffusion.from_config(model.diffusion.config)  # a private copy to calibrate
     net, dev = model.net, diffkit.utils.module_device(model.net)
     defaults = model.info.get("defaults", {}) if isinstance(model.info, dict) else {}
-    samplers = args.samplers or [defaults.get("sampler", "unipc")]
+    samplers = args.samplers or (None if not args.no_statistics else [defaults.get("sampler", "unipc")])
     guidance = float(defaults.get("guidance_scale", 1.0))
     started = time.time()
 
@@ -113,14 +118,20 @@ def main(argv=None) -> int:
             images, _ = load_digits(image_size=model.image_size, split="train")
             cond = null_condition(model, n, images[:n])
         tick = time.time()
-        calibrate(diff, net, shape, steps=args.steps, samplers=samplers, generator=gen, max_evals=args.max_evals,
+        calibrate(diff, net, shape, steps=args.steps, samplers=samplers, model_statistics=not args.no_statistics,
+                  grid_batch=min(args.grid_batch, n), generator=gen, max_evals=args.max_evals,
                   reference_steps=args.reference_steps, device=dev, progress=True, sample_kwargs=sample_kwargs,
                   **{k: v.to(dev) for k, v in cond.items()})
-        print(f"grids for {samplers} at {args.steps} steps on {n} draws: {time.time() - tick:.0f} s", flush=True)
+        print(f"{'grids' if args.no_statistics else 'statistics on ' + str(n) + ' draws and grids'} for "
+              f"{samplers or [diff.default_sampler]} at {args.steps} steps on {min(args.grid_batch, n)} draws: "
+              f"{time.time() - tick:.0f} s", flush=True)
 
     config_file = target / "config.json"
     config = json.loads(config_file.read_text())
     config["diffusion"]["calibration"] = diff.calibration
+    if not args.no_grids and samplers is None:
+        # generate() samples with the checkpoint's recorded default: the sampler the grids were fitted for.
+        config["modality_config"].setdefault("defaults", {})["sampler"] = diff.default_sampler
     staging = config_file.with_suffix(".json.tmp")
     staging.write_text(json.dumps(config, indent=2))
     os.replace(staging, config_file)

@@ -62,7 +62,9 @@ DATA_SETS = {
     "D": GaussianData(torch.linspace(-8, 8, 16), torch.logspace(math.log10(0.5), math.log10(5.0), 16)),
     "E": GaussianData(torch.linspace(-0.1, 0.1, 16), torch.logspace(math.log10(0.005), math.log10(0.1), 16)),
 }
-CALIBRATED = "unipc (calibrated)"
+CALIBRATED = "defaults (calibrated)"
+STATISTICS_ONLY = "dpm-v3 (statistics, default grid)"
+GRID_ONLY = "unipc (fitted grid, no statistics)"
 
 
 def floors(diff: Diffusion, data: GaussianData) -> tuple[float, float]:
@@ -173,7 +175,19 @@ def main(argv=None) -> None:
             x = calibrated.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64, start=start)
             results.append(dict(data=data_name, library="diffkit", config=CALIBRATED, steps=steps,
                                 calls=steps, kl=data.kl_per_dim(x),
-                                grid=calibrated.calibration.get("grids", {}).get(f"unipc/{steps}")))
+                                grid=calibrated.calibration.get("grids", {}).get(f"{calibrated.default_sampler}/{steps}")))
+        # What each half of the calibration adds: the statistics alone on the default grid, and
+        # the fitted grid alone (UniPC, the default before statistics existed).
+        grid_only = Diffusion.from_config(diff.config)
+        calibrate(grid_only, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2], model_statistics=False,
+                  generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64)
+        for steps in args.steps:
+            for label, source, grid in ((STATISTICS_ONLY, calibrated, calibrated.sampling_grid(steps, calibrated=False)),
+                                        (GRID_ONLY, grid_only, None)):
+                x = source.sample(model, noise.shape, steps=None if grid is not None else steps, grid=grid, noise=noise,
+                                  dtype=torch.float64, start=start)
+                results.append(dict(data=data_name, library="diffkit", config=label, steps=steps, calls=steps,
+                                    kl=data.kl_per_dim(x)))
         for label, sampler, options in DIFFKIT_CONFIGS:
             for steps in args.steps:
                 # A fresh copy each time: the grid's option must not be popped for good.

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .schedules import SCHEDULES, SPACINGS, NoiseSchedule, rescale_zero_terminal_snr, respace  # noqa: E402
 from .parameterization import PREDICTIONS  # noqa: E402
-from .sampling import SAMPLERS, TIME_INPUTS, Prediction, SamplingGrid, get_sampler, model_calls  # noqa: E402
+from .sampling import SAMPLERS, TIME_INPUTS, ModelStatistics, Prediction, SamplingGrid, get_sampler, model_calls  # noqa: E402
 from .guidance import (  # noqa: E402
     ClipX0,
     GradientGuidance,
@@ -61,6 +61,7 @@ __all__ = [
     "Candidates",
     "NoiseSchedule",
     "SamplingGrid",
+    "ModelStatistics",
     "SamplingContext",
     "Prediction",
     "ClipX0",

@@ -56,17 +56,25 @@ import torch
 from .guidance import split_output
 from .parameterization import to_x0_eps
 from .process import posterior_coefficients, transition_variance
-from .sampling import SamplingGrid, get_sampler, model_calls
+from .sampling import ModelStatistics, SamplingGrid, get_sampler, model_calls
 from .utils import check_finite, randn
 
 # Samplers whose output is a deterministic function of the starting noise: a grid can be fitted
 # to a reference for them (a stochastic sampler's error would be mostly its own noise).
-DETERMINISTIC_SAMPLERS = ("ddim", "euler", "heun", "dpm++2m", "dpm++3m", "unipc")
+DETERMINISTIC_SAMPLERS = ("ddim", "euler", "heun", "dpm++2m", "dpm++3m", "unipc", "dpm-v3")
+# Samplers of one family solve the same ODE to the same limit: UniPC's fine-step run is their reference.
+_UNIPC_FAMILY = ("unipc", "dpm++2m", "dpm++3m", "dpm-v3")
 
 
 def grid_key(sampler: str, steps: int) -> str:
     """The key of a stored grid in ``calibration["grids"]``: ``"<sampler>/<steps>"``."""
     return f"{sampler}/{int(steps)}"
+
+
+def _rows(cond: dict, batch: int, start: int, stop: int) -> dict:
+    """``cond`` for the examples start..stop of a batch: tensors with ``batch`` rows are sliced, the rest pass."""
+    return {key: (value[start:stop] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch else value)
+            for key, value in cond.items()}
 
 
 # --------------------------------------------------------------------------- reverse variances
@@ -138,8 +146,7 @@ def estimate_reverse_statistics(
         for start in range(0, n, batch_size):
             x0 = data[start:start + batch_size]
             b = x0.shape[0]
-            part = {key: (v[start:start + batch_size] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v)
-                    for key, v in cond.items()}
+            part = _rows(cond, n, start, start + batch_size)
             t = torch.full((b,), t_value, dtype=torch.float64)
             alpha, sigma = diffusion._scales(t, x0)
             noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -270,6 +277,21 @@ def _pattern_search(score, x: torch.Tensor, best: float, valid, delta: float, fi
     return x, best
 
 
+def _calibration_noise(noise_or_shape, generator, dtype, device) -> torch.Tensor:
+    """The calibration batch: the given noise (on ``device``), or a draw of the given shape."""
+    if torch.is_tensor(noise_or_shape):
+        noise = noise_or_shape if device is None else noise_or_shape.to(device)
+    else:
+        shape = tuple(int(s) for s in noise_or_shape)
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
+        noise = randn(shape, generator=generator, device=device or "cpu", dtype=dtype)
+    if noise.shape[0] < 2:
+        raise ValueError("the calibration batch needs at least two examples")
+    check_finite(noise, "calibration noise")
+    return noise
+
+
 @torch.no_grad()
 def optimize_grid(
     diffusion,
@@ -321,25 +343,14 @@ def optimize_grid(
         raise ValueError(f"steps must be an integer >= 2 (one point is always T-1), got {steps!r}")
     if steps > diffusion.num_timesteps:
         raise ValueError(f"steps={steps} exceeds the {diffusion.num_timesteps} training timesteps")
-    if torch.is_tensor(noise_or_shape):
-        noise = noise_or_shape
-        if device is not None:
-            noise = noise.to(device)
-    else:
-        shape = tuple(int(s) for s in noise_or_shape)
-        if len(shape) < 2 or min(shape) < 1:
-            raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
-        noise = randn(shape, generator=generator, device=device or "cpu", dtype=dtype)
-    if noise.shape[0] < 2:
-        raise ValueError("the calibration batch needs at least two examples")
-    check_finite(noise, "calibration noise")
+    noise = _calibration_noise(noise_or_shape, generator, dtype, device)
 
     def run(grid: SamplingGrid, name: str = sampler, opts: Optional[dict] = None) -> torch.Tensor:
         return diffusion.sample(model, noise.shape, sampler=name, grid=grid, noise=noise, dtype=noise.dtype,
                                 sampler_options=opts if opts is not None else options, **(sample_kwargs or {}), **cond)
 
     if reference is None:
-        ref_sampler = "unipc" if sampler in ("unipc", "dpm++2m", "dpm++3m") else sampler
+        ref_sampler = "unipc" if sampler in _UNIPC_FAMILY else sampler
         ref_grid = diffusion.sampling_grid(min(reference_steps, diffusion.num_timesteps), "logsnr")
         reference = run(ref_grid, ref_sampler, {})
     reference = reference.to(noise.device, noise.dtype)
@@ -400,6 +411,81 @@ def optimize_grid(
     return grid
 
 
+# --------------------------------------------------------------------------- model statistics
+@torch.no_grad()
+def estimate_model_statistics(
+    diffusion,
+    model: Callable[..., torch.Tensor],
+    noise_or_shape,
+    *,
+    reference_steps: int = 200,
+    probe_scale: float = 1e-3,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    sample_kwargs: Optional[dict] = None,
+    return_reference: bool = False,
+    **cond,
+):
+    """DPM-Solver-v3's empirical model statistics l and m (:class:`~diffkit.sampling.ModelStatistics`).
+
+    At every point of a fine ``reference_steps``-point log-SNR grid, over the states x of
+    the model's own probability-flow trajectories from the calibration noise (UniPC; the
+    states are draws of the model's p(x_lambda), so no data is needed):
+
+        l(lambda) = E[ diag d x0_theta / dx ]      ~ mean_n v_n * (x0_theta(x_n + e v_n) - x0_theta(x_n - e v_n)) / (2 e)
+        m(lambda) = E[ x0_theta(x) - l(lambda) x ]
+
+    per element, with Rademacher probes v (Hutchinson's estimator of the diagonal; exact for
+    a model whose Jacobian is diagonal, such as Gaussian data's) and e = ``probe_scale``
+    times the states' RMS. Zheng et al. define the same l (their b is m's slope in lambda,
+    which the solver integrates exactly through m); their third statistic s is not used.
+    Cost: three network calls per point and example. ``sample_kwargs`` (``guidance_scale``,
+    ``wrappers``) and ``cond`` go to the model as when sampling: measure the sampler as it
+    will be used. Returns the statistics (and, with ``return_reference``, the trajectories'
+    end points, the reference :func:`optimize_grid` takes).
+    """
+    noise = _calibration_noise(noise_or_shape, generator, dtype, device)
+    if not isinstance(reference_steps, int) or reference_steps < 2:
+        raise ValueError(f"reference_steps must be an integer >= 2, got {reference_steps!r}")
+    if not probe_scale > 0:
+        raise ValueError(f"probe_scale must be positive, got {probe_scale}")
+    options = dict(sample_kwargs or {})
+    # Evenly spaced in log-SNR at fractional times: the statistics are functions of lambda, and
+    # the integer times of the respaced grid crowd and gap them unevenly.
+    log_snr_low, log_snr_high = _lambda_range(diffusion)
+    grid = SamplingGrid.from_times(diffusion.schedule, _times_from_lambdas(
+        diffusion, torch.linspace(log_snr_low, log_snr_high, reference_steps, dtype=torch.float64)[1:]))
+    denoise = diffusion.denoiser(model, grid, cond=cond, guidance_scale=options.get("guidance_scale", 1.0),
+                                 noise=noise, wrappers=options.get("wrappers", ()))
+    # One probe per trajectory for all points: the estimates' Monte-Carlo error is then smooth
+    # in lambda. Fresh probes at every point make it jagged, and the solver, which integrates
+    # l and m exactly but interpolates the residual, turns jaggedness into error that more
+    # steps do not remove.
+    probe = torch.randint(0, 2, noise.shape, generator=torch.Generator(device=noise.device).manual_seed(0),
+                          device=noise.device).to(noise.dtype) * 2 - 1
+    lambdas, linear, offset = [], [], []
+
+    def measure(info: dict) -> None:
+        lam = float(grid.lambdas[info["i"]])
+        if not math.isfinite(lam):
+            return
+        x, x0 = info["x"], info["denoised"]
+        step = probe_scale * float(x.to(torch.float64).pow(2).mean().sqrt())
+        difference = denoise(x + step * probe, info["i"]).x0 - denoise(x - step * probe, info["i"]).x0
+        l_here = (probe * difference).to(torch.float64).mean(dim=0) / (2 * step)
+        lambdas.append(lam)
+        linear.append(l_here)
+        offset.append((x0.to(torch.float64) - l_here * x.to(torch.float64)).mean(dim=0))
+
+    reference = diffusion.sample(model, noise.shape, sampler="unipc", grid=grid, noise=noise, dtype=noise.dtype,
+                                 callback=measure, **options, **cond)
+    order = torch.tensor(lambdas, dtype=torch.float64).argsort()
+    stats = ModelStatistics(torch.tensor(lambdas, dtype=torch.float64)[order],
+                            torch.stack(linear)[order].cpu(), torch.stack(offset)[order].cpu())
+    return (stats, reference) if return_reference else stats
+
+
 # --------------------------------------------------------------------------- both, into the config
 def calibrate(
     diffusion,
@@ -408,7 +494,9 @@ def calibrate(
     *,
     data: Optional[torch.Tensor] = None,
     steps: Sequence[int] = (5, 10, 20),
-    samplers: Sequence[str] = ("unipc",),
+    samplers: Optional[Sequence[str]] = None,
+    model_statistics: bool = True,
+    grid_batch: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     max_evals: int = 400,
     reference_steps: int = 200,
@@ -423,9 +511,15 @@ def calibrate(
 ) -> dict:
     """Calibrate ``diffusion`` for ``model`` in place and return its new :attr:`calibration`.
 
-    * with ``noise_or_shape`` (a calibration batch of noise, or its shape): a grid per
-      (sampler, K) by :func:`optimize_grid`; for ``unipc`` both B(h) variants are fitted and
-      the better one is kept with its ``sampler_options``. No data needed.
+    * with ``noise_or_shape`` (a calibration batch of noise, or its shape): first the model's
+      statistics by :func:`estimate_model_statistics` (unless ``model_statistics=False``),
+      which make ``dpm-v3`` the default sampler; then a grid per (sampler, K) by
+      :func:`optimize_grid`, for ``samplers`` (default: the default sampler); for ``unipc``
+      both B(h) variants are fitted, for ``dpm-v3`` the grid with and without the statistics,
+      and the better one on the batch is kept with its ``sampler_options``. ``grid_batch``
+      fits the grids on the first draws only: the statistics are cheap per draw (three
+      network calls at each of ``reference_steps`` points) and gain from many, while a grid
+      costs hundreds of sampler runs. No data needed.
     * with ``data`` (clean examples): Analytic-DPM's ``eps_norm_sq`` by :func:`estimate_eps_norms`.
 
     ``cond`` goes to the model in both (``eps_norm_cond``, when given, replaces it for the
@@ -439,26 +533,44 @@ def calibrate(
     current = dict(diffusion.calibration)
     grids = dict(current.get("grids", {}))
     if noise_or_shape is not None:
-        if torch.is_tensor(noise_or_shape):
-            noise = noise_or_shape
-        else:
-            noise = randn(tuple(int(s) for s in noise_or_shape), generator=generator, device=device or "cpu", dtype=dtype)
-        for sampler in samplers:
+        noise = _calibration_noise(noise_or_shape, generator, dtype, device)
+        references = {}  # the fine-step reference run, per reference sampler
+        if model_statistics:
+            stats, references["unipc"] = estimate_model_statistics(diffusion, model, noise, reference_steps=reference_steps,
+                                                         sample_kwargs=sample_kwargs, return_reference=True, **cond)
+            current["statistics"] = {"lambdas": stats.lambdas.tolist(), "linear": stats.linear.tolist(),
+                                     "offset": stats.offset.tolist()}
+            # The grids below are fitted to the sampler as it will run: with these statistics.
+            diffusion.calibration = diffusion._check_calibration(current)
+        if grid_batch is not None:
+            if not isinstance(grid_batch, int) or not 2 <= grid_batch <= noise.shape[0]:
+                raise ValueError(f"grid_batch must be an integer from 2 to the batch size {noise.shape[0]}, got {grid_batch!r}")
+            cond = _rows(cond, noise.shape[0], 0, grid_batch)
+            noise = noise[:grid_batch]
+            references = {name: reference[:grid_batch] for name, reference in references.items()}
+        for sampler in samplers or (diffusion.default_sampler,):
             if sampler not in DETERMINISTIC_SAMPLERS:
                 raise ValueError(f"grids are fitted for deterministic samplers ({', '.join(DETERMINISTIC_SAMPLERS)}), "
                                  f"got {sampler!r}")
-            reference = None
+            reference_sampler = "unipc" if sampler in _UNIPC_FAMILY else sampler
             for k in steps:
                 # (options, coarse first stage): bh1 is poor on the default grid, and the coarse
                 # stage walks it into a poor basin, so it refines point by point from the start.
-                variants = [({"variant": "bh1"}, False), ({}, True)] if sampler == "unipc" else [({}, True)]
+                # dpm-v3 is also fitted without the statistics (None: l = m = 0), which wins
+                # where the model is far from linear in its state.
+                variants = [({}, True)]
+                if sampler == "unipc":
+                    variants = [({"variant": "bh1"}, False), ({}, True)]
+                elif sampler == "dpm-v3" and "statistics" in diffusion.calibration:
+                    variants = [({}, True), ({"statistics": None}, True)]
                 best = None
                 for options, coarse in variants:
                     grid, info = optimize_grid(diffusion, model, noise, int(k), sampler, sampler_options=options,
-                                               reference_steps=reference_steps, reference=reference,
+                                               reference_steps=reference_steps,
+                                               reference=references.get(reference_sampler),
                                                max_evals=max_evals, return_history=True, coarse=coarse,
                                                sample_kwargs=sample_kwargs, **cond)
-                    reference = info["reference"]
+                    references[reference_sampler] = info["reference"]
                     if best is None or info["final"] < best[2]:
                         best = (grid, options, info["final"])
                     if progress:
@@ -467,9 +579,9 @@ def calibrate(
                 grids[grid_key(sampler, int(k))] = {"times": best[0].times.tolist(), "sampler_options": best[1]}
             current["grids"] = grids
     if data is not None:
-        statistics = estimate_reverse_statistics(diffusion, model, data, times=eps_norm_times, batch_size=batch_size,
-                                                 generator=generator, progress=progress,
-                                                 **(cond if eps_norm_cond is None else eps_norm_cond))
-        current.update({name: values.tolist() for name, values in statistics.items()})
+        reverse = estimate_reverse_statistics(diffusion, model, data, times=eps_norm_times, batch_size=batch_size,
+                                              generator=generator, progress=progress,
+                                              **(cond if eps_norm_cond is None else eps_norm_cond))
+        current.update({name: values.tolist() for name, values in reverse.items()})
     diffusion.calibration = diffusion._check_calibration(current)
     return diffusion.calibration

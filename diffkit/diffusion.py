@@ -30,7 +30,7 @@ from .process import (
     q_sample,
     transition_variance,
 )
-from .sampling import TIME_INPUTS, SamplingGrid, default_spacing, get_sampler, model_calls
+from .sampling import TIME_INPUTS, ModelStatistics, SamplingGrid, default_spacing, get_sampler, model_calls
 from .schedules import NoiseSchedule, respace, schedule_from_config
 from .utils import append_dims, check_finite, module_device, randn
 
@@ -185,9 +185,10 @@ class Diffusion:
             return {}
         if not isinstance(calibration, dict):
             raise ValueError(f"calibration must be a dict, got {type(calibration).__name__}")
-        unknown = set(calibration) - {"grids", "eps_norm_sq", "x0_mse", "notes"}
+        known = ("grids", "eps_norm_sq", "x0_mse", "statistics", "notes")
+        unknown = set(calibration) - set(known)
         if unknown:
-            raise ValueError(f"unknown calibration entries {sorted(unknown)}; expected 'grids', 'eps_norm_sq', 'x0_mse', 'notes'")
+            raise ValueError(f"unknown calibration entries {sorted(unknown)}; expected {', '.join(map(repr, known))}")
         checked: dict = {}
         for name in ("eps_norm_sq", "x0_mse"):
             if name not in calibration:
@@ -217,9 +218,42 @@ class Diffusion:
             checked_grids[str(key)] = {"times": [float(t) for t in times], "sampler_options": dict(options)}
         if checked_grids:
             checked["grids"] = checked_grids
+        if "statistics" in calibration:
+            entry = calibration["statistics"]
+            if not isinstance(entry, dict) or set(entry) != {"lambdas", "linear", "offset"}:
+                raise ValueError("calibration['statistics'] must hold 'lambdas', 'linear' and 'offset' "
+                                 "(see diffkit.calibration.estimate_model_statistics)")
+            try:
+                ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])
+            except (ValueError, TypeError, RuntimeError) as error:
+                raise ValueError(f"calibration['statistics'] is not valid: {error}") from None
+            checked["statistics"] = {name: torch.as_tensor(entry[name], dtype=torch.float64).tolist()
+                                     for name in ("lambdas", "linear", "offset")}
         if "notes" in calibration:
             checked["notes"] = calibration["notes"]
         return checked
+
+    def model_statistics(self, event_shape: Optional[Sequence[int]] = None) -> Optional[ModelStatistics]:
+        """The calibrated :class:`ModelStatistics` for samples of ``event_shape``, or None if there are none.
+
+        They are per element of the shape they were measured on; for another shape (a longer
+        clip, another length of text) every element gets their average, which still carries
+        the scale of the data.
+        """
+        entry = self.calibration.get("statistics")
+        if entry is None:
+            return None
+        stats = ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])
+        if event_shape is None or tuple(stats.linear.shape[1:]) == tuple(event_shape):
+            return stats
+        flat = stats.linear.shape[0]
+        return ModelStatistics(stats.lambdas, stats.linear.reshape(flat, -1).mean(dim=1),
+                               stats.offset.reshape(flat, -1).mean(dim=1))
+
+    @property
+    def default_sampler(self) -> str:
+        """``dpm-v3`` once the model's statistics are calibrated, ``unipc`` before."""
+        return "dpm-v3" if "statistics" in self.calibration else "unipc"
 
     def calibrated_grid(self, sampler: str, steps: int) -> Optional[tuple[SamplingGrid, dict]]:
         """The stored grid and sampler options for (``sampler``, ``steps``), or None when there is none."""
@@ -563,17 +597,18 @@ class Diffusion:
 
     # ------------------------------------------------------------------ sampling
     def sampling_grid(self, steps: Optional[int] = None, spacing: Optional[str] = None, *,
-                      sampler: str = "unipc", log_snr_range=None, max_time: Optional[int] = None,
+                      sampler: Optional[str] = None, log_snr_range=None, max_time: Optional[int] = None,
                       calibrated: bool = True) -> SamplingGrid:
         """The grid a sampler visits: ``steps`` training times respaced by ``spacing``.
 
-        Defaults: 20 steps (all T for ``ddpm``) and the sampler's best spacing, or, when
+        Defaults: :attr:`default_sampler`, 20 steps (all T for ``ddpm``) and the sampler's best spacing, or, when
         :attr:`calibration` holds a grid for (``sampler``, ``steps``) and neither ``spacing``,
         ``log_snr_range`` nor ``max_time`` is given, that stored grid (``calibrated=False``
         skips it). ``max_time`` restricts the grid to [0, max_time] (warm starts). Any other
         grid comes from the :class:`SamplingGrid` constructors (explicit times, noise levels or
         betas).
         """
+        sampler = sampler or self.default_sampler
         if steps is None:
             steps = self.num_timesteps if sampler == "ddpm" else min(20, self.num_timesteps)
         if calibrated and spacing is None and log_snr_range is None and max_time is None:
@@ -622,7 +657,7 @@ class Diffusion:
         model: Callable[..., torch.Tensor],
         shape: Sequence[int],
         *,
-        sampler: str = "unipc",
+        sampler: Optional[str] = None,
         steps: Optional[int] = None,
         grid=None,
         generator: Optional[torch.Generator] = None,
@@ -642,7 +677,7 @@ class Diffusion:
         """Draw samples of ``shape`` = (B, ...) from ``model``.
 
         Args:
-            sampler: one of :data:`diffkit.SAMPLERS`.
+            sampler: one of :data:`diffkit.SAMPLERS`; default :attr:`default_sampler`.
             steps, grid: ``steps`` respaced training times (default 20; all T for ``ddpm``) in
                 the sampler's best spacing, or an explicit ``grid``: a :class:`SamplingGrid`
                 (from times, noise levels or betas; see :meth:`sampling_grid`) or a sequence
@@ -670,6 +705,7 @@ class Diffusion:
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
+        sampler = sampler or self.default_sampler
         sample_fn = get_sampler(sampler)
         if strength is not None and init is None:
             raise ValueError("strength= needs init=<clean data> to start from")
@@ -707,6 +743,9 @@ class Diffusion:
             stored = self.calibrated_grid(sampler, len(grid))
             if stored is not None and torch.equal(stored[0].times, grid.times):
                 options = {**stored[1], **options}
+        if sampler == "dpm-v3" and "statistics" not in options:
+            # A stored grid may say {"statistics": None}: it was fitted, and is used, without them.
+            options["statistics"] = self.model_statistics(shape[1:])
         if sampler == "ddpm" and "variance" not in options:
             options["variance"] = "learned" if self.learn_variance else self.variance
         if sampler == "ddpm" and options["variance"] == "analytic":

@@ -143,7 +143,8 @@ def test_calibration_survives_a_config_round_trip(calibrated):
     again = Diffusion.from_config(config)
     assert again.calibration == diff.calibration
     assert again.config == config
-    assert set(diff.calibration["grids"]) == {"unipc/5", "unipc/10"}
+    assert set(diff.calibration["grids"]) == {"dpm-v3/5", "dpm-v3/10"}
+    assert again.model_statistics().linear.shape == (200, 16)
     assert len(diff.calibration["eps_norm_sq"]) == 1000
     assert "calibration" not in Diffusion("linear", 1000).config  # uncalibrated configs are unchanged
 

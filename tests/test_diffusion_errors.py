@@ -81,6 +81,6 @@ def test_config_round_trip_rebuilds_an_equal_diffusion():
 
 
 def test_public_sampler_list_is_complete():
-    assert set(diffkit.SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "dpm++2m", "dpm++3m", "unipc"}
+    assert set(diffkit.SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "dpm++2m", "dpm++3m", "unipc", "dpm-v3"}
     for name in diffkit.SAMPLERS:
         assert callable(diffkit.get_sampler(name))

@@ -44,7 +44,7 @@ def test_every_sampler_reproduces_gaussian_data(sampler, steps, bound):
 
 
 @pytest.mark.parametrize("prediction", diffkit.PREDICTIONS)
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "unipc", "heun"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "unipc", "heun", "dpm-v3"])
 def test_predictions_agree_on_the_same_trajectory(prediction, sampler):
     diff_eps, diff_other = Diffusion("cosine", 200), Diffusion("cosine", 200, prediction=prediction)
     noise = standardized_noise(64, 8)
@@ -66,7 +66,7 @@ def test_zero_terminal_snr_with_v_prediction_samples_correctly(sampler):
     assert DATA.kl_per_dim(samples) < 6e-3
 
 
-@pytest.mark.parametrize("sampler", ["dpm++2m", "unipc"])
+@pytest.mark.parametrize("sampler", ["dpm++2m", "unipc", "dpm-v3"])
 def test_samplers_work_on_any_tensor_shape(sampler):
     data = GaussianData(mean=torch.zeros(2, 3, 2, 2), std=torch.full((2, 3, 2, 2), 0.5))
     diff = Diffusion("linear", 100)
