@@ -243,12 +243,23 @@ class Diffusion:
         entry = self.calibration.get("statistics")
         if entry is None:
             return None
-        stats = ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])
-        if event_shape is None or tuple(stats.linear.shape[1:]) == tuple(event_shape):
-            return stats
-        flat = stats.linear.shape[0]
-        return ModelStatistics(stats.lambdas, stats.linear.reshape(flat, -1).mean(dim=1),
-                               stats.offset.reshape(flat, -1).mean(dim=1))
+        # Built once per calibration and shape: the tables' precomputation and the solver's
+        # per-step cache live on the object.
+        cached = getattr(self, "_statistics_cache", None)
+        if cached is None or cached[0] is not entry:
+            cached = (entry, {})
+            self._statistics_cache = cached
+        key = None if event_shape is None else tuple(event_shape)
+        if key not in cached[1]:
+            if None not in cached[1]:
+                cached[1][None] = ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])
+            stats = cached[1][None]
+            if key is not None and tuple(stats.linear.shape[1:]) != key:
+                flat = stats.linear.shape[0]
+                stats = ModelStatistics(stats.lambdas, stats.linear.reshape(flat, -1).mean(dim=1),
+                                        stats.offset.reshape(flat, -1).mean(dim=1))
+            cached[1][key] = stats
+        return cached[1][key]
 
     @property
     def default_sampler(self) -> str:

@@ -430,6 +430,9 @@ def _unipc_correct(pending, d_new: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- model statistics (DPM-Solver-v3)
+_ZERO_STATISTICS = None
+
+
 @dataclass(frozen=True)
 class ModelStatistics:
     """How a trained model's data prediction depends on the state, on average, per element.
@@ -447,7 +450,10 @@ class ModelStatistics:
 
     ``lambdas`` (N,) are increasing log(alpha / sigma) values; ``linear`` and ``offset`` (N,
     ...) hold l and m at each, with the shape of one example (or any shape that broadcasts
-    against it). Between the points they are interpolated linearly; outside, held at the ends.
+    against it). In between they are interpolated by cubic Hermite polynomials with
+    finite-difference slopes (continuous first derivative: the kinks of a piecewise-linear l
+    or m would become kinks of r, which the solver interpolates with polynomials); outside,
+    they are held at the end values.
     """
 
     lambdas: torch.Tensor
@@ -466,64 +472,102 @@ class ModelStatistics:
             if not torch.isfinite(values).all():
                 raise ValueError(f"the model statistics' {name} holds NaN or Inf")
             object.__setattr__(self, name, values)
-        object.__setattr__(self, "_slope_tables", (self._slopes(self.linear), self._slopes(self.offset)))
+        object.__setattr__(self, "_linear_slopes", _parabola_slopes(lambdas, self.linear))
+        object.__setattr__(self, "_offset_slopes", _parabola_slopes(lambdas, self.offset))
+        object.__setattr__(self, "_integral", None)  # built on first use (validation alone does not need it)
+        object.__setattr__(self, "_steps", {})  # cache of _statistics_step results
 
     @classmethod
     def zero(cls) -> "ModelStatistics":
-        """l = m = 0: the solver then treats the whole data prediction as the residual."""
-        zeros = torch.zeros(2, dtype=torch.float64)
-        return cls(torch.tensor([-1.0, 1.0], dtype=torch.float64), zeros, zeros)
+        """l = m = 0: the solver then treats the whole data prediction as the residual (one shared instance)."""
+        global _ZERO_STATISTICS
+        if _ZERO_STATISTICS is None:
+            zeros = torch.zeros(2, dtype=torch.float64)
+            _ZERO_STATISTICS = cls(torch.tensor([-1.0, 1.0], dtype=torch.float64), zeros, zeros)
+        return _ZERO_STATISTICS
 
     def at(self, lambdas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(l, m) at each of ``lambdas`` (M,), float64 (M, ...) each.
+        """(l, m) at each of ``lambdas`` (M,), float64 (M, ...) each."""
+        return (_hermite(self.lambdas, self.linear, self._linear_slopes, lambdas),
+                _hermite(self.lambdas, self.offset, self._offset_slopes, lambdas))
 
-        Cubic Hermite interpolation with finite-difference slopes (continuous first
-        derivative): the solver interpolates the residual r = x0_theta - l x - m with
-        polynomials, and the kinks of a piecewise-linear l or m would put kinks into r.
+    def integral(self, lambdas: torch.Tensor) -> torch.Tensor:
+        """integral of alpha l from the first point to each of ``lambdas`` (M,), float64 (M, ...).
+
+        Hermite interpolation of the integral's table with its exact derivative alpha l at the
+        points; beyond the ends, l is held, as in :meth:`at`.
         """
-        lambdas = lambdas.to(torch.float64).clamp(float(self.lambdas[0]), float(self.lambdas[-1]))
-        upper = torch.searchsorted(self.lambdas, lambdas).clamp(1, self.lambdas.numel() - 1)
-        lower = upper - 1
-        width = self.lambdas[upper] - self.lambdas[lower]
-        u = (lambdas - self.lambdas[lower]) / width
-        h00, h10, h01, h11 = 2 * u**3 - 3 * u**2 + 1, u**3 - 2 * u**2 + u, -2 * u**3 + 3 * u**2, u**3 - u**2
+        if self._integral is None:
+            # The integral at every point (Gauss-Legendre on each interval of the interpolant), so a
+            # step needs the tables only at its own quadrature nodes.
+            nodes, weights = _gauss_legendre(self.lambdas[:-1], self.lambdas[1:])
+            pieces = (_expand(weights, self.linear) * _alpha(nodes, self.linear) * self.at(nodes)[0]).reshape(
+                self.lambdas.numel() - 1, -1, *self.linear.shape[1:]).sum(dim=1)
+            object.__setattr__(self, "_integral", torch.cat([torch.zeros_like(self.linear[:1]), pieces.cumsum(dim=0)]))
+        low, high = float(self.lambdas[0]), float(self.lambdas[-1])
+        inside = lambdas.to(torch.float64).clamp(low, high)
+        derivative = _alpha(self.lambdas, self.linear) * self.linear
+        value = _hermite(self.lambdas, self._integral, derivative, inside)
+        # Outside the table l is constant, so the integral of alpha l is l times that of alpha:
+        # asinh(e^lambda) is an antiderivative of alpha = sigmoid(2 lambda)^(1/2).
+        beyond = torch.asinh(torch.exp(lambdas.to(torch.float64))) - torch.asinh(torch.exp(inside))
+        end = torch.where(lambdas > high, 1.0, 0.0)
+        held = _expand(end, self.linear) * self.linear[-1] + _expand(1 - end, self.linear) * self.linear[0]
+        return value + _expand(beyond, self.linear) * held
 
-        def interpolate(table, slopes):
-            return (_expand(h00, table) * table[lower] + _expand(h10 * width, table) * slopes[lower]
-                    + _expand(h01, table) * table[upper] + _expand(h11 * width, table) * slopes[upper])
 
-        linear_slopes, offset_slopes = self._slope_tables
-        return interpolate(self.linear, linear_slopes), interpolate(self.offset, offset_slopes)
-
-    def _slopes(self, table: torch.Tensor) -> torch.Tensor:
-        """d table / d lambda at every point: the slope of the parabola through it and its neighbours
-        (one-sided at the ends), so a quadratic in lambda is reproduced exactly."""
-        if self.lambdas.numel() == 2:
-            slope = (table[1] - table[0]) / float(self.lambdas[1] - self.lambdas[0])
-            return torch.stack([slope, slope])
-        gaps = self.lambdas[1:] - self.lambdas[:-1]
-        a, b = gaps[:-1], gaps[1:]  # left and right gaps of the interior points
-
-        def weights(*values):
-            return [_expand(v, table) for v in values]
-
-        w_left, w_mid, w_right = weights(-b / (a * (a + b)), (b - a) / (a * b), a / (b * (a + b)))
-        slopes = torch.empty_like(table)
-        slopes[1:-1] = w_left * table[:-2] + w_mid * table[1:-1] + w_right * table[2:]
-        a0, b0 = float(gaps[0]), float(gaps[1])
-        slopes[0] = (-(2 * a0 + b0) / (a0 * (a0 + b0)) * table[0] + (a0 + b0) / (a0 * b0) * table[1]
-                     - a0 / (b0 * (a0 + b0)) * table[2])
-        a1, b1 = float(gaps[-2]), float(gaps[-1])
-        slopes[-1] = (b1 / (a1 * (a1 + b1)) * table[-3] - (a1 + b1) / (a1 * b1) * table[-2]
-                      + (a1 + 2 * b1) / (b1 * (a1 + b1)) * table[-1])
-        return slopes
-
-        return interpolate(self.linear), interpolate(self.offset)
+def _alpha(lambdas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alpha = sigmoid(2 lambda)^(1/2) (variance preserving), shaped to broadcast along ``like``'s first axis."""
+    return _expand(torch.sigmoid(2 * lambdas).sqrt(), like)
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(M,) values shaped to broadcast along the first axis of ``like``."""
     return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _parabola_slopes(points: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """d table / d lambda at every point: the slope of the parabola through it and its neighbours
+    (one-sided at the ends), so a quadratic in lambda is reproduced exactly."""
+    if points.numel() == 2:
+        slope = (table[1] - table[0]) / float(points[1] - points[0])
+        return torch.stack([slope, slope])
+    gaps = points[1:] - points[:-1]
+    a, b = _expand(gaps[:-1], table), _expand(gaps[1:], table)  # left and right gaps of the interior points
+    slopes = torch.empty_like(table)
+    slopes[1:-1] = -b / (a * (a + b)) * table[:-2] + (b - a) / (a * b) * table[1:-1] + a / (b * (a + b)) * table[2:]
+    a0, b0 = float(gaps[0]), float(gaps[1])
+    slopes[0] = (-(2 * a0 + b0) / (a0 * (a0 + b0)) * table[0] + (a0 + b0) / (a0 * b0) * table[1]
+                 - a0 / (b0 * (a0 + b0)) * table[2])
+    a1, b1 = float(gaps[-2]), float(gaps[-1])
+    slopes[-1] = (b1 / (a1 * (a1 + b1)) * table[-3] - (a1 + b1) / (a1 * b1) * table[-2]
+                  + (a1 + 2 * b1) / (b1 * (a1 + b1)) * table[-1])
+    return slopes
+
+
+def _hermite(points: torch.Tensor, table: torch.Tensor, slopes: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The cubic Hermite interpolant of (table, slopes) over ``points`` at ``at`` (clamped to the ends)."""
+    at = at.to(torch.float64).clamp(float(points[0]), float(points[-1]))
+    upper = torch.searchsorted(points, at).clamp(1, points.numel() - 1)
+    lower = upper - 1
+    width = points[upper] - points[lower]
+    u = (at - points[lower]) / width
+    h00, h10, h01, h11 = 2 * u**3 - 3 * u**2 + 1, u**3 - 2 * u**2 + u, -2 * u**3 + 3 * u**2, u**3 - u**2
+    return (_expand(h00, table) * table[lower] + _expand(h10 * width, table) * slopes[lower]
+            + _expand(h01, table) * table[upper] + _expand(h11 * width, table) * slopes[upper])
+
+
+_GAUSS_4 = (torch.tensor([-0.8611363115940526, -0.3399810435848563, 0.3399810435848563, 0.8611363115940526],
+                         dtype=torch.float64),
+            torch.tensor([0.3478548451374538, 0.6521451548625461, 0.6521451548625461, 0.3478548451374538],
+                         dtype=torch.float64))
+
+
+def _gauss_legendre(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four-point Gauss-Legendre nodes and weights on each interval [starts_k, ends_k], flattened (4K,)."""
+    roots, weights = _GAUSS_4
+    half, middle = (ends - starts)[:, None] / 2, (ends + starts)[:, None] / 2
+    return (middle + half * roots).flatten(), (half * weights).flatten()
 
 
 def _lagrange_basis(nodes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -536,7 +580,7 @@ def _lagrange_basis(nodes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return basis
 
 
-def _statistics_step(stats: ModelStatistics, lam_s: float, lam_t: float, nodes, subdivisions: int = 256):
+def _statistics_step(stats: ModelStatistics, lam_s: float, lam_t: float, nodes, piece: float = 0.5):
     """One step of the probability-flow ODE from lambda_s to lambda_t with the model's statistics exact.
 
     In log-SNR the ODE reads dx/dlambda = -alpha^2 x + alpha x0_theta (VP, alpha^2 + sigma^2
@@ -547,25 +591,34 @@ def _statistics_step(stats: ModelStatistics, lam_s: float, lam_t: float, nodes, 
 
     and r is replaced by its polynomial interpolant through the evaluations at ``nodes``.
     Returns Phi(t, s) (...), the m-integral (...) and the weights (n, ...) of the node values
-    of r. The integrals are taken numerically (trapezoid, ``subdivisions`` intervals) since l
-    and m are tables. With l = m = 0 this is DPM-Solver++'s exponential integrator.
+    of r. The outer integrals use four-point Gauss-Legendre on pieces of at most ``piece`` in
+    lambda, the inner one :meth:`ModelStatistics.integral`. With l = m = 0 this is
+    DPM-Solver++'s exponential integrator. Results are cached on ``stats``: a sampler that
+    runs the same grid again pays nothing.
     """
+    key = (lam_s, lam_t, tuple(float(n) for n in nodes), piece)
+    cached = stats._steps.get(key)
+    if cached is not None:
+        return cached
     nodes = torch.as_tensor(nodes, dtype=torch.float64)
-    tau = torch.linspace(lam_s, lam_t, subdivisions + 1, dtype=torch.float64)
-    linear, offset = stats.at(tau)
-    shape = (-1, *([1] * (max(linear.ndim, offset.ndim) - 1)))
-    alpha = torch.sigmoid(2 * tau).sqrt().reshape(shape)
-    log_sigma = 0.5 * torch.nn.functional.logsigmoid(-2 * tau).reshape(shape)
-    step = (lam_t - lam_s) / subdivisions
-    trapezoid = torch.full((tau.numel(),), step, dtype=torch.float64)
-    trapezoid[0] = trapezoid[-1] = 0.5 * step
-    rate = alpha * linear
-    accumulated = torch.cat([torch.zeros_like(rate[:1]), torch.cumsum(0.5 * step * (rate[1:] + rate[:-1]), dim=0)])
-    kernel = torch.exp(log_sigma[-1] - log_sigma + accumulated[-1] - accumulated) * alpha  # Phi(t, tau) alpha_tau
-    flow = kernel[0] / alpha[0]
-    drift = torch.einsum("m,m...->...", trapezoid, kernel * offset)
-    weights = torch.einsum("jm,m...->j...", _lagrange_basis(nodes, tau) * trapezoid, kernel)
-    return flow, drift, weights
+    count = max(1, math.ceil(abs(lam_t - lam_s) / piece))
+    edges = torch.linspace(lam_s, lam_t, count + 1, dtype=torch.float64)
+    tau, quadrature = _gauss_legendre(edges[:-1], edges[1:])
+    ends = torch.tensor([lam_s, lam_t], dtype=torch.float64)
+    integral_ends, integral = stats.integral(ends), stats.integral(tau)
+    _, offset = stats.at(tau)
+    like = integral
+    log_sigma = 0.5 * torch.nn.functional.logsigmoid(-2 * torch.cat([ends, tau]))
+    flow = torch.exp(log_sigma[1] - log_sigma[0] + integral_ends[1] - integral_ends[0])
+    # Phi(t, tau) alpha_tau, times the quadrature weight
+    kernel = (torch.exp(_expand(log_sigma[1] - log_sigma[2:], like) + integral_ends[1] - integral)
+              * _alpha(tau, like) * _expand(quadrature, like))
+    drift = (kernel * offset).sum(dim=0)
+    weights = torch.einsum("jm,m...->j...", _lagrange_basis(nodes, tau), kernel)
+    result = (flow, drift, weights)
+    if len(stats._steps) < 1024:
+        stats._steps[key] = result
+    return result
 
 
 def sample_dpm_v3(
