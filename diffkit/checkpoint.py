@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -248,7 +249,7 @@ def save_checkpoint(
             checksums[name] = _finish_file(target)
         checksums.update(_carry_over(path, staging, written=set(checksums) | {CONFIG_FILE}))
         full_config["checksums"] = dict(sorted(checksums.items()))
-        _write_text(staging / CONFIG_FILE, json.dumps(full_config, indent=2, sort_keys=False))
+        _write_text(staging / CONFIG_FILE, config_text(full_config))
         (staging / CONFIG_FILE).chmod(FILE_MODE)
         # Sub-directories too: side files and carried entries may live in them.
         for directory in (staging, *(p for p in staging.rglob("*") if p.is_dir() and not p.is_symlink())):
@@ -372,6 +373,16 @@ def _tensors_for_saving(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.
             raise CheckpointError(f"cannot save state entry {key!r}: expected a tensor, got {type(tensor).__name__}")
         out[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return out
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    """``config`` as indented JSON with every list of plain numbers on one line.
+
+    Calibrations hold long numeric tables (per-step errors, per-element statistics); one
+    number per line would make config.json several times larger and unreadable.
+    """
+    text = json.dumps(config, indent=2, sort_keys=False)
+    return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -69,6 +69,13 @@ def _element_mask(mask: Optional[torch.Tensor], known_mask: Optional[torch.Tenso
     return counted
 
 
+def _significant(values, digits: int = 7):
+    """A (nested) list of floats rounded to ``digits`` significant digits."""
+    if isinstance(values, list):
+        return [_significant(v, digits) for v in values]
+    return float(f"{values:.{digits}g}")
+
+
 def _masked_mean(values: torch.Tensor, counted: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-example mean over the elements that count: (B, ...) -> (B,)."""
     if counted is None:
@@ -227,7 +234,9 @@ class Diffusion:
                 ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])
             except (ValueError, TypeError, RuntimeError) as error:
                 raise ValueError(f"calibration['statistics'] is not valid: {error}") from None
-            checked["statistics"] = {name: torch.as_tensor(entry[name], dtype=torch.float64).tolist()
+            # Seven significant digits (float32's): the tables are long, and the estimates' own
+            # Monte-Carlo error is far larger.
+            checked["statistics"] = {name: _significant(torch.as_tensor(entry[name], dtype=torch.float64).tolist())
                                      for name in ("lambdas", "linear", "offset")}
         if "notes" in calibration:
             checked["notes"] = calibration["notes"]
