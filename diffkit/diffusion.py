@@ -254,21 +254,18 @@ class Diffusion:
             return None
         # Built once per calibration and shape: the tables' precomputation and the solver's
         # per-step cache live on the object.
-        cached = getattr(self, "_statistics_cache", None)
-        if cached is None or cached[0] is not entry:
-            cached = (entry, {})
-            self._statistics_cache = cached
+        if getattr(self, "_statistics_source", None) is not entry:
+            self._statistics_source = entry
+            self._statistics_by_shape = {None: ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])}
         key = None if event_shape is None else tuple(event_shape)
-        if key not in cached[1]:
-            if None not in cached[1]:
-                cached[1][None] = ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])
-            stats = cached[1][None]
-            if key is not None and tuple(stats.linear.shape[1:]) != key:
+        if key not in self._statistics_by_shape:
+            stats = self._statistics_by_shape[None]
+            if tuple(stats.linear.shape[1:]) != key:
                 flat = stats.linear.shape[0]
                 stats = ModelStatistics(stats.lambdas, stats.linear.reshape(flat, -1).mean(dim=1),
                                         stats.offset.reshape(flat, -1).mean(dim=1))
-            cached[1][key] = stats
-        return cached[1][key]
+            self._statistics_by_shape[key] = stats
+        return self._statistics_by_shape[key]
 
     @property
     def default_sampler(self) -> str:
