@@ -516,7 +516,8 @@ def calibrate(
       which make ``dpm-v3`` the default sampler; then a grid per (sampler, K) by
       :func:`optimize_grid`, for ``samplers`` (default: the default sampler); for ``unipc``
       both B(h) variants are fitted, for ``dpm-v3`` the grid with and without the statistics,
-      and the better one on the batch is kept with its ``sampler_options``. ``grid_batch``
+      and the better one on the batch is kept with its ``sampler_options`` (statistics that no
+      fitted grid uses are not kept: the model is too far from linear for them). ``grid_batch``
       fits the grids on the first draws only: the statistics are cheap per draw (three
       network calls at each of ``reference_steps`` points) and gain from many, while a grid
       costs hundreds of sampler runs. No data needed.
@@ -578,6 +579,13 @@ def calibrate(
                               f"{info['initial']:.3g} -> {info['final']:.3g} in {info['evals']} runs", flush=True)
                 grids[grid_key(sampler, int(k))] = {"times": best[0].times.tolist(), "sampler_options": best[1]}
             current["grids"] = grids
+        fitted = [entry for key, entry in grids.items() if key.startswith("dpm-v3/")]
+        if model_statistics and fitted and all("statistics" in entry["sampler_options"] for entry in fitted):
+            # Every grid fitted better without them: the model is too far from linear in its
+            # state for them to pay, and at other step counts they would only add error.
+            del current["statistics"]
+            if progress:
+                print("calibrate: no fitted grid used the model statistics; they are not kept", flush=True)
     if data is not None:
         reverse = estimate_reverse_statistics(diffusion, model, data, times=eps_norm_times, batch_size=batch_size,
                                               generator=generator, progress=progress,

@@ -269,8 +269,10 @@ class Diffusion:
 
     @property
     def default_sampler(self) -> str:
-        """``dpm-v3`` once the model's statistics are calibrated, ``unipc`` before."""
-        return "dpm-v3" if "statistics" in self.calibration else "unipc"
+        """``dpm-v3`` once calibrated for it (statistics or grids), ``unipc`` before."""
+        calibrated = "statistics" in self.calibration or any(
+            key.startswith("dpm-v3/") for key in self.calibration.get("grids", {}))
+        return "dpm-v3" if calibrated else "unipc"
 
     def calibrated_grid(self, sampler: str, steps: int) -> Optional[tuple[SamplingGrid, dict]]:
         """The stored grid and sampler options for (``sampler``, ``steps``), or None when there is none."""

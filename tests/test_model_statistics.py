@@ -125,3 +125,31 @@ def test_bad_statistics_raise():
     diff = Diffusion("linear", 100)
     with pytest.raises(ValueError, match="reference_steps"):
         estimate_model_statistics(diff, DATA.model(diff.schedule), (8, 8), reference_steps=1)
+
+
+def test_statistics_that_no_fitted_grid_uses_are_not_kept(monkeypatch):
+    import diffkit.calibration as calibration
+
+    diff = Diffusion("linear", 1000)
+    model = DATA.model(diff.schedule)
+    real = calibration.optimize_grid
+
+    def prefer(winner):
+        def fake(diffusion, model, noise, steps, sampler, *, sampler_options=None, **kwargs):
+            grid, info = real(diffusion, model, noise, steps, sampler, sampler_options=sampler_options,
+                              **{**kwargs, "max_evals": 2})
+            # Make the chosen variant score better, whatever the search found.
+            return grid, {**info, "final": 0.0 if sampler_options == winner else 1.0}
+        return fake
+
+    monkeypatch.setattr(calibration, "optimize_grid", prefer({"statistics": None}))
+    calibrate(diff, model, (32, 8), steps=(3, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+              reference_steps=20)
+    assert "statistics" not in diff.calibration
+    assert all(entry["sampler_options"] == {"statistics": None} for entry in diff.calibration["grids"].values())
+    assert diff.default_sampler == "dpm-v3"  # its fitted grids still make it the default
+    monkeypatch.setattr(calibration, "optimize_grid", prefer({}))
+    kept = Diffusion("linear", 1000)
+    calibrate(kept, model, (32, 8), steps=(3,), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+              reference_steps=20)
+    assert "statistics" in kept.calibration and kept.calibration["grids"]["dpm-v3/3"]["sampler_options"] == {}
