@@ -1,6 +1,6 @@
 """Calibration: what a trained model says about itself, computed once and stored in its config.
 
-Two pieces of information make the defaults of a trained model accurate without retraining:
+Three pieces of information make the defaults of a trained model accurate without retraining:
 
 1. **Step placement** (:func:`optimize_grid`). A K-point sampler grid is optimised against a
    fine-step reference on a small calibration batch of starting noise (Align-Your-Steps,
@@ -41,7 +41,14 @@ Two pieces of information make the defaults of a trained model accurate without 
    clean data) uses var = the x0 error at the last point. :meth:`Diffusion.nll` uses these
    variances by default once they are calibrated.
 
-Both are pure functions of (diffusion, model, inputs); :func:`calibrate` runs them and writes the
+3. **Model statistics** (:func:`estimate_model_statistics`; DPM-Solver-v3, Zheng et al. 2023).
+   The per-element average of the denoiser's Jacobian diagonal l(lambda) and of the rest,
+   m(lambda) = E[x0_theta - l x], along the model's own trajectories from noise (no data).
+   The ``dpm-v3`` sampler integrates l x + m exactly and interpolates only the residual; where
+   the model is nearly linear in its state (Gaussian data exactly) a few steps then suffice.
+   They are kept only if a grid fitted with them beats the one fitted without.
+
+All are pure functions of (diffusion, model, inputs); :func:`calibrate` runs them and writes the
 results into ``diffusion.calibration``, which :attr:`Diffusion.config` carries, so a checkpoint
 keeps them.
 """

@@ -125,6 +125,9 @@ def test_bad_statistics_raise():
     diff = Diffusion("linear", 100)
     with pytest.raises(ValueError, match="reference_steps"):
         estimate_model_statistics(diff, DATA.model(diff.schedule), (8, 8), reference_steps=1)
+    with pytest.raises(ValueError, match="grid_batch"):
+        calibrate(diff, DATA.model(diff.schedule), (8, 8), steps=(3,), grid_batch=1, reference_steps=10,
+                  generator=torch.Generator().manual_seed(0))
 
 
 def test_statistics_that_no_fitted_grid_uses_are_not_kept(monkeypatch):
