@@ -236,6 +236,18 @@ def _first_order_update(x, d0, a_t: float, s_t: float, s_s: float, h: torch.Tens
     return (s_t / s_s) * x - a_t * float(torch.expm1(-h)) * d0
 
 
+def _x0_step(x, x0, grid: SamplingGrid, i: int):
+    """The first-order step from grid point i to i + 1 with the data prediction ``x0`` held constant."""
+    return _first_order_update(x, x0, float(grid.alphas[i + 1]), float(grid.sigmas[i + 1]), float(grid.sigmas[i]),
+                               grid.lambdas[i + 1] - grid.lambdas[i])
+
+
+def _final_jump(x, pred: Prediction, previous: Optional[Prediction], grid: SamplingGrid, final_order: int):
+    """The jump from the last grid point to clean data: first order, then made second order if asked."""
+    x = _x0_step(x, pred.x0, grid, len(grid) - 1)
+    return _second_order_final(x, pred, previous, grid) if final_order == 2 else x
+
+
 def _second_order_final(x0, pred: Prediction, previous: Optional[Prediction], grid: SamplingGrid) -> torch.Tensor:
     """The jump to clean data made second order with the previous evaluation; no extra call.
 
@@ -384,10 +396,7 @@ def sample_unipc(
             x = _unipc_correct(pending, pred.x0) + (x - x_predicted)
         history = (history + [(lambdas[i], pred.x0)])[-order:]
         if i == K - 1:
-            x = _first_order_update(x, pred.x0, float(grid.alphas[i + 1]), float(grid.sigmas[i + 1]),
-                                    float(grid.sigmas[i]), lambdas[i + 1] - lambdas[i])
-            if final_order == 2:
-                x = _second_order_final(x, pred, previous, grid)
+            x = _final_jump(x, pred, previous, grid, final_order)
             break
         previous = pred
         step_order = min(order, len(history), K - i)
@@ -668,12 +677,10 @@ def sample_dpm_v3(
             x_start, lam_start, stencil = pending
             # A denoiser's change to the state it evaluated (known values) is kept.
             x = x - x_input + advance(x_start, lam_start, lam, stencil + [(lam, residual)])
-        if i == K - 1 or not math.isfinite(lam):
-            # The jump to clean data, or a step from alpha = 0 where only the data prediction counts.
-            x = _first_order_update(x, pred.x0, float(grid.alphas[i + 1]), float(grid.sigmas[i + 1]),
-                                    float(grid.sigmas[i]), lambdas[i + 1] - lambdas[i])
-            if i == K - 1:
-                return _second_order_final(x, pred, previous, grid) if final_order == 2 else x
+        if i == K - 1:
+            return _final_jump(x, pred, previous, grid, final_order)
+        if not math.isfinite(lam):  # a step from alpha = 0: only the data prediction counts
+            x = _x0_step(x, pred.x0, grid, i)
             previous, history, pending = pred, [], None
             continue
         previous = pred
