@@ -225,10 +225,11 @@ def value_appears(tokenizer, text: str, slot: str, value: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------- sampling
-def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None):
+def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None,
+                      temperature=None):
     """n texts from the diffusion model (lengths drawn from the training lengths), in batches;
-    ``mr`` (n, S) codes guided with the checkpoint's guidance scale; ``clamp`` None is the
-    checkpoint's default. Returns (texts, seconds)."""
+    ``mr`` (n, S) codes guided with the checkpoint's guidance scale; ``sampler``, ``clamp`` and
+    ``temperature`` None are the checkpoint's defaults. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
     sampler = sampler or model.default("sampler", "ddim")
     scale = float(model.default("guidance_scale", 2.0)) if mr is not None else 1.0
@@ -241,7 +242,7 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
         with torch.no_grad():  # classifier guidance turns gradients on where it needs them
             ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps,
                              mr=None if mr is None else mr[start: start + k], guidance_scale=scale,
-                             wrappers=wrappers, clamp=clamp)
+                             wrappers=wrappers, clamp=clamp, temperature=temperature)
         seconds += time.perf_counter() - t0
         texts += [model.tokenizer.decode(row[: int(m)].tolist()) for row, m in zip(ids, lengths)]
     return texts, seconds
@@ -283,7 +284,10 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=100, help="unconditional samples per step count")
     p.add_argument("--pair-samples", type=int, default=1, help="samples per held-out (slot, value) pair")
     p.add_argument("--detail-steps", type=int, default=50,
-                   help="the step count at which whole-MR control and the uncontrolled chance rate are measured")
+                   help="the step count at which whole-MR control, the uncontrolled chance rate and the "
+                        "variant rows (other sampler, temperature 1, clamping flipped) are measured")
+    p.add_argument("--compare-samplers", nargs="*", default=["ddim"],
+                   help="other samplers given an unconditional row at --detail-steps (default: ddim)")
     p.add_argument("--nll-texts", type=int, default=64, help="held-out texts for the likelihood bound")
     p.add_argument("--nll-steps", type=int, default=250, help="chain of the bound (the model's T for the full bound)")
     p.add_argument("--no-nll", action="store_true", help="skip the likelihood bounds")
@@ -345,7 +349,9 @@ def main(argv=None) -> int:
                 "copies": sum(normalise(t) in train_set for t in texts) / len(texts)}
 
     results: dict = {"checkpoint": str(model.path), "hardware": hardware_summary(), "seed": args.seed,
-                     "clamp": model.default_clamp,
+                     "clamp": model.default_clamp, "temperature": model.default_temperature,
+                     "sampler": model.default("sampler", "ddim"),
+                     "guidance_scale": float(model.default("guidance_scale", 2.0)),
                      "command": "python " + " ".join(["benchmarks/text_quality.py", *(argv or sys.argv[1:])]),
                      "diffusion_parameters": n_params, "ar_parameters": ar_params, "ar_train_s": ar_train_s,
                      "ar_steps": args.ar_steps, "human": human, "ar_on_training_texts": train_fit,
@@ -381,11 +387,18 @@ def main(argv=None) -> int:
         texts, secs = diffusion_samples(model, args.samples, steps=steps, seed=args.seed)
         row["unconditional"] = {**quality(texts), "seconds_per_sentence": secs / len(texts), "examples": texts[:8]}
         if steps == args.detail_steps:
-            # The same samples with the clamping trick switched the other way than the checkpoint's default.
-            flipped, secs = diffusion_samples(model, args.samples, steps=steps, seed=args.seed,
-                                              clamp=not model.default_clamp)
-            row["unconditional_clamp_flipped"] = {**quality(flipped), "seconds_per_sentence": secs / len(flipped),
-                                                  "clamp": not model.default_clamp, "examples": flipped[:8]}
+            # The same draws with one sampling default changed at a time: what each choice is worth.
+            variants = {f"clamping trick {'off' if model.default_clamp else 'on'}": {"clamp": not model.default_clamp}}
+            if model.default_temperature != 1.0:
+                variants["word temperature 1"] = {"temperature": 1.0}
+            for other in args.compare_samplers:
+                if other != model.default("sampler", "ddim"):
+                    variants[f"sampler {other}"] = {"sampler": other}
+            row["variants"] = {}
+            for label, change in variants.items():
+                texts_v, secs = diffusion_samples(model, args.samples, steps=steps, seed=args.seed, **change)
+                row["variants"][label] = {**quality(texts_v), "seconds_per_sentence": secs / len(texts_v),
+                                          "examples": texts_v[:8]}
         if vocab is not None and steps == args.detail_steps:
             # the same number of samples, unguided, for the chance rate of each pair
             free, _ = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 1)
@@ -455,8 +468,9 @@ def write(results: dict, out_dir: Path, name: str) -> None:
              f"Judge: an autoregressive Transformer LM ({results['ar_parameters'] / 1e6:.2f}M parameters, "
              f"{results['ar_steps']} steps on the training split, {results['ar_train_s']:.0f} s); "
              f"diffusion network {results['diffusion_parameters'] / 1e6:.2f}M parameters. "
-             f"{results['samples']} unconditional samples per row; the clamping trick "
-             f"{'on' if results.get('clamp', True) else 'off'} (the checkpoint's default) unless a row says.", "",
+             f"{results['samples']} unconditional samples per row. The checkpoint's sampling defaults unless a row "
+             f"says: sampler {results['sampler']}, word temperature {results['temperature']:g}, clamping trick "
+             f"{'on' if results['clamp'] else 'off'}, guidance scale {results['guidance_scale']:g} for control.", "",
              "| samples | steps | perplexity | x human | distinct-1 | distinct-2 | copies | s / sentence |",
              "|---|---|---|---|---|---|---|---|",
              f"| held-out human text (floor) | | {h:.2f} | 1.00 | | | | |"]
@@ -470,10 +484,8 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                      f"{u['distinct_1']:.3f} | {u['distinct_2']:.3f} | {u['copies']:.2f} | "
                      f"{u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
-        if "unconditional_clamp_flipped" in row:
-            u = row["unconditional_clamp_flipped"]
-            state = "on" if u["clamp"] else "off"
-            lines.append(f"| diffusion, unconditional, clamping trick {state} | {steps} | {u['perplexity']:.2f} | "
+        for label, u in row.get("variants", {}).items():
+            lines.append(f"| diffusion, unconditional, {label} | {steps} | {u['perplexity']:.2f} | "
                          f"{u['perplexity'] / h:.2f} | {u['distinct_1']:.3f} | {u['distinct_2']:.3f} | "
                          f"{u['copies']:.2f} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():

@@ -75,8 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         schedule="sqrt", num_timesteps=2000,
         max_steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=1000, save_every=500,
-        export_weights="model",
+        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_temperature=1.0, sample_every=1000,
+        save_every=500, export_weights="model",
     ),
     # Diffusion-LM's E2E configuration: a BERT-base-sized Transformer, sqrt schedule, T=2000.
     "gpu": dict(
@@ -85,8 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         schedule="sqrt", num_timesteps=2000,
         max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_every=5000, save_every=5000,
-        export_weights="ema",
+        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_temperature=1.0, sample_every=5000,
+        save_every=5000, export_weights="ema",
     ),
 }
 
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each batch trained with the network's own first estimate (self-conditioning)")
     add_training_arguments(p, run_dir="runs/text-<preset>", data_workers=False)
     g = add_sampling_default_arguments(p, guidance="default guidance for --control")
+    g.add_argument("--sample-temperature", type=float,
+                   help="default word temperature recorded with the model (softmax head; below 1 sampling leans "
+                        "towards the likelier words)")
     g.add_argument("--export", metavar="DIR",
                    help="after training, write a compact float16 checkpoint (with the tokenizer) here")
     g.add_argument("--export-weights", choices=EXPORT_WEIGHTS,
@@ -166,6 +169,11 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
                 "batch_size", "min_count", "sample_steps"):
         if s[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if not s["sample_temperature"] > 0:
+        raise ValueError(f"--sample-temperature must be > 0, got {s['sample_temperature']}")
+    if s["sample_temperature"] != 1.0 and s["head"] != "softmax":
+        raise ValueError("--sample-temperature sharpens a softmax head's word distribution; use --head softmax "
+                         "or leave it at 1")
     if s["sampler"] not in diffkit.SAMPLERS:
         raise ValueError(f"unknown --sampler {s['sampler']!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
     s.setdefault("output_dir", f"runs/text-{args.preset}" + ("-classifier" if args.task == "classifier" else ""))
@@ -213,7 +221,8 @@ def modality_info(s, dataset, mr_vocab, objective) -> dict[str, Any]:
         "length_counts": dataset.length_counts(),
         "mr_values": mr_vocab.to_config() if mr_vocab else None,
         "objective": objective.config,
-        "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"]},
+        "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"],
+                     "temperature": s["sample_temperature"]},
     }
 
 

@@ -67,6 +67,27 @@ def test_clamping_default_follows_the_head(checkpoint):
     assert recorded.default_clamp is True
 
 
+def test_word_temperature_default_and_override(checkpoint):
+    """The recipe records temperature 1 unless told; generate's temperature changes the draws
+    of the same seed, and a checkpoint that records one uses it."""
+    model = load_text_model(checkpoint, "cpu")
+    assert model.default_temperature == 1.0
+    mod = TextModality()
+    plain = mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3)
+    assert plain == mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, temperature=1.0)
+    sharp = mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, temperature=0.05)
+    assert sharp != plain
+    recorded = TextModel(model.path, model.net, model.diffusion, model.tokenizer, {"defaults": {"temperature": 0.05}})
+    lengths = torch.tensor([5, 3])
+    ids = sample_ids(recorded, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)
+    explicit = sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3,
+                          temperature=0.05)
+    assert torch.equal(ids, explicit)
+    for bad in (0, -1.0, "hot"):
+        with pytest.raises(ValueError, match="temperature must be a number > 0"):
+            mod.generate(checkpoint=checkpoint, num_samples=1, temperature=bad)
+
+
 def test_infill_keeps_known_words_exactly_and_sets_the_length(checkpoint):
     model = load_text_model(checkpoint, "cpu")
     template = parse_infill(TEMPLATE, model)

@@ -204,6 +204,30 @@ def test_softmax_head_predicts_the_mean_embedding_of_its_word_distribution():
         tiny_net(head="mlp")
 
 
+def test_word_temperature_sharpens_the_distribution_x0_averages():
+    net = tiny_net(head="softmax", self_conditioning=True)
+    x, t = torch.randn(2, 4, 6), torch.tensor([3.0, 40.0])
+    x0_hat, logits = net(x, t, return_logits=True)
+    hot, hot_logits = net(x, t, temperature=0.5, return_logits=True)
+    expected = ((logits / 0.5).softmax(-1) @ net.embedding.weight).transpose(1, 2)
+    assert torch.allclose(hot, expected, atol=1e-6)
+    assert torch.equal(hot_logits, logits)  # the logits (training target, bound) stay at temperature 1
+    # Near zero temperature x0_hat is the embedding of each position's likeliest word.
+    cold = net(x, t, temperature=1e-4)
+    assert torch.allclose(cold, net.embed(logits.argmax(-1)), atol=1e-5)
+    assert torch.equal(net(x, t, temperature=1.0), x0_hat)
+    # The self-conditioning wrapper applies it to every pass of a sampling chain.
+    from modalities.text.model import SelfConditioned
+    chained = SelfConditioned(net, temperature=0.5)
+    first = chained(x, t)
+    assert torch.equal(first, hot)
+    assert torch.equal(chained(x, t), net(x, t, x0_previous=first, temperature=0.5))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        net(x, t, temperature=0.0)
+    with pytest.raises(ValueError, match="regression-head model predicts x0 directly"):
+        tiny_net()(x, t, temperature=0.5)
+
+
 def test_self_conditioning_reads_the_previous_estimate():
     net = tiny_net(self_conditioning=True)
     x, t = torch.randn(2, 4, 5), torch.tensor([10.0, 30.0])

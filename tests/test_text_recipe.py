@@ -29,8 +29,10 @@ def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
     assert any((out / "tensorboard").iterdir())
     assert (out / "checkpoint" / "tokenizer.json").is_file()
     # The same command with more steps resumes from the checkpoint rather than starting over.
-    assert text_train.main(["--max-steps", "4", "--output-dir", str(out), "--export", str(export), *TINY]) == 0
+    assert text_train.main(["--max-steps", "4", "--output-dir", str(out), "--export", str(export), *TINY,
+                            "--sample-temperature", "0.7"]) == 0
     ckpt = diffkit.load_checkpoint(export, modality="text")
+    assert ckpt.config["modality_config"]["defaults"]["temperature"] == 0.7
     assert ckpt.step == 4 and ckpt.optimizer_state is None
     assert "text_train.py" in ckpt.extra["recipe"] and ckpt.extra["wall_time_s"] > 0
     assert ckpt.extra["seed"] == 0 and ckpt.extra["hardware"]
@@ -103,6 +105,8 @@ def test_help_explains_itself(capsys):
     (["--data", "e2e:/nonexistent"], "E2E file"),
     (["--sampler", "nope"], "unknown --sampler 'nope'"),
     (["--hidden", "0"], "--hidden must be >= 1"),
+    (["--sample-temperature", "0"], "--sample-temperature must be > 0"),
+    (["--sample-temperature", "0.5", "--head", "regression"], "use --head softmax or leave it at 1"),
     (["--preset", "tpu"], "invalid choice"),
 ])
 def test_bad_input_is_a_clear_error_without_traceback(tmp_path, capsys, args, message):

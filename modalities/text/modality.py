@@ -95,7 +95,8 @@ class TextModel:
         return MRVocabulary.from_config(values) if values else None
 
     def default(self, key: str, fallback: Any) -> Any:
-        """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale)."""
+        """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale,
+        clamp, temperature)."""
         return (self.info.get("defaults") or {}).get(key, fallback)
 
     @property
@@ -105,6 +106,12 @@ class TextModel:
         x0 already weighs the words by their probability (snapping it throws that away: the
         shipped model's judge perplexity is 438 clamped against 282 not; modalities/text/README.md)."""
         return bool(self.default("clamp", self.net.head == "regression"))
+
+    @property
+    def default_temperature(self) -> float:
+        """The word temperature sampling uses unless told: as recorded, else 1 (the network's
+        own distribution). Only a softmax head has one."""
+        return float(self.default("temperature", 1.0))
 
     @functools.cached_property
     def allowed(self) -> torch.Tensor:
@@ -312,23 +319,30 @@ def padding_mask(lengths: torch.Tensor, device: torch.device | str = "cpu") -> t
     return (torch.arange(int(lengths.max()))[None] < lengths[:, None]).to(device)
 
 
-def denoiser_call(net: TextDenoiser, *, chain: bool = True):
+def denoiser_call(net: TextDenoiser, *, chain: bool = True, temperature: float = 1.0):
     """What the core calls: the network itself, or, for a self-conditioned one, a fresh
-    :class:`SelfConditioned` (``chain=True`` for a sampling run, False for the bound)."""
-    return SelfConditioned(net, chain=chain) if net.self_conditioning else net
+    :class:`SelfConditioned` (``chain=True`` for a sampling run, False for the bound), at the
+    given word ``temperature`` (sampling only)."""
+    if net.self_conditioning:
+        return SelfConditioned(net, chain=chain, temperature=temperature)
+    return functools.partial(net, temperature=temperature) if temperature != 1.0 else net
 
 
 def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Generator,
                sampler: str, steps: int, mr: torch.Tensor | None = None, guidance_scale: float = 1.0,
                known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-               clamp: bool | None = None, wrappers: Sequence = (), progress: bool = False) -> torch.Tensor:
+               clamp: bool | None = None, temperature: float | None = None, wrappers: Sequence = (),
+               progress: bool = False) -> torch.Tensor:
     """Token ids (N, L) from the core's sampler: L = the longest length, padding after each.
 
     ``known_ids``/``known_mask`` (N, L) hold words fixed in place (infilling); ``wrappers``
     are extra core wrappers (e.g. classifier control) laid outside the built-in ones. ``clamp``
-    None follows the checkpoint (:attr:`TextModel.default_clamp`).
+    and ``temperature`` (the word temperature of a softmax head, see
+    :meth:`TextDenoiser.forward`) None follow the checkpoint (:attr:`TextModel.default_clamp`,
+    :attr:`TextModel.default_temperature`).
     """
     net, dev = model.net, model.device
+    temperature = model.default_temperature if temperature is None else float(temperature)
     n = lengths.shape[0]
     attention_mask = padding_mask(lengths, dev)
     length = attention_mask.shape[1]
@@ -342,7 +356,7 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
         mask = known_mask[:, :length].to(dev)[:, None, :].expand(n, net.embed_dim, length)
         chain.append(KnownValues(mask, net.embed(known_ids[:, :length].to(dev))))
     chain.extend(wrappers)
-    x = model.diffusion.sample(denoiser_call(net), (n, net.embed_dim, length), sampler=sampler, steps=steps,
+    x = model.diffusion.sample(denoiser_call(net, temperature=temperature), (n, net.embed_dim, length), sampler=sampler, steps=steps,
                                generator=generator, device=dev, guidance_scale=guidance_scale,
                                wrappers=chain, progress=progress, **cond)
     ids = net.nearest(x, model.allowed)
@@ -365,6 +379,7 @@ def generate_text(
     guidance_scale: float | None = None,
     length: int | None = None,
     clamp: bool | None = None,
+    temperature: float | None = None,
     classifier: str | os.PathLike | None = None,
     classifier_scale: float | None = None,
     control_method: str = "gradient",
@@ -388,10 +403,14 @@ def generate_text(
         length: tokens per sample (default: drawn from the training lengths).
         clamp: the clamping trick (snap x0 predictions to word embeddings at every step); None
             follows the checkpoint (on for a regression head, off for a softmax head).
+        temperature: a softmax head's word temperature; below 1 every step leans towards the
+            likelier words (None: the checkpoint's, 1 if it records none).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
     resolve_steps(steps, FALLBACK_STEPS)  # a bad steps is an error before anything is loaded
+    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     controls = parse_control(control)  # check the syntax before loading anything
     model = load_text_model(checkpoint, device)
     gen = seeded_generator(seed)
@@ -455,7 +474,7 @@ def generate_text(
         wrappers.append(classifier_control(clf, clf_codes, padding_mask(lengths, model.device), control_method, scale))
     ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps, mr=mr,
                      guidance_scale=guidance_scale, known_ids=known_ids, known_mask=known_mask,
-                     clamp=clamp, wrappers=wrappers, progress=progress)
+                     clamp=clamp, temperature=temperature, wrappers=wrappers, progress=progress)
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
 
 
@@ -584,5 +603,8 @@ class TextModality:
         group.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                            help="snap the x0 predictions to word embeddings at every step, Diffusion-LM's clamping "
                                 "trick (default: the checkpoint's; on for a regression head, off for a softmax head)")
+        group.add_argument("--temperature", type=float, metavar="T",
+                           help="word temperature of a softmax-head model: below 1 each step leans towards the "
+                                "likelier words (default: the checkpoint's)")
         group.add_argument("--length", type=int, metavar="L",
                            help="tokens per sample (default: drawn from the training data's lengths)")

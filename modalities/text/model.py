@@ -128,11 +128,22 @@ class TextDenoiser(nn.Module):
     # ------------------------------------------------------------------ denoiser
     def forward(self, x: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 mr: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None,
-                x0_previous: torch.Tensor | None = None, return_logits: bool = False):
+                x0_previous: torch.Tensor | None = None, return_logits: bool = False,
+                temperature: float = 1.0):
         """x0_hat (B, D, L); with ``return_logits`` the pair (x0_hat, logits (B, L, V)) of a
         softmax head (logits None for a regression head). ``x0_previous`` (B, D, L) is the
-        previous estimate of a self-conditioned network (None: zeros, "no estimate yet")."""
+        previous estimate of a self-conditioned network (None: zeros, "no estimate yet").
+
+        ``temperature`` (softmax head only) sharpens the word distribution that x0_hat averages:
+        x0_hat = sum_w softmax(logits / temperature)_w EMB(w). Below 1 each position leans
+        towards its likelier words, a sampling choice (the returned logits, the training
+        target and the likelihood bound all stay at temperature 1)."""
         batch, dim, length = x.shape
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if temperature != 1.0 and self.head != "softmax":
+            raise ValueError(f"temperature sharpens a softmax head's word distribution; this {self.head}-head "
+                             "model predicts x0 directly (leave temperature at 1)")
         dtype = x.dtype
         if dim != self.embed_dim:
             raise ValueError(f"expected x of shape (B, {self.embed_dim}, L), got {tuple(x.shape)}")
@@ -181,7 +192,7 @@ class TextDenoiser(nn.Module):
             out = self.down(h)
         else:
             logits = self.word_logits(h)
-            out = logits.float().softmax(-1) @ self.embedding.weight.float()
+            out = (logits.float() / temperature).softmax(-1) @ self.embedding.weight.float()
         # where, not a product: whatever a fused attention kernel leaves at padded positions
         # (NaN included) must not leak into the output.
         out = torch.where(attention_mask[..., None], out, 0.0).transpose(1, 2).to(dtype)
@@ -201,16 +212,18 @@ class SelfConditioned:
     the last (a new sample), gets zeros. ``chain=False`` (the likelihood bound, where every call
     stands alone): two passes at the same x_t, the first's estimate feeding the second. Either
     way x0_hat is a function of the sampler's states, so the sampler and the bound stay exact.
-    Use one instance per sampling run.
+    Use one instance per sampling run. ``temperature`` is the network's word temperature
+    (sampling only; the bound needs 1).
     """
 
-    def __init__(self, net: TextDenoiser, *, chain: bool = True):
+    def __init__(self, net: TextDenoiser, *, chain: bool = True, temperature: float = 1.0):
         if not net.self_conditioning:
             raise ValueError("SelfConditioned wraps a self-conditioned TextDenoiser (self_conditioning=True)")
-        self.net, self.chain = net, chain
+        self.net, self.chain, self.temperature = net, chain, temperature
         self.previous: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        cond = {"temperature": self.temperature, **cond} if self.temperature != 1.0 else cond
         if not self.chain:
             return self.net(x, t, x0_previous=self.net(x, t, **cond).detach(), **cond)
         previous = self.previous if self.previous is not None and self.previous.shape == x.shape else None
