@@ -62,7 +62,6 @@ from modalities.text.modality import (  # noqa: E402
     load_classifier,
     load_text_model,
     nll_per_token,
-    padding_mask,
     sample_ids,
 )
 
@@ -226,10 +225,12 @@ def value_appears(tokenizer, text: str, slot: str, value: str) -> bool:
 
 # ---------------------------------------------------------------------------------- sampling
 def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None,
-                      temperature=None):
-    """n texts from the diffusion model (lengths drawn from the training lengths), in batches;
-    ``mr`` (n, S) codes guided with the checkpoint's guidance scale; ``sampler``, ``clamp`` and
-    ``temperature`` None are the checkpoint's defaults. Returns (texts, seconds)."""
+                      temperature=None, group_by_length=True):
+    """n texts from the diffusion model (lengths drawn from the training lengths), in batches
+    (``sample_ids`` groups each by length unless told not to); ``mr`` (n, S) codes guided with
+    the checkpoint's guidance scale; ``sampler``, ``clamp`` and ``temperature`` None are the
+    checkpoint's defaults; ``wrappers_fn(start, rows, mask)`` the extra wrappers of rows
+    ``start + rows``. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
     sampler = sampler or model.default("sampler", "ddim")
     scale = float(model.default("guidance_scale", 2.0)) if mr is not None else 1.0
@@ -237,12 +238,13 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
     for start in range(0, n, batch):
         k = min(batch, n - start)
         lengths = _lengths(model, k, None, gen)
-        wrappers = wrappers_fn(start, k, lengths) if wrappers_fn else ()
+        extra = (lambda rows, mask, start=start: wrappers_fn(start, rows, mask)) if wrappers_fn else None
         t0 = time.perf_counter()
         with torch.no_grad():  # classifier guidance turns gradients on where it needs them
             ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps,
                              mr=None if mr is None else mr[start: start + k], guidance_scale=scale,
-                             wrappers=wrappers, clamp=clamp, temperature=temperature)
+                             extra_wrappers=extra, clamp=clamp, temperature=temperature,
+                             group_by_length=group_by_length)
         seconds += time.perf_counter() - t0
         texts += [model.tokenizer.decode(row[: int(m)].tolist()) for row, m in zip(ids, lengths)]
     return texts, seconds
@@ -391,6 +393,7 @@ def main(argv=None) -> int:
             variants = {f"clamping trick {'off' if model.default_clamp else 'on'}": {"clamp": not model.default_clamp}}
             if model.default_temperature != 1.0:
                 variants["word temperature 1"] = {"temperature": 1.0}
+            variants["one batch padded to the longest (no length groups)"] = {"group_by_length": False}
             for other in args.compare_samplers:
                 if other != model.default("sampler", "ddim"):
                     variants[f"sampler {other}"] = {"sampler": other}
@@ -416,8 +419,8 @@ def main(argv=None) -> int:
             codes = torch.tensor([clf.mr_vocab.encode(t, partial=True) for t in single])
             scale = 1.0 if args.classifier_scale is None else args.classifier_scale
 
-            def wrappers_fn(start, k, lengths):
-                return [classifier_control(clf, codes[start: start + k], padding_mask(lengths), "gradient", scale)]
+            def wrappers_fn(start, rows, mask):
+                return [classifier_control(clf, codes[start + rows], mask, "gradient", scale)]
 
             steered, secs = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2,
                                               wrappers_fn=wrappers_fn)

@@ -112,6 +112,70 @@ def test_infill_keeps_known_words_exactly_and_sets_the_length(checkpoint):
         assert all(o == w for o, w in zip(text.split(), words) if w != "[MASK]")
 
 
+def test_length_groups_is_the_cheapest_split_by_brute_force():
+    import itertools
+
+    from modalities.text.modality import length_groups
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        # At most 9 distinct lengths: 256 ways to split them, all tried below.
+        lengths = torch.randint(1, 10, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g) * 4
+        extra, overhead = trial % 9, [0, 16, 64, 1000][trial % 4]
+        groups = length_groups(lengths, extra_tokens=extra, overhead=overhead)
+        # A partition of the rows into groups of consecutive lengths, shortest first.
+        assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+        spans = [(int(lengths[r].min()), int(lengths[r].max())) for r in groups]
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+
+        def cost(parts):
+            return sum(overhead + len(r) * (int(lengths[r].max()) + extra) for r in parts)
+
+        values = sorted(set(lengths.tolist()))
+        best = min(cost([torch.nonzero((lengths >= values[a]) & (lengths <= values[b - 1])).flatten()
+                         for a, b in zip((0, *cuts), (*cuts, len(values)))])
+                   for k in range(len(values)) for cuts in itertools.combinations(range(1, len(values)), k))
+        assert cost(groups) == best
+    assert len(length_groups(torch.full((9,), 7))) == 1
+    assert len(length_groups(torch.tensor([3, 5, 3, 9]), overhead=0)) == 3
+    with pytest.raises(ValueError, match="non-empty"):
+        length_groups(torch.zeros(0, dtype=torch.long))
+
+
+def test_grouped_sampling_keeps_every_row_in_place(checkpoint):
+    """Rows of very different lengths are sampled in separate groups; each row keeps its own
+    MR, known words, wrappers and padding."""
+    model = load_text_model(checkpoint, "cpu")
+    lengths = torch.tensor([2] * 12 + [30] * 3 + [2] * 8)
+    n = len(lengths)
+    known_ids = torch.full((n, 30), model.tokenizer.pad_id)
+    known_mask = torch.zeros(n, 30, dtype=torch.bool)
+    for row in range(n):  # each row's first word is its own, to see that rows stay in place
+        known_ids[row, 0] = 5 + row
+        known_mask[row, 0] = True
+    mr = torch.tensor([model.mr_vocab.encode({"food": "Italian"}, partial=True)] * n)
+    seen = []
+
+    def extra(rows, mask):
+        seen.append((rows.tolist(), tuple(mask.shape)))
+        return []
+
+    ids = sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=2, mr=mr,
+                     guidance_scale=2.0, known_ids=known_ids, known_mask=known_mask, extra_wrappers=extra)
+    assert ids.shape == (n, 30)
+    assert torch.equal(ids[:, 0], known_ids[:, 0])
+    real = torch.arange(30)[None] < lengths[:, None]
+    assert (ids[~real] == model.tokenizer.pad_id).all() and (ids[real] != model.tokenizer.pad_id).all()
+    short = [r for r in range(n) if lengths[r] == 2]
+    assert sorted(seen) == sorted([(short, (len(short), 2)), ([12, 13, 14], (3, 30))])
+    # One group reproduces the plain padded batch.
+    same = torch.full((4,), 6)
+    kwargs = dict(sampler="ddim", steps=2, known_ids=known_ids[:4, :6], known_mask=known_mask[:4, :6])
+    assert torch.equal(sample_ids(model, same, generator=torch.Generator().manual_seed(1), **kwargs),
+                       sample_ids(model, same, generator=torch.Generator().manual_seed(1), group_by_length=False,
+                                  **kwargs))
+
+
 def test_infill_one_template_per_sample_of_different_lengths(checkpoint):
     templates = ["[MASK] is a pub .", TEMPLATE, "The Eagle [MASK] [MASK] [MASK] [MASK] [MASK] ."]
     texts = TextModality().generate(checkpoint=checkpoint, num_samples=3, seed=0, steps=2, infill=templates)

@@ -25,7 +25,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,19 +328,86 @@ def denoiser_call(net: TextDenoiser, *, chain: bool = True, temperature: float =
     return functools.partial(net, temperature=temperature) if temperature != 1.0 else net
 
 
+# A network call costs about the same per (row x token) whatever the batch (measured on the
+# shipped model, 1 thread: 33-52 us from 4 to 100 rows), plus a fixed share per call worth
+# about this many row-tokens (Python, the sampler's own ops).
+GROUP_OVERHEAD_TOKENS = 64
+
+
+def length_groups(lengths: torch.Tensor, *, extra_tokens: int = 0,
+                  overhead: int = GROUP_OVERHEAD_TOKENS) -> list[torch.Tensor]:
+    """Row indices of ``lengths`` (N,) split into groups of similar length, to be sampled one
+    group at a time so that short texts are not padded to the longest.
+
+    A group of rows padded to its longest costs rows * (longest + ``extra_tokens``) plus
+    ``overhead`` (the same units, row-tokens); the split minimises the total over groups of
+    consecutive lengths (dynamic programming over the distinct lengths). ``extra_tokens`` are
+    positions every row carries besides its words (the MR tokens of a conditional model).
+    """
+    if lengths.ndim != 1 or lengths.numel() == 0:
+        raise ValueError(f"lengths must be a non-empty (N,) tensor, got shape {tuple(lengths.shape)}")
+    values, counts = torch.unique(lengths.cpu(), sorted=True, return_counts=True)
+    values, counts = values.tolist(), counts.tolist()
+    k = len(values)
+    # best[j]: least cost of the first j distinct lengths; cut[j]: where its last group starts.
+    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)
+    for j in range(1, k + 1):
+        rows = 0
+        for i in range(j, 0, -1):  # last group: distinct lengths i-1 .. j-1
+            rows += counts[i - 1]
+            cost = best[i - 1] + overhead + rows * (values[j - 1] + extra_tokens)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    bounds, j = [], k
+    while j > 0:
+        bounds.append((values[cut[j]], values[j - 1]))
+        j = cut[j]
+    lengths = lengths.cpu()
+    return [torch.nonzero((lengths >= low) & (lengths <= high)).flatten() for low, high in reversed(bounds)]
+
+
 def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Generator,
                sampler: str, steps: int, mr: torch.Tensor | None = None, guidance_scale: float = 1.0,
                known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-               clamp: bool | None = None, temperature: float | None = None, wrappers: Sequence = (),
-               progress: bool = False) -> torch.Tensor:
+               clamp: bool | None = None, temperature: float | None = None,
+               extra_wrappers: Callable[[torch.Tensor, torch.Tensor], Sequence] | None = None,
+               group_by_length: bool = True, progress: bool = False) -> torch.Tensor:
     """Token ids (N, L) from the core's sampler: L = the longest length, padding after each.
 
-    ``known_ids``/``known_mask`` (N, L) hold words fixed in place (infilling); ``wrappers``
-    are extra core wrappers (e.g. classifier control) laid outside the built-in ones. ``clamp``
-    and ``temperature`` (the word temperature of a softmax head, see
-    :meth:`TextDenoiser.forward`) None follow the checkpoint (:attr:`TextModel.default_clamp`,
+    ``known_ids``/``known_mask`` (N, L) hold words fixed in place (infilling). ``clamp`` and
+    ``temperature`` (the word temperature of a softmax head, see :meth:`TextDenoiser.forward`)
+    None follow the checkpoint (:attr:`TextModel.default_clamp`,
     :attr:`TextModel.default_temperature`).
+
+    With ``group_by_length`` rows are sampled in groups of similar length (:func:`length_groups`),
+    each padded only to its own longest: on E2E lengths about 1.7 times faster than one batch
+    padded to the longest, with the same model and sampler. The draws depend on the grouping,
+    so the same seed gives the same texts for the same ``lengths``.
+    ``extra_wrappers(rows, attention_mask)`` builds the extra core wrappers (e.g. classifier
+    control) for one group: its row indices into the N rows and its (rows, L_group) mask;
+    they are laid outside the built-in ones.
     """
+    n = lengths.shape[0]
+    extra = len(model.net.mr_sizes) if model.net.mr_sizes else 0
+    groups = length_groups(lengths, extra_tokens=extra) if group_by_length else [torch.arange(n)]
+    out = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
+    for rows in groups:
+        ids = _sample_group(model, rows, lengths[rows], generator=generator, sampler=sampler, steps=steps,
+                            mr=None if mr is None else mr[rows], guidance_scale=guidance_scale,
+                            known_ids=None if known_ids is None else known_ids[rows],
+                            known_mask=None if known_mask is None else known_mask[rows], clamp=clamp,
+                            temperature=temperature, extra_wrappers=extra_wrappers, progress=progress)
+        out[rows, : ids.shape[1]] = ids
+    return out
+
+
+def _sample_group(model: TextModel, rows: torch.Tensor, lengths: torch.Tensor, *, generator: torch.Generator,
+                  sampler: str, steps: int, mr: torch.Tensor | None, guidance_scale: float,
+                  known_ids: torch.Tensor | None, known_mask: torch.Tensor | None, clamp: bool | None,
+                  temperature: float | None, extra_wrappers: Callable[[torch.Tensor, torch.Tensor], Sequence] | None,
+                  progress: bool) -> torch.Tensor:
+    """:func:`sample_ids` for one group (``rows`` of the whole batch, their ``lengths``), padded
+    to its longest length."""
     net, dev = model.net, model.device
     temperature = model.default_temperature if temperature is None else float(temperature)
     n = lengths.shape[0]
@@ -355,10 +422,11 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
     if known_ids is not None:
         mask = known_mask[:, :length].to(dev)[:, None, :].expand(n, net.embed_dim, length)
         chain.append(KnownValues(mask, net.embed(known_ids[:, :length].to(dev))))
-    chain.extend(wrappers)
-    x = model.diffusion.sample(denoiser_call(net, temperature=temperature), (n, net.embed_dim, length), sampler=sampler, steps=steps,
-                               generator=generator, device=dev, guidance_scale=guidance_scale,
-                               wrappers=chain, progress=progress, **cond)
+    if extra_wrappers is not None:
+        chain.extend(extra_wrappers(rows, attention_mask))
+    x = model.diffusion.sample(denoiser_call(net, temperature=temperature), (n, net.embed_dim, length),
+                               sampler=sampler, steps=steps, generator=generator, device=dev,
+                               guidance_scale=guidance_scale, wrappers=chain, progress=progress, **cond)
     ids = net.nearest(x, model.allowed)
     if known_ids is not None:  # a template's words stay as written, [UNK] included
         ids = torch.where(known_mask[:, :length].to(dev), known_ids[:, :length].to(dev), ids)
@@ -468,13 +536,16 @@ def generate_text(
     else:
         lengths = _lengths(model, n, length, gen)
 
-    wrappers = []
+    extra_wrappers = None
     if clf is not None:
         scale = FALLBACK_CLASSIFIER_SCALE if classifier_scale is None else float(classifier_scale)
-        wrappers.append(classifier_control(clf, clf_codes, padding_mask(lengths, model.device), control_method, scale))
+
+        def extra_wrappers(rows: torch.Tensor, attention_mask: torch.Tensor) -> list:
+            return [classifier_control(clf, clf_codes[rows], attention_mask, control_method, scale)]
     ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps, mr=mr,
                      guidance_scale=guidance_scale, known_ids=known_ids, known_mask=known_mask,
-                     clamp=clamp, temperature=temperature, wrappers=wrappers, progress=progress)
+                     clamp=clamp, temperature=temperature, extra_wrappers=extra_wrappers,
+                     progress=progress)
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
 
 
