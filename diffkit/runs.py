@@ -77,8 +77,10 @@ def export_checkpoint(
 
     The model, diffusion, modality and training configs are copied from the run; ``command``
     (e.g. ``["recipes/audio_train.py", *argv]``), ``seed``, the hardware, device and wall time
-    are recorded in ``extra`` so anyone can rerun it. Side files of the run (a tokenizer,
-    normaliser statistics) are copied along, plus any in ``side_files``.
+    (of this command) are recorded in ``extra`` so anyone can rerun it, with ``train_seconds``,
+    the training time of every run that led to the weights (resumed runs included; None when
+    the run predates that record). Side files of the run (a tokenizer, normaliser statistics)
+    are copied along, plus any in ``side_files``.
     """
     ckpt = load_checkpoint(run_checkpoint, modality=modality)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
@@ -89,6 +91,7 @@ def export_checkpoint(
         "hardware": hardware_summary(),
         "device": str(device) if device is not None else None,
         "wall_time_s": round(float(wall_time_s), 1),
+        "train_seconds": _rounded(ckpt.extra.get("train_seconds")),
         "final_loss": final_loss,
         "weights": "EMA, float16" if ckpt.ema_state is not None else "float16",
         **dict(extra or {}),
@@ -99,6 +102,10 @@ def export_checkpoint(
     described = ("modality", "model", "diffusion", "modality_config", "train")
     return save_checkpoint(path, model=weights, step=ckpt.step, extra=record,
                            config={key: ckpt.config.get(key) for key in described}, side_files=carried or None)
+
+
+def _rounded(seconds: Any) -> Optional[float]:
+    return round(float(seconds), 1) if isinstance(seconds, (int, float)) else None
 
 
 def seeded_generator(seed: Optional[int]) -> torch.Generator:

@@ -285,6 +285,10 @@ class Trainer:
         self.step = 0
         self.last_saved_step: int | None = None
         self.history: list[dict[str, float]] = []
+        # Seconds spent in the training loop by every run that led to the current weights (a
+        # resumed run adds its own to what the checkpoint records); None when it resumed from a
+        # checkpoint that did not record it.
+        self.train_seconds: float | None = 0.0
         self.writer: Any = None  # the TensorBoard SummaryWriter while train() runs on the main process
         self._resumed = False
         # The loss_fn's value names of the first step; fixed so that every rank all-reduces
@@ -364,6 +368,8 @@ class Trainer:
                 "the model was trained for the old one"
             )
         self.step = self.last_saved_step = ckpt.step
+        recorded = ckpt.extra.get("train_seconds")
+        self.train_seconds = float(recorded) if isinstance(recorded, (int, float)) else None
         self._resumed = True
         if self.is_main:
             logger.info("resumed from %s at step %d", ckpt.path, ckpt.step)
@@ -388,7 +394,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 lr_scheduler=self.lr_scheduler,
                 step=self.step,
-                extra={"world_size": self.world_size},
+                extra={"world_size": self.world_size, "train_seconds": self.train_seconds},
                 side_files=self.side_files,
             )
         self.last_saved_step = self.step
@@ -405,6 +411,7 @@ class Trainer:
         window_start = time.perf_counter()
         first_step = True
         while self.step < cfg.max_steps:
+            step_start = time.perf_counter()
             step = self.step + 1
             # Reseeding per step (not once per run) is what makes a resumed run exact.
             seed_everything(_step_seed(cfg.seed, self.rank, step))
@@ -437,6 +444,8 @@ class Trainer:
                 self.ema_model.eval()
                 with torch.no_grad():
                     self.sample_fn(self, step)
+            if self.train_seconds is not None:
+                self.train_seconds += time.perf_counter() - step_start
 
     def _train_step(self, step: int, micro_batches: list[Any]) -> tuple[dict[str, float], float, float]:
         """One optimizer step over ``micro_batches``.

@@ -82,6 +82,31 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, batch_size, grad_acc
     assert second.lr_scheduler.state_dict() == straight.lr_scheduler.state_dict()
 
 
+def test_training_time_adds_up_over_resumed_runs_and_is_exported(tmp_path):
+    from diffkit.runs import export_checkpoint
+
+    first = make_trainer(make_config(tmp_path, "run", max_steps=3))
+    first.train()
+    recorded = diffkit.load_checkpoint(first.checkpoint_dir).extra["train_seconds"]
+    assert recorded == first.train_seconds > 0
+    second = make_trainer(make_config(tmp_path, "run", max_steps=5))
+    second.train()
+    total = diffkit.load_checkpoint(second.checkpoint_dir).extra["train_seconds"]
+    assert total == second.train_seconds > recorded
+    exported = export_checkpoint(second.checkpoint_dir, tmp_path / "export", modality="toy", command=["x"], seed=0,
+                                 wall_time_s=0.0)
+    assert diffkit.load_checkpoint(exported).extra["train_seconds"] == round(total, 1)
+    # A checkpoint from before this record: the total is unknown, not restarted from zero.
+    config_file = second.checkpoint_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["extra"]["train_seconds"]
+    config_file.write_text(json.dumps(config))
+    third = make_trainer(make_config(tmp_path, "run", max_steps=6))
+    third.train()
+    assert third.train_seconds is None
+    assert diffkit.load_checkpoint(third.checkpoint_dir).extra["train_seconds"] is None
+
+
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
     runs = [make_trainer(make_config(tmp_path, f"r{i}", max_steps=2, seed=seed)) for i, seed in enumerate([5, 5, 6])]
     for run in runs:
