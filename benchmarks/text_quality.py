@@ -225,15 +225,18 @@ def value_appears(tokenizer, text: str, slot: str, value: str) -> bool:
 
 # ---------------------------------------------------------------------------------- sampling
 def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None,
-                      temperature=None, group_by_length=True):
+                      temperature=None, group_by_length=True, guidance_scale=None):
     """n texts from the diffusion model (lengths drawn from the training lengths), in batches
     (``sample_ids`` groups each by length unless told not to); ``mr`` (n, S) codes guided with
-    the checkpoint's guidance scale; ``sampler``, ``clamp`` and ``temperature`` None are the
-    checkpoint's defaults; ``wrappers_fn(start, rows, mask)`` the extra wrappers of rows
+    ``guidance_scale`` (None: the checkpoint's); ``sampler``, ``clamp`` and ``temperature``
+    None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)`` the extra wrappers of rows
     ``start + rows``. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
     sampler = sampler or model.default("sampler", "ddim")
-    scale = float(model.default("guidance_scale", 2.0)) if mr is not None else 1.0
+    if mr is None:
+        scale = 1.0
+    else:
+        scale = float(model.default("guidance_scale", 2.0) if guidance_scale is None else guidance_scale)
     texts, seconds = [], 0.0
     for start in range(0, n, batch):
         k = min(batch, n - start)
@@ -288,6 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--detail-steps", type=int, default=50,
                    help="the step count at which whole-MR control, the uncontrolled chance rate and the "
                         "variant rows (other sampler, temperature 1, clamping flipped) are measured")
+    p.add_argument("--guidance-scales", type=float, nargs="*", default=[3.0, 5.0, 10.0],
+                   help="other classifier-free guidance scales given a single-slot control row at --detail-steps "
+                        "(the checkpoint's own scale is always measured)")
     p.add_argument("--compare-samplers", nargs="*", default=["ddim"],
                    help="other samplers given an unconditional row at --detail-steps (default: ddim)")
     p.add_argument("--nll-texts", type=int, default=64, help="held-out texts for the likelihood bound")
@@ -412,6 +418,13 @@ def main(argv=None) -> int:
                                      "seconds_per_sentence": secs / len(guided),
                                      "examples": [f"{t} => {s}" for t, s in list(zip(single, guided))[::9][:8]]}
         if vocab is not None and steps == args.detail_steps:
+            # Control against fluency: the same pairs and draws at other guidance scales.
+            row["control_scales"] = {}
+            for scale in args.guidance_scales:
+                if scale != float(model.default("guidance_scale", 2.0)):
+                    guided, _ = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2,
+                                                  mr=single_codes, guidance_scale=scale)
+                    row["control_scales"][scale] = {**control_rates(tok, guided, single), **quality(guided)}
             mrs, secs = diffusion_samples(model, len(whole), steps=steps, seed=args.seed + 3, mr=whole_codes)
             row["control_whole"] = {**control_rates(tok, mrs, whole), **quality(mrs),
                                     "examples": [f"{m} => {s}" for m, s in list(zip(whole, mrs))[:4]]}
@@ -501,17 +514,25 @@ def write(results: dict, out_dir: Path, name: str) -> None:
     if "control_single" in first:
         slots = [s for s in SLOTS if s in first["control_single"]]
         lines += ["", "Control success (the requested value appears in the text), one slot at a time over every "
-                  "(slot, value) pair of the held-out MRs; `none` is the same targets without control:", "",
-                  "| control | steps | " + " | ".join(slots) + " | all |", "|---|---|" + "---|" * (len(slots) + 1)]
-        for kind in ("control_none", "control_single", "control_classifier", "control_whole"):
+                  "(slot, value) pair of the held-out MRs; `none` is the same targets without control; `perplexity` is the "
+                  "judge's on the same samples:", "",
+                  "| control | steps | " + " | ".join(slots) + " | all | perplexity |",
+                  "|---|---|" + "---|" * (len(slots) + 2)]
+        scale = results["guidance_scale"]
+        for kind in ("control_none", "control_single", "control_scales", "control_classifier", "control_whole"):
             for steps, row in results["steps"].items():
-                if kind in row:
-                    r = row[kind]
-                    label = {"control_none": "none", "control_single": "classifier-free, one slot",
-                             "control_classifier": "noisy-embedding classifier, one slot",
-                             "control_whole": "classifier-free, whole MR"}[kind]
+                if kind not in row:
+                    continue
+                if kind == "control_scales":
+                    labelled = {f"classifier-free (scale {w:g}), one slot": r for w, r in row[kind].items()}
+                else:
+                    labelled = {{"control_none": "none", "control_single": f"classifier-free (scale {scale:g}), one slot",
+                                 "control_classifier": "noisy-embedding classifier, one slot",
+                                 "control_whole": f"classifier-free (scale {scale:g}), whole MR"}[kind]: row[kind]}
+                for label, r in labelled.items():
+                    ppl = f"{r['perplexity']:.1f}" if "perplexity" in r else ""
                     lines.append(f"| {label} | {steps} | " + " | ".join(
-                        f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}** |")
+                        f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}** | {ppl} |")
     nll = results.get("nll")
     if nll:
         lines += ["", f"Likelihood on {nll['texts']} held-out texts, bits per token. Diffusion: upper bounds over a "

@@ -64,18 +64,21 @@ CLASSIFIER_SETTINGS = {"cpu": dict(depth=2, max_steps=1500, lr=1e-3), "gpu": dic
 
 # Each preset is a complete, reproducible configuration; flags override single entries.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Sized for one CPU core and about an hour: 4 layers of width 128 with a softmax head and
+    # Sized for one CPU core and about two hours: 4 layers of width 128 with a softmax head and
     # self-conditioning (1.08M parameters) at batch 64 over sequences trimmed to each batch's
     # longest text, at most 48 tokens (all but 36 of the 8,408 E2E training descriptions fit;
-    # those are truncated), 4000 steps (30 epochs). The shipped model took WALLMIN min with one
-    # thread on the 2-core development machine.
+    # those are truncated), 8000 steps (61 epochs). The shipped model was trained to 4000 steps
+    # and then resumed to 8000 (112 min in all with one thread on the 2-core development
+    # machine; modalities/text/checkpoints/e2e/README.md). Sampling defaults measured on it
+    # (benchmarks/results/text_quality_e2e.md): ancestral sampling (ddpm) at word temperature
+    # 0.5 writes far more fluent text than the deterministic solvers at 50 steps.
     "cpu": dict(
         data="e2e", conditional=True, min_count=3, max_length=48,
         embed_dim=16, hidden=128, depth=4, heads=4, dropout=0.1, head="softmax", self_conditioning=True,
         schedule="sqrt", num_timesteps=2000,
-        max_steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
+        max_steps=8000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_temperature=1.0, sample_every=1000,
+        sampler="ddpm", sample_steps=50, guidance_scale=7.0, sample_temperature=0.5, sample_every=1000,
         save_every=500, export_weights="model",
     ),
     # Diffusion-LM's E2E configuration: a BERT-base-sized Transformer, sqrt schedule, T=2000.
@@ -85,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         schedule="sqrt", num_timesteps=2000,
         max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddim", sample_steps=50, guidance_scale=2.0, sample_temperature=1.0, sample_every=5000,
+        sampler="ddpm", sample_steps=50, guidance_scale=7.0, sample_temperature=0.5, sample_every=5000,
         save_every=5000, export_weights="ema",
     ),
 }
@@ -275,25 +278,28 @@ def shipped_state(s: dict[str, Any], run_checkpoint: Path, which: str, initial: 
 
 
 def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
-           initial: dict[str, torch.Tensor] | None = None) -> Path:
+           initial: dict[str, torch.Tensor] | None = None, defaults: dict[str, Any] | None = None) -> Path:
     """A compact shipping checkpoint (``diffkit.runs.export_checkpoint``): float16 weights (see
     ``--export-weights``), the tokenizer (a side file of the run) carried along, command, seed,
-    hardware and wall time."""
+    hardware, wall time and the run's training time. ``defaults`` (this command's sampling
+    defaults) replace the ones the run recorded: an export of a finished run can set them."""
     which = s.get("export_weights", "ema")
     record = dict(command=["recipes/text_train.py", *argv], seed=s["seed"], wall_time_s=wall_time,
                   device=trainer.device, final_loss=trainer.history[-1]["loss"] if trainer.history else None)
-    if which == "ema":
-        path = export_checkpoint(trainer.checkpoint_dir, path, modality="text", **record)
-    else:
-        ckpt, state = shipped_state(s, Path(trainer.checkpoint_dir), which, initial)
-        with tempfile.TemporaryDirectory() as tmp:
-            # A run checkpoint holding only the chosen weights, exported the usual way.
-            config = {key: ckpt.config.get(key) for key in ("modality", "model", "diffusion", "modality_config", "train")}
-            side = {name: Path(ckpt.path) / name for name in (ckpt.config.get("checksums") or {})
-                    if name.endswith(".json") and name != "config.json"}
-            staged = save_checkpoint(Path(tmp) / "run", model=state, config=config, step=ckpt.step, side_files=side)
-            path = export_checkpoint(staged, path, modality="text", **record,
-                                     extra={"weights": f"{which.replace('-', ' ')}, float16"})
+    ckpt, state = shipped_state(s, Path(trainer.checkpoint_dir), which, initial)
+    if ckpt.ema_state is None:
+        which = "model"  # the run kept no EMA: its trained weights are all there is
+    config = {key: ckpt.config.get(key) for key in ("modality", "model", "diffusion", "modality_config", "train")}
+    if defaults is not None:
+        config["modality_config"] = {**config["modality_config"], "defaults": dict(defaults)}
+    side = {name: Path(ckpt.path) / name for name in (ckpt.config.get("checksums") or {})
+            if name.endswith(".json") and name != "config.json"}
+    with tempfile.TemporaryDirectory() as tmp:
+        # A run checkpoint holding only the chosen weights, exported the usual way.
+        staged = save_checkpoint(Path(tmp) / "run", model=state, config=config, step=ckpt.step, side_files=side,
+                                 extra={"train_seconds": ckpt.extra.get("train_seconds")})
+        path = export_checkpoint(staged, path, modality="text", **record,
+                                 extra={"weights": f"{which.replace('-', ' ')}, float16"})
     for file in path.iterdir():
         file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable
     return path
@@ -368,7 +374,7 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     if main_process:
         print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
     if args.export and main_process:
-        path = export(s, trainer, Path(args.export), wall, argv, initial)
+        path = export(s, trainer, Path(args.export), wall, argv, initial, defaults=info["defaults"])
         print(f"exported {path}")
     return 0
 

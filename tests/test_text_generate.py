@@ -68,15 +68,16 @@ def test_clamping_default_follows_the_head(checkpoint):
 
 
 def test_word_temperature_default_and_override(checkpoint):
-    """The recipe records temperature 1 unless told; generate's temperature changes the draws
-    of the same seed, and a checkpoint that records one uses it."""
+    """The cpu preset records temperature 0.5; generate's temperature changes the draws of the
+    same seed, a checkpoint that records one uses it, and one that records none uses 1."""
     model = load_text_model(checkpoint, "cpu")
-    assert model.default_temperature == 1.0
+    assert model.default_temperature == 0.5
     mod = TextModality()
     plain = mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3)
-    assert plain == mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, temperature=1.0)
+    assert plain == mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, temperature=0.5)
     sharp = mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, temperature=0.05)
     assert sharp != plain
+    assert TextModel(model.path, model.net, model.diffusion, model.tokenizer, {}).default_temperature == 1.0
     recorded = TextModel(model.path, model.net, model.diffusion, model.tokenizer, {"defaults": {"temperature": 0.05}})
     lengths = torch.tensor([5, 3])
     ids = sample_ids(recorded, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)

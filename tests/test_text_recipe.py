@@ -33,6 +33,14 @@ def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
                             "--sample-temperature", "0.7"]) == 0
     ckpt = diffkit.load_checkpoint(export, modality="text")
     assert ckpt.config["modality_config"]["defaults"]["temperature"] == 0.7
+    # Exporting the finished run again (nothing left to train) records this command's defaults.
+    again = tmp_path / "again"
+    assert text_train.main(["--max-steps", "4", "--output-dir", str(out), "--export", str(again), *TINY,
+                            "--guidance-scale", "3", "--sample-temperature", "0.6"]) == 0
+    defaults = diffkit.load_checkpoint(again).config["modality_config"]["defaults"]
+    assert defaults["guidance_scale"] == 3.0 and defaults["temperature"] == 0.6
+    trained = diffkit.load_checkpoint(out / "checkpoint").extra["train_seconds"]
+    assert trained > 0 and diffkit.load_checkpoint(again).extra["train_seconds"] == round(trained, 1)
     assert ckpt.step == 4 and ckpt.optimizer_state is None
     assert "text_train.py" in ckpt.extra["recipe"] and ckpt.extra["wall_time_s"] > 0
     assert ckpt.extra["seed"] == 0 and ckpt.extra["hardware"]
