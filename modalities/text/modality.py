@@ -389,26 +389,22 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
     they are laid outside the built-in ones.
     """
     n = lengths.shape[0]
-    extra = len(model.net.mr_sizes) if model.net.mr_sizes else 0
-    groups = length_groups(lengths, extra_tokens=extra) if group_by_length else [torch.arange(n)]
-    out = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
-    for rows in groups:
-        ids = _sample_group(model, rows, lengths[rows], generator=generator, sampler=sampler, steps=steps,
-                            mr=None if mr is None else mr[rows], guidance_scale=guidance_scale,
-                            known_ids=None if known_ids is None else known_ids[rows],
-                            known_mask=None if known_mask is None else known_mask[rows], clamp=clamp,
-                            temperature=temperature, extra_wrappers=extra_wrappers, progress=progress)
-        out[rows, : ids.shape[1]] = ids
-    return out
+    groups = length_groups(lengths, extra_tokens=len(model.net.mr_sizes or ())) if group_by_length else []
+    if len(groups) > 1:
+        out = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
+        for rows in groups:
+            def pick(value, rows=rows):
+                return None if value is None else value[rows]
 
+            def group_wrappers(group_rows, mask, rows=rows):
+                return extra_wrappers(rows[group_rows], mask)
 
-def _sample_group(model: TextModel, rows: torch.Tensor, lengths: torch.Tensor, *, generator: torch.Generator,
-                  sampler: str, steps: int, mr: torch.Tensor | None, guidance_scale: float,
-                  known_ids: torch.Tensor | None, known_mask: torch.Tensor | None, clamp: bool | None,
-                  temperature: float | None, extra_wrappers: Callable[[torch.Tensor, torch.Tensor], Sequence] | None,
-                  progress: bool) -> torch.Tensor:
-    """:func:`sample_ids` for one group (``rows`` of the whole batch, their ``lengths``), padded
-    to its longest length."""
+            out[rows, : int(lengths[rows].max())] = sample_ids(
+                model, lengths[rows], generator=generator, sampler=sampler, steps=steps, mr=pick(mr),
+                guidance_scale=guidance_scale, known_ids=pick(known_ids), known_mask=pick(known_mask), clamp=clamp,
+                temperature=temperature, extra_wrappers=group_wrappers if extra_wrappers else None,
+                group_by_length=False, progress=progress)
+        return out
     net, dev = model.net, model.device
     temperature = model.default_temperature if temperature is None else float(temperature)
     n = lengths.shape[0]
@@ -424,7 +420,7 @@ def _sample_group(model: TextModel, rows: torch.Tensor, lengths: torch.Tensor, *
         mask = known_mask[:, :length].to(dev)[:, None, :].expand(n, net.embed_dim, length)
         chain.append(KnownValues(mask, net.embed(known_ids[:, :length].to(dev))))
     if extra_wrappers is not None:
-        chain.extend(extra_wrappers(rows, attention_mask))
+        chain.extend(extra_wrappers(torch.arange(n), attention_mask))
     x = model.diffusion.sample(denoiser_call(net, temperature=temperature), (n, net.embed_dim, length),
                                sampler=sampler, steps=steps, generator=generator, device=dev,
                                guidance_scale=guidance_scale, wrappers=chain, progress=progress, **cond)
