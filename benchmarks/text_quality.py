@@ -395,7 +395,8 @@ def main(argv=None) -> int:
         texts, secs = diffusion_samples(model, args.samples, steps=steps, seed=args.seed)
         row["unconditional"] = {**quality(texts), "seconds_per_sentence": secs / len(texts), "examples": texts[:8]}
         if steps == args.detail_steps:
-            # The same draws with one sampling default changed at a time: what each choice is worth.
+            # The same seed with one sampling default changed at a time: what each choice is worth
+            # (without length groups the noise is drawn in another shape, so those texts differ by their draws too).
             variants = {f"clamping trick {'off' if model.default_clamp else 'on'}": {"clamp": not model.default_clamp}}
             if model.default_temperature != 1.0:
                 variants["word temperature 1"] = {"temperature": 1.0}
