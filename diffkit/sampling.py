@@ -28,7 +28,7 @@ import torch
 
 from .process import posterior_coefficients, transition_variance
 from .schedules import NoiseSchedule
-from .utils import randn
+from .utils import append_dims, randn
 
 
 TIME_INPUTS = ("timestep", "noise_level", "log_snr")
@@ -510,7 +510,7 @@ class ModelStatistics:
             # The integral at every point (Gauss-Legendre on each interval of the interpolant), so a
             # step needs the tables only at its own quadrature nodes.
             nodes, weights = _gauss_legendre(self.lambdas[:-1], self.lambdas[1:])
-            pieces = (_expand(weights, self.linear) * _alpha(nodes, self.linear) * self.at(nodes)[0]).reshape(
+            pieces = (append_dims(weights, self.linear.ndim) * _alpha(nodes, self.linear) * self.at(nodes)[0]).reshape(
                 self.lambdas.numel() - 1, -1, *self.linear.shape[1:]).sum(dim=1)
             object.__setattr__(self, "_integral", torch.cat([torch.zeros_like(self.linear[:1]), pieces.cumsum(dim=0)]))
         low, high = float(self.lambdas[0]), float(self.lambdas[-1])
@@ -521,18 +521,14 @@ class ModelStatistics:
         # asinh(e^lambda) is an antiderivative of alpha = sigmoid(2 lambda)^(1/2).
         beyond = torch.asinh(torch.exp(lambdas.to(torch.float64))) - torch.asinh(torch.exp(inside))
         end = torch.where(lambdas > high, 1.0, 0.0)
-        held = _expand(end, self.linear) * self.linear[-1] + _expand(1 - end, self.linear) * self.linear[0]
-        return value + _expand(beyond, self.linear) * held
+        ndim = self.linear.ndim
+        held = append_dims(end, ndim) * self.linear[-1] + append_dims(1 - end, ndim) * self.linear[0]
+        return value + append_dims(beyond, ndim) * held
 
 
 def _alpha(lambdas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """alpha = sigmoid(2 lambda)^(1/2) (variance preserving), shaped to broadcast along ``like``'s first axis."""
-    return _expand(torch.sigmoid(2 * lambdas).sqrt(), like)
-
-
-def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(M,) values shaped to broadcast along the first axis of ``like``."""
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
+    return append_dims(torch.sigmoid(2 * lambdas).sqrt(), like.ndim)
 
 
 def _parabola_slopes(points: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -542,7 +538,8 @@ def _parabola_slopes(points: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         slope = (table[1] - table[0]) / float(points[1] - points[0])
         return torch.stack([slope, slope])
     gaps = points[1:] - points[:-1]
-    a, b = _expand(gaps[:-1], table), _expand(gaps[1:], table)  # left and right gaps of the interior points
+    # the left and right gaps of the interior points
+    a, b = append_dims(gaps[:-1], table.ndim), append_dims(gaps[1:], table.ndim)
     slopes = torch.empty_like(table)
     slopes[1:-1] = -b / (a * (a + b)) * table[:-2] + (b - a) / (a * b) * table[1:-1] + a / (b * (a + b)) * table[2:]
     a0, b0 = float(gaps[0]), float(gaps[1])
@@ -562,8 +559,8 @@ def _hermite(points: torch.Tensor, table: torch.Tensor, slopes: torch.Tensor, at
     width = points[upper] - points[lower]
     u = (at - points[lower]) / width
     h00, h10, h01, h11 = 2 * u**3 - 3 * u**2 + 1, u**3 - 2 * u**2 + u, -2 * u**3 + 3 * u**2, u**3 - u**2
-    return (_expand(h00, table) * table[lower] + _expand(h10 * width, table) * slopes[lower]
-            + _expand(h01, table) * table[upper] + _expand(h11 * width, table) * slopes[upper])
+    return (append_dims(h00, table.ndim) * table[lower] + append_dims(h10 * width, table.ndim) * slopes[lower]
+            + append_dims(h01, table.ndim) * table[upper] + append_dims(h11 * width, table.ndim) * slopes[upper])
 
 
 _GAUSS_4 = (torch.tensor([-0.8611363115940526, -0.3399810435848563, 0.3399810435848563, 0.8611363115940526],
@@ -620,8 +617,8 @@ def _statistics_step(stats: ModelStatistics, lam_s: float, lam_t: float, nodes, 
     log_sigma = 0.5 * torch.nn.functional.logsigmoid(-2 * torch.cat([ends, tau]))
     flow = torch.exp(log_sigma[1] - log_sigma[0] + integral_ends[1] - integral_ends[0])
     # Phi(t, tau) alpha_tau, times the quadrature weight
-    kernel = (torch.exp(_expand(log_sigma[1] - log_sigma[2:], like) + integral_ends[1] - integral)
-              * _alpha(tau, like) * _expand(quadrature, like))
+    kernel = (torch.exp(append_dims(log_sigma[1] - log_sigma[2:], like.ndim) + integral_ends[1] - integral)
+              * _alpha(tau, like) * append_dims(quadrature, like.ndim))
     drift = (kernel * offset).sum(dim=0)
     weights = torch.einsum("jm,m...->j...", _lagrange_basis(nodes, tau), kernel)
     result = (flow, drift, weights)
