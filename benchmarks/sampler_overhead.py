@@ -89,11 +89,7 @@ def main(argv=None) -> None:
         calls = diffkit.model_calls(sampler, args.steps)
         run = lambda: source.sample(free_model, shape, sampler=sampler, steps=args.steps, device=device,  # noqa: E731
                                     generator=torch.Generator().manual_seed(0))
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        first = (time.perf_counter() - start) / calls
+        first = timed(run, 1, sync) / calls
         overhead = timed(run, args.repeats, sync) / calls
         print(f"| {label} | {calls} | {overhead * 1e3:.3f} | {overhead / forward:.1%} | {first / forward:.1%} |")
 
