@@ -72,6 +72,7 @@ def export_checkpoint(
     final_loss: Optional[float] = None,
     side_files: Optional[Mapping[str, Any]] = None,
     extra: Optional[Mapping[str, Any]] = None,
+    defaults: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """A compact shipping copy of a run's checkpoint: EMA weights in float16, no optimizer state.
 
@@ -80,7 +81,9 @@ def export_checkpoint(
     (of this command) are recorded in ``extra`` so anyone can rerun it, with ``train_seconds``,
     the training time of every run that led to the weights (resumed runs included; None when
     the run predates that record). Side files of the run (a tokenizer, normaliser statistics)
-    are copied along, plus any in ``side_files``.
+    are copied along, plus any in ``side_files``. ``defaults`` (the exporting command's sampling
+    defaults) replace ``modality_config["defaults"]`` of the run: exporting a finished run with
+    new sampling flags trains nothing, so the run's own config still holds its old ones.
     """
     ckpt = load_checkpoint(run_checkpoint, modality=modality)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
@@ -100,8 +103,11 @@ def export_checkpoint(
     carried = {name: Path(ckpt.path) / name for name in (ckpt.config.get("checksums") or {}) if name not in own_files}
     carried.update(side_files or {})
     described = ("modality", "model", "diffusion", "modality_config", "train")
-    return save_checkpoint(path, model=weights, step=ckpt.step, extra=record,
-                           config={key: ckpt.config.get(key) for key in described}, side_files=carried or None)
+    config = {key: ckpt.config.get(key) for key in described}
+    if defaults is not None:
+        config["modality_config"] = {**(config["modality_config"] or {}), "defaults": dict(defaults)}
+    return save_checkpoint(path, model=weights, step=ckpt.step, extra=record, config=config,
+                           side_files=carried or None)
 
 
 def _rounded(seconds: Any) -> Optional[float]:

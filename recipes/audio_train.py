@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export and main_process:
         path = export_checkpoint(trainer.checkpoint_dir, args.export, modality="audio",
                                  command=[f"recipes/{PROG}", *argv], seed=s["seed"], wall_time_s=wall,
-                                 device=trainer.device,
+                                 device=trainer.device, defaults=modality_config["defaults"],
                                  final_loss=trainer.history[-1]["loss"] if trainer.history else None,
                                  extra={"preset": args.preset})
         for file in Path(path).iterdir():

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export and main_process:
         path = export_checkpoint(trainer.checkpoint_dir, args.export, modality="image",
                                  command=["recipes/image_train.py", *argv], seed=s["seed"], wall_time_s=wall,
-                                 device=trainer.device,
+                                 device=trainer.device, defaults=built.modality_config["defaults"],
                                  final_loss=trainer.history[-1]["loss"] if trainer.history else None)
         print(f"exported {path}")
     return 0

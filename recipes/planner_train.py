@@ -367,7 +367,7 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
         # The run's checkpoint carries the value / inverse-dynamics side files; the export copies them.
         path = export_checkpoint(trainer.checkpoint_dir, args.export, modality="planning",
                                  command=["recipes/planner_train.py", *argv], seed=s["seed"], wall_time_s=wall,
-                                 device=trainer.device,
+                                 device=trainer.device, defaults=defaults,
                                  final_loss=trainer.history[-1]["loss"] if trainer.history else None)
         card = model_card(s, argv, traj=traj, windows=windows, n_params=n_params,
                           trainer=trainer, steps_run=trainer.step - first_step, train_wall=train_wall, wall=wall,

@@ -291,15 +291,13 @@ def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
     if ckpt.ema_state is None:
         which = "model"  # the run kept no EMA: its trained weights are all there is
     config = {key: ckpt.config.get(key) for key in ("modality", "model", "diffusion", "modality_config", "train")}
-    if defaults is not None:
-        config["modality_config"] = {**config["modality_config"], "defaults": dict(defaults)}
     side = {name: Path(ckpt.path) / name for name in (ckpt.config.get("checksums") or {})
             if name.endswith(".json") and name != "config.json"}
     with tempfile.TemporaryDirectory() as tmp:
         # A run checkpoint holding only the chosen weights, exported the usual way.
         staged = save_checkpoint(Path(tmp) / "run", model=state, config=config, step=ckpt.step, side_files=side,
                                  extra={"train_seconds": ckpt.extra.get("train_seconds")})
-        path = export_checkpoint(staged, path, modality="text", **record,
+        path = export_checkpoint(staged, path, modality="text", **record, defaults=defaults,
                                  extra={"weights": f"{which.replace('-', ' ')}, float16"})
     for file in path.iterdir():
         file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable

@@ -47,6 +47,12 @@ def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
         assert ckpt.config[key] == run.config[key]
     assert "image" not in ckpt.config["model"]
     assert ckpt.modality_config["class_names"] == [str(i) for i in range(10)]
+    # Exporting the finished run again trains nothing but records this command's sampling defaults.
+    again = tmp_path / "again"
+    assert image_train.main(["--max-steps", "4", "--output-dir", str(out), "--export", str(again), *TINY,
+                             "--sample-steps", "7"]) == 0
+    assert load_checkpoint(again).modality_config["defaults"]["steps"] == 7
+    assert load_checkpoint(out / "checkpoint").step == 4
 
     imgs = diffkit.generate(modality="image", checkpoint=export, num_samples=3, labels=[0, 1, 2],
                             steps=2, seed=0, device="cpu")

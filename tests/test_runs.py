@@ -40,6 +40,20 @@ def test_export_keeps_configs_and_side_files_and_halves_the_ema_weights(tmp_path
         export_checkpoint(trainer.checkpoint_dir, tmp_path / "x", modality="image", command=[], seed=0, wall_time_s=0)
 
 
+def test_export_records_the_exporting_commands_sampling_defaults(tmp_path):
+    trainer = Trainer(TinyDenoiser(), Diffusion("linear", 50), vectors(), TrainConfig(
+        max_steps=2, batch_size=4, output_dir=str(tmp_path / "run"), tensorboard=False, progress=False),
+        modality="toy", modality_config={"sample_rate": 8000, "defaults": {"sampler": "ddim", "steps": 50}})
+    trainer.train()
+    kept = export_checkpoint(trainer.checkpoint_dir, tmp_path / "kept", modality="toy", command=[], seed=0,
+                             wall_time_s=0)
+    assert load_checkpoint(kept).modality_config["defaults"] == {"sampler": "ddim", "steps": 50}
+    new = export_checkpoint(trainer.checkpoint_dir, tmp_path / "new", modality="toy", command=[], seed=0,
+                            wall_time_s=0, defaults={"sampler": "unipc", "steps": 10})
+    assert load_checkpoint(new).modality_config == {"sample_rate": 8000, "defaults": {"sampler": "unipc", "steps": 10}}
+    assert load_checkpoint(trainer.checkpoint_dir).modality_config["defaults"]["steps"] == 50  # the run is untouched
+
+
 def test_steps_default_only_for_none():
     assert resolve_steps(None, 20) == 20 and resolve_steps(5, 20) == 5
     for bad in (0, -5, 2.5, True, "10"):
