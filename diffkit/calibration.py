@@ -549,7 +549,7 @@ def calibrate(
             current["statistics"] = {"lambdas": stats.lambdas.tolist(), "linear": stats.linear.tolist(),
                                      "offset": stats.offset.tolist()}
             # The grids below are fitted to the sampler as it will run: with these statistics.
-            diffusion.calibration = diffusion._check_calibration(current)
+            diffusion.calibration = current
         if grid_batch is not None:
             if not isinstance(grid_batch, int) or not 2 <= grid_batch <= noise.shape[0]:
                 raise ValueError(f"grid_batch must be an integer from 2 to the batch size {noise.shape[0]}, got {grid_batch!r}")
@@ -598,5 +598,5 @@ def calibrate(
                                               generator=generator, progress=progress,
                                               **(cond if eps_norm_cond is None else eps_norm_cond))
         current.update({name: values.tolist() for name, values in reverse.items()})
-    diffusion.calibration = diffusion._check_calibration(current)
+    diffusion.calibration = current
     return diffusion.calibration

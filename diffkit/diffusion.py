@@ -8,6 +8,7 @@ Networks follow one convention, ``model(x_t, t, **cond)`` with float times t of 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -184,7 +185,20 @@ class Diffusion:
         # The loss's bound term at t = 0 needs the full chain's decoder variance; it never changes.
         self._decoder_variance = SamplingGrid.from_times(
             self.schedule, torch.arange(self.num_timesteps - 1, -1, -1)).decoder_variance()
-        self.calibration = self._check_calibration(calibration)
+        self.calibration = calibration
+
+    @property
+    def calibration(self) -> dict:
+        """What :mod:`diffkit.calibration` measured (see the class docstring); ``{}`` when nothing.
+
+        Assigning a dict validates it and stores a JSON-able copy, so a bad table fails where it
+        is set, not at sampling time; replace the whole dict rather than editing it in place.
+        """
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, calibration: Optional[dict]) -> None:
+        self._calibration = self._check_calibration(calibration)
 
     def _check_calibration(self, calibration: Optional[dict]) -> dict:
         """A validated, JSON-able copy of a calibration dict (see the class docstring)."""
@@ -309,7 +323,7 @@ class Diffusion:
             "time_input": self.time_input,
             "time_sampling": self.time_sampling,
             # Only when present: an uncalibrated config stays what it always was.
-            **({"calibration": self._check_calibration(self.calibration)} if self.calibration else {}),
+            **({"calibration": copy.deepcopy(self.calibration)} if self.calibration else {}),
         }
 
     @classmethod

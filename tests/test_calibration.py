@@ -147,6 +147,8 @@ def test_calibration_survives_a_config_round_trip(calibrated):
     assert again.model_statistics().linear.shape == (200, 16)
     assert len(diff.calibration["eps_norm_sq"]) == 1000
     assert "calibration" not in Diffusion("linear", 1000).config  # uncalibrated configs are unchanged
+    config["calibration"]["grids"].clear()
+    assert diff.config["calibration"]["grids"] and again.calibration["grids"]  # configs are copies
 
 
 def test_sample_uses_the_stored_grid_and_options():
@@ -228,6 +230,9 @@ def test_bad_calibration_inputs_raise():
         Diffusion("linear", 100, calibration={"grids": {"unipc/3": [50, 99, 0]}})
     with pytest.raises(ValueError, match="unknown calibration"):
         Diffusion("linear", 100, calibration={"grid": {}})
+    with pytest.raises(ValueError, match="unknown calibration"):
+        diff.calibration = {"grid": {}}  # assignment is checked like the constructor argument
+    assert diff.calibration == {}  # and a refused table leaves the old one in place
     with pytest.raises(ValueError, match=r"optimal \(analytic\) variances need"):
         diff.nll(model, data.sample(4), analytic=True)
     with pytest.raises(ValueError, match=r"optimal \(analytic\) variances need"):
