@@ -23,6 +23,8 @@ descriptions) that neither the diffusion model nor the judge saw:
   negation rule, see ``value_appears``), per slot and overall (Diffusion-LM reports 81% on
   this kind of task, FUDGE 69.9%); the same pairs without control show the chance rate.
   (b) whole MRs: one sample per held-out MR with all its slots, per-slot success.
+  (c) the same measure on held-out human text against its own MR: how often people state a
+  value in the MR's own words (priceRange "less than £20" is often "cheap"), the ceiling.
   With ``--classifier`` (a noisy-embedding classifier) (a) is repeated with classifier guidance.
 - **likelihood**: the diffusion bound in bits per token on held-out text (the core's bound on
   the embeddings + the rounding term, ``TextModality.nll_per_token``), unconditional and given
@@ -386,6 +388,10 @@ def main(argv=None) -> int:
     single_codes = torch.tensor([vocab.encode(t, partial=True) for t in single]) if vocab else None
     whole_codes = torch.tensor([vocab.encode(m) for m in whole]) if vocab else None
     log(f"control: {len(pairs)} held-out (slot, value) pairs x {args.pair_samples}, {len(whole)} whole MRs")
+    if vocab is not None:
+        # The measure's ceiling: how often human writers state each value in these words.
+        results["control_human"] = control_rates(tok, held.texts, held.mrs)
+        log(f"control, held-out human text against its own MR: {results['control_human']}")
 
     clf = load_classifier(args.classifier, model) if args.classifier else None
 
@@ -534,6 +540,10 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                     ppl = f"{r['perplexity']:.1f}" if "perplexity" in r else ""
                     lines.append(f"| {label} | {steps} | " + " | ".join(
                         f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}** | {ppl} |")
+        if "control_human" in results:
+            r = results["control_human"]
+            lines.append("| held-out human text, its own whole MR (the measure's ceiling) | | " + " | ".join(
+                f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}** | |")
     nll = results.get("nll")
     if nll:
         lines += ["", f"Likelihood on {nll['texts']} held-out texts, bits per token. Diffusion: upper bounds over a "

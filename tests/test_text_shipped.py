@@ -72,3 +72,29 @@ def test_shipped_classifier_steers_the_shipped_model():
     texts = TextModality().generate(num_samples=4, seed=0, steps=10, control={"eatType": "pub"}, classifier=path)
     assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
     assert (path / "README.md").is_file()
+
+
+def _text_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "text_quality.py"
+    spec = importlib.util.spec_from_file_location("text_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_control_measure_needs_the_values_words_in_order(model):
+    bench, tok = _text_benchmark(), model.tokenizer
+    text = "The Eagle is a cheap pub near Café Sicilia , less than £20 . It is not family - friendly ."
+    assert bench.value_appears(tok, text, "near", "Café Sicilia")
+    assert not bench.value_appears(tok, "The Eagle is near Sicilia Café .", "near", "Café Sicilia")
+    assert bench.value_appears(tok, text, "priceRange", "less than £20")
+    assert not bench.value_appears(tok, "It costs than less £20 .", "priceRange", "less than £20")
+    assert bench.value_appears(tok, text, "familyFriendly", "no")
+    assert not bench.value_appears(tok, text, "familyFriendly", "yes")
+    assert bench.value_appears(tok, "Kids are welcome .", "familyFriendly", "yes")
+    rates = bench.control_rates(tok, [text, "The Eagle is a pub ."], [{"near": "Café Sicilia"}, {"near": "Café Sicilia",
+                                                                                            "eatType": "pub"}])
+    assert rates == {"eatType": 1.0, "near": 0.5, "all": 2 / 3}
