@@ -227,11 +227,11 @@ def value_appears(tokenizer, text: str, slot: str, value: str) -> bool:
 
 # ---------------------------------------------------------------------------------- sampling
 def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None,
-                      temperature=None, group_by_length=True, guidance_scale=None):
+                      temperature=None, group_by_length=True, guidance_scale=None, guidance_interval=None):
     """n texts from the diffusion model (lengths drawn from the training lengths), in batches
     (``sample_ids`` groups each by length unless told not to); ``mr`` (n, S) codes guided with
-    ``guidance_scale`` (None: the checkpoint's); ``sampler``, ``clamp`` and ``temperature``
-    None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)`` the extra wrappers of rows
+    ``guidance_scale`` and ``guidance_interval`` (None: the checkpoint's); ``sampler``, ``clamp``
+    and ``temperature`` None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)`` the extra wrappers of rows
     ``start + rows``. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
     sampler = sampler or model.default("sampler", "ddim")
@@ -248,6 +248,7 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
         with torch.no_grad():  # classifier guidance turns gradients on where it needs them
             ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps,
                              mr=None if mr is None else mr[start: start + k], guidance_scale=scale,
+                             guidance_interval=guidance_interval,
                              extra_wrappers=extra, clamp=clamp, temperature=temperature,
                              group_by_length=group_by_length)
         seconds += time.perf_counter() - t0
@@ -362,6 +363,7 @@ def main(argv=None) -> int:
                      "clamp": model.default_clamp, "temperature": model.default_temperature,
                      "sampler": model.default("sampler", "ddim"),
                      "guidance_scale": float(model.default("guidance_scale", 2.0)),
+                     "guidance_interval": model.default("guidance_interval", None),
                      "command": "python " + " ".join(["benchmarks/text_quality.py", *(argv or sys.argv[1:])]),
                      "diffusion_parameters": n_params, "ar_parameters": ar_params, "ar_train_s": ar_train_s,
                      "ar_steps": args.ar_steps, "human": human, "ar_on_training_texts": train_fit,
@@ -432,6 +434,12 @@ def main(argv=None) -> int:
                     guided, _ = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2,
                                                   mr=single_codes, guidance_scale=scale)
                     row["control_scales"][scale] = {**control_rates(tok, guided, single), **quality(guided)}
+            if model.default("guidance_interval", None) is not None:
+                # What the checkpoint's guidance interval saves: the same draws guided at every step.
+                guided, secs = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2,
+                                                 mr=single_codes, guidance_interval=(0.0, None))
+                row["control_every_step"] = {**control_rates(tok, guided, single), **quality(guided),
+                                             "seconds_per_sentence": secs / len(guided)}
             mrs, secs = diffusion_samples(model, len(whole), steps=steps, seed=args.seed + 3, mr=whole_codes)
             row["control_whole"] = {**control_rates(tok, mrs, whole), **quality(mrs),
                                     "examples": [f"{m} => {s}" for m, s in list(zip(whole, mrs))[:4]]}
@@ -480,6 +488,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def guidance_interval_words(interval) -> str:
+    if interval is None:
+        return ""
+    low, high = interval
+    return f", guided where sigma/alpha >= {low:g}" if high is None else f", guided where {low:g} <= sigma/alpha <= {high:g}"
+
+
 def write(results: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"text_quality_{name}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n",
@@ -493,7 +508,8 @@ def write(results: dict, out_dir: Path, name: str) -> None:
              f"diffusion network {results['diffusion_parameters'] / 1e6:.2f}M parameters. "
              f"{results['samples']} unconditional samples per row. The checkpoint's sampling defaults unless a row "
              f"says: sampler {results['sampler']}, word temperature {results['temperature']:g}, clamping trick "
-             f"{'on' if results['clamp'] else 'off'}, guidance scale {results['guidance_scale']:g} for control.", "",
+             f"{'on' if results['clamp'] else 'off'}, guidance scale {results['guidance_scale']:g} for control"
+             f"{guidance_interval_words(results.get('guidance_interval'))}.", "",
              "| samples | steps | perplexity | x human | distinct-1 | distinct-2 | copies | s / sentence |",
              "|---|---|---|---|---|---|---|---|",
              f"| held-out human text (floor) | | {h:.2f} | 1.00 | | | | |"]
@@ -526,12 +542,19 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                   "| control | steps | " + " | ".join(slots) + " | all | perplexity |",
                   "|---|---|" + "---|" * (len(slots) + 2)]
         scale = results["guidance_scale"]
-        for kind in ("control_none", "control_single", "control_scales", "control_classifier", "control_whole"):
+        interval = guidance_interval_words(results.get("guidance_interval")).removeprefix(", ")
+        for kind in ("control_none", "control_single", "control_every_step", "control_scales", "control_classifier",
+                     "control_whole"):
             for steps, row in results["steps"].items():
                 if kind not in row:
                     continue
                 if kind == "control_scales":
                     labelled = {f"classifier-free (scale {w:g}), one slot": r for w, r in row[kind].items()}
+                elif kind == "control_every_step":
+                    own = row["control_single"]["seconds_per_sentence"] * 1000
+                    labelled = {f"classifier-free (scale {scale:g}), one slot, guided at every step "
+                                f"({row[kind]['seconds_per_sentence'] * 1000:.0f} ms a sentence against "
+                                f"{own:.0f} ms with the interval {interval})": row[kind]}
                 else:
                     labelled = {{"control_none": "none", "control_single": f"classifier-free (scale {scale:g}), one slot",
                                  "control_classifier": "noisy-embedding classifier, one slot",

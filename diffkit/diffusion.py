@@ -671,8 +671,9 @@ class Diffusion:
         return self.sampling_grid(steps, sampler=sampler, max_time=max_time)
 
     def denoiser(self, model: Callable[..., torch.Tensor], grid: SamplingGrid, *, cond: Optional[dict] = None,
-                 guidance_scale: float = 1.0, noise: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None, wrappers: Sequence[Wrapper] = ()):
+                 guidance_scale: float = 1.0, guidance_interval: Optional[tuple] = None,
+                 noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                 wrappers: Sequence[Wrapper] = ()):
         """``model`` as a denoiser on ``grid`` (what a sampler calls), with guidance and ``wrappers`` layered on.
 
         For running a sampler function of :data:`diffkit.SAMPLERS` by hand; :meth:`sample`
@@ -681,7 +682,8 @@ class Diffusion:
         context = SamplingContext(grid=grid, model_times=grid.model_times(self.time_input), noise=noise,
                                   generator=generator)
         denoise = model_denoiser(model, context, prediction=self.prediction, learn_variance=self.learn_variance,
-                                 cond=dict(cond or {}), guidance_scale=guidance_scale)
+                                 cond=dict(cond or {}), guidance_scale=guidance_scale,
+                                 guidance_interval=guidance_interval)
         return apply_wrappers(denoise, wrappers, context)
 
     @torch.no_grad()
@@ -698,6 +700,7 @@ class Diffusion:
         device: Optional[torch.device | str] = None,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        guidance_interval: Optional[tuple] = None,
         wrappers: Sequence[Wrapper] = (),
         init: Optional[torch.Tensor] = None,
         strength: Optional[float] = None,
@@ -719,6 +722,9 @@ class Diffusion:
                 ``generator``, which also feeds stochastic samplers.
             guidance_scale: classifier-free guidance weight w (1 = off); the model must accept
                 ``drop_cond``.
+            guidance_interval: (low, high) on sigma_t / alpha_t: guide only there (None: an
+                open end), the conditional prediction alone elsewhere, at half the network
+                calls (Kynkaenniemi et al. 2024). None: guide at every point.
             wrappers: conditioning layered on the denoiser, innermost first (see
                 :mod:`diffkit.guidance`: ClipX0, X0Transform, KnownValues, GradientGuidance,
                 GradientSteps, StateHook).
@@ -768,8 +774,9 @@ class Diffusion:
         if start == "prior" and init is None:
             # Innermost, next to the network: wrappers that pin entries (KnownValues) rewrite them afterwards.
             wrappers = [PriorMeanStart(), *wrappers]
-        denoise = self.denoiser(model, grid, cond=cond, guidance_scale=guidance_scale, noise=noise,
-                                generator=generator, wrappers=wrappers)
+        denoise = self.denoiser(model, grid, cond=cond, guidance_scale=guidance_scale,
+                                guidance_interval=guidance_interval, noise=noise, generator=generator,
+                                wrappers=wrappers)
         options = dict(sampler_options or {})
         if explicit_grid is None and strength is None:
             # A calibrated grid comes with the sampler options it was fitted with; the caller's win.

@@ -25,6 +25,7 @@ embeddings)) for the denoiser given by ``--denoiser``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ import torch
 
 import diffkit
 from diffkit.checkpoint import load_checkpoint, save_checkpoint
+from diffkit.guidance import check_guidance_interval
 from diffkit.runs import (
     add_sampling_default_arguments,
     add_training_arguments,
@@ -79,7 +81,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         schedule="sqrt", num_timesteps=2000,
         max_steps=12000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddpm", sample_steps=50, guidance_scale=5.0, sample_temperature=0.5, sample_every=1000,
+        sampler="ddpm", sample_steps=50, guidance_scale=5.0, guidance_interval=(1.5, None), sample_temperature=0.5,
+        sample_every=1000,
         save_every=500, export_weights="model",
     ),
     # Diffusion-LM's E2E configuration: a BERT-base-sized Transformer, sqrt schedule, T=2000.
@@ -89,7 +92,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         schedule="sqrt", num_timesteps=2000,
         max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddpm", sample_steps=50, guidance_scale=5.0, sample_temperature=0.5, sample_every=5000,
+        sampler="ddpm", sample_steps=50, guidance_scale=5.0, guidance_interval=(1.5, None), sample_temperature=0.5,
+        sample_every=5000,
         save_every=5000, export_weights="ema",
     ),
 }
@@ -142,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each batch trained with the network's own first estimate (self-conditioning)")
     add_training_arguments(p, run_dir="runs/text-<preset>", data_workers=False)
     g = add_sampling_default_arguments(p, guidance="default guidance for --control")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="default interval of the noise-to-signal ratio sigma/alpha where --control is guided "
+                        "(HIGH may be inf; elsewhere one network call instead of two)")
     g.add_argument("--sample-temperature", type=float,
                    help="default word temperature recorded with the model (softmax head; below 1 sampling leans "
                         "towards the likelier words)")
@@ -178,6 +185,10 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if s["sample_temperature"] != 1.0 and s["head"] != "softmax":
         raise ValueError("--sample-temperature sharpens a softmax head's word distribution; use --head softmax "
                          "or leave it at 1")
+    try:
+        s["guidance_interval"] = check_guidance_interval(s.get("guidance_interval"))
+    except ValueError as error:
+        raise ValueError(f"--guidance-interval: {error}") from None
     if s["sampler"] not in diffkit.SAMPLERS:
         raise ValueError(f"unknown --sampler {s['sampler']!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
     s.setdefault("output_dir", f"runs/text-{args.preset}" + ("-classifier" if args.task == "classifier" else ""))
@@ -217,6 +228,11 @@ def diffusion_arguments(s: dict[str, Any]) -> dict[str, Any]:
     return {"schedule": s["schedule"], "num_timesteps": s["num_timesteps"], "prediction": "x0"}
 
 
+def json_interval(interval: tuple[float, float] | None) -> list[float | None] | None:
+    """A checked guidance interval as JSON, which has no infinity: an open high end is null."""
+    return None if interval is None else [interval[0], None if math.isinf(interval[1]) else interval[1]]
+
+
 def modality_info(s, dataset, mr_vocab, objective) -> dict[str, Any]:
     return {
         "tokenizer": TOKENIZER_FILE,
@@ -226,7 +242,7 @@ def modality_info(s, dataset, mr_vocab, objective) -> dict[str, Any]:
         "mr_values": mr_vocab.to_config() if mr_vocab else None,
         "objective": objective.config,
         "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"],
-                     "temperature": s["sample_temperature"]},
+                     "guidance_interval": json_interval(s["guidance_interval"]), "temperature": s["sample_temperature"]},
     }
 
 

@@ -110,6 +110,33 @@ def test_classifier_free_guidance_scales_the_class_mean():
             assert set(model.calls) == {(4000, 2000)}
 
 
+def test_a_guidance_interval_guides_only_where_sigma_over_alpha_lies_in_it():
+    diff = Diffusion("linear", 1000)
+    model = TwoClassGaussian(diff)
+    noise = standardized_noise(200, 3)
+
+    def run(scale, interval):
+        model.calls.clear()
+        return diff.sample(model, noise.shape, sampler="ddim", steps=20, noise=noise, dtype=torch.float64,
+                           guidance_scale=scale, guidance_interval=interval, label=torch.ones(200))
+
+    everywhere = run(3.0, None)
+    assert torch.equal(run(3.0, (0.0, None)), everywhere)
+    nowhere = run(3.0, (1e4, None))  # sigma/alpha stays below 160 on this schedule
+    assert set(model.calls) == {None} and torch.equal(nowhere, run(1.0, None))
+    grid = diff.sampling_grid(20, sampler="ddim")
+    ratios = (grid.sigmas / grid.alphas)[:-1]
+    part = run(3.0, (0.5, 20.0))
+    inside = int(((ratios >= 0.5) & (ratios <= 20.0)).sum())
+    assert 0 < inside < 20
+    assert model.calls.count((400, 200)) == inside and model.calls.count(None) == 20 - inside
+    # Guided for part of the way, the class mean lands between the unguided and the guided one.
+    assert nowhere.mean() + 0.1 < part.mean() < everywhere.mean() - 0.1
+    for bad in ((2.0, 1.0), (-1.0, 2.0), (1.0,), "high", (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            run(3.0, bad)
+
+
 def test_classifier_free_guidance_falls_back_to_two_calls_for_non_tensor_conditions():
     diff = Diffusion("linear", 1000)
     model = TwoClassGaussian(diff)

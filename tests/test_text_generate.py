@@ -89,6 +89,44 @@ def test_word_temperature_default_and_override(checkpoint):
             mod.generate(checkpoint=checkpoint, num_samples=1, temperature=bad)
 
 
+def test_guidance_interval_default_and_override(checkpoint):
+    """The cpu preset records guidance only where sigma/alpha >= 1.5; outside it one plain
+    conditional call replaces the doubled batch, and generate can widen or move it."""
+    model = load_text_model(checkpoint, "cpu")
+    assert model.default("guidance_interval", None) == [1.5, None]
+    batches = []
+    hook = model.net.register_forward_pre_hook(lambda net, args: batches.append(args[0].shape[0]))
+    lengths = torch.tensor([5, 5, 5])
+    mr = torch.tensor([model.mr_vocab.encode({"food": "Italian"}, partial=True)] * 3)
+    grid = model.diffusion.sampling_grid(10, sampler="ddim")
+    noisy = int(((grid.sigmas / grid.alphas)[:-1] >= 1.5).sum())
+    assert 0 < noisy < 10
+
+    def draw(interval):
+        batches.clear()
+        return sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=10,
+                          mr=mr, guidance_scale=3.0, guidance_interval=interval)
+
+    try:
+        default = draw(None)
+        assert batches.count(6) == noisy and batches.count(3) == 10 - noisy
+        assert torch.equal(draw((1.5, None)), default)
+        draw((0, None))
+        assert batches == [6] * 10
+        draw((1e9, None))
+        assert batches == [3] * 10
+    finally:
+        hook.remove()
+    mod = TextModality()
+    with pytest.raises(ValueError, match="guidance_interval needs 0 <= low < high"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, control={"food": "Italian"}, guidance_interval=(2, 1))
+    with pytest.raises(ValueError, match="pass control="):
+        mod.generate(checkpoint=checkpoint, num_samples=1, guidance_interval=(0, None))
+    texts = mod.generate(checkpoint=checkpoint, num_samples=2, seed=0, steps=3, control={"food": "Italian"},
+                         guidance_interval=(0.5, 10))
+    assert len(texts) == 2
+
+
 def test_infill_keeps_known_words_exactly_and_sets_the_length(checkpoint):
     model = load_text_model(checkpoint, "cpu")
     template = parse_infill(TEMPLATE, model)
@@ -262,7 +300,7 @@ def test_cli_generate_infill_and_control(checkpoint, tmp_path, capsys, text_regi
     assert len(lines) == 2 and all(line.startswith("The Eagle is a ") for line in lines)
     assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--num-samples", "1", "--steps", "2",
                      "--control", "food=Italian", "--control", "customer rating=high", "--guidance-scale", "2",
-                     "--out", str(out), "--no-progress"]) == 0
+                     "--guidance-interval", "0.5", "inf", "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--control", "food=Thai",
                      "--out", str(out)]) == 1

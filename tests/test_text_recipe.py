@@ -36,9 +36,11 @@ def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
     # Exporting the finished run again (nothing left to train) records this command's defaults.
     again = tmp_path / "again"
     assert text_train.main(["--max-steps", "4", "--output-dir", str(out), "--export", str(again), *TINY,
-                            "--guidance-scale", "3", "--sample-temperature", "0.6"]) == 0
+                            "--guidance-scale", "3", "--sample-temperature", "0.6", "--guidance-interval", "2", "inf"]) == 0
     defaults = diffkit.load_checkpoint(again).config["modality_config"]["defaults"]
     assert defaults["guidance_scale"] == 3.0 and defaults["temperature"] == 0.6
+    assert defaults["guidance_interval"] == [2.0, None]  # JSON has no infinity: an open end is null
+    assert ckpt.config["modality_config"]["defaults"]["guidance_interval"] == [1.5, None]  # the preset's
     trained = diffkit.load_checkpoint(out / "checkpoint").extra["train_seconds"]
     assert trained > 0 and diffkit.load_checkpoint(again).extra["train_seconds"] == round(trained, 1)
     assert ckpt.step == 4 and ckpt.optimizer_state is None
@@ -116,6 +118,7 @@ def test_help_explains_itself(capsys):
     (["--sample-temperature", "0"], "--sample-temperature must be > 0"),
     (["--sample-temperature", "0.5", "--head", "regression"], "use --head softmax or leave it at 1"),
     (["--preset", "tpu"], "invalid choice"),
+    (["--guidance-interval", "2", "1"], "--guidance-interval: guidance_interval needs 0 <= low < high"),
 ])
 def test_bad_input_is_a_clear_error_without_traceback(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

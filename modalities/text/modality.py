@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import diffkit
-from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transform
+from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transform, check_guidance_interval
 from diffkit.runs import resolve_steps, seeded_generator
 
 from .data import SLOTS, MRVocabulary
@@ -96,7 +96,7 @@ class TextModel:
 
     def default(self, key: str, fallback: Any) -> Any:
         """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale,
-        clamp, temperature)."""
+        guidance_interval, clamp, temperature)."""
         return (self.info.get("defaults") or {}).get(key, fallback)
 
     @property
@@ -369,6 +369,7 @@ def length_groups(lengths: torch.Tensor, *, extra_tokens: int = 0,
 
 def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Generator,
                sampler: str, steps: int, mr: torch.Tensor | None = None, guidance_scale: float = 1.0,
+               guidance_interval: Sequence[float | None] | None = None,
                known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                clamp: bool | None = None, temperature: float | None = None,
                extra_wrappers: Callable[[torch.Tensor, torch.Tensor], Sequence] | None = None,
@@ -378,7 +379,9 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
     ``known_ids``/``known_mask`` (N, L) hold words fixed in place (infilling). ``clamp`` and
     ``temperature`` (the word temperature of a softmax head, see :meth:`TextDenoiser.forward`)
     None follow the checkpoint (:attr:`TextModel.default_clamp`,
-    :attr:`TextModel.default_temperature`).
+    :attr:`TextModel.default_temperature`), and ``guidance_interval`` None the checkpoint's
+    ``guidance_interval`` (the core's: guide only where sigma/alpha lies in it; ``(0, None)``
+    guides at every step).
 
     With ``group_by_length`` rows are sampled in groups of similar length (:func:`length_groups`),
     each padded only to its own longest: on E2E lengths about 1.7 times faster than one batch
@@ -401,12 +404,15 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
 
             out[rows, : int(lengths[rows].max())] = sample_ids(
                 model, lengths[rows], generator=generator, sampler=sampler, steps=steps, mr=pick(mr),
-                guidance_scale=guidance_scale, known_ids=pick(known_ids), known_mask=pick(known_mask), clamp=clamp,
+                guidance_scale=guidance_scale, guidance_interval=guidance_interval, known_ids=pick(known_ids),
+                known_mask=pick(known_mask), clamp=clamp,
                 temperature=temperature, extra_wrappers=group_wrappers if extra_wrappers else None,
                 group_by_length=False, progress=progress)
         return out
     net, dev = model.net, model.device
     temperature = model.default_temperature if temperature is None else float(temperature)
+    if guidance_interval is None:
+        guidance_interval = model.default("guidance_interval", None)
     n = lengths.shape[0]
     attention_mask = padding_mask(lengths, dev)
     length = attention_mask.shape[1]
@@ -423,7 +429,8 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Gene
         chain.extend(extra_wrappers(torch.arange(n), attention_mask))
     x = model.diffusion.sample(denoiser_call(net, temperature=temperature), (n, net.embed_dim, length),
                                sampler=sampler, steps=steps, generator=generator, device=dev,
-                               guidance_scale=guidance_scale, wrappers=chain, progress=progress, **cond)
+                               guidance_scale=guidance_scale, guidance_interval=guidance_interval, wrappers=chain,
+                               progress=progress, **cond)
     ids = net.nearest(x, model.allowed)
     if known_ids is not None:  # a template's words stay as written, [UNK] included
         ids = torch.where(known_mask[:, :length].to(dev), known_ids[:, :length].to(dev), ids)
@@ -442,6 +449,7 @@ def generate_text(
     infill: str | Sequence[str] | None = None,
     control: Mapping[str, str] | Sequence[str] | str | None = None,
     guidance_scale: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     length: int | None = None,
     clamp: bool | None = None,
     temperature: float | None = None,
@@ -460,6 +468,9 @@ def generate_text(
         control: E2E slot values, ``{"food": "Italian"}`` or ``["food=Italian"]``: classifier-free
             guidance of an MR-conditioned checkpoint.
         guidance_scale: its weight (1 = plain conditional sampling); default the checkpoint's.
+        guidance_interval: (low, high) on the noise-to-signal ratio sigma/alpha: guide only
+            there, at half the network calls elsewhere (None for an open end; ``(0, None)``
+            guides at every step); default the checkpoint's.
         classifier: a noisy-embedding classifier checkpoint: ``control`` through it instead
             (plug-and-play control; works with unconditional checkpoints too).
         classifier_scale: the classifier's weight (default 1).
@@ -477,6 +488,7 @@ def generate_text(
     if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     controls = parse_control(control)  # check the syntax before loading anything
+    check_guidance_interval(guidance_interval)
     model = load_text_model(checkpoint, device)
     gen = seeded_generator(seed)
     n = num_samples
@@ -508,6 +520,8 @@ def generate_text(
     elif guidance_scale is not None and guidance_scale != 1.0:
         raise ValueError("guidance_scale needs a condition to guide towards: pass control=")
     guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
+    if guidance_interval is not None and mr is None:
+        raise ValueError("guidance_interval limits classifier-free guidance: pass control= (without a classifier)")
 
     known_ids = known_mask = None
     if infill is not None:
@@ -540,8 +554,8 @@ def generate_text(
         def extra_wrappers(rows: torch.Tensor, attention_mask: torch.Tensor) -> list:
             return [classifier_control(clf, clf_codes[rows], attention_mask, control_method, scale)]
     ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps, mr=mr,
-                     guidance_scale=guidance_scale, known_ids=known_ids, known_mask=known_mask,
-                     clamp=clamp, temperature=temperature, extra_wrappers=extra_wrappers,
+                     guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                     known_ids=known_ids, known_mask=known_mask, clamp=clamp, temperature=temperature, extra_wrappers=extra_wrappers,
                      progress=progress)
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
 
@@ -660,6 +674,10 @@ class TextModality:
                                 f"--control food=Italian --control area=riverside (slots: {', '.join(SLOTS)})")
         group.add_argument("--guidance-scale", type=float, metavar="W",
                            help="classifier-free guidance weight for --control (1 = none; default: the checkpoint's)")
+        group.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                           help="guide --control only where the noise-to-signal ratio sigma/alpha lies in [LOW, "
+                                "HIGH] (HIGH may be inf; 0 inf guides at every step); elsewhere one network call "
+                                "instead of two (default: the checkpoint's)")
         group.add_argument("--classifier", metavar="DIR",
                            help="steer --control with this noisy-embedding classifier checkpoint instead of "
                                 "classifier-free guidance (recipes/text_train.py --task classifier)")
