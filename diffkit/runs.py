@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import numbers
 import os
 import platform
@@ -19,11 +20,14 @@ from typing import Any, Optional
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .guidance import check_guidance_interval
 from .trainer import TrainConfig
 
 __all__ = [
     "add_training_arguments",
     "add_sampling_default_arguments",
+    "sampling_defaults",
+    "add_guidance_interval_argument",
     "train_config",
     "positive_int",
     "hardware_summary",
@@ -189,7 +193,29 @@ def add_sampling_default_arguments(parser: argparse.ArgumentParser, *, guidance:
     g.add_argument("--sampler", help="default sampler recorded with the model")
     g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
     g.add_argument("--guidance-scale", type=float, help=f"{guidance} recorded with the model")
+    add_guidance_interval_argument(g, "default: every step; recorded with the model")
     return g
+
+
+def add_guidance_interval_argument(group, default: str = "default: the checkpoint's") -> None:
+    """``--guidance-interval LOW HIGH``, for recipes (recorded) and ``diffkit generate`` alike."""
+    group.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="apply classifier-free guidance only where the noise-to-signal ratio sigma/alpha lies "
+                            "in [LOW, HIGH] (HIGH may be inf; 0 inf is every step); elsewhere one network call "
+                            f"instead of two ({default})")
+
+
+def sampling_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a recipe records with its model, from the flags of
+    :func:`add_sampling_default_arguments` laid over its preset: sampler, steps, guidance scale
+    and guidance interval (checked; an open end is null, as JSON has no infinity)."""
+    try:
+        interval = check_guidance_interval(settings.get("guidance_interval"))
+    except ValueError as error:
+        raise ValueError(f"--guidance-interval: {error}") from None
+    recorded = None if interval is None else [interval[0], None if math.isinf(interval[1]) else interval[1]]
+    return {"sampler": settings["sampler"], "steps": settings["sample_steps"],
+            "guidance_scale": settings["guidance_scale"], "guidance_interval": recorded}
 
 
 def train_config(settings: Mapping[str, Any], **overrides: Any) -> TrainConfig:

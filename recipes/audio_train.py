@@ -45,6 +45,7 @@ from diffkit.runs import (
     add_training_arguments,
     export_checkpoint,
     is_main_process,
+    sampling_defaults,
     seeded_generator,
     train_config,
     usage_errors,
@@ -273,7 +274,7 @@ def build(s: dict[str, Any], data):
         "mel": mel_cfg.to_dict() if mel_cfg else None,
         "bin_width": BIN_WIDTH_16BIT,
         "fast_schedules": fast,
-        "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"]},
+        "defaults": sampling_defaults(s),
     }
     return net, {"class": cls, "kwargs": kwargs}, diffusion, modality_config, conditioning, mel_cfg
 

@@ -35,6 +35,7 @@ from diffkit.runs import (
     add_training_arguments,
     export_checkpoint,
     is_main_process,
+    sampling_defaults,
     train_config,
     usage_errors,
 )
@@ -215,8 +216,7 @@ def build(s: dict[str, Any], labels: torch.Tensor | None, class_names, bin_width
         "text_max_length": 16,
         "low_res_size": s.get("low_res_size") if cond == "low_res" else None,
         "bin_width": bin_width,
-        "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"],
-                     "guidance_scale": s["guidance_scale"]},
+        "defaults": sampling_defaults(s),
     }
     return Built(net, {"class": "modalities.image.unet.UNet", "kwargs": kwargs}, modality_config, diffusion)
 

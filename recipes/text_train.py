@@ -25,7 +25,6 @@ embeddings)) for the denoiser given by ``--denoiser``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -36,12 +35,12 @@ import torch
 
 import diffkit
 from diffkit.checkpoint import load_checkpoint, save_checkpoint
-from diffkit.guidance import check_guidance_interval
 from diffkit.runs import (
     add_sampling_default_arguments,
     add_training_arguments,
     export_checkpoint,
     is_main_process,
+    sampling_defaults,
     train_config,
     usage_errors,
 )
@@ -146,9 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each batch trained with the network's own first estimate (self-conditioning)")
     add_training_arguments(p, run_dir="runs/text-<preset>", data_workers=False)
     g = add_sampling_default_arguments(p, guidance="default guidance for --control")
-    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="default interval of the noise-to-signal ratio sigma/alpha where --control is guided "
-                        "(HIGH may be inf; elsewhere one network call instead of two)")
     g.add_argument("--sample-temperature", type=float,
                    help="default word temperature recorded with the model (softmax head; below 1 sampling leans "
                         "towards the likelier words)")
@@ -185,10 +181,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if s["sample_temperature"] != 1.0 and s["head"] != "softmax":
         raise ValueError("--sample-temperature sharpens a softmax head's word distribution; use --head softmax "
                          "or leave it at 1")
-    try:
-        s["guidance_interval"] = check_guidance_interval(s.get("guidance_interval"))
-    except ValueError as error:
-        raise ValueError(f"--guidance-interval: {error}") from None
+    sampling_defaults(s)  # a bad --guidance-interval is a usage error before anything is built
     if s["sampler"] not in diffkit.SAMPLERS:
         raise ValueError(f"unknown --sampler {s['sampler']!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
     s.setdefault("output_dir", f"runs/text-{args.preset}" + ("-classifier" if args.task == "classifier" else ""))
@@ -228,11 +221,6 @@ def diffusion_arguments(s: dict[str, Any]) -> dict[str, Any]:
     return {"schedule": s["schedule"], "num_timesteps": s["num_timesteps"], "prediction": "x0"}
 
 
-def json_interval(interval: tuple[float, float] | None) -> list[float | None] | None:
-    """A checked guidance interval as JSON, which has no infinity: an open high end is null."""
-    return None if interval is None else [interval[0], None if math.isinf(interval[1]) else interval[1]]
-
-
 def modality_info(s, dataset, mr_vocab, objective) -> dict[str, Any]:
     return {
         "tokenizer": TOKENIZER_FILE,
@@ -241,8 +229,7 @@ def modality_info(s, dataset, mr_vocab, objective) -> dict[str, Any]:
         "length_counts": dataset.length_counts(),
         "mr_values": mr_vocab.to_config() if mr_vocab else None,
         "objective": objective.config,
-        "defaults": {"sampler": s["sampler"], "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"],
-                     "guidance_interval": json_interval(s["guidance_interval"]), "temperature": s["sample_temperature"]},
+        "defaults": {**sampling_defaults(s), "temperature": s["sample_temperature"]},
     }
 
 

@@ -4,6 +4,7 @@ WAVs and spectrograms, the CLI, bits per sample against a closed form, and error
 import math
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import soundfile as sf
@@ -92,6 +93,28 @@ def test_the_network_is_told_the_noise_levels_of_the_grid(checkpoint):
     assert torch.allclose(torch.stack([s[0] for s in seen]), expected, atol=1e-6)
 
 
+def test_guidance_interval_halves_the_calls_outside_it(checkpoint):
+    model = load_audio_model(checkpoint, "cpu")
+    batches = []
+
+    def count(interval):
+        batches.clear()
+        hook = model.net.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+        try:
+            with patch("modalities.audio.modality.load_audio_model", return_value=model):
+                generate_audio(checkpoint=checkpoint, num_samples=2, steps=6, seed=0, labels=[1, 2],
+                               guidance_scale=3.0, guidance_interval=interval, device="cpu")
+        finally:
+            hook.remove()
+        return list(batches)
+
+    assert count((0, None)) == [4] * 6
+    assert count((1e9, None)) == [2] * 6
+    grid = sampling_grid(model.diffusion, 6)
+    noisy = int(((grid.sigmas / grid.alphas)[:-1] >= 1.0).sum())
+    assert 0 < noisy < 6 and count((1.0, None)) == [4] * noisy + [2] * (6 - noisy)
+
+
 # ---------------------------------------------------------------------------------- generate
 @pytest.mark.parametrize("steps", [6, 20])
 def test_generate_from_the_recipes_checkpoint(checkpoint, audio_registered, tmp_path, steps):
@@ -156,6 +179,10 @@ def test_generate_errors_say_what_to_fix(checkpoint, tmp_path, monkeypatch):
         generate_audio(checkpoint=checkpoint, num_samples=3, labels=[3, 4], device="cpu")
     with pytest.raises(ValueError, match="guidance_scale needs labels"):
         generate_audio(checkpoint=checkpoint, num_samples=1, guidance_scale=2.0, device="cpu")
+    with pytest.raises(ValueError, match="guidance_interval limits classifier-free guidance"):
+        generate_audio(checkpoint=checkpoint, num_samples=1, guidance_interval=(0, None), device="cpu")
+    with pytest.raises(ValueError, match="guidance_interval needs 0 <= low < high"):
+        generate_audio(checkpoint=checkpoint, num_samples=1, labels=[1], guidance_interval=(1, 1), device="cpu")
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         generate_audio(checkpoint=checkpoint, num_samples=1, steps=0, device="cpu")
     with pytest.raises(ValueError, match="route must be one of"):

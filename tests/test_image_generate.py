@@ -137,12 +137,28 @@ def test_img2img_denoises_a_noisy_digit(digits01):
         ({"checkpoint": SUPER_RESOLUTION_CHECKPOINT}, "pass low_res="),
         ({"low_res": torch.zeros(1, 1, 4, 4)}, "low_res is 4x4 but this checkpoint needs 8x8"),
         ({"guidance_scale": 3.0}, "needs a condition"),
+        ({"guidance_interval": (0, None)}, "guidance_interval limits classifier-free guidance"),
+        ({"labels": [1], "guidance_interval": (3, 1)}, "guidance_interval needs 0 <= low < high"),
         ({"sampler": "nope"}, "unknown sampler"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         diffkit.generate(modality="image", num_samples=4, steps=2, **kwargs)
+
+
+def test_guidance_interval_reaches_the_sampler(monkeypatch):
+    seen = []
+    original = diffkit.Diffusion.sample
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("guidance_interval"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffkit.Diffusion, "sample", recording)
+    diffkit.generate(modality="image", num_samples=2, steps=2, labels=[1, 2], seed=0)
+    diffkit.generate(modality="image", num_samples=2, steps=2, labels=[1, 2], seed=0, guidance_interval=(0.5, None))
+    assert seen == [None, (0.5, math.inf)]  # the shipped checkpoint records none: guided at every step
 
 
 def test_wrong_checkpoint_is_a_clear_error(tmp_path):

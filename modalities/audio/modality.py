@@ -38,7 +38,8 @@ import torch
 
 import diffkit
 from diffkit import SamplingGrid
-from diffkit.runs import resolve_steps, seeded_generator
+from diffkit.guidance import check_guidance_interval
+from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
 from .data import window_mask
@@ -272,10 +273,12 @@ def _check_mel(mel: Any, model: AudioModel, n: int | None) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- generate
 def _sample(model: AudioModel, shape: tuple[int, ...], *, gen: torch.Generator, sampler: str | None,
-            steps: int | None, guidance_scale: float, progress: bool, batch_size: int,
+            steps: int | None, guidance_scale: float, guidance_interval, progress: bool, batch_size: int,
             cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run the core's sampler in batches; the network gets cond[k][batch rows]."""
     sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
+    if guidance_interval is None:
+        guidance_interval = model.default("guidance_interval", None)
     steps = resolve_steps(steps, model.default("steps", FALLBACK_STEPS))
     grid = sampling_grid(model.diffusion, steps, sampler, model.info.get("fast_schedules"))
     dev = module_device(model.net)
@@ -285,7 +288,8 @@ def _sample(model: AudioModel, shape: tuple[int, ...], *, gen: torch.Generator, 
         part = slice(start, min(start + batch_size, n))
         x = model.diffusion.sample(
             model.net, (part.stop - part.start, *shape[1:]), sampler=sampler, grid=grid, generator=gen,
-            device=dev, guidance_scale=guidance_scale, wrappers=[diffkit.ClipX0(-1.0, 1.0)],
+            device=dev, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+            wrappers=[diffkit.ClipX0(-1.0, 1.0)],
             progress=progress, **{k: v[part].to(dev) for k, v in cond.items()},
         )
         out.append(x.float().cpu())
@@ -303,6 +307,7 @@ def generate_audio(
     progress: bool = False,
     labels: int | Sequence[int] | torch.Tensor | None = None,
     guidance_scale: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     route: str | None = None,
     vocoder: str | os.PathLike | None = None,
     mel: Any = None,
@@ -319,6 +324,9 @@ def generate_audio(
         labels: one class index (the digit) or one per sample; without labels a
             class-conditional model samples its unconditional (null-class) mode.
         guidance_scale: classifier-free guidance weight for labels (1 = none).
+        guidance_interval: (low, high) on sigma/alpha: guide only there, one network call
+            instead of two elsewhere (None for an open end; ``(0, None)`` guides every step);
+            default the checkpoint's.
         route: ``waveform`` (DiffWave on samples) or ``mel`` (a mel-diffusion checkpoint,
             then ``vocoder``: a vocoder checkpoint, or "griffin-lim"). Default: the
             checkpoint's own route; the shipped ``digits`` model is a mel model, so with no
@@ -363,12 +371,15 @@ def generate_audio(
         guidance_scale = model.default("guidance_scale", FALLBACK_GUIDANCE) if conditional else 1.0
     elif guidance_scale != 1.0 and not conditional:
         raise ValueError("guidance_scale needs labels to guide towards")
+    if guidance_interval is not None and not conditional:
+        raise ValueError("guidance_interval limits classifier-free guidance: it needs labels")
+    check_guidance_interval(guidance_interval)
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
 
     gen = seeded_generator(seed)
-    common = dict(gen=gen, sampler=sampler, steps=steps, guidance_scale=guidance_scale, progress=progress,
-                  batch_size=batch_size)
+    common = dict(gen=gen, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                  guidance_interval=guidance_interval, progress=progress, batch_size=batch_size)
     if model.kind == "vocoder":
         if mel is None:
             raise ValueError(f"checkpoint {model.path} is a vocoder: pass mel= log-mel frames (N, "
@@ -653,6 +664,7 @@ class AudioModality:
                            help="class label(s), e.g. the digit to say: one for all samples or one per sample")
         group.add_argument("--guidance-scale", type=float, metavar="W",
                            help="classifier-free guidance weight for --labels (1 = none; default: the checkpoint's)")
+        add_guidance_interval_argument(group)
         group.add_argument("--route", choices=ROUTES, default=None,
                            help="waveform: DiffWave on samples; mel: log-mel diffusion, then --vocoder "
                                 "(default: the checkpoint's own; the shipped digits model is a mel model)")

@@ -35,7 +35,8 @@ import torch
 
 import diffkit
 from diffkit.checkpoint import CheckpointError, load_network
-from diffkit.runs import resolve_steps, seeded_generator
+from diffkit.guidance import check_guidance_interval
+from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
 from .data import to_model_range, to_unit_range
@@ -263,6 +264,7 @@ def generate_images(
     labels: int | Sequence[int] | torch.Tensor | None = None,
     prompt: str | Sequence[str] | None = None,
     guidance_scale: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     known: ImageInput | None = None,
     mask: ImageInput | None = None,
     init: ImageInput | None = None,
@@ -281,6 +283,9 @@ def generate_images(
             labels a class-conditional model samples its unconditional (null-class) mode.
         prompt: one prompt or one per sample (text-conditional checkpoints).
         guidance_scale: classifier-free guidance weight for labels/prompt (1 = none).
+        guidance_interval: (low, high) on sigma/alpha: guide only there, one network call
+            instead of two elsewhere (None for an open end; ``(0, None)`` guides every step);
+            default the checkpoint's.
         known, mask: inpainting; ``mask`` is True (or white) where ``known`` is kept.
         init, strength: image-to-image / denoising from ``init`` noised to ``strength``.
         low_res: the low-resolution image(s) for a super-resolution checkpoint.
@@ -334,6 +339,10 @@ def generate_images(
         guidance_scale = model.default("guidance_scale", FALLBACK_GUIDANCE) if conditional else 1.0
     elif guidance_scale != 1.0 and not conditional:
         raise ValueError("guidance_scale needs a condition to guide towards (labels or prompt)")
+    if guidance_interval is not None and not conditional:
+        raise ValueError("guidance_interval limits classifier-free guidance: it needs labels or a prompt")
+    guidance_interval = check_guidance_interval(
+        model.default("guidance_interval", None) if guidance_interval is None else guidance_interval)
 
     tasks: dict[str, Any] = {}
     if (known is None) != (mask is None):
@@ -365,7 +374,8 @@ def generate_images(
             wrappers.append(diffkit.KnownValues(batch_tasks.pop("mask"), batch_tasks.pop("known")))
         x = model.diffusion.sample(
             model.net, (b, c, s, s), sampler=sampler, steps=steps, generator=gen, device=dev,
-            guidance_scale=float(guidance_scale), wrappers=wrappers, progress=progress,
+            guidance_scale=float(guidance_scale), guidance_interval=guidance_interval, wrappers=wrappers,
+            progress=progress,
             **batch_tasks, **batch_cond,
         )
         out.append(x.float().cpu())
@@ -547,6 +557,7 @@ class ImageModality:
         group.add_argument("--guidance-scale", type=float, metavar="W",
                            help="classifier-free guidance weight for --labels/--prompt "
                                 "(1 = none; default: the checkpoint's)")
+        add_guidance_interval_argument(group)
         group.add_argument("--known", metavar="IMAGE",
                            help="inpainting: the image whose pixels are kept where --mask is white")
         group.add_argument("--mask", metavar="IMAGE",

@@ -34,7 +34,7 @@ import torch
 
 import diffkit
 from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transform, check_guidance_interval
-from diffkit.runs import resolve_steps, seeded_generator
+from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 
 from .data import SLOTS, MRVocabulary
 from .model import NoisyMRClassifier, SelfConditioned, TextDenoiser, rounding_loss
@@ -674,10 +674,7 @@ class TextModality:
                                 f"--control food=Italian --control area=riverside (slots: {', '.join(SLOTS)})")
         group.add_argument("--guidance-scale", type=float, metavar="W",
                            help="classifier-free guidance weight for --control (1 = none; default: the checkpoint's)")
-        group.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                           help="guide --control only where the noise-to-signal ratio sigma/alpha lies in [LOW, "
-                                "HIGH] (HIGH may be inf; 0 inf guides at every step); elsewhere one network call "
-                                "instead of two (default: the checkpoint's)")
+        add_guidance_interval_argument(group)
         group.add_argument("--classifier", metavar="DIR",
                            help="steer --control with this noisy-embedding classifier checkpoint instead of "
                                 "classifier-free guidance (recipes/text_train.py --task classifier)")
