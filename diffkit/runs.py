@@ -193,7 +193,7 @@ def add_sampling_default_arguments(parser: argparse.ArgumentParser, *, guidance:
     g.add_argument("--sampler", help="default sampler recorded with the model")
     g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
     g.add_argument("--guidance-scale", type=float, help=f"{guidance} recorded with the model")
-    add_guidance_interval_argument(g, "default: every step; recorded with the model")
+    add_guidance_interval_argument(g, "recorded with the model; default: the preset's, else every step")
     return g
 
 
