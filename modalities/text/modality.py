@@ -555,8 +555,8 @@ def generate_text(
             return [classifier_control(clf, clf_codes[rows], attention_mask, control_method, scale)]
     ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps, mr=mr,
                      guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                     known_ids=known_ids, known_mask=known_mask, clamp=clamp, temperature=temperature, extra_wrappers=extra_wrappers,
-                     progress=progress)
+                     known_ids=known_ids, known_mask=known_mask, clamp=clamp, temperature=temperature,
+                     extra_wrappers=extra_wrappers, progress=progress)
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
 
 
