@@ -32,7 +32,7 @@ descriptions) that neither the diffusion model nor the judge saw:
 - **speed**: seconds per sentence, batched, at each step count, beside the AR model's.
 
 Results go to ``benchmarks/results/text_quality_<name>.{md,json}``. Sample counts are flags;
-the defaults (``--nll-steps 250``) ran in 318 s on one shared core of the development
+the defaults (``--nll-steps 250``) ran in 587 s (with `--pair-samples 3`) on one shared core of the development
 machine, after the AR judge's 1,000 training steps (2,067 s there, once: it is cached in
 ``runs/text-ar``, keyed by its settings and the tokenizer).
 """

@@ -24,6 +24,7 @@ def test_shipped_checkpoint_loads_with_its_record(model):
     assert model.net.conditional and model.diffusion.prediction == "x0"
     assert model.default("steps", None) <= 50
     assert model.default("sampler", None) == "ddpm" and 0 < model.default_temperature < 1
+    assert model.default("guidance_interval", None) == [1.5, None]  # guided where sigma/alpha >= 1.5
     assert (DEFAULT_CHECKPOINT / "README.md").is_file()
 
 
