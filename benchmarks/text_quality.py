@@ -32,8 +32,8 @@ descriptions) that neither the diffusion model nor the judge saw:
 - **speed**: seconds per sentence, batched, at each step count, beside the AR model's.
 
 Results go to ``benchmarks/results/text_quality_<name>.{md,json}``. Sample counts are flags;
-the defaults (``--nll-steps 250``) ran in 587 s (with `--pair-samples 3`) on one shared core of the development
-machine, after the AR judge's 1,000 training steps (2,067 s there, once: it is cached in
+the defaults (``--nll-steps 250``, here with ``--pair-samples 3``) ran in 587 s on one shared
+core of the development machine, after the AR judge's 1,000 training steps (2,067 s there, once: it is cached in
 ``runs/text-ar``, keyed by its settings and the tokenizer).
 """
 
@@ -231,8 +231,8 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
     """n texts from the diffusion model (lengths drawn from the training lengths), in batches
     (``sample_ids`` groups each by length unless told not to); ``mr`` (n, S) codes guided with
     ``guidance_scale`` and ``guidance_interval`` (None: the checkpoint's); ``sampler``, ``clamp``
-    and ``temperature`` None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)`` the extra wrappers of rows
-    ``start + rows``. Returns (texts, seconds)."""
+    and ``temperature`` None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)``
+    the extra wrappers of rows ``start + rows``. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
     sampler = sampler or model.default("sampler", "ddim")
     if mr is None:
@@ -489,6 +489,7 @@ def main(argv=None) -> int:
 
 
 def guidance_interval_words(interval) -> str:
+    """A recorded guidance interval ([low, high], null for an open end) as words for the tables."""
     if interval is None:
         return ""
     low, high = interval

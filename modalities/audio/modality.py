@@ -273,7 +273,8 @@ def _check_mel(mel: Any, model: AudioModel, n: int | None) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- generate
 def _sample(model: AudioModel, shape: tuple[int, ...], *, gen: torch.Generator, sampler: str | None,
-            steps: int | None, guidance_scale: float, guidance_interval, progress: bool, batch_size: int,
+            steps: int | None, guidance_scale: float, guidance_interval: Sequence[float | None] | None,
+            progress: bool, batch_size: int,
             cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run the core's sampler in batches; the network gets cond[k][batch rows]."""
     sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
