@@ -78,8 +78,11 @@ class TrainConfig:
     p = (k - W) / (max_steps - W)): lr * k / W while k <= W, then for ``lr_decay`` "none" lr,
     "linear" min_lr + (lr - min_lr) * (1 - p), "cosine" min_lr + (lr - min_lr) * (1 + cos(pi p)) / 2.
     So the peak lr is used at step W and ``min_lr`` at the last step (with min_lr=0 that step
-    changes nothing but the EMA). The schedule follows the current ``max_steps``: resuming a
-    decayed run with a larger max_steps raises the LR again.
+    changes nothing but the EMA). A resumed run follows its current settings: the schedule
+    (``max_steps``, ``warmup_steps``, ``lr_decay``, ``min_lr``) and AdamW's ``lr``, ``betas``,
+    ``adam_eps`` and ``weight_decay`` (a warning names those that changed); only the optimizer's
+    moments and the step count come from the checkpoint. So resuming a decayed run with a
+    larger max_steps raises the LR again from the first resumed step.
     ``grad_accum_steps``: gradients of that many consecutive micro-batches are averaged (weighted
     by their sizes, so a short last micro-batch of an epoch counts per example) before one
     optimizer step, which then equals a step on their union when the loss is a mean over examples.
@@ -361,6 +364,7 @@ class Trainer:
             warnings.warn(f"checkpoint {ckpt.path} has no optimizer state; AdamW's moments restart from zero")
         if ckpt.lr_scheduler_state is not None:
             self.lr_scheduler.load_state_dict(ckpt.lr_scheduler_state)
+        self._apply_optimizer_settings(ckpt.config.get("train") or {}, ckpt.path)
         changed = _changed_settings(ckpt.diffusion_config, getattr(self.diffusion, "config", None))
         if changed:
             warnings.warn(
@@ -495,6 +499,35 @@ class Trainer:
         self._update_ema(step)
         self.step = step
         return dict(zip(("loss", *(self._value_names or ())), averages)), grad_norm_value, lr
+
+    def _apply_optimizer_settings(self, recorded: dict[str, Any], path: Path) -> None:
+        """Make the current config's optimizer settings win over those restored from a checkpoint.
+
+        Loading AdamW's and LambdaLR's state dicts brings back the old run's lr, betas, eps and
+        weight decay, and the LR the old schedule set for the next step; a resumed run must use
+        the settings it is given (the moments still carry over). ``recorded`` is the checkpoint's
+        ``config["train"]``: the settings that differ are named in a warning.
+        """
+        cfg = self.config
+        current = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=cfg.lr, betas=current["betas"], eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.lr_scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        # The next step's LR under the current schedule (max_steps, warm-up, decay and lr may all have changed).
+        factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        names = {"lr": "lr", "betas": "betas", "eps": "adam_eps", "weight_decay": "weight_decay"}
+        changed = []
+        for key, name in names.items():
+            if name not in recorded:
+                continue
+            before = tuple(recorded[name]) if key == "betas" else recorded[name]
+            if before != current[key]:
+                changed.append(f"{name} {before} -> {current[key]}")
+        if changed:
+            warnings.warn(f"resuming from {path} with changed optimizer settings ({', '.join(changed)}); "
+                          "the new values apply from this step on")
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's loss and the loss_fn's named values (as float32 0-dim tensors)."""

@@ -141,6 +141,30 @@ def test_resume_warns_when_the_diffusion_changed(tmp_path):
         other.train()
 
 
+def test_resume_uses_the_new_learning_rate_and_schedule_from_its_first_step(tmp_path):
+    """A run resumed with another lr and a longer cosine follows them at once; it used to keep the
+    checkpoint's lr silently and spend its first step at the old schedule's final LR."""
+    make_trainer(make_config(tmp_path, max_steps=4, lr=0.1, lr_decay="cosine", warmup_steps=0)).train()
+    lr, max_steps = 0.02, 8
+    resumed = make_trainer(make_config(tmp_path, max_steps=max_steps, lr=lr, lr_decay="cosine", warmup_steps=0,
+                                       weight_decay=0.5, betas=(0.8, 0.99)))
+    with pytest.warns(UserWarning, match=r"changed optimizer settings \(lr 0.1 -> 0.02, betas \(0.9, 0.999\) -> "
+                                         r"\(0.8, 0.99\), weight_decay 0.0 -> 0.5\)"):
+        resumed.train()
+    expected = [lr * (1 + math.cos(math.pi * k / max_steps)) / 2 for k in range(5, max_steps + 1)]
+    assert [r["lr"] for r in resumed.history] == pytest.approx(expected, rel=1e-12)
+    group = resumed.optimizer.param_groups[0]
+    assert (group["weight_decay"], group["betas"]) == (0.5, (0.8, 0.99))
+
+
+def test_resume_with_unchanged_settings_says_nothing_about_them(tmp_path):
+    make_trainer(make_config(tmp_path, max_steps=2)).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(make_config(tmp_path, max_steps=3)).train()
+    assert not [w for w in caught if "optimizer settings" in str(w.message)]
+
+
 def custom_diffusion(betas) -> diffkit.Diffusion:
     return diffkit.Diffusion(schedule=diffkit.NoiseSchedule.from_betas(betas))
 
