@@ -189,6 +189,13 @@ def save_checkpoint(
     the two renames, which :func:`load_checkpoint` recovers from) or the new one.
     """
     path = Path(path)
+    if path.is_dir() and _locate(path) is None and any(path.iterdir()):
+        # The swap replaces the directory as a whole: only a checkpoint's extra files are carried over.
+        raise CheckpointError(
+            f"cannot save checkpoint to {path}: it is a directory with other files and no {CONFIG_FILE}, so it is "
+            "not a diffkit checkpoint and saving there would delete them. Choose a new or empty directory "
+            "(or restore the checkpoint's config.json if it was one)."
+        )
     state_files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: _tensors_for_saving(_state_dict(model))}
     if ema_model is not None:
         state_files[EMA_FILE] = _tensors_for_saving(_state_dict(ema_model))

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from tqdm.auto import tqdm
 
 from diffkit import distributed
-from diffkit.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from diffkit.checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, save_checkpoint
 from diffkit.utils import resolve_device, seed_everything
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError"]
@@ -343,10 +343,25 @@ class Trainer:
         Called by :meth:`train`; returns True when a checkpoint was loaded. Every rank loads the
         same files, so the replicas stay identical.
         """
-        if self._resumed or not checkpoint_exists(self.checkpoint_dir):
+        if self._resumed:
+            return False
+        if not checkpoint_exists(self.checkpoint_dir):
+            if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()):
+                # Starting over would overwrite whatever is left of the old run.
+                raise CheckpointError(
+                    f"{self.checkpoint_dir} holds files but no config.json: an incomplete or damaged checkpoint. "
+                    "Restore it to resume, or move it away (or choose another output_dir) to start a new run."
+                )
             return False
         ckpt = load_checkpoint(self.checkpoint_dir, modality=self.modality)
-        self.model.load_state_dict(ckpt.model_state)
+        try:
+            self.model.load_state_dict(ckpt.model_state)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: its weights do not fit this model "
+                f"({_model_differences(ckpt.model_config, self.model_config)}). Train with the settings of the run "
+                "that wrote it, or choose another output_dir for a new run."
+            ) from err
         if ckpt.ema_state is not None:
             self.ema_model.load_state_dict(ckpt.ema_state)
         else:
@@ -636,6 +651,17 @@ class _ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self._skip)
+
+
+def _model_differences(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str:
+    """The model settings that differ between a checkpoint and this run, in words."""
+    recorded = recorded or {}
+    if recorded.get("class") != current.get("class"):
+        return f"model class {recorded.get('class')} -> {current.get('class')}"
+    before, after = recorded.get("kwargs") or {}, current.get("kwargs") or {}
+    changed = [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+               if before.get(key) != after.get(key)]
+    return ", ".join(changed) if changed else "the same recorded settings; the parameter shapes differ"
 
 
 def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:

@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    modality_config["class_names"],
                                                    modality_config["fast_schedules"]),
                           loss_kwargs={"cond_drop_prob": cond_drop} if cond_drop else None)
+        # A --output-dir holding another kind of checkpoint, or one of another network, is a usage error.
+        trainer.resume()
     if main_process:
         n_params = sum(p.numel() for p in net.parameters())
         resampled = f", {data.num_resampled} resampled to {s['sample_rate']} Hz" if data.num_resampled else ""

@@ -175,3 +175,15 @@ def test_beta_flags_belong_to_the_linear_schedule(capsys, tmp_path):
     with pytest.raises(SystemExit):
         audio_train.main(["--beta-end", "0.02", "--output-dir", str(tmp_path)])
     assert "set the linear schedule" in capsys.readouterr().err
+
+
+def test_an_output_dir_of_another_network_is_a_usage_error_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert audio_train.main(["--max-steps", "1", "--output-dir", str(out), *TINY]) == 0
+    before = (out / "checkpoint" / "model.safetensors").read_bytes()
+    wider = [*TINY[:TINY.index("--residual-channels") + 1], "16", *TINY[TINY.index("--residual-channels") + 2:]]
+    with pytest.raises(SystemExit) as info:
+        audio_train.main(["--max-steps", "2", "--output-dir", str(out), *wider])
+    assert info.value.code == 2
+    assert "do not fit this model" in capsys.readouterr().err
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == before

@@ -410,6 +410,20 @@ def test_a_save_keeps_files_it_does_not_write(tmp_path):
     assert os.listdir(tmp_path) == ["c"]
 
 
+def test_saving_over_a_directory_that_is_not_a_checkpoint_is_refused_and_deletes_nothing(tmp_path):
+    target = tmp_path / "models"
+    (target / "results").mkdir(parents=True)
+    (target / "README.md").write_text("notes")
+    (target / "results" / "eval.csv").write_text("1,2")
+    with pytest.raises(CheckpointError, match="no config.json, so it is not a diffkit checkpoint.*new or empty"):
+        save_checkpoint(target, model=TinyDenoiser(), config=CONFIG)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["README.md", "results", "results/eval.csv"]
+    assert os.listdir(tmp_path) == ["models"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_checkpoint(save_checkpoint(empty, model=TinyDenoiser(), config=CONFIG)).step == 0
+
+
 @pytest.mark.parametrize("crash_point", ["while_carrying", "before_swap"])
 def test_crash_during_save_keeps_the_old_checkpoint_and_its_extra_files(tmp_path, monkeypatch, crash_point):
     save_version(tmp_path / "c", 1.0, side_files={"tokenizer.json": b"{}"})

@@ -165,6 +165,24 @@ def test_resume_with_unchanged_settings_says_nothing_about_them(tmp_path):
     assert not [w for w in caught if "optimizer settings" in str(w.message)]
 
 
+def test_resume_refuses_an_incomplete_checkpoint_instead_of_starting_over(tmp_path):
+    make_trainer(make_config(tmp_path, max_steps=2)).train()
+    checkpoint = tmp_path / "run" / "checkpoint"
+    (checkpoint / "config.json").unlink()
+    left = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    with pytest.raises(CheckpointError, match="holds files but no config.json.*move it away"):
+        make_trainer(make_config(tmp_path, max_steps=4)).train()
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == left
+
+
+def test_resume_into_another_network_names_the_settings_that_differ(tmp_path):
+    make_trainer(make_config(tmp_path, max_steps=1), model_config={"class": "_toys.TinyDenoiser", "kwargs": {}}).train()
+    wider = make_trainer(make_config(tmp_path, max_steps=2), model=TinyDenoiser(hidden=32),
+                         model_config={"class": "_toys.TinyDenoiser", "kwargs": {"hidden": 32}})
+    with pytest.raises(CheckpointError, match=r"do not fit this model \(hidden None -> 32\).*another output_dir"):
+        wider.train()
+
+
 def custom_diffusion(betas) -> diffkit.Diffusion:
     return diffkit.Diffusion(schedule=diffkit.NoiseSchedule.from_betas(betas))
 
