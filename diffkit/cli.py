@@ -37,6 +37,7 @@ from diffkit.registry import (
     modality_commands,
     modality_source,
 )
+from diffkit.runs import positive_int
 from diffkit.sampling import SAMPLERS
 
 __all__ = ["main"]
@@ -103,10 +104,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
         gen.add_argument("-h", "--help", action="store_true", help="show this help (with the modality's options) and exit"),
         gen.add_argument("modality", nargs="?", metavar="MODALITY", help="which modality to sample from (see `diffkit modalities`)"),
         gen.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory to load (default: the modality's default model)"),
-        gen.add_argument("--num-samples", type=_positive_int, default=None, metavar="N", help="how many samples to draw (default: the modality's, usually 16, or one per label given)"),
+        gen.add_argument("--num-samples", type=positive_int, default=None, metavar="N", help="how many samples to draw (default: the modality's, usually 16, or one per label given)"),
         gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed; the same seed gives the same samples (default: random)"),
         gen.add_argument("--sampler", default=None, metavar="NAME", help=f"sampling algorithm: {', '.join(SAMPLERS)} (default: the modality's choice)"),
-        gen.add_argument("--steps", type=_positive_int, default=None, metavar="K", help="number of sampling steps (default: the modality's choice)"),
+        gen.add_argument("--steps", type=positive_int, default=None, metavar="K", help="number of sampling steps (default: the modality's choice)"),
         gen.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default: auto)"),
         gen.add_argument("--out", metavar="PATH", help="where to write the samples (required, except for modalities whose samples print, such as text)"),
         gen.add_argument("--no-progress", action="store_true", help="do not show a progress bar"),
@@ -128,13 +129,6 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
     info.add_argument("checkpoint", metavar="DIR", help="checkpoint directory (holds config.json and model.safetensors)")
     info.add_argument("--json", action="store_true", help=f"print the raw {CONFIG_FILE} instead of a summary")
     return parser, gen, {action.dest for action in common} | {"command"}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _generate(

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .guidance import check_guidance_interval
+from .sampling import SAMPLERS
 from .trainer import TrainConfig
 
 __all__ = [
@@ -162,7 +163,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, run_dir: str, sam
                            data_workers: bool = True):
     """Add the "training" flags every recipe shares and return the group, for the recipe's own.
 
-    All default to None (the preset decides) except ``--seed`` (0) and ``--device`` (auto);
+    All default to None (the preset decides) except ``--seed`` (0), ``--device`` (auto) and
+    ``--num-workers`` (0);
     ``run_dir`` is the default run directory named in the help. ``samples`` adds
     ``--sample-every``, ``data_workers`` adds ``--num-workers``. :func:`train_config` turns the
     resolved values into a :class:`~diffkit.trainer.TrainConfig`.
@@ -190,8 +192,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, run_dir: str, sam
 def add_sampling_default_arguments(parser: argparse.ArgumentParser, *, guidance: str = "default guidance scale"):
     """Add the "output" flags that set the sampling defaults recorded with the model; returns the group."""
     g = parser.add_argument_group("output")
-    g.add_argument("--sampler", help="default sampler recorded with the model")
-    g.add_argument("--sample-steps", type=int, help="default sampling steps recorded with the model")
+    g.add_argument("--sampler", choices=SAMPLERS, help="default sampler recorded with the model")
+    g.add_argument("--sample-steps", type=positive_int, help="default sampling steps recorded with the model")
     g.add_argument("--guidance-scale", type=float, help=f"{guidance} recorded with the model")
     add_guidance_interval_argument(g, "recorded with the model; default: the preset's, else every step")
     return g
@@ -208,14 +210,23 @@ def add_guidance_interval_argument(group, default: str = "default: the checkpoin
 def sampling_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The sampling defaults a recipe records with its model, from the flags of
     :func:`add_sampling_default_arguments` laid over its preset: sampler, steps, guidance scale
-    and guidance interval (checked; an open end is null, as JSON has no infinity)."""
+    and guidance interval, each checked (a preset or a caller may bypass the flags' own checks,
+    and a bad default would only fail later, in every ``generate``); an open end of the interval
+    is null, as JSON has no infinity."""
+    sampler, steps, scale = settings["sampler"], settings["sample_steps"], settings["guidance_scale"]
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--sample-steps: must be a whole number >= 1, got {steps!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"--guidance-scale: must be a finite number, got {scale!r}")
     try:
         interval = check_guidance_interval(settings.get("guidance_interval"))
     except ValueError as error:
         raise ValueError(f"--guidance-interval: {error}") from None
     recorded = None if interval is None else [interval[0], None if math.isinf(interval[1]) else interval[1]]
-    return {"sampler": settings["sampler"], "steps": settings["sample_steps"],
-            "guidance_scale": settings["guidance_scale"], "guidance_interval": recorded}
+    return {"sampler": sampler, "steps": steps, "guidance_scale": scale, "guidance_interval": recorded}
 
 
 def train_config(settings: Mapping[str, Any], **overrides: Any) -> TrainConfig:

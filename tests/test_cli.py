@@ -72,6 +72,10 @@ def test_generate_errors(toy, tmp_path, capsys):
     assert "unrecognized arguments: --not-an-option" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "toy", "--out", "x", "--num-samples", "0"])
+    assert "argument --num-samples: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "toy", "--out", "x", "--steps", "abc"])
+    assert "argument --steps: expected an integer, got 'abc'" in capsys.readouterr().err
 
 
 def test_modalities_lists_names(toy, capsys):

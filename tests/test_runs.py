@@ -12,6 +12,7 @@ from diffkit.runs import (
     add_training_arguments,
     export_checkpoint,
     resolve_steps,
+    sampling_defaults,
     seeded_generator,
     train_config,
     usage_errors,
@@ -100,3 +101,24 @@ def test_shared_training_flags_reach_the_train_config_and_unset_ones_keep_its_de
             parser.parse_args(bad)
     assert "must be >= 1, got 0" in capsys.readouterr().err
     assert "runs/toy-<preset>" in parser.format_help()
+
+
+def test_sampling_defaults_are_checked_before_they_are_recorded():
+    good = {"sampler": "unipc", "sample_steps": 10, "guidance_scale": 3.0, "guidance_interval": [1.5, float("inf")]}
+    assert sampling_defaults(good) == {"sampler": "unipc", "steps": 10, "guidance_scale": 3.0,
+                                       "guidance_interval": [1.5, None]}
+    for change, message in [({"sampler": "bogus"}, "--sampler: unknown sampler 'bogus'; choose one of ddpm"),
+                            ({"sample_steps": 0}, "--sample-steps: must be a whole number >= 1, got 0"),
+                            ({"guidance_scale": float("nan")}, "--guidance-scale: must be a finite number"),
+                            ({"guidance_interval": [2.0, 1.0]}, "--guidance-interval: guidance_interval needs")]:
+        with pytest.raises(ValueError, match=message):
+            sampling_defaults({**good, **change})
+
+
+def test_sampling_default_flags_refuse_what_no_checkpoint_could_use():
+    parser = argparse.ArgumentParser()
+    add_sampling_default_arguments(parser)
+    for argv in (["--sampler", "bogus"], ["--sample-steps", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    assert parser.parse_args(["--sampler", "dpm++2m", "--sample-steps", "12"]).sample_steps == 12

@@ -113,7 +113,7 @@ def test_help_explains_itself(capsys):
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/file.txt"], "cannot read text file"),
     (["--data", "e2e:/nonexistent"], "E2E file"),
-    (["--sampler", "nope"], "unknown --sampler 'nope'"),
+    (["--sampler", "nope"], "argument --sampler: invalid choice: 'nope'"),
     (["--hidden", "0"], "--hidden must be >= 1"),
     (["--sample-temperature", "0"], "--sample-temperature must be > 0"),
     (["--sample-temperature", "0.5", "--head", "regression"], "use --head softmax or leave it at 1"),
