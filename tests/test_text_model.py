@@ -261,6 +261,39 @@ def test_self_conditioned_wrapper_chains_estimates_or_makes_two_passes():
         SelfConditioned(tiny_net())
 
 
+def test_self_conditioning_carries_over_where_guidance_doubles_or_halves_the_batch():
+    """Guided calls see [conditional; unconditional] (2B rows), unguided ones B: where a
+    guidance interval ends the conditional half goes on; where one starts both halves continue.
+    It used to restart from zeros there, mid-sample."""
+    from modalities.text.model import SelfConditioned
+
+    net = tiny_net(self_conditioning=True, head="softmax")
+    x, t = torch.randn(2, 4, 5), torch.tensor([10.0, 30.0])
+    chained = SelfConditioned(net)
+    guided = chained(torch.cat([x, x]), torch.cat([t, t]))
+    assert torch.equal(chained(x, t), net(x, t, x0_previous=guided[:2]))
+    last = chained.previous
+    assert torch.equal(chained(torch.cat([x, x]), torch.cat([t, t])),
+                       net(torch.cat([x, x]), torch.cat([t, t]), x0_previous=torch.cat([last, last])))
+
+    # In the core's sampler with the interval ending mid-way, only the first call sees zeros.
+    seen = []
+    conditional = tiny_net(mr_sizes=[3, 2], self_conditioning=True, head="softmax")
+    forward = conditional.forward
+
+    def recording(x, t, **kwargs):
+        seen.append(kwargs.get("x0_previous"))
+        return forward(x, t, **kwargs)
+
+    conditional.forward = recording
+    diffkit.Diffusion("sqrt", 50, "x0").sample(
+        SelfConditioned(conditional), (2, 4, 5), steps=6, sampler="ddim", generator=torch.Generator().manual_seed(0),
+        guidance_scale=3.0, guidance_interval=(1.0, None), mr=torch.tensor([[1, 1], [2, 0]]))
+    rows = [None if previous is None else previous.shape[0] for previous in seen]
+    assert 4 in rows and 2 in rows  # the run was guided, then not
+    assert seen[0] is None and all(previous is not None and previous.abs().sum() > 0 for previous in seen[1:])
+
+
 def test_objective_self_conditioning_and_word_term():
     net = tiny_net(self_conditioning=True, head="softmax")
     batch = batch_with_padding()

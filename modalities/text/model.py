@@ -208,8 +208,9 @@ class SelfConditioned:
     the core's sampler and bound call.
 
     ``chain=True`` (sampling): each call is conditioned on the previous call's estimate, which
-    is how the network was trained to be used; the first call, or one whose batch differs from
-    the last (a new sample), gets zeros. ``chain=False`` (the likelihood bound, where every call
+    is how the network was trained to be used; the first call, or one of another shape (a new
+    sample), gets zeros, except where guidance doubles or halves the batch (see
+    :meth:`_previous_for`). ``chain=False`` (the likelihood bound, where every call
     stands alone): two passes at the same x_t, the first's estimate feeding the second. Either
     way x0_hat is a function of the sampler's states, so the sampler and the bound stay exact.
     Use one instance per sampling run. ``temperature`` is the network's word temperature
@@ -226,10 +227,26 @@ class SelfConditioned:
         cond = {"temperature": self.temperature, **cond} if self.temperature != 1.0 else cond
         if not self.chain:
             return self.net(x, t, x0_previous=self.net(x, t, **cond).detach(), **cond)
-        previous = self.previous if self.previous is not None and self.previous.shape == x.shape else None
-        out = self.net(x, t, x0_previous=previous, **cond)
+        out = self.net(x, t, x0_previous=self._previous_for(x), **cond)
         self.previous = out.detach()
         return out
+
+    def _previous_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The last estimate, fitted to this call's batch. Classifier-free guidance calls the
+        network on a doubled batch (the core puts the conditional half first), so where a
+        guidance interval starts or ends the batch doubles or halves within one sample: the
+        estimate carries over (both halves continue it; the conditional half goes on alone).
+        Any other change of shape is a new sample, which starts from zeros."""
+        previous = self.previous
+        if previous is None or previous.shape[1:] != x.shape[1:]:
+            return None
+        if previous.shape[0] == x.shape[0]:
+            return previous
+        if previous.shape[0] == 2 * x.shape[0]:
+            return previous[: x.shape[0]]
+        if 2 * previous.shape[0] == x.shape[0]:
+            return torch.cat([previous, previous])
+        return None
 
 
 class NoisyMRClassifier(nn.Module):
