@@ -163,6 +163,13 @@ def model_denoiser(
     in [low, high] (Kynkaenniemi et al. 2024 limit it to middle noise for images); elsewhere the
     conditional prediction alone, one network call instead of two.
     """
+    try:
+        finite = not isinstance(guidance_scale, (bool, str, bytes)) and math.isfinite(float(guidance_scale))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:  # NaN would only surface steps later, as a NaN sample blamed on the model
+        raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {guidance_scale!r}")
+    guidance_scale = float(guidance_scale)
     interval = check_guidance_interval(guidance_interval)
     guided = [guidance_scale != 1.0] * len(context.grid.times)
     if interval is not None:

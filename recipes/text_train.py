@@ -49,7 +49,7 @@ from diffkit.trainer import Trainer
 # The recipe runs as a script from anywhere: make the repository's modalities importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modalities.text.data import MRVocabulary, encode_corpus, format_mr, load_corpus  # noqa: E402
+from modalities.text.data import MRVocabulary, encode_corpus, format_mr, is_e2e, load_corpus  # noqa: E402
 from modalities.text.modality import TextModel, load_text_model, sample_ids  # noqa: E402
 from modalities.text.model import HEADS, NoisyMRClassifier, TextDenoiser  # noqa: E402
 from modalities.text.objective import ClassifierObjective, TextObjective  # noqa: E402
@@ -169,14 +169,16 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if value is not None and key != "preset":
             s[key] = value
-    if args.conditional is None and not str(s["data"]).startswith("e2e"):
+    if args.conditional is None and not is_e2e(s["data"]):
         s["conditional"] = False  # a plain text file has no meaning representations
-    if s["conditional"] and not str(s["data"]).startswith("e2e"):
+    if s["conditional"] and not is_e2e(s["data"]):
         raise ValueError("--conditional needs E2E data (meaning representations); use --no-conditional")
     for key in ("max_length", "embed_dim", "hidden", "depth", "heads", "num_timesteps", "max_steps",
                 "batch_size", "min_count", "sample_steps"):
         if s[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if args.sample_temperature is None and s["head"] != "softmax":
+        s["sample_temperature"] = 1.0  # the presets' word temperature is a softmax head's
     if not s["sample_temperature"] > 0:
         raise ValueError(f"--sample-temperature must be > 0, got {s['sample_temperature']}")
     if s["sample_temperature"] != 1.0 and s["head"] != "softmax":
@@ -309,7 +311,7 @@ def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
 def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
     """--task classifier: p(MR slot codes | x_t, t) in the embedding space of --denoiser."""
     main_process = is_main_process()
-    if not str(s["data"]).startswith("e2e"):
+    if not is_e2e(s["data"]):
         raise ValueError("--task classifier learns meaning representations: it needs E2E data")
     denoiser = load_text_model(args.denoiser, "cpu")
     tokenizer = denoiser.tokenizer

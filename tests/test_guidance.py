@@ -135,6 +135,10 @@ def test_a_guidance_interval_guides_only_where_sigma_over_alpha_lies_in_it():
     for bad in ((2.0, 1.0), (-1.0, 2.0), (1.0,), "high", (float("nan"), 1.0)):
         with pytest.raises(ValueError, match="guidance_interval"):
             run(3.0, bad)
+    for bad in (float("nan"), float("inf"), "3", None):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            run(bad, None)
+    assert torch.equal(run(torch.tensor(3.0), None), everywhere)  # any real number will do
 
 
 def test_classifier_free_guidance_falls_back_to_two_calls_for_non_tensor_conditions():

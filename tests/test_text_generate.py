@@ -85,7 +85,7 @@ def test_word_temperature_default_and_override(checkpoint):
                           temperature=0.05)
     assert torch.equal(ids, explicit)
     for bad in (0, -1.0, "hot"):
-        with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             mod.generate(checkpoint=checkpoint, num_samples=1, temperature=bad)
 
 
@@ -366,6 +366,13 @@ def test_classifier_control_with_both_methods(checkpoint, classifier):
         mod.generate(checkpoint=checkpoint, num_samples=1, classifier=classifier)
     with pytest.raises(ValueError, match="classifier_scale needs classifier="):
         mod.generate(checkpoint=checkpoint, num_samples=1, control={"food": "Italian"}, classifier_scale=2.0)
+    with pytest.raises(ValueError, match="control_method chooses how a classifier steers: pass classifier="):
+        mod.generate(checkpoint=checkpoint, num_samples=1, control={"food": "Italian"}, control_method="adagrad")
+    for name, value in (("guidance_scale", float("nan")), ("classifier_scale", float("inf"))):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            mod.generate(checkpoint=checkpoint, num_samples=1, control={"food": "Italian"}, **{name: value})
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got inf"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, temperature=float("inf"))
     with pytest.raises(ValueError, match="unknown control_method 'sgd'"):
         mod.generate(checkpoint=checkpoint, num_samples=1, classifier=classifier, control={"food": "Italian"},
                      control_method="sgd")

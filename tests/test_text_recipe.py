@@ -151,3 +151,13 @@ def test_pretrained_tokenizer_directory(tmp_path):
                                     infill="the eagle is a [MASK] in the city centre .")
     assert all(t.startswith("the eagle is a ") and t.endswith("in the city centre.") for t in texts)
     assert not any("[CLS]" in t or "[SEP]" in t or "[PAD]" in t for t in texts)
+
+
+def test_a_regression_head_needs_no_temperature_flag_and_e2e_named_files_are_text_files(tmp_path):
+    parser = text_train.build_parser()
+    settings = text_train.resolve_settings(parser.parse_args(["--head", "regression"]))
+    assert settings["sample_temperature"] == 1.0  # the presets' 0.5 belongs to a softmax head
+    notes = tmp_path / "e2e_notes.txt"
+    settings = text_train.resolve_settings(parser.parse_args(["--data", str(notes)]))
+    assert settings["conditional"] is False
+    assert text_train.is_e2e("e2e") and text_train.is_e2e("e2e:/data/e2e") and not text_train.is_e2e("e2e_notes.txt")

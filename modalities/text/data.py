@@ -35,6 +35,7 @@ __all__ = [
     "parse_mr",
     "format_mr",
     "is_held_out",
+    "is_e2e",
     "load_e2e",
     "load_text_file",
     "load_corpus",
@@ -186,6 +187,13 @@ def load_text_file(path: str | os.PathLike) -> TextCorpus:
         raise ValueError(f"{path} holds no usable lines ({num_empty} empty, {num_invalid} not UTF-8); "
                          "give a UTF-8 text file with one example per line")
     return TextCorpus(texts, None, source=str(path), num_empty=num_empty, num_invalid=num_invalid)
+
+
+def is_e2e(spec: str | os.PathLike) -> bool:
+    """Whether a data spec names E2E data (``"e2e"`` or ``"e2e:DIR"``) rather than a text file
+    (``e2e_notes.txt`` is a text file)."""
+    spec = str(spec)
+    return spec == "e2e" or spec.startswith("e2e:")
 
 
 def load_corpus(spec: str, split: str = "train") -> TextCorpus:

@@ -455,7 +455,7 @@ def generate_text(
     temperature: float | None = None,
     classifier: str | os.PathLike | None = None,
     classifier_scale: float | None = None,
-    control_method: str = "gradient",
+    control_method: str | None = None,
 ) -> list[str]:
     """Sample ``num_samples`` texts; see the module docstring.
 
@@ -474,7 +474,7 @@ def generate_text(
         classifier: a noisy-embedding classifier checkpoint: ``control`` through it instead
             (plug-and-play control; works with unconditional checkpoints too).
         classifier_scale: the classifier's weight (default 1).
-        control_method: ``"gradient"`` (classifier guidance) or ``"adagrad"`` (Diffusion-LM's
+        control_method: with ``classifier``: ``"gradient"`` (classifier guidance, the default) or ``"adagrad"`` (Diffusion-LM's
             Adagrad steps on each state).
         length: tokens per sample (default: drawn from the training lengths).
         clamp: the clamping trick (snap x0 predictions to word embeddings at every step); None
@@ -485,8 +485,11 @@ def generate_text(
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
     resolve_steps(steps, FALLBACK_STEPS)  # a bad steps is an error before anything is loaded
-    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for name, value in (("guidance_scale", guidance_scale), ("classifier_scale", classifier_scale)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     controls = parse_control(control)  # check the syntax before loading anything
     check_guidance_interval(guidance_interval)
     model = load_text_model(checkpoint, device)
@@ -495,6 +498,9 @@ def generate_text(
     sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
     steps = resolve_steps(steps, int(model.default("steps", FALLBACK_STEPS)))
 
+    if control_method is not None and classifier is None:
+        raise ValueError("control_method chooses how a classifier steers: pass classifier= too, or leave it unset")
+    control_method = control_method or "gradient"
     if control_method not in CONTROL_METHODS:
         raise ValueError(f"unknown control_method {control_method!r}; choose one of {', '.join(CONTROL_METHODS)}")
     mr = None
@@ -680,7 +686,7 @@ class TextModality:
                                 "classifier-free guidance (recipes/text_train.py --task classifier)")
         group.add_argument("--classifier-scale", type=float, metavar="S",
                            help="weight of the classifier's gradient (default: 1)")
-        group.add_argument("--control-method", choices=CONTROL_METHODS, default="gradient",
+        group.add_argument("--control-method", choices=CONTROL_METHODS,
                            help="with --classifier: classifier guidance (gradient, default) or Diffusion-LM's "
                                 "Adagrad steps on each state (adagrad)")
         group.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
