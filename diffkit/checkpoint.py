@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -388,8 +387,25 @@ def config_text(config: Mapping[str, Any]) -> str:
     Calibrations hold long numeric tables (per-step errors, per-element statistics); one
     number per line would make config.json several times larger and unreadable.
     """
-    text = json.dumps(config, indent=2, sort_keys=False)
-    return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    return _json_text(config, "")
+
+
+def _json_text(value: Any, indent: str) -> str:
+    # json.dumps(indent=2) by hand, but for number lists; built from the values rather than by
+    # rewriting the text, so strings that look like number lists stay exactly as they are.
+    inner = indent + "  "
+    if isinstance(value, Mapping) and value:
+        items = ",\n".join(f"{inner}{json.dumps(str(key))}: {_json_text(item, inner)}" for key, item in value.items())
+        return "{\n" + items + "\n" + indent + "}"
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value):
+            return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+        return "[\n" + ",\n".join(inner + _json_text(item, inner) for item in value) + "\n" + indent + "]"
+    if isinstance(value, Mapping):
+        return "{}"
+    if isinstance(value, (list, tuple)):
+        return "[]"
+    return json.dumps(value)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -565,3 +565,13 @@ def test_files_are_copied_where_hard_links_are_not_supported(tmp_path, monkeypat
     loaded = load_checkpoint(tmp_path / "c")
     assert loaded.step == 2 and loaded.side_file("tokenizer.json").read_bytes() == b"{}"
     assert (tmp_path / "c" / "README.md").read_text() == "model card"
+
+
+def test_config_json_keeps_strings_as_written_and_number_lists_on_one_line(tmp_path):
+    config = {**CONFIG, "train": {"command": "recipe.py --grid [ 1, 2 ]  --x", "betas": [0.9, 0.999],
+                                  "nested": [[1, 2], {"a": []}], "flags": [True, False]}}
+    path = save_checkpoint(tmp_path / "c", model=TinyDenoiser(), config=config)
+    text = (path / "config.json").read_text()
+    assert load_checkpoint(path).config["train"] == config["train"]
+    assert '"betas": [0.9, 0.999]' in text and '"command": "recipe.py --grid [ 1, 2 ]  --x"' in text
+    assert json.loads(text) == json.loads(json.dumps(load_checkpoint(path).config))
