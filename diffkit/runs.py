@@ -85,12 +85,17 @@ def export_checkpoint(
     (e.g. ``["recipes/audio_train.py", *argv]``), ``seed``, the hardware, device and wall time
     (of this command) are recorded in ``extra`` so anyone can rerun it, with ``train_seconds``,
     the training time of every run that led to the weights (resumed runs included; None when
-    the run predates that record). Side files of the run (a tokenizer, normaliser statistics)
+    the run predates that record), and ``segments``, the record of each of those runs (steps,
+    command, weight-affecting settings, time, last loss; see :class:`~diffkit.trainer.Trainer`).
+    ``final_loss`` None takes the last run's. Side files of the run (a tokenizer, normaliser statistics)
     are copied along, plus any in ``side_files``. ``defaults`` (the exporting command's sampling
     defaults) replace ``modality_config["defaults"]`` of the run: exporting a finished run with
     new sampling flags trains nothing, so the run's own config still holds its old ones.
     """
     ckpt = load_checkpoint(run_checkpoint, modality=modality)
+    segments = ckpt.extra.get("segments")
+    if final_loss is None and isinstance(segments, list) and segments and isinstance(segments[-1], dict):
+        final_loss = segments[-1].get("final_loss")  # an export of a finished run trains nothing itself
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     weights = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
     record = {
@@ -101,6 +106,7 @@ def export_checkpoint(
         "wall_time_s": round(float(wall_time_s), 1),
         "train_seconds": _rounded(ckpt.extra.get("train_seconds")),
         "final_loss": final_loss,
+        "segments": segments,
         "weights": "EMA, float16" if ckpt.ema_state is not None else "float16",
         **dict(extra or {}),
     }

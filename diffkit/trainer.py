@@ -30,6 +30,8 @@ import json
 import logging
 import math
 import os
+import shlex
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -292,6 +294,11 @@ class Trainer:
         # resumed run adds its own to what the checkpoint records); None when it resumed from a
         # checkpoint that did not record it.
         self.train_seconds: float | None = 0.0
+        # One record per run (segment) that led to the current weights: its steps, command,
+        # weight-affecting settings, time and last loss. Earlier ones come from the checkpoint;
+        # the current one is added at each save. (The checkpoint's config["train"] is only the last run's.)
+        self.segments: list[dict[str, Any]] = []
+        self._segment: dict[str, Any] | None = None
         self.writer: Any = None  # the TensorBoard SummaryWriter while train() runs on the main process
         self._resumed = False
         # The loss_fn's value names of the first step; fixed so that every rank all-reduces
@@ -324,6 +331,11 @@ class Trainer:
                 dynamic_ncols=True,
                 disable=not (cfg.progress and self.is_main),
             )
+            self._segment = {"steps": [self.step, self.step], "command": shlex.join(sys.argv), "seconds": 0.0,
+                             "device": str(self.device), "world_size": self.world_size,
+                             "threads": torch.get_num_threads(),
+                             "train": {key: value for key, value in self.config.to_dict().items()
+                                       if key in _WEIGHT_SETTINGS}}
             self._loop(bar, writer)
             if self.last_saved_step != self.step:
                 self.save()
@@ -389,6 +401,11 @@ class Trainer:
         self.step = self.last_saved_step = ckpt.step
         recorded = ckpt.extra.get("train_seconds")
         self.train_seconds = float(recorded) if isinstance(recorded, (int, float)) else None
+        segments = ckpt.extra.get("segments")
+        if isinstance(segments, list):
+            self.segments = list(segments)
+        elif ckpt.step > 0:  # a checkpoint from before this record: its runs are unknown, not absent
+            self.segments = [{"steps": [0, ckpt.step], "command": None}]
         self._resumed = True
         if self.is_main:
             logger.info("resumed from %s at step %d", ckpt.path, ckpt.step)
@@ -413,7 +430,8 @@ class Trainer:
                 optimizer=self.optimizer,
                 lr_scheduler=self.lr_scheduler,
                 step=self.step,
-                extra={"world_size": self.world_size, "train_seconds": self.train_seconds},
+                extra={"world_size": self.world_size, "train_seconds": self.train_seconds,
+                       "segments": self._segments_so_far()},
                 side_files=self.side_files,
             )
         self.last_saved_step = self.step
@@ -463,8 +481,20 @@ class Trainer:
                 self.ema_model.eval()
                 with torch.no_grad():
                     self.sample_fn(self, step)
+            elapsed = time.perf_counter() - step_start
             if self.train_seconds is not None:
-                self.train_seconds += time.perf_counter() - step_start
+                self.train_seconds += elapsed
+            if self._segment is not None:
+                self._segment["seconds"] += elapsed
+
+    def _segments_so_far(self) -> list[dict[str, Any]]:
+        """The runs that led to the weights being saved, this one up to the current step included."""
+        if self._segment is None or self.step <= self._segment["steps"][0]:
+            return list(self.segments)
+        current = {**self._segment, "steps": [self._segment["steps"][0], self.step],
+                   "seconds": round(self._segment["seconds"], 1),
+                   "final_loss": self.history[-1]["loss"] if self.history else None}
+        return [*self.segments, current]
 
     def _train_step(self, step: int, micro_batches: list[Any]) -> tuple[dict[str, float], float, float]:
         """One optimizer step over ``micro_batches``.
@@ -662,6 +692,13 @@ def _model_differences(recorded: Mapping[str, Any] | None, current: Mapping[str,
     changed = [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
                if before.get(key) != after.get(key)]
     return ", ".join(changed) if changed else "the same recorded settings; the parameter shapes differ"
+
+
+# The TrainConfig fields that change the weights a run produces (the rest say where and how it reports),
+# recorded for each run of a resumed model.
+_WEIGHT_SETTINGS = ("max_steps", "batch_size", "lr", "warmup_steps", "lr_decay", "min_lr", "grad_accum_steps",
+                    "grad_clip", "ema_decay", "ema_start", "mixed_precision", "seed", "weight_decay", "betas",
+                    "adam_eps")
 
 
 def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:

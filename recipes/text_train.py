@@ -300,7 +300,7 @@ def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
     with tempfile.TemporaryDirectory() as tmp:
         # A run checkpoint holding only the chosen weights, exported the usual way.
         staged = save_checkpoint(Path(tmp) / "run", model=state, config=config, step=ckpt.step, side_files=side,
-                                 extra={"train_seconds": ckpt.extra.get("train_seconds")})
+                                 extra={key: ckpt.extra.get(key) for key in ("train_seconds", "segments")})
         path = export_checkpoint(staged, path, modality="text", **record, defaults=defaults,
                                  extra={"weights": f"{which.replace('-', ' ')}, float16"})
     for file in path.iterdir():

@@ -107,6 +107,41 @@ def test_training_time_adds_up_over_resumed_runs_and_is_exported(tmp_path):
     assert diffkit.load_checkpoint(third.checkpoint_dir).extra["train_seconds"] is None
 
 
+def test_each_run_of_a_resumed_model_is_recorded_and_exported(tmp_path):
+    import shlex
+
+    from diffkit.runs import export_checkpoint
+
+    first = make_trainer(make_config(tmp_path, "run", max_steps=3, lr=1e-2))
+    first.train()
+    second = make_trainer(make_config(tmp_path, "run", max_steps=5, lr=1e-3, save_every=1))
+    with pytest.warns(UserWarning, match="changed optimizer settings"):
+        second.train()
+    segments = diffkit.load_checkpoint(second.checkpoint_dir).extra["segments"]
+    assert [seg["steps"] for seg in segments] == [[0, 3], [3, 5]]
+    assert [seg["train"]["lr"] for seg in segments] == [1e-2, 1e-3]
+    assert [seg["train"]["max_steps"] for seg in segments] == [3, 5]
+    assert all(seg["command"] == shlex.join(sys.argv) and seg["seconds"] >= 0 for seg in segments)
+    assert segments[0]["final_loss"] == first.history[-1]["loss"]
+    assert segments[1]["final_loss"] == second.history[-1]["loss"]
+    assert "output_dir" not in segments[0]["train"]  # where a run reports is not part of its recipe
+    # An export of the finished run (it trains nothing) still says how the weights came about.
+    exported = export_checkpoint(second.checkpoint_dir, tmp_path / "export", modality="toy", command=["x"], seed=0,
+                                 wall_time_s=0.0)
+    extra = diffkit.load_checkpoint(exported).extra
+    assert extra["segments"] == segments and extra["final_loss"] == second.history[-1]["loss"]
+    # A checkpoint from before the record: its earlier runs are unknown, not absent.
+    config_file = second.checkpoint_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["extra"]["segments"]
+    config_file.write_text(json.dumps(config))
+    third = make_trainer(make_config(tmp_path, "run", max_steps=6, lr=1e-3))
+    third.train()
+    steps = [seg["steps"] for seg in diffkit.load_checkpoint(third.checkpoint_dir).extra["segments"]]
+    assert steps == [[0, 5], [5, 6]]
+    assert diffkit.load_checkpoint(third.checkpoint_dir).extra["segments"][0]["command"] is None
+
+
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
     runs = [make_trainer(make_config(tmp_path, f"r{i}", max_steps=2, seed=seed)) for i, seed in enumerate([5, 5, 6])]
     for run in runs:
