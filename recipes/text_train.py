@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import diffkit
-from diffkit.checkpoint import load_checkpoint, save_checkpoint
+from diffkit.checkpoint import checkpoint_exists, load_checkpoint, read_config, save_checkpoint
 from diffkit.runs import (
     add_sampling_default_arguments,
     add_training_arguments,
@@ -194,10 +194,29 @@ def load_tokenizer(s: dict[str, Any], texts: list[str]) -> TextTokenizer:
     or a word-level vocabulary trained on the texts."""
     saved = Path(s["output_dir"]) / "checkpoint" / TOKENIZER_FILE
     if saved.is_file():
-        return TextTokenizer.load(saved)  # resuming: the embedding rows belong to this vocabulary
+        tokenizer = TextTokenizer.load(saved)  # resuming: the embedding rows belong to this vocabulary
+        if s.get("tokenizer") and TextTokenizer.load(s["tokenizer"]).to_str() != tokenizer.to_str():
+            raise ValueError(f"--tokenizer {s['tokenizer']} is not the tokenizer of the run in {saved.parent}; "
+                             "leave --tokenizer out to resume that run, or choose another --output-dir for a new one")
+        return tokenizer
     if s.get("tokenizer"):
         return TextTokenizer.load(s["tokenizer"])
     return TextTokenizer.train(texts, min_count=s["min_count"])
+
+
+def check_same_run(s: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A run directory holds one run: resuming it with other data or another denoiser would go
+    on training its weights on something else (or ship them as if they were new). ``expected``
+    holds this command's values of the recorded ``modality_config`` entries that must match."""
+    directory = Path(s["output_dir"]) / "checkpoint"
+    if not checkpoint_exists(directory):
+        return
+    recorded = read_config(directory, modality="text").get("modality_config") or {}
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in expected.items()
+               if recorded.get(key) != value]
+    if changed:
+        raise ValueError(f"{directory} holds a run with other inputs ({', '.join(changed)}); resume it with its "
+                         "own, or choose another --output-dir for a new run")
 
 
 def build(s: dict[str, Any], tokenizer: TextTokenizer, mr_vocab: MRVocabulary | None):
@@ -314,6 +333,7 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
     if not is_e2e(s["data"]):
         raise ValueError("--task classifier learns meaning representations: it needs E2E data")
     denoiser = load_text_model(args.denoiser, "cpu")
+    check_same_run(s, {"kind": "classifier", "data": s["data"], "denoiser": str(denoiser.path)})
     tokenizer = denoiser.tokenizer
     corpus = load_corpus(s["data"], "train")
     values = denoiser.info.get("mr_values")
@@ -354,6 +374,7 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     if args.task == "classifier":
         return run_classifier(args, s, argv)
     main_process = is_main_process()  # torchrun starts one process per GPU
+    check_same_run(s, {"kind": None, "data": s["data"]})
     corpus = load_corpus(s["data"], "train")
     tokenizer = load_tokenizer(s, corpus.texts)
     mr_vocab = MRVocabulary.from_mrs(corpus.mrs) if s["conditional"] else None

@@ -161,3 +161,26 @@ def test_a_regression_head_needs_no_temperature_flag_and_e2e_named_files_are_tex
     settings = text_train.resolve_settings(parser.parse_args(["--data", str(notes)]))
     assert settings["conditional"] is False
     assert text_train.is_e2e("e2e") and text_train.is_e2e("e2e:/data/e2e") and not text_train.is_e2e("e2e_notes.txt")
+
+
+@pytest.mark.filterwarnings("ignore:.*(truncated|vocabulary).*:UserWarning")
+def test_a_run_directory_resumes_only_its_own_run(tmp_path, capsys):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("the cat sat\nthe dog ran\n" * 4, encoding="utf-8")
+    second.write_text("a bird flew\n" * 8, encoding="utf-8")
+    out = tmp_path / "run"
+    assert text_train.main(["--data", str(first), "--output-dir", str(out), "--max-steps", "1", *TINY]) == 0
+    weights = (out / "checkpoint" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    other_runs = [
+        (["--data", str(second)], f"holds a run with other inputs (data '{first}' -> '{second}')"),
+        (["--data", str(first), "--tokenizer", "modalities/text/checkpoints/e2e/tokenizer.json"],
+         "is not the tokenizer of the run"),
+        (["--data", "e2e", "--task", "classifier", "--denoiser", "modalities/text/checkpoints/e2e"],
+         "holds a run with other inputs (kind None -> 'classifier'"),
+    ]
+    for args, message in other_runs:
+        with pytest.raises(SystemExit) as info:
+            text_train.main([*args, "--output-dir", str(out), "--max-steps", "2", *TINY])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == weights
