@@ -542,7 +542,8 @@ def generate_text(
         unknown = sorted({word for template in templates for word in template.unknown_words})
         if unknown:
             warnings.warn(f"words of the infill template that are not in the vocabulary map to [UNK]: "
-                          f"{', '.join(unknown)}", stacklevel=2)
+                          f"{', '.join(unknown)} (the model reads them as [UNK]; the output keeps them as written)",
+                          stacklevel=2)
         # Templates of different lengths share a batch: each row is padded after its own end.
         lengths = torch.tensor([template.ids.numel() for template in templates])
         known_ids = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
@@ -563,7 +564,18 @@ def generate_text(
                      guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                      known_ids=known_ids, known_mask=known_mask, clamp=clamp, temperature=temperature,
                      extra_wrappers=extra_wrappers, progress=progress)
+    if infill is not None:
+        return [fill_template(text, template, row, model.tokenizer) for text, template, row in zip(texts, templates, ids)]
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
+
+
+def fill_template(text: str, template: InfillTemplate, ids: torch.Tensor, tokenizer) -> str:
+    """The infill template ``text`` as written, each [MASK] replaced by the word sampled at its
+    position (``ids`` the sampled row of ``template``): the user's words, case and spacing stay
+    exactly as given, unknown words included."""
+    holes = torch.nonzero(~template.known).flatten().tolist()
+    words = [tokenizer.decode([int(ids[i])]) for i in holes]
+    return "".join(piece + word for piece, word in zip(_MASK_RE.split(text), [*words, ""]))
 
 
 # ---------------------------------------------------------------------------------- likelihood
