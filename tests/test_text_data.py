@@ -100,6 +100,17 @@ def test_text_file_skips_and_counts_empty_and_invalid_lines(tmp_path):
         load_text_file(tmp_path / "nope.txt")
 
 
+def test_text_file_drops_a_utf8_byte_order_mark_and_refuses_utf16(tmp_path):
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes("Hello there\nHello again\n".encode("utf-8-sig"))
+    assert load_text_file(marked).texts == ["Hello there", "Hello again"]  # not '\ufeffHello'
+    for encoding in ("utf-16", "utf-16-be"):
+        wide = tmp_path / f"{encoding}.txt"
+        wide.write_bytes("the cat sat\nthe dog ran\n".encode(encoding))
+        with pytest.raises(ValueError, match="looks like UTF-16.*save it as UTF-8"):
+            load_text_file(wide)
+
+
 def test_mr_vocabulary_codes_and_clear_errors():
     vocab = MRVocabulary.from_mrs([{"name": "Aromi", "food": "Italian"}, {"name": "Zizzi", "food": "French"}])
     codes = vocab.encode({"name": "Zizzi", "food": "French"})

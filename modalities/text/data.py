@@ -14,6 +14,7 @@ evaluation both.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -171,6 +172,11 @@ def load_text_file(path: str | os.PathLike) -> TextCorpus:
         raw = path.read_bytes()
     except OSError as err:
         raise ValueError(f"cannot read text file {path}: {err.strerror or err}") from err
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in raw[:4096]:
+        # UTF-16 splits into lines that decode as UTF-8 full of NULs: refuse it rather than learn them.
+        raise ValueError(f"{path} looks like UTF-16 (byte-order mark or NUL bytes); save it as UTF-8, one "
+                         "example per line")
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows editors start UTF-8 files with one
     texts: list[str] = []
     num_empty = num_invalid = 0
     for line in raw.splitlines():
