@@ -17,7 +17,7 @@ command is run again), ``samples/step_XXXXXX.txt`` every ``--sample-every`` step
 ``tensorboard/`` logs. ``--export DIR`` finally writes a compact copy (float16 weights, EMA or
 trained per ``--export-weights``, the tokenizer as a side file) with the command, seed, hardware
 and wall time recorded: the form the shipped checkpoint ``modalities/text/checkpoints/e2e``
-takes (made by the first command below). ``--task classifier``
+takes (the cpu preset, run in parts; its README lists the commands). ``--task classifier``
 trains, instead of a denoiser, the classifier of plug-and-play control (p(MR slot | noisy
 embeddings)) for the denoiser given by ``--denoiser``.
 """
@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoiser", metavar="DIR",
                    help="--task classifier: the denoiser checkpoint whose embedding space it works in")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="e2e (the shipped copy, default), e2e:DIR (E2E CSVs elsewhere) or a UTF-8 "
-                                  "text file with one example per line")
+    g.add_argument("--data", help="e2e (the shipped copy, default), e2e:DIR (a directory holding the E2E dev and "
+                                  "test sets, devset.csv and testset_w_refs.csv, plain or .gz; trainset.csv is not "
+                                  "read) or a UTF-8 text file with one example per line")
     g.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
                    help="condition on E2E meaning representations (needed for --control; default: on for e2e)")
     g.add_argument("--tokenizer", metavar="PATH",
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, write a compact float16 checkpoint (with the tokenizer) here")
     g.add_argument("--export-weights", choices=EXPORT_WEIGHTS,
                    help="which weights --export ships: the EMA, the EMA without its share of the initial weights "
-                        "(ema-debiased), or the raw trained weights (model)")
+                        "(ema-debiased; denoisers only), or the raw trained weights (model) (default: the preset's: "
+                        "cpu model, gpu ema)")
     return p
 
 
@@ -185,6 +187,13 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--sample-temperature sharpens a softmax head's word distribution; use --head softmax "
                          "or leave it at 1")
     sampling_defaults(s)  # bad sampling defaults are a usage error before anything is built
+    if args.export_weights == "ema-debiased":  # found now, not after hours of training
+        if args.task == "classifier":
+            raise ValueError("--export-weights ema-debiased is for denoisers; export a classifier with ema or model")
+        if s["ema_decay"] ** s["max_steps"] > 0.5:
+            raise ValueError(f"--export-weights ema-debiased needs at most half of the initial weights left in the "
+                             f"EMA, but {s['max_steps']} steps at --ema-decay {s['ema_decay']} leave "
+                             f"{s['ema_decay'] ** s['max_steps']:.2f}; use ema or model, or train longer")
     s.setdefault("output_dir", f"runs/text-{args.preset}" + ("-classifier" if args.task == "classifier" else ""))
     return s
 

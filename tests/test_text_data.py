@@ -83,6 +83,9 @@ def test_e2e_reads_plain_csv_directories_and_counts_empty_references(tmp_path):
         load_e2e("all", root=tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown E2E split"):
         load_e2e("dev")
+    (tmp_path / "testset_w_refs.csv").write_text('mr,ref\n"name[Zizzi]",Fine.\n"nme[Zizzi]",Bad.\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"testset_w_refs.csv, row 3: unknown slot 'nme'"):
+        load_corpus(f"e2e:{tmp_path}", "all")
 
 
 def test_text_file_skips_and_counts_empty_and_invalid_lines(tmp_path):

@@ -334,6 +334,8 @@ def test_nll_per_token(checkpoint):
         nll_per_token("one string", checkpoint=checkpoint)
     with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
         nll_per_token(texts, checkpoint=checkpoint, steps=0)
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+        nll_per_token(texts, checkpoint=checkpoint, batch_size=0)
     # Diffusion-LM's embedding-space quantity swaps the rounding decoder for the Gaussian one.
     embedding = nll_per_token(texts, checkpoint=checkpoint, steps=4, bound="embedding")
     assert torch.isfinite(embedding).all() and not torch.equal(embedding, bits)

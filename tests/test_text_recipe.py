@@ -119,6 +119,9 @@ def test_help_explains_itself(capsys):
     (["--sample-temperature", "0.5", "--head", "regression"], "use --head softmax or leave it at 1"),
     (["--preset", "tpu"], "invalid choice"),
     (["--guidance-interval", "2", "1"], "--guidance-interval: guidance_interval needs 0 <= low < high"),
+    (["--export-weights", "ema-debiased"], "leave 1.00; use ema or model, or train longer"),
+    (["--export-weights", "ema-debiased", "--task", "classifier", "--denoiser", "modalities/text/checkpoints/e2e"],
+     "ema-debiased is for denoisers"),
 ])
 def test_bad_input_is_a_clear_error_without_traceback(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -149,7 +152,7 @@ def test_pretrained_tokenizer_directory(tmp_path):
     assert model_tokens == 30522
     texts = TextModality().generate(checkpoint=out / "checkpoint", num_samples=2, steps=2, seed=0,
                                     infill="the eagle is a [MASK] in the city centre .")
-    assert all(t.startswith("the eagle is a ") and t.endswith("in the city centre.") for t in texts)
+    assert all(t.startswith("the eagle is a ") and t.endswith(" in the city centre .") for t in texts)  # as written
     assert not any("[CLS]" in t or "[SEP]" in t or "[PAD]" in t for t in texts)
 
 

@@ -137,6 +137,8 @@ def load_e2e(split: str = "train", root: str | os.PathLike | None = None,
 
     ``split``: ``"train"`` (MRs outside the held-out set), ``"eval"`` (the fixed held-out
     MRs, see :func:`is_held_out`) or ``"all"``. Files may be plain or gzip-compressed CSV.
+    Only ``files`` are read (the dev and test sets, as shipped): an official ``trainset.csv``
+    in ``root`` is not, unless it is listed there.
     """
     if split not in ("train", "eval", "all"):
         raise ValueError(f"unknown E2E split {split!r}; use train, eval or all")
@@ -151,12 +153,15 @@ def load_e2e(split: str = "train", root: str | os.PathLike | None = None,
         if not path.is_file():
             raise ValueError(f"E2E file {path} not found; it ships in data/e2e (or point --data at "
                              "a directory holding devset.csv and testset_w_refs.csv)")
-        for row in _read_csv(path):
+        for number, row in enumerate(_read_csv(path), start=2):  # row 1 is the header
             text = (row.get("ref") or "").strip()
             if not text:
                 num_empty += 1
                 continue
-            slots = parse_mr(row["mr"])
+            try:
+                slots = parse_mr(row["mr"])
+            except ValueError as err:
+                raise ValueError(f"{path}, row {number}: {err}") from None
             if split != "all" and is_held_out(slots) != (split == "eval"):
                 continue
             texts.append(text)

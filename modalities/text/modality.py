@@ -601,6 +601,8 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
         raise ValueError(f"bound must be 'discrete' or 'embedding', got {bound!r}")
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     model = load_text_model(checkpoint, device)
     net, dev, diff = model.net, model.device, model.diffusion
     enc = model.tokenizer.encode(list(texts), model.max_length)

@@ -57,7 +57,8 @@ class TextTokenizer:
         self.pad_id = next((vocab[name] for name in _PAD_NAMES if name in vocab), None)
         if self.pad_id is None:
             raise ValueError(f"tokenizer {source or ''} has no padding token (tried "
-                             f"{', '.join(_PAD_NAMES)}); add one, e.g. train with --min-count")
+                             f"{', '.join(_PAD_NAMES)}); add a special token named [PAD] to it, or leave "
+                             "--tokenizer out to train a word-level vocabulary that has one")
         self.unk_id = next((vocab[name] for name in _UNK_NAMES if name in vocab), None)
         # Special tokens (padding, mask, [CLS]...) are never generated: rounding skips them.
         added = tokenizer.get_added_tokens_decoder() if hasattr(tokenizer, "get_added_tokens_decoder") else {}
@@ -153,7 +154,8 @@ class TextTokenizer:
             lengths[row] = len(tokens)
         if warn and truncated:
             warnings.warn(f"{truncated} of {len(texts)} texts are longer than {max_length} tokens "
-                          "and were truncated (raise --max-length to keep them whole)", stacklevel=2)
+                          "and were truncated (a model handles at most its max_length; recipes/text_train.py "
+                          "--max-length trains a longer one)", stacklevel=2)
         if warn and unknown:
             warnings.warn(f"{sum(unknown.values())} words are not in the vocabulary and map to "
                           f"{UNK}: {_describe_counts(unknown)}", stacklevel=2)
