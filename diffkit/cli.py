@@ -286,10 +286,30 @@ def _info(args: argparse.Namespace) -> int:
     lines.append(f"checksums      {len(checksums)} file(s), verified on load" if isinstance(checksums, dict)
                  else "checksums      none (written before diffkit recorded them)")
     lines.append(f"written by     {_compact(config.get('versions'))}")
-    if config.get("extra"):
-        lines.append(f"extra          {_compact(config['extra'])}")
+    extra = dict(config.get("extra") or {})
+    segments = extra.pop("segments", None)
+    if extra:
+        lines.append(f"extra          {_compact(extra)}")
+    if isinstance(segments, list):
+        # One line per run that led to these weights (a resumed model has several).
+        for number, segment in enumerate(segments, start=1):
+            if isinstance(segment, dict):
+                lines.append(f"run {number:<10} {_segment_summary(segment)}")
     print("\n".join(lines))
     return 0
+
+
+def _segment_summary(segment: dict) -> str:
+    steps = segment.get("steps") or ["?", "?"]
+    parts = [f"steps {steps[0]}-{steps[-1]}"]
+    if isinstance(segment.get("seconds"), (int, float)):
+        parts.append(f"{segment['seconds']:.0f} s")
+    if segment.get("device"):
+        parts.append(f"{segment['device']}, {segment.get('threads', '?')} threads, world size {segment.get('world_size', 1)}")
+    if isinstance(segment.get("final_loss"), (int, float)):
+        parts.append(f"last loss {segment['final_loss']:.4g}")
+    parts.append(f"command: {segment['command']}" if segment.get("command") else "not recorded")
+    return "; ".join(parts)
 
 
 def _file_sizes(directory: Path) -> list[str]:

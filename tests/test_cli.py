@@ -32,7 +32,10 @@ def toy(monkeypatch):
 @pytest.fixture
 def checkpoint(tmp_path):
     return save_checkpoint(
-        tmp_path / "ckpt", model=TinyDenoiser(), step=12, extra={"note": "x"},
+        tmp_path / "ckpt", model=TinyDenoiser(), step=12,
+        extra={"note": "x", "segments": [{"steps": [0, 8], "command": None},
+                                         {"steps": [8, 12], "command": "train.py --max-steps 12", "seconds": 3.2,
+                                          "device": "cpu", "threads": 2, "world_size": 1, "final_loss": 0.25}]},
         config={"modality": "toy", "model": {"class": "TinyDenoiser", "kwargs": {"hidden": 16}},
                 "diffusion": {"class": "Diffusion", "schedule": {"name": "cosine", "betas": [0.1] * 50}}},
     )
@@ -101,6 +104,10 @@ def test_info_summarises_a_checkpoint(checkpoint, capsys):
     assert 'schedule="cosine"' in text and "0.1, 0.1" not in text  # the beta table is left out
     params = sum(p.numel() for p in TinyDenoiser().parameters()) + 1  # + the `calls` buffer
     assert f"parameters     {params:,}" in text
+    assert 'extra          note="x"\n' in text  # the runs get a line each instead
+    assert "run 1          steps 0-8; not recorded" in text
+    assert ("run 2          steps 8-12; 3 s; cpu, 2 threads, world size 1; last loss 0.25; "
+            "command: train.py --max-steps 12") in text
     assert main(["info", str(checkpoint), "--json"]) == 0
     assert '"format": "diffkit-checkpoint"' in capsys.readouterr().out
 
