@@ -257,7 +257,8 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
 
 
 def control_rates(tokenizer, texts, targets) -> dict[str, float]:
-    """Per slot and overall: the share of (text, slot=value) targets whose value appears."""
+    """Per slot and overall: the share of (text, slot=value) targets whose value appears, and
+    ``all_se``, the binomial standard error of the overall share."""
     hits: dict[str, list[bool]] = {}
     for text, target in zip(texts, targets):
         for slot, value in target.items():
@@ -265,6 +266,7 @@ def control_rates(tokenizer, texts, targets) -> dict[str, float]:
     out = {slot: sum(h) / len(h) for slot, h in sorted(hits.items(), key=lambda kv: SLOTS.index(kv[0]))}
     every = [x for h in hits.values() for x in h]
     out["all"] = sum(every) / max(1, len(every))
+    out["all_se"] = math.sqrt(out["all"] * (1 - out["all"]) / max(1, len(every)))
     return out
 
 
@@ -496,6 +498,10 @@ def guidance_interval_words(interval) -> str:
     return f", guided where sigma/alpha >= {low:g}" if high is None else f", guided where {low:g} <= sigma/alpha <= {high:g}"
 
 
+def _se(rates: dict) -> str:
+    return f" +- {rates['all_se']:.2f}" if "all_se" in rates else ""
+
+
 def write(results: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"text_quality_{name}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n",
@@ -538,8 +544,8 @@ def write(results: dict, out_dir: Path, name: str) -> None:
     if "control_single" in first:
         slots = [s for s in SLOTS if s in first["control_single"]]
         lines += ["", "Control success (the requested value appears in the text), one slot at a time over every "
-                  "(slot, value) pair of the held-out MRs; `none` is the same targets without control; `perplexity` is the "
-                  "judge's on the same samples:", "",
+                  "(slot, value) pair of the held-out MRs; `none` is the same targets without control; `all` is given with "
+                  "its binomial standard error; `perplexity` is the judge's on the same samples:", "",
                   "| control | steps | " + " | ".join(slots) + " | all | perplexity |",
                   "|---|---|" + "---|" * (len(slots) + 2)]
         scale = results["guidance_scale"]
@@ -563,11 +569,11 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                 for label, r in labelled.items():
                     ppl = f"{r['perplexity']:.1f}" if "perplexity" in r else ""
                     lines.append(f"| {label} | {steps} | " + " | ".join(
-                        f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}** | {ppl} |")
+                        f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}**{_se(r)} | {ppl} |")
         if "control_human" in results:
             r = results["control_human"]
             lines.append("| held-out human text, its own whole MR (the measure's ceiling) | | " + " | ".join(
-                f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}** | |")
+                f"{r[s]:.2f}" if s in r else "" for s in slots) + f" | **{r['all']:.2f}**{_se(r)} | |")
     nll = results.get("nll")
     if nll:
         lines += ["", f"Likelihood on {nll['texts']} held-out texts, bits per token. Diffusion: upper bounds over a "

@@ -98,4 +98,4 @@ def test_the_control_measure_needs_the_values_words_in_order(model):
     assert bench.value_appears(tok, "Kids are welcome .", "familyFriendly", "yes")
     rates = bench.control_rates(tok, [text, "The Eagle is a pub ."], [{"near": "Café Sicilia"}, {"near": "Café Sicilia",
                                                                                             "eatType": "pub"}])
-    assert rates == {"eatType": 1.0, "near": 0.5, "all": 2 / 3}
+    assert rates == {"eatType": 1.0, "near": 0.5, "all": 2 / 3, "all_se": (2 / 3 * 1 / 3 / 3) ** 0.5}
