@@ -59,6 +59,8 @@ import diffkit  # noqa: E402
 from diffkit.runs import hardware_summary, seeded_generator  # noqa: E402
 from modalities.text.data import SLOTS, load_corpus  # noqa: E402
 from modalities.text.modality import (  # noqa: E402
+    RowConditions,
+    TextSampling,
     _lengths,
     classifier_control,
     load_classifier,
@@ -246,11 +248,9 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
         extra = (lambda rows, mask, start=start: wrappers_fn(start, rows, mask)) if wrappers_fn else None
         t0 = time.perf_counter()
         with torch.no_grad():  # classifier guidance turns gradients on where it needs them
-            ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps,
-                             mr=None if mr is None else mr[start: start + k], guidance_scale=scale,
-                             guidance_interval=guidance_interval,
-                             extra_wrappers=extra, clamp=clamp, temperature=temperature,
-                             group_by_length=group_by_length)
+            ids = sample_ids(model, lengths, TextSampling(sampler, steps, scale, guidance_interval, clamp, temperature),
+                             RowConditions(mr=None if mr is None else mr[start: start + k], extra_wrappers=extra),
+                             generator=gen, group_by_length=group_by_length)
         seconds += time.perf_counter() - t0
         texts += [model.tokenizer.decode(row[: int(m)].tolist()) for row, m in zip(ids, lengths)]
     return texts, seconds

@@ -50,7 +50,7 @@ from diffkit.trainer import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modalities.text.data import MRVocabulary, encode_corpus, format_mr, is_e2e, load_corpus  # noqa: E402
-from modalities.text.modality import TextModel, load_text_model, sample_ids  # noqa: E402
+from modalities.text.modality import RowConditions, TextModel, TextSampling, load_text_model, sample_ids  # noqa: E402
 from modalities.text.model import HEADS, NoisyMRClassifier, TextDenoiser  # noqa: E402
 from modalities.text.objective import ClassifierObjective, TextObjective  # noqa: E402
 from modalities.text.tokenizer import TOKENIZER_FILE, TextTokenizer  # noqa: E402
@@ -274,13 +274,13 @@ def make_sample_fn(s, diffusion, tokenizer, info, mr_vocab: MRVocabulary | None,
         counts = torch.tensor(info["length_counts"], dtype=torch.float64)
         counts[0] = 0
         lengths = torch.multinomial(counts, num, replacement=True, generator=g)
-        ids = sample_ids(model, lengths, generator=g, sampler=s["sampler"], steps=s["sample_steps"])
+        ids = sample_ids(model, lengths, TextSampling(s["sampler"], s["sample_steps"]), generator=g)
         lines = [tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
         if held_out:
             mr = torch.tensor([mr_vocab.encode(m) for m in held_out])
             lengths = torch.multinomial(counts, len(held_out), replacement=True, generator=g)
-            ids = sample_ids(model, lengths, generator=g, sampler=s["sampler"], steps=s["sample_steps"], mr=mr,
-                             guidance_scale=s["guidance_scale"])
+            ids = sample_ids(model, lengths, TextSampling(s["sampler"], s["sample_steps"], s["guidance_scale"]),
+                             RowConditions(mr=mr), generator=g)
             lines += [f"{format_mr(m)} => {tokenizer.decode(row[: int(k)].tolist())}"
                       for m, row, k in zip(held_out, ids, lengths)]
         out.mkdir(parents=True, exist_ok=True)

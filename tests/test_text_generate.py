@@ -12,7 +12,7 @@ import diffkit
 from diffkit.cli import main as cli_main
 from diffkit.registry import available_modalities, register_modality, unregister_modality
 from modalities.text import DEFAULT_CHECKPOINT, SLOTS, TextModality, load_text_model, nll_per_token, parse_control
-from modalities.text.modality import TextModel, parse_infill, sample_ids
+from modalities.text.modality import RowConditions, TextModel, TextSampling, parse_infill, sample_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import text_train  # noqa: E402
@@ -80,9 +80,9 @@ def test_word_temperature_default_and_override(checkpoint):
     assert TextModel(model.path, model.net, model.diffusion, model.tokenizer, {}).default_temperature == 1.0
     recorded = TextModel(model.path, model.net, model.diffusion, model.tokenizer, {"defaults": {"temperature": 0.05}})
     lengths = torch.tensor([5, 3])
-    ids = sample_ids(recorded, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)
-    explicit = sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3,
-                          temperature=0.05)
+    ids = sample_ids(recorded, lengths, TextSampling("ddim", 3), generator=torch.Generator().manual_seed(0))
+    explicit = sample_ids(model, lengths, TextSampling("ddim", 3, temperature=0.05),
+                          generator=torch.Generator().manual_seed(0))
     assert torch.equal(ids, explicit)
     for bad in (0, -1.0, "hot"):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
@@ -104,8 +104,8 @@ def test_guidance_interval_default_and_override(checkpoint):
 
     def draw(interval):
         batches.clear()
-        return sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=10,
-                          mr=mr, guidance_scale=3.0, guidance_interval=interval)
+        return sample_ids(model, lengths, TextSampling("ddim", 10, 3.0, interval), RowConditions(mr=mr),
+                          generator=torch.Generator().manual_seed(0))
 
     try:
         default = draw(None)
@@ -134,8 +134,9 @@ def test_infill_keeps_known_words_exactly_and_sets_the_length(checkpoint):
     assert template.ids.numel() == len(words) and template.known.tolist() == [w != "[MASK]" for w in words]
     n = 3
     lengths = torch.full((n,), len(words))
-    ids = sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3,
-                     known_ids=template.ids.expand(n, -1), known_mask=template.known.expand(n, -1))
+    ids = sample_ids(model, lengths, TextSampling("ddim", 3),
+                     RowConditions(known_ids=template.ids.expand(n, -1), known_mask=template.known.expand(n, -1)),
+                     generator=torch.Generator().manual_seed(0))
     assert ids.shape == (n, len(words))
     assert torch.equal(ids[:, template.known], template.ids[template.known].expand(n, -1))
     assert (ids[:, ~template.known] != model.tokenizer.pad_id).all()
@@ -199,8 +200,8 @@ def test_grouped_sampling_keeps_every_row_in_place(checkpoint):
         seen.append((rows.tolist(), tuple(mask.shape)))
         return []
 
-    ids = sample_ids(model, lengths, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=2, mr=mr,
-                     guidance_scale=2.0, known_ids=known_ids, known_mask=known_mask, extra_wrappers=extra)
+    ids = sample_ids(model, lengths, TextSampling("ddim", 2, 2.0), RowConditions(mr, known_ids, known_mask, extra),
+                     generator=torch.Generator().manual_seed(0))
     assert ids.shape == (n, 30)
     assert torch.equal(ids[:, 0], known_ids[:, 0])
     real = torch.arange(30)[None] < lengths[:, None]
@@ -209,10 +210,9 @@ def test_grouped_sampling_keeps_every_row_in_place(checkpoint):
     assert sorted(seen) == sorted([(short, (len(short), 2)), ([12, 13, 14], (3, 30))])
     # One group reproduces the plain padded batch.
     same = torch.full((4,), 6)
-    kwargs = dict(sampler="ddim", steps=2, known_ids=known_ids[:4, :6], known_mask=known_mask[:4, :6])
-    assert torch.equal(sample_ids(model, same, generator=torch.Generator().manual_seed(1), **kwargs),
-                       sample_ids(model, same, generator=torch.Generator().manual_seed(1), group_by_length=False,
-                                  **kwargs))
+    args = (TextSampling("ddim", 2), RowConditions(known_ids=known_ids[:4, :6], known_mask=known_mask[:4, :6]))
+    assert torch.equal(sample_ids(model, same, *args, generator=torch.Generator().manual_seed(1)),
+                       sample_ids(model, same, *args, generator=torch.Generator().manual_seed(1), group_by_length=False))
 
 
 def test_infill_one_template_per_sample_of_different_lengths(checkpoint):

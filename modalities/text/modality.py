@@ -48,6 +48,9 @@ __all__ = [
     "load_text_model",
     "load_classifier",
     "generate_text",
+    "sample_ids",
+    "TextSampling",
+    "RowConditions",
     "nll_per_token",
     "parse_control",
     "save_text",
@@ -367,73 +370,108 @@ def length_groups(lengths: torch.Tensor, *, extra_tokens: int = 0,
     return [torch.nonzero((lengths >= low) & (lengths <= high)).flatten() for low, high in reversed(bounds)]
 
 
-def sample_ids(model: TextModel, lengths: torch.Tensor, *, generator: torch.Generator,
-               sampler: str, steps: int, mr: torch.Tensor | None = None, guidance_scale: float = 1.0,
-               guidance_interval: Sequence[float | None] | None = None,
-               known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-               clamp: bool | None = None, temperature: float | None = None,
-               extra_wrappers: Callable[[torch.Tensor, torch.Tensor], Sequence] | None = None,
-               group_by_length: bool = True, progress: bool = False) -> torch.Tensor:
-    """Token ids (N, L) from the core's sampler: L = the longest length, padding after each.
+@dataclass(frozen=True)
+class TextSampling:
+    """How to sample: the core's ``sampler`` and ``steps``, classifier-free ``guidance_scale``
+    (1 = off) and ``guidance_interval`` (the core's: guide only where sigma/alpha lies in it;
+    ``(0, None)`` guides at every step), the clamping trick and the word temperature of a
+    softmax head (see :meth:`TextDenoiser.forward`). ``guidance_interval``, ``clamp`` and
+    ``temperature`` None follow the checkpoint (:meth:`TextModel.default`,
+    :attr:`TextModel.default_clamp`, :attr:`TextModel.default_temperature`)."""
 
-    ``known_ids``/``known_mask`` (N, L) hold words fixed in place (infilling). ``clamp`` and
-    ``temperature`` (the word temperature of a softmax head, see :meth:`TextDenoiser.forward`)
-    None follow the checkpoint (:attr:`TextModel.default_clamp`,
-    :attr:`TextModel.default_temperature`), and ``guidance_interval`` None the checkpoint's
-    ``guidance_interval`` (the core's: guide only where sigma/alpha lies in it; ``(0, None)``
-    guides at every step).
+    sampler: str
+    steps: int
+    guidance_scale: float = 1.0
+    guidance_interval: Sequence[float | None] | None = None
+    clamp: bool | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class RowConditions:
+    """What each of the N rows of a batch is sampled under; every field is None or one entry per row.
+
+    ``mr`` (N, S): MR slot codes, the condition of classifier-free guidance. ``known_ids`` /
+    ``known_mask`` (N, L): words an infilling template holds fixed in place.
+    ``extra_wrappers(rows, attention_mask)``: the extra core wrappers (e.g. classifier control)
+    for the rows ``rows`` (indices into the N) and their (len(rows), L) mask, laid outside the
+    built-in ones.
+    """
+
+    mr: torch.Tensor | None = None
+    known_ids: torch.Tensor | None = None
+    known_mask: torch.Tensor | None = None
+    extra_wrappers: Callable[[torch.Tensor, torch.Tensor], Sequence] | None = None
+
+    def select(self, rows: torch.Tensor) -> RowConditions:
+        """The conditions of ``rows`` alone (a length group), wrappers re-indexed to them."""
+        def pick(value):
+            return None if value is None else value[rows]
+
+        wrappers = None
+        if self.extra_wrappers is not None:
+            outer = self.extra_wrappers
+
+            def wrappers(group_rows: torch.Tensor, mask: torch.Tensor) -> Sequence:
+                return outer(rows[group_rows], mask)
+
+        return RowConditions(pick(self.mr), pick(self.known_ids), pick(self.known_mask), wrappers)
+
+
+def sample_ids(model: TextModel, lengths: torch.Tensor, settings: TextSampling,
+               conditions: RowConditions = RowConditions(), *, generator: torch.Generator,
+               group_by_length: bool = True, progress: bool = False) -> torch.Tensor:
+    """Token ids (N, L) from the core's sampler: L = the longest of ``lengths`` (N,), padding
+    after each row's own.
 
     With ``group_by_length`` rows are sampled in groups of similar length (:func:`length_groups`),
     each padded only to its own longest: on E2E lengths about 1.7 times faster than one batch
     padded to the longest, with the same model and sampler. The draws depend on the grouping,
     so the same seed gives the same texts for the same ``lengths``.
-    ``extra_wrappers(rows, attention_mask)`` builds the extra core wrappers (e.g. classifier
-    control) for one group: its row indices into the N rows and its (rows, L_group) mask;
-    they are laid outside the built-in ones.
     """
-    n = lengths.shape[0]
     groups = length_groups(lengths, extra_tokens=len(model.net.mr_sizes or ())) if group_by_length else []
-    if len(groups) > 1:
-        out = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
-        for rows in groups:
-            def pick(value, rows=rows):
-                return None if value is None else value[rows]
+    if len(groups) <= 1:
+        return _sample_group(model, lengths, settings, conditions, generator, progress)
+    out = torch.full((lengths.shape[0], int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
+    for rows in groups:
+        out[rows, : int(lengths[rows].max())] = _sample_group(model, lengths[rows], settings, conditions.select(rows),
+                                                              generator, progress)
+    return out
 
-            def group_wrappers(group_rows, mask, rows=rows):
-                return extra_wrappers(rows[group_rows], mask)
 
-            out[rows, : int(lengths[rows].max())] = sample_ids(
-                model, lengths[rows], generator=generator, sampler=sampler, steps=steps, mr=pick(mr),
-                guidance_scale=guidance_scale, guidance_interval=guidance_interval, known_ids=pick(known_ids),
-                known_mask=pick(known_mask), clamp=clamp,
-                temperature=temperature, extra_wrappers=group_wrappers if extra_wrappers else None,
-                group_by_length=False, progress=progress)
-        return out
+def _sample_group(model: TextModel, lengths: torch.Tensor, settings: TextSampling, conditions: RowConditions,
+                  generator: torch.Generator, progress: bool) -> torch.Tensor:
+    """:func:`sample_ids` for rows sampled as one batch, padded to their longest."""
     net, dev = model.net, model.device
-    temperature = model.default_temperature if temperature is None else float(temperature)
-    if guidance_interval is None:
-        guidance_interval = model.default("guidance_interval", None)
+    temperature = model.default_temperature if settings.temperature is None else float(settings.temperature)
+    interval = settings.guidance_interval
+    if interval is None:
+        interval = model.default("guidance_interval", None)
+    clamp = model.default_clamp if settings.clamp is None else settings.clamp
     n = lengths.shape[0]
     attention_mask = padding_mask(lengths, dev)
     length = attention_mask.shape[1]
     cond: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
-    if mr is not None:
-        cond["mr"] = mr.to(dev)
+    if conditions.mr is not None:
+        cond["mr"] = conditions.mr.to(dev)
+    known_ids = known_mask = None
+    if conditions.known_ids is not None:
+        known_ids, known_mask = conditions.known_ids[:, :length].to(dev), conditions.known_mask[:, :length].to(dev)
     chain = []
-    if model.default_clamp if clamp is None else clamp:
+    if clamp:
         chain.append(X0Transform(snap_to_embeddings(net, model.allowed, attention_mask)))
     if known_ids is not None:
-        mask = known_mask[:, :length].to(dev)[:, None, :].expand(n, net.embed_dim, length)
-        chain.append(KnownValues(mask, net.embed(known_ids[:, :length].to(dev))))
-    if extra_wrappers is not None:
-        chain.extend(extra_wrappers(torch.arange(n), attention_mask))
+        mask = known_mask[:, None, :].expand(n, net.embed_dim, length)
+        chain.append(KnownValues(mask, net.embed(known_ids)))
+    if conditions.extra_wrappers is not None:
+        chain.extend(conditions.extra_wrappers(torch.arange(n), attention_mask))
     x = model.diffusion.sample(denoiser_call(net, temperature=temperature), (n, net.embed_dim, length),
-                               sampler=sampler, steps=steps, generator=generator, device=dev,
-                               guidance_scale=guidance_scale, guidance_interval=guidance_interval, wrappers=chain,
+                               sampler=settings.sampler, steps=settings.steps, generator=generator, device=dev,
+                               guidance_scale=settings.guidance_scale, guidance_interval=interval, wrappers=chain,
                                progress=progress, **cond)
     ids = net.nearest(x, model.allowed)
     if known_ids is not None:  # a template's words stay as written, [UNK] included
-        ids = torch.where(known_mask[:, :length].to(dev), known_ids[:, :length].to(dev), ids)
+        ids = torch.where(known_mask, known_ids, ids)
     return ids.masked_fill(~attention_mask, model.tokenizer.pad_id).cpu()
 
 
@@ -560,10 +598,9 @@ def generate_text(
 
         def extra_wrappers(rows: torch.Tensor, attention_mask: torch.Tensor) -> list:
             return [classifier_control(clf, clf_codes[rows], attention_mask, control_method, scale)]
-    ids = sample_ids(model, lengths, generator=gen, sampler=sampler, steps=steps, mr=mr,
-                     guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                     known_ids=known_ids, known_mask=known_mask, clamp=clamp, temperature=temperature,
-                     extra_wrappers=extra_wrappers, progress=progress)
+    settings = TextSampling(sampler, steps, guidance_scale, guidance_interval, clamp, temperature)
+    conditions = RowConditions(mr, known_ids, known_mask, extra_wrappers)
+    ids = sample_ids(model, lengths, settings, conditions, generator=gen, progress=progress)
     if infill is not None:
         return [fill_template(text, template, row, model.tokenizer) for text, template, row in zip(texts, templates, ids)]
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
