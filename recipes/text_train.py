@@ -79,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         data="e2e", conditional=True, min_count=3, max_length=48,
         embed_dim=16, hidden=128, depth=4, heads=4, dropout=0.1, head="softmax", self_conditioning=True,
         schedule="sqrt", num_timesteps=2000,
-        max_steps=20000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
+        max_steps=24000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
         sampler="ddpm", sample_steps=50, guidance_scale=5.0, guidance_interval=(1.5, None), sample_temperature=0.5,
         sample_every=1000,
