@@ -87,8 +87,8 @@ def export_checkpoint(
     the training time of every run that led to the weights (resumed runs included; None when
     the run predates that record), and ``segments``, the record of each of those runs (steps,
     command, weight-affecting settings, time, last loss; see :class:`~diffkit.trainer.Trainer`).
-    ``final_loss`` None takes the last run's. Side files of the run (a tokenizer, normaliser statistics)
-    are copied along, plus any in ``side_files``. ``defaults`` (the exporting command's sampling
+    ``final_loss`` None takes the last run's. Side files of the run (a tokenizer, normaliser
+    statistics) are copied along, plus any in ``side_files``. ``defaults`` (the exporting command's sampling
     defaults) replace ``modality_config["defaults"]`` of the run: exporting a finished run with
     new sampling flags trains nothing, so the run's own config still holds its old ones.
     """
