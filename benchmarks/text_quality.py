@@ -70,6 +70,8 @@ from modalities.text.modality import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# The neighbour-repeat penalty measured beside the defaults (generate's repeat_penalty).
+REPEAT_PENALTY = 10.0
 
 
 # ---------------------------------------------------------------------------------- AR model
@@ -203,6 +205,11 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def repeat_share(texts: list[str]) -> float:
+    """The share of texts with the same word twice in a row ("Italian Italian")."""
+    return sum(any(a == b for a, b in zip(t.split(), t.split()[1:])) for t in texts) / max(1, len(texts))
+
+
 def distinct(texts: list[str], n: int) -> float:
     grams = [tuple(words[i: i + n]) for words in (t.lower().split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / max(1, len(grams))
@@ -229,11 +236,12 @@ def value_appears(tokenizer, text: str, slot: str, value: str) -> bool:
 
 # ---------------------------------------------------------------------------------- sampling
 def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None,
-                      temperature=None, group_by_length=True, guidance_scale=None, guidance_interval=None):
+                      temperature=None, group_by_length=True, guidance_scale=None, guidance_interval=None,
+                      repeat_penalty=None):
     """n texts from the diffusion model (lengths drawn from the training lengths), in batches
     (``sample_ids`` groups each by length unless told not to); ``mr`` (n, S) codes guided with
-    ``guidance_scale`` and ``guidance_interval`` (None: the checkpoint's); ``sampler``, ``clamp``
-    and ``temperature`` None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)``
+    ``guidance_scale`` and ``guidance_interval`` (None: the checkpoint's); ``sampler``, ``clamp``,
+    ``temperature`` and ``repeat_penalty`` None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)``
     the extra wrappers of rows ``start + rows``. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
     sampler = sampler or model.default("sampler", "ddim")
@@ -248,7 +256,8 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
         extra = (lambda rows, mask, start=start: wrappers_fn(start, rows, mask)) if wrappers_fn else None
         t0 = time.perf_counter()
         with torch.no_grad():  # classifier guidance turns gradients on where it needs them
-            ids = sample_ids(model, lengths, TextSampling(sampler, steps, scale, guidance_interval, clamp, temperature),
+            ids = sample_ids(model, lengths, TextSampling(sampler, steps, scale, guidance_interval, clamp, temperature,
+                                                          repeat_penalty),
                              RowConditions(mr=None if mr is None else mr[start: start + k], extra_wrappers=extra),
                              generator=gen, group_by_length=group_by_length)
         seconds += time.perf_counter() - t0
@@ -348,7 +357,7 @@ def main(argv=None) -> int:
     ar_params = sum(p.numel() for p in ar.parameters())
     if args.ar_only:
         return 0
-    human = ar_scores(ar, tok, held.texts, model.max_length)
+    human = {**ar_scores(ar, tok, held.texts, model.max_length), "repeats": repeat_share(held.texts)}
     train_fit = ar_scores(ar, tok, train.texts[::10], model.max_length)
     log(f"AR {ar_params / 1e6:.2f}M parameters; held-out human perplexity {human['perplexity']:.2f} "
         f"(training texts {train_fit['perplexity']:.2f})")
@@ -359,7 +368,8 @@ def main(argv=None) -> int:
     def quality(texts):
         return {"perplexity": ar_scores(ar, tok, texts, model.max_length)["perplexity"],
                 "distinct_1": distinct(texts, 1), "distinct_2": distinct(texts, 2),
-                "copies": sum(normalise(t) in train_set for t in texts) / len(texts)}
+                "copies": sum(normalise(t) in train_set for t in texts) / len(texts),
+                "repeats": repeat_share(texts)}
 
     results: dict = {"checkpoint": str(model.path), "hardware": hardware_summary(), "seed": args.seed,
                      "clamp": model.default_clamp, "temperature": model.default_temperature,
@@ -411,6 +421,7 @@ def main(argv=None) -> int:
             if model.default_temperature != 1.0:
                 variants["word temperature 1"] = {"temperature": 1.0}
             variants["one batch padded to the longest (no length groups)"] = {"group_by_length": False}
+            variants[f"repeat penalty {REPEAT_PENALTY:g}"] = {"repeat_penalty": REPEAT_PENALTY}
             for other in args.compare_samplers:
                 if other != model.default("sampler", "ddim"):
                     variants[f"sampler {other}"] = {"sampler": other}
@@ -442,6 +453,10 @@ def main(argv=None) -> int:
                                                  mr=single_codes, guidance_interval=(0.0, None))
                 row["control_every_step"] = {**control_rates(tok, guided, single), **quality(guided),
                                              "seconds_per_sentence": secs / len(guided)}
+            # The same draws with the neighbour-repeat penalty (generate's repeat_penalty).
+            guided, _ = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2, mr=single_codes,
+                                          repeat_penalty=REPEAT_PENALTY)
+            row["control_repeat_penalty"] = {**control_rates(tok, guided, single), **quality(guided)}
             mrs, secs = diffusion_samples(model, len(whole), steps=steps, seed=args.seed + 3, mr=whole_codes)
             row["control_whole"] = {**control_rates(tok, mrs, whole), **quality(mrs),
                                     "examples": [f"{m} => {s}" for m, s in list(zip(whole, mrs))[:4]]}
@@ -498,6 +513,10 @@ def guidance_interval_words(interval) -> str:
     return f", guided where sigma/alpha >= {low:g}" if high is None else f", guided where {low:g} <= sigma/alpha <= {high:g}"
 
 
+def _repeats(row: dict) -> str:
+    return f"{row['repeats']:.3f}" if "repeats" in row else ""
+
+
 def _se(rates: dict) -> str:
     return f" +- {rates['all_se']:.2f}" if "all_se" in rates else ""
 
@@ -513,33 +532,34 @@ def write(results: dict, out_dir: Path, name: str) -> None:
              f"Judge: an autoregressive Transformer LM ({results['ar_parameters'] / 1e6:.2f}M parameters, "
              f"{results['ar_steps']} steps on the training split, {results['ar_train_s']:.0f} s); "
              f"diffusion network {results['diffusion_parameters'] / 1e6:.2f}M parameters. "
-             f"{results['samples']} unconditional samples per row. The checkpoint's sampling defaults unless a row "
+             f"{results['samples']} unconditional samples per row; `adjacent repeats` is the share of texts with the "
+             "same word twice in a row. The checkpoint's sampling defaults unless a row "
              f"says: sampler {results['sampler']}, word temperature {results['temperature']:g}, clamping trick "
              f"{'on' if results['clamp'] else 'off'}, guidance scale {results['guidance_scale']:g} for control"
              f"{guidance_interval_words(results.get('guidance_interval'))}.", "",
-             "| samples | steps | perplexity | x human | distinct-1 | distinct-2 | copies | s / sentence |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| held-out human text (floor) | | {h:.2f} | 1.00 | | | | |"]
+             "| samples | steps | perplexity | x human | distinct-1 | distinct-2 | copies | adjacent repeats | s / sentence |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| held-out human text (floor) | | {h:.2f} | 1.00 | | | | {_repeats(results['human'])} | |"]
     ar = results["ar"]
     lines.append(f"| AR baseline (scored by itself) | | {ar['perplexity']:.2f} | {ar['perplexity'] / h:.2f} | "
-                 f"{ar['distinct_1']:.3f} | {ar['distinct_2']:.3f} | {ar['copies']:.2f} | "
+                 f"{ar['distinct_1']:.3f} | {ar['distinct_2']:.3f} | {ar['copies']:.2f} | {_repeats(ar)} | "
                  f"{ar['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
         u = row["unconditional"]
         lines.append(f"| diffusion, unconditional | {steps} | {u['perplexity']:.2f} | {u['perplexity'] / h:.2f} | "
-                     f"{u['distinct_1']:.3f} | {u['distinct_2']:.3f} | {u['copies']:.2f} | "
+                     f"{u['distinct_1']:.3f} | {u['distinct_2']:.3f} | {u['copies']:.2f} | {_repeats(u)} | "
                      f"{u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
         for label, u in row.get("variants", {}).items():
             lines.append(f"| diffusion, unconditional, {label} | {steps} | {u['perplexity']:.2f} | "
                          f"{u['perplexity'] / h:.2f} | {u['distinct_1']:.3f} | {u['distinct_2']:.3f} | "
-                         f"{u['copies']:.2f} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
+                         f"{u['copies']:.2f} | {_repeats(u)} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
         if "control_single" in row:
             c = row["control_single"]
             lines.append(f"| diffusion, one slot controlled | {steps} | {c['perplexity']:.2f} | "
                          f"{c['perplexity'] / h:.2f} | {c['distinct_1']:.3f} | {c['distinct_2']:.3f} | "
-                         f"{c['copies']:.2f} | {c['seconds_per_sentence'] * 1000:.1f} ms |")
+                         f"{c['copies']:.2f} | {_repeats(c)} | {c['seconds_per_sentence'] * 1000:.1f} ms |")
     first = next(iter(results["steps"].values()))
     if "control_single" in first:
         slots = [s for s in SLOTS if s in first["control_single"]]
@@ -550,13 +570,17 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                   "|---|---|" + "---|" * (len(slots) + 2)]
         scale = results["guidance_scale"]
         interval = guidance_interval_words(results.get("guidance_interval")).removeprefix(", ")
-        for kind in ("control_none", "control_single", "control_every_step", "control_scales", "control_classifier",
-                     "control_whole"):
+        for kind in ("control_none", "control_single", "control_every_step", "control_repeat_penalty",
+                     "control_scales", "control_classifier", "control_whole"):
             for steps, row in results["steps"].items():
                 if kind not in row:
                     continue
                 if kind == "control_scales":
                     labelled = {f"classifier-free (scale {w:g}), one slot": r for w, r in row[kind].items()}
+                elif kind == "control_repeat_penalty":
+                    labelled = {f"classifier-free (scale {scale:g}), one slot, repeat penalty {REPEAT_PENALTY:g} "
+                                f"(adjacent repeats {row[kind]['repeats']:.2f} against "
+                                f"{row['control_single']['repeats']:.2f})": row[kind]}
                 elif kind == "control_every_step":
                     own = row["control_single"]["seconds_per_sentence"] * 1000
                     labelled = {f"classifier-free (scale {scale:g}), one slot, guided at every step "

@@ -228,6 +228,31 @@ def test_word_temperature_sharpens_the_distribution_x0_averages():
         tiny_net()(x, t, temperature=0.5)
 
 
+def test_repeat_penalty_moves_the_weaker_of_two_equal_neighbours_off_their_word():
+    from modalities.text.model import _word_distribution
+
+    scores = torch.zeros(1, 4, 5)
+    scores[0, 0, 3], scores[0, 1, 3], scores[0, 1, 2] = 6.0, 4.0, 3.0  # positions 0 and 1 both lean to word 3
+    scores[0, 3, 3] = 9.0  # a padded position: it must not push position 2 (or anyone) around
+    scores[0, 2, 3] = 5.0
+    mask = torch.tensor([[True, True, True, False]])
+    plain = _word_distribution(scores, mask, 0.0)
+    assert torch.equal(plain, scores.softmax(-1))
+    assert plain[0, :3].argmax(-1).tolist() == [3, 3, 3]
+    penalised = _word_distribution(scores, mask, 10.0)
+    # The stronger ends keep word 3; the middle one, squeezed from both sides, takes its second choice.
+    assert penalised[0, :3].argmax(-1).tolist() == [3, 2, 3]
+    assert torch.allclose(penalised.sum(-1), torch.ones(1, 4))
+    net = tiny_net(head="softmax")
+    x, t = torch.randn(2, 4, 6), torch.tensor([3.0, 40.0])
+    assert torch.equal(net(x, t, repeat_penalty=0.0), net(x, t))
+    assert not torch.allclose(net(x, t, repeat_penalty=5.0), net(x, t))
+    with pytest.raises(ValueError, match="repeat_penalty must be a finite number >= 0"):
+        net(x, t, repeat_penalty=-1.0)
+    with pytest.raises(ValueError, match="regression-head model predicts x0 directly"):
+        tiny_net()(x, t, repeat_penalty=1.0)
+
+
 def test_self_conditioning_reads_the_previous_estimate():
     net = tiny_net(self_conditioning=True)
     x, t = torch.randn(2, 4, 5), torch.tensor([10.0, 30.0])

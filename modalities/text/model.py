@@ -129,7 +129,7 @@ class TextDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 mr: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None,
                 x0_previous: torch.Tensor | None = None, return_logits: bool = False,
-                temperature: float = 1.0):
+                temperature: float = 1.0, repeat_penalty: float = 0.0):
         """x0_hat (B, D, L); with ``return_logits`` the pair (x0_hat, logits (B, L, V)) of a
         softmax head (logits None for a regression head). ``x0_previous`` (B, D, L) is the
         previous estimate of a self-conditioned network (None: zeros, "no estimate yet").
@@ -137,13 +137,24 @@ class TextDenoiser(nn.Module):
         ``temperature`` (softmax head only) sharpens the word distribution that x0_hat averages:
         x0_hat = sum_w softmax(logits / temperature)_w EMB(w). Below 1 each position leans
         towards its likelier words, a sampling choice (the returned logits, the training
-        target and the likelihood bound all stay at temperature 1)."""
+        target and the likelihood bound all stay at temperature 1).
+
+        ``repeat_penalty`` (softmax head only, sampling only) discourages the same word at
+        neighbouring positions, the commonest visible defect of embedding diffusion ("Italian
+        Italian"; human E2E text has it in 0.2% of sentences): the word distribution q_i of
+        position i becomes softmax(logits_i / temperature - penalty (q_{i-1} + q_{i+1})), two
+        mean-field passes of a chain that prices equal neighbours at ``repeat_penalty`` nats."""
         batch, dim, length = x.shape
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if temperature != 1.0 and self.head != "softmax":
             raise ValueError(f"temperature sharpens a softmax head's word distribution; this {self.head}-head "
                              "model predicts x0 directly (leave temperature at 1)")
+        if not 0 <= repeat_penalty < float("inf"):
+            raise ValueError(f"repeat_penalty must be a finite number >= 0, got {repeat_penalty}")
+        if repeat_penalty and self.head != "softmax":
+            raise ValueError(f"repeat_penalty reshapes a softmax head's word distribution; this {self.head}-head "
+                             "model predicts x0 directly (leave it at 0)")
         dtype = x.dtype
         if dim != self.embed_dim:
             raise ValueError(f"expected x of shape (B, {self.embed_dim}, L), got {tuple(x.shape)}")
@@ -192,7 +203,8 @@ class TextDenoiser(nn.Module):
             out = self.down(h)
         else:
             logits = self.word_logits(h)
-            out = (logits.float() / temperature).softmax(-1) @ self.embedding.weight.float()
+            out = _word_distribution(logits.float() / temperature, attention_mask, repeat_penalty) \
+                @ self.embedding.weight.float()
         # where, not a product: whatever a fused attention kernel leaves at padded positions
         # (NaN included) must not leak into the output.
         out = torch.where(attention_mask[..., None], out, 0.0).transpose(1, 2).to(dtype)
@@ -201,6 +213,22 @@ class TextDenoiser(nn.Module):
     @property
     def conditional(self) -> bool:
         return bool(self.mr_sizes)
+
+
+def _word_distribution(scores: torch.Tensor, attention_mask: torch.Tensor, repeat_penalty: float) -> torch.Tensor:
+    """softmax(scores) (B, L, V) per position, with ``repeat_penalty`` on each neighbour's
+    distribution (see :meth:`TextDenoiser.forward`); padding neither has nor casts a penalty."""
+    probs = scores.softmax(-1)
+    if not repeat_penalty:
+        return probs
+    real = attention_mask[..., None].to(probs.dtype)
+    for _ in range(2):
+        probs = probs * real
+        neighbours = torch.zeros_like(probs)
+        neighbours[:, 1:] += probs[:, :-1]
+        neighbours[:, :-1] += probs[:, 1:]
+        probs = (scores - repeat_penalty * neighbours).softmax(-1)
+    return probs
 
 
 class SelfConditioned:
@@ -213,18 +241,24 @@ class SelfConditioned:
     :meth:`_previous_for`). ``chain=False`` (the likelihood bound, where every call
     stands alone): two passes at the same x_t, the first's estimate feeding the second. Either
     way x0_hat is a function of the sampler's states, so the sampler and the bound stay exact.
-    Use one instance per sampling run. ``temperature`` is the network's word temperature
-    (sampling only; the bound needs 1).
+    Use one instance per sampling run. ``temperature`` and ``repeat_penalty`` shape the
+    network's word distribution (sampling only; the bound needs 1 and 0).
     """
 
-    def __init__(self, net: TextDenoiser, *, chain: bool = True, temperature: float = 1.0):
+    def __init__(self, net: TextDenoiser, *, chain: bool = True, temperature: float = 1.0,
+                 repeat_penalty: float = 0.0):
         if not net.self_conditioning:
             raise ValueError("SelfConditioned wraps a self-conditioned TextDenoiser (self_conditioning=True)")
-        self.net, self.chain, self.temperature = net, chain, temperature
+        self.net, self.chain = net, chain
+        self.word_options: dict[str, float] = {}  # only what differs from the network's own distribution
+        if temperature != 1.0:
+            self.word_options["temperature"] = temperature
+        if repeat_penalty:
+            self.word_options["repeat_penalty"] = repeat_penalty
         self.previous: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        cond = {"temperature": self.temperature, **cond} if self.temperature != 1.0 else cond
+        cond = {**self.word_options, **cond}
         if not self.chain:
             return self.net(x, t, x0_previous=self.net(x, t, **cond).detach(), **cond)
         out = self.net(x, t, x0_previous=self._previous_for(x), **cond)
