@@ -130,6 +130,19 @@ def split_output(output: torch.Tensor, x: torch.Tensor, learn_variance: bool) ->
     return prediction, (v.clamp(-1, 1) + 1) / 2
 
 
+def check_guidance_scale(scale) -> float:
+    """A classifier-free guidance weight as a float (1 = no guidance). NaN, infinities and
+    non-numbers are a ValueError: a NaN weight would only surface steps later, as a NaN sample
+    blamed on the model."""
+    try:
+        finite = not isinstance(scale, (bool, str, bytes)) and math.isfinite(float(scale))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {scale!r}")
+    return float(scale)
+
+
 def check_guidance_interval(interval) -> Optional[tuple[float, float]]:
     """``(low, high)`` bounds on the noise-to-signal ratio sigma_t / alpha_t (EDM's sigma) as
     floats, an open end (None) made 0 or infinity; None stays None (guidance everywhere)."""
@@ -163,13 +176,7 @@ def model_denoiser(
     in [low, high] (Kynkaenniemi et al. 2024 limit it to middle noise for images); elsewhere the
     conditional prediction alone, one network call instead of two.
     """
-    try:
-        finite = not isinstance(guidance_scale, (bool, str, bytes)) and math.isfinite(float(guidance_scale))
-    except (TypeError, ValueError):
-        finite = False
-    if not finite:  # NaN would only surface steps later, as a NaN sample blamed on the model
-        raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {guidance_scale!r}")
-    guidance_scale = float(guidance_scale)
+    guidance_scale = check_guidance_scale(guidance_scale)
     interval = check_guidance_interval(guidance_interval)
     guided = [guidance_scale != 1.0] * len(context.grid.times)
     if interval is not None:

@@ -38,7 +38,7 @@ import torch
 
 import diffkit
 from diffkit import SamplingGrid
-from diffkit.guidance import check_guidance_interval
+from diffkit.guidance import check_guidance_interval, check_guidance_scale
 from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
@@ -375,8 +375,7 @@ def generate_audio(
     if guidance_interval is not None and not conditional:
         raise ValueError("guidance_interval limits classifier-free guidance: it needs labels")
     check_guidance_interval(guidance_interval)
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+    guidance_scale = check_guidance_scale(guidance_scale)
 
     gen = seeded_generator(seed)
     common = dict(gen=gen, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
