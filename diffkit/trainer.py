@@ -554,22 +554,19 @@ class Trainer:
         ``config["train"]``: the settings that differ are named in a warning.
         """
         cfg = self.config
-        current = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=cfg.lr, betas=current["betas"], eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        self.lr_scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
         # The next step's LR under the current schedule (max_steps, warm-up, decay and lr may all have changed).
         factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * factor
-        names = {"lr": "lr", "betas": "betas", "eps": "adam_eps", "weight_decay": "weight_decay"}
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                         weight_decay=cfg.weight_decay)
+        self.lr_scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
         changed = []
-        for key, name in names.items():
-            if name not in recorded:
-                continue
-            before = tuple(recorded[name]) if key == "betas" else recorded[name]
-            if before != current[key]:
-                changed.append(f"{name} {before} -> {current[key]}")
+        for name in ("lr", "betas", "adam_eps", "weight_decay"):
+            before, after = recorded.get(name), getattr(cfg, name)
+            if name == "betas" and before is not None:
+                before, after = tuple(before), tuple(after)
+            if name in recorded and before != after:
+                changed.append(f"{name} {before} -> {after}")
         if changed:
             warnings.warn(f"resuming from {path} with changed optimizer settings ({', '.join(changed)}); "
                           "the new values apply from this step on")
