@@ -60,9 +60,7 @@ def test_control_makes_the_value_appear_more_often():
 
 
 def test_repeat_penalty_removes_most_adjacent_repeats():
-    def repeat_share(texts):
-        return sum(any(a == b for a, b in zip(t.split(), t.split()[1:])) for t in texts) / len(texts)
-
+    repeat_share = _text_benchmark().repeat_share  # the benchmark's own measure
     mod = TextModality()
     plain = mod.generate(num_samples=48, seed=0, steps=20)
     assert plain == mod.generate(num_samples=48, seed=0, steps=20, repeat_penalty=0.0)
