@@ -18,7 +18,8 @@ descriptions) that neither the diffusion model nor the judge saw:
 - **diversity**: distinct-1/2 (unique n-grams over all n-grams of the sample set).
 - **copies**: the share of samples that are, word for word, a training description.
 - **control**: (a) one slot at a time: for every (slot, value) pair of the held-out MRs,
-  samples guided (classifier-free, the checkpoint's guidance scale) towards that value alone;
+  samples guided (classifier-free, the checkpoint's guidance scale and mix: on the word logits
+  or on the x0 estimates; the other mix beside it at ``--other-mix-scales``) towards that value alone;
   success = the value appears in the text (token match; familyFriendly by a
   negation rule, see ``value_appears``), per slot and overall (Diffusion-LM reports 81% on
   this kind of task, FUDGE 69.9%); the same pairs without control show the chance rate.
@@ -59,6 +60,7 @@ import diffkit  # noqa: E402
 from diffkit.runs import hardware_summary, seeded_generator  # noqa: E402
 from modalities.text.data import SLOTS, load_corpus  # noqa: E402
 from modalities.text.modality import (  # noqa: E402
+    FALLBACK_GUIDANCE_MIX,
     RowConditions,
     TextSampling,
     _lengths,
@@ -237,10 +239,10 @@ def value_appears(tokenizer, text: str, slot: str, value: str) -> bool:
 # ---------------------------------------------------------------------------------- sampling
 def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampler=None, batch=128, clamp=None,
                       temperature=None, group_by_length=True, guidance_scale=None, guidance_interval=None,
-                      repeat_penalty=None):
+                      repeat_penalty=None, guidance_mix=None):
     """n texts from the diffusion model (lengths drawn from the training lengths), in batches
     (``sample_ids`` groups each by length unless told not to); ``mr`` (n, S) codes guided with
-    ``guidance_scale`` and ``guidance_interval`` (None: the checkpoint's); ``sampler``, ``clamp``,
+    ``guidance_scale``, ``guidance_interval`` and ``guidance_mix`` (None: the checkpoint's); ``sampler``, ``clamp``,
     ``temperature`` and ``repeat_penalty`` None are the checkpoint's defaults; ``wrappers_fn(start, rows, mask)``
     the extra wrappers of rows ``start + rows``. Returns (texts, seconds)."""
     gen = seeded_generator(seed)
@@ -257,7 +259,7 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
         t0 = time.perf_counter()
         with torch.no_grad():  # classifier guidance turns gradients on where it needs them
             ids = sample_ids(model, lengths, TextSampling(sampler, steps, scale, guidance_interval, clamp, temperature,
-                                                          repeat_penalty),
+                                                          repeat_penalty, guidance_mix),
                              RowConditions(mr=None if mr is None else mr[start: start + k], extra_wrappers=extra),
                              generator=gen, group_by_length=group_by_length)
         seconds += time.perf_counter() - t0
@@ -305,9 +307,12 @@ def main(argv=None) -> int:
     p.add_argument("--detail-steps", type=int, default=50,
                    help="the step count at which whole-MR control, the uncontrolled chance rate and the "
                         "variant rows (other sampler, temperature 1, clamping flipped) are measured")
-    p.add_argument("--guidance-scales", type=float, nargs="*", default=[3.0, 5.0, 10.0],
+    p.add_argument("--guidance-scales", type=float, nargs="*", default=[2.0, 2.5, 4.0],
                    help="other classifier-free guidance scales given a single-slot control row at --detail-steps "
                         "(the checkpoint's own scale is always measured)")
+    p.add_argument("--other-mix-scales", type=float, nargs="*", default=[5.0, 10.0],
+                   help="scales given a single-slot control row with guidance mixed the other way (on the x0 "
+                        "estimates if the checkpoint mixes on the word logits, and the reverse), at --detail-steps")
     p.add_argument("--compare-samplers", nargs="*", default=["ddim"],
                    help="other samplers given an unconditional row at --detail-steps (default: ddim)")
     p.add_argument("--nll-texts", type=int, default=64, help="held-out texts for the likelihood bound")
@@ -376,6 +381,7 @@ def main(argv=None) -> int:
                      "sampler": model.default("sampler", "ddim"),
                      "guidance_scale": float(model.default("guidance_scale", 2.0)),
                      "guidance_interval": model.default("guidance_interval", None),
+                     "guidance_mix": model.default("guidance_mix", FALLBACK_GUIDANCE_MIX),
                      "command": "python " + " ".join(["benchmarks/text_quality.py", *(argv or sys.argv[1:])]),
                      "diffusion_parameters": n_params, "ar_parameters": ar_params, "ar_train_s": ar_train_s,
                      "ar_steps": args.ar_steps, "human": human, "ar_on_training_texts": train_fit,
@@ -447,6 +453,13 @@ def main(argv=None) -> int:
                     guided, _ = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2,
                                                   mr=single_codes, guidance_scale=scale)
                     row["control_scales"][scale] = {**control_rates(tok, guided, single), **quality(guided)}
+            # The same draws with guidance mixed the other way: on the x0 estimates or on the word logits.
+            other = "x0" if results["guidance_mix"] == "logits" else "logits"
+            row["control_other_mix"] = {"mix": other, "scales": {}}
+            for scale in args.other_mix_scales:
+                guided, _ = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2, mr=single_codes,
+                                              guidance_scale=scale, guidance_mix=other)
+                row["control_other_mix"]["scales"][scale] = {**control_rates(tok, guided, single), **quality(guided)}
             if model.default("guidance_interval", None) is not None:
                 # What the checkpoint's guidance interval saves: the same draws guided at every step.
                 guided, secs = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2,
@@ -505,6 +518,9 @@ def main(argv=None) -> int:
     return 0
 
 
+MIX_WORDS = {"logits": "mixed on the word logits", "x0": "mixed on the x0 estimates"}
+
+
 def guidance_interval_words(interval) -> str:
     """A recorded guidance interval ([low, high], null for an open end) as words for the tables."""
     if interval is None:
@@ -536,7 +552,8 @@ def write(results: dict, out_dir: Path, name: str) -> None:
              "same word twice in a row. The checkpoint's sampling defaults unless a row "
              f"says: sampler {results['sampler']}, word temperature {results['temperature']:g}, clamping trick "
              f"{'on' if results['clamp'] else 'off'}, guidance scale {results['guidance_scale']:g} for control"
-             f"{guidance_interval_words(results.get('guidance_interval'))}.", "",
+             f"{guidance_interval_words(results.get('guidance_interval'))}, "
+             f"{MIX_WORDS[results.get('guidance_mix', FALLBACK_GUIDANCE_MIX)]}.", "",
              "| samples | steps | perplexity | x human | distinct-1 | distinct-2 | copies | adjacent repeats | s / sentence |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| held-out human text (floor) | | {h:.2f} | 1.00 | | | | {_repeats(results['human'])} | |"]
@@ -571,12 +588,15 @@ def write(results: dict, out_dir: Path, name: str) -> None:
         scale = results["guidance_scale"]
         interval = guidance_interval_words(results.get("guidance_interval")).removeprefix(", ")
         for kind in ("control_none", "control_single", "control_every_step", "control_repeat_penalty",
-                     "control_scales", "control_classifier", "control_whole"):
+                     "control_scales", "control_other_mix", "control_classifier", "control_whole"):
             for steps, row in results["steps"].items():
                 if kind not in row:
                     continue
                 if kind == "control_scales":
                     labelled = {f"classifier-free (scale {w:g}), one slot": r for w, r in row[kind].items()}
+                elif kind == "control_other_mix":
+                    labelled = {f"classifier-free (scale {w:g}), one slot, {MIX_WORDS[row[kind]['mix']]}": r
+                                for w, r in row[kind]["scales"].items()}
                 elif kind == "control_repeat_penalty":
                     labelled = {f"classifier-free (scale {scale:g}), one slot, repeat penalty {REPEAT_PENALTY:g} "
                                 f"(adjacent repeats {row[kind]['repeats']:.2f} against "

@@ -721,7 +721,8 @@ class Diffusion:
             generator, noise: ``noise`` is the starting state; otherwise it is drawn from
                 ``generator``, which also feeds stochastic samplers.
             guidance_scale: classifier-free guidance weight w (1 = off); the model must accept
-                ``drop_cond``.
+                ``drop_cond``, or mix for itself through a ``classifier_free_guidance`` method
+                (see :func:`diffkit.guidance.model_denoiser`).
             guidance_interval: (low, high) on sigma_t / alpha_t: guide only there (None: an
                 open end), the conditional prediction alone elsewhere, at half the network
                 calls (Kynkaenniemi et al. 2024). None: guide at every point.

@@ -175,6 +175,12 @@ def model_denoiser(
     ``guidance_interval`` (low, high) limits guidance to the points whose sigma_t / alpha_t lies
     in [low, high] (Kynkaenniemi et al. 2024 limit it to middle noise for images); elsewhere the
     conditional prediction alone, one network call instead of two.
+
+    Guidance mixes the two predictions, ``u + scale * (c - u)``. A model for which that is the
+    wrong place to mix (one whose prediction averages over categories, where the mix of the
+    averages leaves their hull) can do its own: a callable attribute
+    ``classifier_free_guidance(x, t, scale, **cond)`` returning the guided output (the shape of
+    the model's own) is called instead at the guided points.
     """
     guidance_scale = check_guidance_scale(guidance_scale)
     interval = check_guidance_interval(guidance_interval)
@@ -184,9 +190,15 @@ def model_denoiser(
         ratios = (context.grid.sigmas / context.grid.alphas).tolist()
         guided = [use and interval[0] <= ratio <= interval[1] for use, ratio in zip(guided, ratios)]
 
+    own_guidance = getattr(model, "classifier_free_guidance", None)
+
     def denoise(x: torch.Tensor, i: int) -> Prediction:
         t = context.t(i, x)
         alpha, sigma = context.scales(i)
+        if guided[i] and own_guidance is not None:
+            out, frac = split_output(own_guidance(x, t, guidance_scale, **cond), x, learn_variance)
+            x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+            return Prediction(x0=x0, eps=eps, variance_frac=frac, x=x)
         if not guided[i]:
             out, frac = split_output(call_model(model, x, t, cond, None), x, learn_variance)
             x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)

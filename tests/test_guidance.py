@@ -141,6 +141,45 @@ def test_a_guidance_interval_guides_only_where_sigma_over_alpha_lies_in_it():
     assert torch.equal(run(torch.tensor(3.0), None), everywhere)  # any real number will do
 
 
+class OwnMix(TwoClassGaussian):
+    """The same exact model, mixing its own guidance (here the core's affine mix, computed
+    apart from the core, so the two can be compared)."""
+
+    def __init__(self, diff, own=True):
+        super().__init__(diff)
+        self.mixes = []
+        if not own:
+            self.classifier_free_guidance = None  # None: leave the mix to the core
+
+    def classifier_free_guidance(self, x, t, scale, label=None):
+        self.mixes.append((x.shape[0], scale))
+        eps_c, eps_u = self.conditional(x, t), self.unconditional(x, t)
+        return eps_u + scale * (eps_c - eps_u)
+
+
+def test_a_model_that_mixes_its_own_guidance_is_asked_to_at_the_guided_points_only():
+    diff = Diffusion("linear", 1000)
+    noise = standardized_noise(200, 3)
+    grid = diff.sampling_grid(20, sampler="ddim")
+    inside = int((((grid.sigmas / grid.alphas)[:-1]) >= 0.5).sum())
+
+    def run(model, scale=3.0, interval=(0.5, None)):
+        return diff.sample(model, noise.shape, sampler="ddim", steps=20, noise=noise, dtype=torch.float64,
+                           guidance_scale=scale, guidance_interval=interval, label=torch.ones(200))
+
+    own = OwnMix(diff)
+    mixed_by_model = run(own)
+    assert own.mixes == [(200, 3.0)] * inside and own.calls == [None] * (20 - inside)
+    core = TwoClassGaussian(diff)
+    assert torch.allclose(mixed_by_model, run(core), atol=1e-12)
+    assert core.calls.count((400, 200)) == inside  # the core mixed there itself
+    own.mixes.clear()
+    run(own, scale=1.0)
+    assert own.mixes == []  # guidance off: the hook is not called
+    declined = OwnMix(diff, own=False)
+    assert torch.equal(run(declined), run(core)) and declined.mixes == []
+
+
 def test_classifier_free_guidance_falls_back_to_two_calls_for_non_tensor_conditions():
     diff = Diffusion("linear", 1000)
     model = TwoClassGaussian(diff)

@@ -127,6 +127,34 @@ def test_guidance_interval_default_and_override(checkpoint):
     assert len(texts) == 2
 
 
+def test_guidance_mix_default_and_override(checkpoint, monkeypatch):
+    """The cpu preset records guidance mixed on the word logits; generate follows it, and
+    guidance_mix="x0" hands the mix back to the core (no guided() call, other texts)."""
+    model = load_text_model(checkpoint, "cpu")
+    assert model.default("guidance_mix", None) == "logits" and model.default("guidance_scale", None) == 3.0
+    from modalities.text.model import TextDenoiser
+
+    mixed = []
+    original = TextDenoiser.guided
+    monkeypatch.setattr(TextDenoiser, "guided", lambda self, *a, **k: mixed.append(a[2]) or original(self, *a, **k))
+    mod = TextModality()
+
+    def draw(**kwargs):
+        mixed.clear()
+        return mod.generate(checkpoint=checkpoint, num_samples=3, seed=0, steps=4, control={"food": "Italian"},
+                            guidance_scale=40.0, guidance_interval=(0, None), **kwargs)
+
+    default = draw()
+    assert mixed == [40.0] * 4
+    assert draw(guidance_mix="logits") == default
+    on_x0 = draw(guidance_mix="x0")
+    assert mixed == [] and on_x0 != default
+    with pytest.raises(ValueError, match="guidance_mix must be one of 'logits', 'x0'"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, control={"food": "Italian"}, guidance_mix="eps")
+    with pytest.raises(ValueError, match="guidance_mix says how classifier-free guidance mixes: pass control="):
+        mod.generate(checkpoint=checkpoint, num_samples=1, guidance_mix="x0")
+
+
 def test_infill_keeps_known_words_exactly_and_sets_the_length(checkpoint):
     model = load_text_model(checkpoint, "cpu")
     template = parse_infill(TEMPLATE, model)
@@ -301,8 +329,13 @@ def test_cli_generate_infill_and_control(checkpoint, tmp_path, capsys, text_regi
     assert len(lines) == 2 and all(line.startswith("The Eagle is a ") for line in lines)
     assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--num-samples", "1", "--steps", "2",
                      "--control", "food=Italian", "--control", "customer rating=high", "--guidance-scale", "2",
-                     "--guidance-interval", "0.5", "inf", "--out", str(out), "--no-progress"]) == 0
+                     "--guidance-interval", "0.5", "inf", "--guidance-mix", "x0", "--out", str(out),
+                     "--no-progress"]) == 0
     capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--control", "food=Italian",
+                  "--guidance-mix", "eps"])
+    assert "invalid choice: 'eps'" in capsys.readouterr().err
     assert cli_main(["generate", "text", "--checkpoint", str(checkpoint), "--control", "food=Thai",
                      "--out", str(out)]) == 1
     assert "diffkit: error: unknown value 'Thai' for slot 'food'" in capsys.readouterr().err

@@ -319,6 +319,63 @@ def test_self_conditioning_carries_over_where_guidance_doubles_or_halves_the_bat
     assert seen[0] is None and all(previous is not None and previous.abs().sum() > 0 for previous in seen[1:])
 
 
+def test_guidance_mixes_the_word_logits_and_stays_a_word_average():
+    """x0_hat = sum_w softmax((l_u + s (l_c - l_u)) / T)_w EMB(w): at s = 1 the conditional
+    estimate, at s = 0 the unconditional; the x0 mix at the same scale leaves the words' hull."""
+    net = tiny_net(mr_sizes=[3, 2], head="softmax")
+    x, t = torch.randn(2, 4, 5), torch.tensor([10.0, 30.0])
+    mr, mask = torch.tensor([[1, 1], [2, 0]]), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    keep, drop = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    conditional, logits_c = net(x, t, mask, mr, drop_cond=keep, temperature=0.5, return_logits=True)
+    unconditional, logits_u = net(x, t, mask, mr, drop_cond=drop, temperature=0.5, return_logits=True)
+    for scale in (0.0, 1.0, 4.0):
+        guided, both = net.guided(x, t, scale, mr=mr, attention_mask=mask, temperature=0.5)
+        mixed = (logits_u + scale * (logits_c - logits_u)) / 0.5
+        weights = mixed.softmax(-1) * mask[..., None]
+        assert torch.allclose(guided, (weights @ net.embedding.weight).transpose(1, 2), atol=1e-5)
+        assert torch.allclose(both, torch.cat([conditional, unconditional]), atol=1e-5)
+    assert torch.allclose(net.guided(x, t, 1.0, mr=mr, attention_mask=mask, temperature=0.5)[0], conditional, atol=1e-5)
+    assert torch.allclose(net.guided(x, t, 0.0, mr=mr, attention_mask=mask, temperature=0.5)[0], unconditional,
+                          atol=1e-5)
+    # Each coordinate of a word average lies within the words' range at any scale; the x0 mix
+    # leaves it (this untrained net's two estimates differ little, so the scale is large).
+    low, high = net.embedding.weight.min(0).values[:, None], net.embedding.weight.max(0).values[:, None]
+    guided = net.guided(x, t, 100.0, mr=mr, attention_mask=mask, temperature=0.5)[0][0]
+    assert bool(((guided >= low - 1e-6) & (guided <= high + 1e-6)).all())
+    x0_mix = (unconditional + 100.0 * (conditional - unconditional))[0]
+    assert not bool(((x0_mix >= low) & (x0_mix <= high)).all())
+    # A regression head has no logits: it mixes its x0 estimates.
+    regression = tiny_net(mr_sizes=[3, 2], head="regression")
+    c = regression(x, t, mask, mr, drop_cond=keep)
+    u = regression(x, t, mask, mr, drop_cond=drop)
+    assert torch.allclose(regression.guided(x, t, 3.0, mr=mr, attention_mask=mask)[0], u + 3.0 * (c - u), atol=1e-5)
+
+
+def test_the_wrappers_mix_where_guidance_mix_says_and_carry_both_halves_on():
+    from modalities.text.model import SelfConditioned, WordOptions
+
+    net = tiny_net(mr_sizes=[3, 2], self_conditioning=True, head="softmax")
+    x, t, mr = torch.randn(2, 4, 5), torch.tensor([10.0, 30.0]), torch.tensor([[1, 1], [2, 0]])
+    chained = SelfConditioned(net, temperature=0.5)
+    guided = chained.classifier_free_guidance(x, t, 3.0, mr=mr)
+    assert torch.equal(guided, net.guided(x, t, 3.0, mr=mr, temperature=0.5)[0])
+    both = chained.previous
+    assert both.shape[0] == 4
+    # The next guided call continues both halves; an unguided one the conditional half.
+    assert torch.equal(chained.classifier_free_guidance(x, t, 3.0, mr=mr),
+                       net.guided(x, t, 3.0, mr=mr, temperature=0.5, x0_previous=both)[0])
+    last = chained.previous
+    assert torch.equal(chained(x, t, mr=mr), net(x, t, mr=mr, temperature=0.5, x0_previous=last[:2]))
+    assert SelfConditioned(net, guidance_mix="x0").classifier_free_guidance is None
+    plain = tiny_net(mr_sizes=[3, 2], head="softmax")
+    assert torch.equal(WordOptions(plain, temperature=0.5).classifier_free_guidance(x, t, 3.0, mr=mr),
+                       plain.guided(x, t, 3.0, mr=mr, temperature=0.5)[0])
+    assert WordOptions(plain, guidance_mix="x0").classifier_free_guidance is None
+    for wrapper in (lambda mix: SelfConditioned(net, guidance_mix=mix), lambda mix: WordOptions(plain, guidance_mix=mix)):
+        with pytest.raises(ValueError, match="guidance_mix must be one of 'logits', 'x0'"):
+            wrapper("eps")
+
+
 def test_objective_self_conditioning_and_word_term():
     net = tiny_net(self_conditioning=True, head="softmax")
     batch = batch_with_padding()

@@ -36,9 +36,11 @@ def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
     # Exporting the finished run again (nothing left to train) records this command's defaults.
     again = tmp_path / "again"
     assert text_train.main(["--max-steps", "4", "--output-dir", str(out), "--export", str(again), *TINY,
-                            "--guidance-scale", "3", "--sample-temperature", "0.6", "--guidance-interval", "2", "inf"]) == 0
+                            "--guidance-scale", "4", "--sample-temperature", "0.6", "--guidance-interval", "2", "inf",
+                            "--guidance-mix", "x0"]) == 0
     defaults = diffkit.load_checkpoint(again).config["modality_config"]["defaults"]
-    assert defaults["guidance_scale"] == 3.0 and defaults["temperature"] == 0.6
+    assert defaults["guidance_scale"] == 4.0 and defaults["temperature"] == 0.6 and defaults["guidance_mix"] == "x0"
+    assert ckpt.config["modality_config"]["defaults"]["guidance_mix"] == "logits"  # the preset's
     assert defaults["guidance_interval"] == [2.0, None]  # JSON has no infinity: an open end is null
     assert ckpt.config["modality_config"]["defaults"]["guidance_interval"] == [1.5, None]  # the preset's
     trained = diffkit.load_checkpoint(out / "checkpoint").extra["train_seconds"]

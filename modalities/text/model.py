@@ -198,17 +198,50 @@ class TextDenoiser(nn.Module):
             raise ValueError("every example needs at least one real token (attention_mask all False)")
         h = self.encoder(h, src_key_padding_mask=~keep)
         h = self.norm(h[:, -length:])
-        logits = None
         if self.head == "regression":
-            out = self.down(h)
-        else:
-            logits = self.word_logits(h)
-            out = _word_distribution(logits.float() / temperature, attention_mask, repeat_penalty) \
-                @ self.embedding.weight.float()
-        # where, not a product: whatever a fused attention kernel leaves at padded positions
-        # (NaN included) must not leak into the output.
-        out = torch.where(attention_mask[..., None], out, 0.0).transpose(1, 2).to(dtype)
+            # where, not a product: whatever a fused attention kernel leaves at padded positions
+            # (NaN included) must not leak into the output.
+            out = torch.where(attention_mask[..., None], self.down(h), 0.0).transpose(1, 2).to(dtype)
+            return (out, None) if return_logits else out
+        logits = self.word_logits(h)
+        out = self.average_embedding(logits.float() / temperature, attention_mask, repeat_penalty).to(dtype)
         return (out, logits) if return_logits else out
+
+    def average_embedding(self, scores: torch.Tensor, attention_mask: torch.Tensor,
+                          repeat_penalty: float = 0.0) -> torch.Tensor:
+        """x0_hat (B, D, L) = sum_w q_w EMB(w), q = softmax(``scores`` (B, L, V)) at each position
+        (with ``repeat_penalty``, see :meth:`forward`); zero at padding."""
+        out = _word_distribution(scores, attention_mask, repeat_penalty) @ self.embedding.weight.float()
+        return torch.where(attention_mask[..., None], out, 0.0).transpose(1, 2)
+
+    def guided(self, x: torch.Tensor, t: torch.Tensor, scale: float, *, mr: torch.Tensor,
+               attention_mask: torch.Tensor | None = None, x0_previous: torch.Tensor | None = None,
+               temperature: float = 1.0, repeat_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance towards ``mr``, mixed where a softmax head should mix: on the
+        word logits, x0_hat = sum_w softmax((l_u + scale (l_c - l_u)) / temperature)_w EMB(w),
+        with l_c, l_u each position's logits with the MR kept and dropped. The usual mix of the
+        two x0 estimates extrapolates averages of embeddings out of their hull, towards no word;
+        this one stays a word distribution, sharpened towards the words the MR makes likelier.
+        A regression head has no logits and mixes its x0 estimates.
+
+        One call on the doubled batch (conditional half first). ``x0_previous`` (2B, D, L) or
+        None: the two halves' previous estimates (self-conditioning). Returns (x0_hat (B, D, L),
+        each half's own estimate (2B, D, L), what the next self-conditioned call takes).
+        """
+        batch = x.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, x.shape[2], dtype=torch.bool, device=x.device)
+        drop = torch.arange(2 * batch, device=x.device) >= batch
+        both, logits = self(torch.cat([x, x]), torch.cat([t, t]), attention_mask=torch.cat([attention_mask] * 2),
+                            mr=torch.cat([mr, mr]), drop_cond=drop, x0_previous=x0_previous, return_logits=True,
+                            temperature=temperature, repeat_penalty=repeat_penalty)
+        if logits is None:
+            conditional, unconditional = both.chunk(2)
+            return unconditional + scale * (conditional - unconditional), both
+        conditional, unconditional = logits.float().chunk(2)
+        mixed = unconditional + scale * (conditional - unconditional)
+        x0 = self.average_embedding(mixed / temperature, attention_mask.to(torch.bool), repeat_penalty)
+        return x0.to(x.dtype), both
 
     @property
     def conditional(self) -> bool:
@@ -231,6 +264,33 @@ def _word_distribution(scores: torch.Tensor, attention_mask: torch.Tensor, repea
     return probs
 
 
+GUIDANCE_MIXES = ("logits", "x0")
+
+
+def check_guidance_mix(mix) -> str:
+    if mix not in GUIDANCE_MIXES:
+        raise ValueError(f"guidance_mix must be one of {', '.join(map(repr, GUIDANCE_MIXES))}, got {mix!r}")
+    return mix
+
+
+class WordOptions:
+    """A :class:`TextDenoiser` without self-conditioning as the core's ``model(x, t, **cond)``,
+    with the word ``temperature`` and ``repeat_penalty`` of a sampling run and classifier-free
+    guidance mixed as ``guidance_mix`` says (see :class:`SelfConditioned`)."""
+
+    def __init__(self, net: TextDenoiser, *, temperature: float = 1.0, repeat_penalty: float = 0.0,
+                 guidance_mix: str = "logits"):
+        self.net, self.word_options = net, {"temperature": temperature, "repeat_penalty": repeat_penalty}
+        if check_guidance_mix(guidance_mix) == "x0":
+            self.classifier_free_guidance = None  # the core mixes
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.net(x, t, **self.word_options, **cond)
+
+    def classifier_free_guidance(self, x: torch.Tensor, t: torch.Tensor, scale: float, **cond) -> torch.Tensor:
+        return self.net.guided(x, t, scale, **self.word_options, **cond)[0]
+
+
 class SelfConditioned:
     """A self-conditioned :class:`TextDenoiser` as the plain ``model(x, t, **cond) -> x0_hat``
     the core's sampler and bound call.
@@ -243,10 +303,14 @@ class SelfConditioned:
     way x0_hat is a function of the sampler's states, so the sampler and the bound stay exact.
     Use one instance per sampling run. ``temperature`` and ``repeat_penalty`` shape the
     network's word distribution (sampling only; the bound needs 1 and 0).
+
+    ``guidance_mix`` says where classifier-free guidance mixes the conditional and unconditional
+    predictions: ``"logits"`` (:meth:`TextDenoiser.guided`, through the core's
+    ``classifier_free_guidance`` hook) or ``"x0"`` (the core's own mix of the x0 estimates).
     """
 
     def __init__(self, net: TextDenoiser, *, chain: bool = True, temperature: float = 1.0,
-                 repeat_penalty: float = 0.0):
+                 repeat_penalty: float = 0.0, guidance_mix: str = "logits"):
         if not net.self_conditioning:
             raise ValueError("SelfConditioned wraps a self-conditioned TextDenoiser (self_conditioning=True)")
         self.net, self.chain = net, chain
@@ -255,6 +319,8 @@ class SelfConditioned:
             self.word_options["temperature"] = temperature
         if repeat_penalty:
             self.word_options["repeat_penalty"] = repeat_penalty
+        if check_guidance_mix(guidance_mix) == "x0":
+            self.classifier_free_guidance = None  # the core mixes
         self.previous: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -263,6 +329,14 @@ class SelfConditioned:
             return self.net(x, t, x0_previous=self.net(x, t, **cond).detach(), **cond)
         out = self.net(x, t, x0_previous=self._previous_for(x), **cond)
         self.previous = out.detach()
+        return out
+
+    def classifier_free_guidance(self, x: torch.Tensor, t: torch.Tensor, scale: float, **cond) -> torch.Tensor:
+        """Guidance mixed on the word logits (:meth:`TextDenoiser.guided`); each half of the
+        doubled batch carries its own estimate on, as with the core's mix."""
+        previous = self._previous_for(torch.cat([x, x])) if self.chain else None
+        out, both = self.net.guided(x, t, scale, x0_previous=previous, **{**self.word_options, **cond})
+        self.previous = both.detach()
         return out
 
     def _previous_for(self, x: torch.Tensor) -> torch.Tensor | None:
