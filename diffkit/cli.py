@@ -157,6 +157,11 @@ def _generate(
     prints = callable(getattr(modality, "format_samples", None))
     if args.out is None and not prints:
         generate_parser.error("--out PATH is required: where to write the samples")
+    if args.out is not None:  # a bad --out is found now, not after minutes of sampling
+        check_output_location(args.out)
+        check_output = getattr(modality, "check_output", None)
+        if check_output is not None:
+            check_output(args.out)
     modality_kwargs = {key: value for key, value in vars(args).items() if key not in common_dests}
     samples = generate(
         modality,
@@ -182,6 +187,18 @@ def _generate(
     else:
         print(f"wrote {count} {args.modality} sample(s) to {args.out}")
     return 0
+
+
+def check_output_location(path: str | os.PathLike) -> None:
+    """ValueError unless ``path`` could be created: its nearest existing ancestor must be a
+    writable directory (a file there, or a read-only folder, would only fail after sampling)."""
+    ancestor = Path(path).absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {path}: {ancestor} is a file, not a folder; choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: folder {ancestor} is not writable; choose another --out")
 
 
 def _modality_command(argv: list[str]) -> int:

@@ -253,3 +253,44 @@ def test_the_modality_chooses_the_count_when_none_is_given(toy, capsys):
     register_modality("few", FewByDefault())
     main(["generate", "few"])
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_a_bad_out_is_refused_before_any_sampling(toy, tmp_path, capsys):
+    class Checking(ToyModality):
+        def check_output(self, path):
+            if not str(path).endswith(".txt"):
+                raise ValueError("give a .txt path")
+
+    register_modality("checking", checking := Checking())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out, message in ((blocker / "samples.txt", "is a file, not a folder"),
+                         (tmp_path / "samples.png", "give a .txt path")):
+        assert main(["generate", "checking", "--num-samples", "2", "--out", str(out)]) == 1
+        assert message in capsys.readouterr().err
+    assert checking.calls == []  # nothing was sampled
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if not os.access(read_only, os.W_OK):  # root may write anywhere
+            assert main(["generate", "toy", "--num-samples", "2", "--out", str(read_only / "new" / "s.txt")]) == 1
+            assert "is not writable" in capsys.readouterr().err and toy.calls == []
+    finally:
+        read_only.chmod(0o700)
+    assert main(["generate", "checking", "--num-samples", "2", "--out", str(tmp_path / "s.txt")]) == 0
+    assert len(checking.calls) == 1
+
+
+@pytest.mark.parametrize("name, bad, good, message", [
+    ("image", "grid.jpg", "grid.png", "give a .png path"),
+    ("audio", "clip.wav", "clips", "give a folder for --out"),
+    ("text", ".", "samples.txt", "is a directory"),
+    ("planning", "file.txt", "plans", "is a file"),
+])
+def test_each_modality_checks_its_out_before_sampling(name, bad, good, message, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    modality = registry.get_modality(name)
+    with pytest.raises(ValueError, match=message):
+        modality.check_output(tmp_path / bad)
+    modality.check_output(tmp_path / good)

@@ -592,6 +592,16 @@ def _file_safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text)[:40] or "x"
 
 
+def check_audio_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if the samples' folder can be there, else a ValueError that says why."""
+    folder = Path(path)
+    if folder.suffix.lower() in (".wav", ".flac", ".png"):
+        raise ValueError(f"audio samples are saved as several files: give a folder for --out, not {folder}")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; audio samples are saved as several files in a folder: give one for --out")
+    return folder
+
+
 def save_audio(samples: AudioSamples | torch.Tensor, path: str | os.PathLike,
                sample_rate: int | None = None) -> list[Path]:
     """Write each clip as a 16-bit WAV file in folder ``path`` and one spectrogram PNG of all.
@@ -611,9 +621,7 @@ def save_audio(samples: AudioSamples | torch.Tensor, path: str | os.PathLike,
     audio = _as_audio(torch.as_tensor(audio).detach().float().cpu().clamp(-1, 1))
     if not isinstance(rate, int) or rate < 1:
         raise ValueError(f"sample_rate must be a positive integer, got {rate!r}")
-    folder = Path(path)
-    if folder.suffix.lower() in (".wav", ".flac", ".png"):
-        raise ValueError(f"audio samples are saved as several files: give a folder for --out, not {folder}")
+    folder = check_audio_folder(path)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     width = max(3, len(str(len(audio) - 1)))
@@ -648,6 +656,10 @@ class AudioModality:
     def save(self, samples: AudioSamples, path: str | os.PathLike) -> list[Path]:
         """WAV files (16-bit) and a spectrogram PNG in folder ``path``."""
         return save_audio(samples, path)
+
+    def check_output(self, path: str | os.PathLike) -> None:
+        """What :meth:`save` would refuse, before any sampling."""
+        check_audio_folder(path)
 
     def bits_per_sample(self, audio: Any, **kwargs: Any) -> torch.Tensor:
         """See :func:`bits_per_sample`."""

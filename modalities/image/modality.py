@@ -497,6 +497,16 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
     return grid
 
 
+def check_grid_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if a PNG grid can be written there, else a ValueError that says why."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"images are saved as a PNG grid; give a .png path, not {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a .png file path such as samples.png")
+    return path
+
+
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Write images (N, C, H, W) in [0, 1] as one PNG grid (8-bit; grey or RGB)."""
     from PIL import Image
@@ -510,9 +520,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         raise ValueError("images contain NaN or Inf")
     grid = make_grid(images.clamp(0, 1), nrow)
     arr = (grid.mul(255).round().byte().permute(1, 2, 0).numpy())
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"images are saved as a PNG grid; give a .png path, not {path}")
+    path = check_grid_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
     return path
@@ -542,6 +550,10 @@ class ImageModality:
     def save(self, samples: torch.Tensor, path: str | os.PathLike) -> list[Path]:
         """A PNG grid of the samples; returns [the PNG's path]."""
         return [save_grid(samples, path)]
+
+    def check_output(self, path: str | os.PathLike) -> None:
+        """What :meth:`save` would refuse, before any sampling."""
+        check_grid_path(path)
 
     def add_cli_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Options of ``diffkit generate image``; their names match generate's arguments."""

@@ -95,6 +95,18 @@ def _pair(text: str) -> tuple[float, float]:
     return x, y
 
 
+def plot_path(path) -> Path:
+    """The PNG that :meth:`PlanningModality.save` writes for ``path`` (``path`` itself if it ends
+    in .png, else ``plans.png`` in folder ``path``); a ValueError if it cannot be written there."""
+    path = Path(path)
+    png = path if path.suffix.lower() == ".png" else path / "plans.png"
+    if png.is_dir():
+        raise ValueError(f"{png} is a folder; give a .png file path or a folder for --out")
+    if png is not path and path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; give a .png file path or a folder for --out")
+    return png
+
+
 class PlanningModality:
     """``diffkit.get_modality("planning")``: trajectory planning with a diffusion model."""
 
@@ -160,8 +172,7 @@ class PlanningModality:
         ``plans.png`` + ``plans.json`` inside a directory ``path``)."""
         if not isinstance(samples, PlanSamples):
             raise ValueError(f"the planning modality saves PlanSamples from generate(), got {type(samples).__name__}")
-        path = Path(path)
-        png = path if path.suffix.lower() == ".png" else path / "plans.png"
+        png = plot_path(path)
         data = {"env_id": samples.env_id, "starts": samples.starts.tolist(),
                 "states": samples.plans.states.tolist(), "actions": samples.plans.actions.tolist(),
                 "goals": None if samples.plans.goal is None else samples.plans.goal.tolist(),
@@ -170,6 +181,10 @@ class PlanningModality:
         js = png.with_suffix(".json")
         js.write_text(json.dumps(data))
         return [png, js]
+
+    def check_output(self, path) -> None:
+        """What :meth:`save` would refuse, before any sampling."""
+        plot_path(path)
 
     def add_cli_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("planning")

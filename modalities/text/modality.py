@@ -719,13 +719,19 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
 
 
 # ---------------------------------------------------------------------------------- saving
+def check_text_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if a text file can be written there, else a ValueError."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path such as samples.txt")
+    return path
+
+
 def save_text(samples: Sequence[str], path: str | os.PathLike) -> list[Path]:
     """Write the texts to a UTF-8 file, one per line; returns [path]."""
     if isinstance(samples, str) or not all(isinstance(s, str) for s in samples):
         raise ValueError("text samples must be a list of strings")
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a file path such as samples.txt")
+    path = check_text_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A newline inside a sample would split it over two lines of the file.
     path.write_text("".join(" ".join(s.split()) + "\n" for s in samples), encoding="utf-8")
@@ -748,6 +754,10 @@ class TextModality:
     def save(self, samples: Sequence[str], path: str | os.PathLike) -> list[Path]:
         """One UTF-8 text file, one sample per line."""
         return save_text(samples, path)
+
+    def check_output(self, path: str | os.PathLike) -> None:
+        """What :meth:`save` would refuse, before any sampling."""
+        check_text_path(path)
 
     def format_samples(self, samples: Sequence[str]) -> str:
         """The texts one per line, as ``diffkit generate text`` prints them without --out
