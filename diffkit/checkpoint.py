@@ -49,6 +49,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "LoadedNetwork",
+    "checkpoint_directory",
     "checkpoint_exists",
     "load_checkpoint",
     "load_network",
@@ -531,6 +532,12 @@ def _decode_state(value: Any, tensors: Mapping[str, torch.Tensor], source: Path)
 def checkpoint_exists(path: str | os.PathLike) -> bool:
     """True when a checkpoint can be found at ``path`` (including one recovered from a crashed save)."""
     return _locate(Path(path)) is not None
+
+
+def checkpoint_directory(path: str | os.PathLike) -> Path:
+    """The directory whose files make the checkpoint at ``path``: ``path`` itself, or the complete
+    checkpoint a crashed save left aside (see :func:`_locate`); a CheckpointError if there is none."""
+    return _read_config(Path(path), None)[0]
 
 
 def _locate(path: Path) -> Path | None:

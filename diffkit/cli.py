@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffkit.checkpoint import CONFIG_FILE, CheckpointError, parameter_count, read_config
+from diffkit.checkpoint import CONFIG_FILE, CheckpointError, checkpoint_directory, parameter_count, read_config
 from diffkit.registry import (
     ENTRY_POINT_GROUP,
     CliCommand,
@@ -273,10 +273,13 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(config, indent=2))
         return 0
-    directory = Path(args.checkpoint)
+    directory = checkpoint_directory(args.checkpoint)
+    where = str(args.checkpoint)
+    if directory != Path(args.checkpoint):
+        where += f" (missing after a crashed save: read from {directory}, the complete checkpoint it left aside)"
     model = config.get("model") or {}
     lines = [
-        f"checkpoint     {directory}",
+        f"checkpoint     {where}",
         f"modality       {config.get('modality')}",
         f"step           {config.get('step')}",
         f"model          {model.get('class', '?')}  {_compact(model.get('kwargs'))}",

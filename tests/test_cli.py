@@ -294,3 +294,12 @@ def test_each_modality_checks_its_out_before_sampling(name, bad, good, message, 
     with pytest.raises(ValueError, match=message):
         modality.check_output(tmp_path / bad)
     modality.check_output(tmp_path / good)
+
+
+def test_info_on_a_checkpoint_left_aside_by_a_crashed_save_lists_its_real_files(checkpoint, capsys):
+    aside = checkpoint.parent / f".{checkpoint.name}.old-0123abcd"
+    checkpoint.rename(aside)  # where a save that crashed between its two renames leaves it
+    assert main(["info", str(checkpoint)]) == 0
+    text = capsys.readouterr().out
+    assert f"read from {aside}" in text
+    assert "model.safetensors (" in text.split("files", 1)[1].splitlines()[0]
