@@ -442,3 +442,24 @@ def test_classifier_of_another_denoiser_is_refused(checkpoint, classifier, tmp_p
     with pytest.raises(ValueError, match="another denoiser"):
         TextModality().generate(checkpoint=other / "checkpoint", num_samples=1, classifier=classifier,
                                 control={"food": "Italian"})
+
+
+def test_infill_joins_a_continuation_piece_to_the_word_before_it():
+    """With a subword tokenizer a hole may be filled by "##ping": it joins "shop" as the decoder
+    joins it ("shopping"), instead of standing alone as "##ping"; whole words keep the template's
+    spacing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from modalities.text.modality import InfillTemplate, fill_template
+    from modalities.text.tokenizer import TextTokenizer
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "a": 2, "shop": 3, "##ping": 4, "coffee": 5, "near": 6}
+    wordpiece = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer, wordpiece.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    tok = TextTokenizer(wordpiece)
+    text = "a  [MASK] [MASK] near"
+    template = InfillTemplate(torch.tensor([2, 0, 0, 6]), torch.tensor([True, False, False, True]), [])
+    assert fill_template(text, template, torch.tensor([2, 3, 4, 6]), tok) == "a  shopping near"
+    assert fill_template(text, template, torch.tensor([2, 5, 3, 6]), tok) == "a  coffee shop near"
+    starts = InfillTemplate(torch.tensor([0, 6]), torch.tensor([False, True]), [])
+    assert fill_template("[MASK] near", starts, torch.tensor([4, 6]), tok) == "##ping near"  # nothing to join

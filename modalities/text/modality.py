@@ -652,10 +652,29 @@ def generate_text(
 def fill_template(text: str, template: InfillTemplate, ids: torch.Tensor, tokenizer) -> str:
     """The infill template ``text`` as written, each [MASK] replaced by the word sampled at its
     position (``ids`` the sampled row of ``template``): the user's words, case and spacing stay
-    exactly as given, unknown words included."""
+    exactly as given, unknown words included. A subword tokenizer's continuation piece
+    ("##ping" after "shop") joins the text before it, as the tokenizer's decoder would join it."""
     holes = torch.nonzero(~template.known).flatten().tolist()
-    words = [tokenizer.decode([int(ids[i])]) for i in holes]
-    return "".join(piece + word for piece, word in zip(_MASK_RE.split(text), [*words, ""]))
+    pieces = _MASK_RE.split(text)
+    out = pieces[0]
+    for hole, after in zip(holes, pieces[1:]):
+        word, joins = _filled_word(tokenizer, ids, hole)
+        out = (out.rstrip() if joins else out) + word + after
+    return out
+
+
+def _filled_word(tokenizer, ids: torch.Tensor, i: int) -> tuple[str, bool]:
+    """(the text token ``ids[i]`` adds, whether it joins the previous token with no space), read
+    off the decoder: what decoding [previous, this] adds to decoding [previous] alone."""
+    alone = tokenizer.decode([int(ids[i])]).strip()
+    if i == 0:
+        return alone, False
+    before = tokenizer.decode([int(ids[i - 1])])
+    both = tokenizer.decode([int(ids[i - 1]), int(ids[i])])
+    if not before or not both.startswith(before) or len(both) == len(before):
+        return alone, False
+    added = both[len(before):]
+    return added.strip(), not added[0].isspace()
 
 
 # ---------------------------------------------------------------------------------- likelihood
