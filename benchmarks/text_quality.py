@@ -308,8 +308,8 @@ def main(argv=None) -> int:
                    help="the step count at which whole-MR control, the uncontrolled chance rate and the "
                         "variant rows (other sampler, temperature 1, clamping flipped) are measured")
     p.add_argument("--guidance-scales", type=float, nargs="*", default=[2.0, 2.5, 4.0],
-                   help="other classifier-free guidance scales given a single-slot control row at --detail-steps "
-                        "(the checkpoint's own scale is always measured)")
+                   help="other classifier-free guidance scales given a single-slot and a whole-MR control row at "
+                        "--detail-steps (the checkpoint's own scale is always measured)")
     p.add_argument("--other-mix-scales", type=float, nargs="*", default=[5.0, 10.0],
                    help="scales given a single-slot control row with guidance mixed the other way (on the x0 "
                         "estimates if the checkpoint mixes on the word logits, and the reverse), at --detail-steps")
@@ -473,6 +473,13 @@ def main(argv=None) -> int:
             mrs, secs = diffusion_samples(model, len(whole), steps=steps, seed=args.seed + 3, mr=whole_codes)
             row["control_whole"] = {**control_rates(tok, mrs, whole), **quality(mrs),
                                     "examples": [f"{m} => {s}" for m, s in list(zip(whole, mrs))[:4]]}
+            # A whole MR moves the logits further than one slot: the same MRs at the other scales.
+            row["control_whole_scales"] = {}
+            for scale in args.guidance_scales:
+                if scale != float(model.default("guidance_scale", 2.0)):
+                    mrs, _ = diffusion_samples(model, len(whole), steps=steps, seed=args.seed + 3, mr=whole_codes,
+                                               guidance_scale=scale)
+                    row["control_whole_scales"][scale] = {**control_rates(tok, mrs, whole), **quality(mrs)}
         if clf is not None and steps == args.detail_steps:
             codes = torch.tensor([clf.mr_vocab.encode(t, partial=True) for t in single])
             scale = 1.0 if args.classifier_scale is None else args.classifier_scale
@@ -588,12 +595,15 @@ def write(results: dict, out_dir: Path, name: str) -> None:
         scale = results["guidance_scale"]
         interval = guidance_interval_words(results.get("guidance_interval")).removeprefix(", ")
         for kind in ("control_none", "control_single", "control_every_step", "control_repeat_penalty",
-                     "control_scales", "control_other_mix", "control_classifier", "control_whole"):
+                     "control_scales", "control_other_mix", "control_classifier", "control_whole",
+                     "control_whole_scales"):
             for steps, row in results["steps"].items():
                 if kind not in row:
                     continue
                 if kind == "control_scales":
                     labelled = {f"classifier-free (scale {w:g}), one slot": r for w, r in row[kind].items()}
+                elif kind == "control_whole_scales":
+                    labelled = {f"classifier-free (scale {w:g}), whole MR": r for w, r in row[kind].items()}
                 elif kind == "control_other_mix":
                     labelled = {f"classifier-free (scale {w:g}), one slot, {MIX_WORDS[row[kind]['mix']]}": r
                                 for w, r in row[kind]["scales"].items()}
