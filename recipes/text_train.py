@@ -68,21 +68,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for one CPU machine and a few hours: 4 layers of width 128 with a softmax head
     # and self-conditioning (1.08M parameters) at batch 64 over sequences trimmed to each
     # batch's longest text, at most 48 tokens (all but 36 of the 8,408 E2E training
-    # descriptions fit; those are truncated), 20000 steps (152 epochs). The shipped model was
-    # trained to 4000 steps and resumed to 8000, 12000, 16000 and 20000 (255 min in all, one
-    # or two threads on the 2-core development machine; modalities/text/checkpoints/e2e/README.md).
+    # descriptions fit; those are truncated), 28000 steps (213 epochs). The shipped model was
+    # trained to 4000 steps and resumed in parts to 28000 (362 min in all, one or two threads on
+    # the 2-core development machine; modalities/text/checkpoints/e2e/README.md, diffkit info).
     # Sampling defaults measured on it (benchmarks/results/text_quality_e2e.md): ancestral
     # sampling (ddpm) at word temperature 0.5 writes far more fluent text than the deterministic
     # solvers at 50 steps; guidance mixed on the word logits follows control more often than
-    # the x0 mix at the same fluency, and scale 3 is where it reaches Diffusion-LM's 81%;
+    # the x0 mix at the same fluency, and scale 2.5 is where it reaches Diffusion-LM's 81%;
     # guiding only where sigma/alpha >= 1.5 changed no measured sample and saves calls.
     "cpu": dict(
         data="e2e", conditional=True, min_count=3, max_length=48,
         embed_dim=16, hidden=128, depth=4, heads=4, dropout=0.1, head="softmax", self_conditioning=True,
         schedule="sqrt", num_timesteps=2000,
-        max_steps=24000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
+        max_steps=28000, batch_size=64, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddpm", sample_steps=50, guidance_scale=3.0, guidance_interval=(1.5, None), guidance_mix="logits",
+        sampler="ddpm", sample_steps=50, guidance_scale=2.5, guidance_interval=(1.5, None), guidance_mix="logits",
         sample_temperature=0.5,
         sample_every=1000,
         save_every=500, export_weights="model",
@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         schedule="sqrt", num_timesteps=2000,
         max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
         cond_drop_prob=0.1, slot_drop_prob=0.3, t0_fraction=0.25, self_condition_prob=0.5,
-        sampler="ddpm", sample_steps=50, guidance_scale=3.0, guidance_interval=(1.5, None), guidance_mix="logits",
+        sampler="ddpm", sample_steps=50, guidance_scale=2.5, guidance_interval=(1.5, None), guidance_mix="logits",
         sample_temperature=0.5,
         sample_every=5000,
         save_every=5000, export_weights="ema",

@@ -131,7 +131,7 @@ def test_guidance_mix_default_and_override(checkpoint, monkeypatch):
     """The cpu preset records guidance mixed on the word logits; generate follows it, and
     guidance_mix="x0" hands the mix back to the core (no guided() call, other texts)."""
     model = load_text_model(checkpoint, "cpu")
-    assert model.default("guidance_mix", None) == "logits" and model.default("guidance_scale", None) == 3.0
+    assert model.default("guidance_mix", None) == "logits" and model.default("guidance_scale", None) == 2.5
     from modalities.text.model import TextDenoiser
 
     mixed = []
