@@ -99,12 +99,15 @@ def plot_path(path) -> Path:
     """The PNG that :meth:`PlanningModality.save` writes for ``path`` (``path`` itself if it ends
     in .png, else ``plans.png`` in folder ``path``); a ValueError if it cannot be written there."""
     path = Path(path)
-    png = path if path.suffix.lower() == ".png" else path / "plans.png"
-    if png.is_dir():
-        raise ValueError(f"{png} is a folder; give a .png file path or a folder for --out")
-    if png is not path and path.exists() and not path.is_dir():
+    if path.suffix.lower() == ".png":
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give a .png file path or a folder for --out")
+        return path
+    if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file; give a .png file path or a folder for --out")
-    return png
+    if (path / "plans.png").is_dir():
+        raise ValueError(f"{path / 'plans.png'} is a folder; give a .png file path or another folder for --out")
+    return path / "plans.png"
 
 
 class PlanningModality:
