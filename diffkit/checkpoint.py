@@ -51,6 +51,7 @@ __all__ = [
     "LoadedNetwork",
     "checkpoint_directory",
     "checkpoint_exists",
+    "holds_other_files",
     "load_checkpoint",
     "load_network",
     "parameter_count",
@@ -189,7 +190,7 @@ def save_checkpoint(
     the two renames, which :func:`load_checkpoint` recovers from) or the new one.
     """
     path = Path(path)
-    if path.is_dir() and _locate(path) is None and any(path.iterdir()):
+    if holds_other_files(path):
         # The swap replaces the directory as a whole: only a checkpoint's extra files are carried over.
         raise CheckpointError(
             f"cannot save checkpoint to {path}: it is a directory with other files and no {CONFIG_FILE}, so it is "
@@ -532,6 +533,13 @@ def _decode_state(value: Any, tensors: Mapping[str, torch.Tensor], source: Path)
 def checkpoint_exists(path: str | os.PathLike) -> bool:
     """True when a checkpoint can be found at ``path`` (including one recovered from a crashed save)."""
     return _locate(Path(path)) is not None
+
+
+def holds_other_files(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory with files in it but no checkpoint: saving there would
+    delete them, and a run that resumes from it would start over on top of them."""
+    path = Path(path)
+    return path.is_dir() and _locate(path) is None and any(path.iterdir())
 
 
 def checkpoint_directory(path: str | os.PathLike) -> Path:

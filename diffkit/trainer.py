@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from tqdm.auto import tqdm
 
 from diffkit import distributed
-from diffkit.checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, save_checkpoint
+from diffkit.checkpoint import CheckpointError, checkpoint_exists, holds_other_files, load_checkpoint, save_checkpoint
 from diffkit.utils import resolve_device, seed_everything
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError"]
@@ -357,13 +357,13 @@ class Trainer:
         """
         if self._resumed:
             return False
+        if holds_other_files(self.checkpoint_dir):
+            # Starting over would overwrite whatever is left of the old run.
+            raise CheckpointError(
+                f"{self.checkpoint_dir} holds files but no config.json: an incomplete or damaged checkpoint. "
+                "Restore it to resume, or move it away (or choose another output_dir) to start a new run."
+            )
         if not checkpoint_exists(self.checkpoint_dir):
-            if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()):
-                # Starting over would overwrite whatever is left of the old run.
-                raise CheckpointError(
-                    f"{self.checkpoint_dir} holds files but no config.json: an incomplete or damaged checkpoint. "
-                    "Restore it to resume, or move it away (or choose another output_dir) to start a new run."
-                )
             return False
         ckpt = load_checkpoint(self.checkpoint_dir, modality=self.modality)
         try:
