@@ -10,6 +10,7 @@ restaurant descriptions shipped in data/e2e, on the CPU or GPU. Presets and flag
     python recipes/text_train.py --tokenizer path/to/tokenizer.json   # a local pretrained tokenizer
     python recipes/text_train.py --export runs/text-cpu/export     # + a compact shipping copy
     python recipes/text_train.py --task classifier --denoiser runs/text-cpu/checkpoint
+    python recipes/text_train.py --task distill --denoiser runs/text-cpu/checkpoint --student-steps 5
     torchrun --nproc_per_node 4 recipes/text_train.py --preset gpu
 
 Every run writes to ``--output-dir``: ``checkpoint/`` (resumed automatically when the same
@@ -19,12 +20,14 @@ trained per ``--export-weights``, the tokenizer as a side file) with the command
 and wall time recorded: the form the shipped checkpoint ``modalities/text/checkpoints/e2e``
 takes (the cpu preset, run in parts; its README lists the commands). ``--task classifier``
 trains, instead of a denoiser, the classifier of plug-and-play control (p(MR slot | noisy
-embeddings)) for the denoiser given by ``--denoiser``.
+embeddings)) for the denoiser given by ``--denoiser``; ``--task distill`` a student of it that
+samples in ``--student-steps`` DDIM steps (modalities/text/distillation.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -40,6 +43,7 @@ from diffkit.runs import (
     add_training_arguments,
     export_checkpoint,
     is_main_process,
+    positive_int,
     sampling_defaults,
     train_config,
     usage_errors,
@@ -50,18 +54,43 @@ from diffkit.trainer import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modalities.text.data import MRVocabulary, encode_corpus, format_mr, is_e2e, load_corpus  # noqa: E402
+from modalities.text.distillation import (  # noqa: E402
+    STUDENT_SAMPLER,
+    DistillationObjective,
+    TrajectoryDataset,
+    student_diffusion,
+    student_grid,
+    teacher_trajectories,
+)
 from modalities.text.modality import RowConditions, TextModel, TextSampling, load_text_model, sample_ids  # noqa: E402
 from modalities.text.model import GUIDANCE_MIXES, HEADS, NoisyMRClassifier, TextDenoiser  # noqa: E402
 from modalities.text.objective import ClassifierObjective, TextObjective  # noqa: E402
 from modalities.text.tokenizer import TOKENIZER_FILE, TextTokenizer  # noqa: E402
 
 PROG = "text_train.py"
+TASKS = ("denoiser", "classifier", "distill")
+DISTILL_FLAGS = ("student_steps", "teacher_steps", "trajectories", "guided_share")
+TRAJECTORIES_FILE = "trajectories.safetensors"
+# What a student takes from its teacher, so these flags have no say with --task distill.
+TEACHER_FLAGS = ("data", "conditional", "tokenizer", "min_count", "max_length", "embed_dim", "hidden", "depth", "heads",
+                 "dropout", "head", "self_conditioning", "schedule", "num_timesteps", "cond_drop_prob",
+                 "slot_drop_prob", "t0_fraction", "self_condition_prob")
 MODEL_CLASS = "modalities.text.model.TextDenoiser"
 CLASSIFIER_CLASS = "modalities.text.model.NoisyMRClassifier"
 
 # --task classifier: a shallower network and a shorter run than the denoiser's (the preset's
 # other entries stay); flags still override.
 CLASSIFIER_SETTINGS = {"cpu": dict(depth=2, max_steps=1500, lr=1e-3), "gpu": dict(depth=4, max_steps=20_000, lr=1e-4)}
+
+# --task distill: fine-tuning from the teacher's weights, so a small learning rate and a short
+# run; the student samples with DDIM at the teacher's word temperature and, having learnt the
+# guided trajectories, follows an MR without guidance (scale 1: one network call a step).
+DISTILL_SETTINGS = {
+    "cpu": dict(max_steps=400, lr=1e-4, warmup_steps=50, student_steps=5, teacher_steps=50, trajectories=4000,
+                guided_share=0.5, sampler=STUDENT_SAMPLER, guidance_scale=1.0, guidance_interval=None),
+    "gpu": dict(max_steps=10_000, lr=3e-5, warmup_steps=500, student_steps=5, teacher_steps=50, trajectories=50_000,
+                guided_share=0.5, sampler=STUDENT_SAMPLER, guidance_scale=1.0, guidance_interval=None),
+}
 
 # Each preset is a complete, reproducible configuration; flags override single entries.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -114,11 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="base configuration (default: cpu); the flags below override it")
-    p.add_argument("--task", choices=("denoiser", "classifier"), default="denoiser",
-                   help="what to train: the text denoiser (default) or the noisy-embedding MR classifier "
-                        "for plug-and-play --control of the denoiser given by --denoiser")
+    p.add_argument("--task", choices=TASKS, default="denoiser",
+                   help="what to train: the text denoiser (default), the noisy-embedding MR classifier "
+                        "for plug-and-play --control of the denoiser given by --denoiser, or a few-step student "
+                        "distilled from that denoiser (distill)")
     p.add_argument("--denoiser", metavar="DIR",
-                   help="--task classifier: the denoiser checkpoint whose embedding space it works in")
+                   help="--task classifier: the denoiser checkpoint whose embedding space it works in; "
+                        "--task distill: the teacher")
+    g = p.add_argument_group("distillation (--task distill)")
+    g.add_argument("--student-steps", type=positive_int,
+                   help="DDIM steps the student samples in (default 5); its points are taken from the teacher's grid")
+    g.add_argument("--teacher-steps", type=positive_int, help="DDIM steps of the teacher's trajectories (default 50)")
+    g.add_argument("--trajectories", type=positive_int,
+                   help="teacher trajectories to learn from, drawn once and kept in the run directory (default: "
+                        "the preset's, 4000 on cpu)")
+    g.add_argument("--guided-share", type=float,
+                   help="share of the trajectories guided by a training MR (slots dropped as in training) at the "
+                        "teacher's guidance defaults; the rest are unconditional (default 0.5)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="e2e (the shipped copy, default), e2e:DIR (a directory holding the E2E dev and "
                                   "test sets, devset.csv and testset_w_refs.csv, plain or .gz; trainset.csv is not "
@@ -173,8 +214,20 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         s.update(CLASSIFIER_SETTINGS[args.preset])
         if not args.denoiser:
             raise ValueError("--task classifier needs --denoiser DIR (the denoiser checkpoint it will steer)")
+    elif args.task == "distill":
+        s.update(DISTILL_SETTINGS[args.preset])
+        if not args.denoiser:
+            raise ValueError("--task distill needs --denoiser DIR (the teacher checkpoint)")
+        fixed = [flag for flag in TEACHER_FLAGS if getattr(args, flag) is not None]
+        if fixed:
+            raise ValueError(f"--{fixed[0].replace('_', '-')}: a student is its teacher's network, vocabulary and "
+                             "diffusion; leave it out with --task distill")
     elif args.denoiser:
-        raise ValueError("--denoiser is for --task classifier")
+        raise ValueError("--denoiser is for --task classifier and --task distill")
+    if args.task != "distill":
+        given = [flag for flag in DISTILL_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is for --task distill")
     for key, value in vars(args).items():
         if value is not None and key != "preset":
             s[key] = value
@@ -194,14 +247,26 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--sample-temperature sharpens a softmax head's word distribution; use --head softmax "
                          "or leave it at 1")
     sampling_defaults(s)  # bad sampling defaults are a usage error before anything is built
+    if args.task == "distill":
+        # The student is trained for one grid: its own sampler and step count are not choices.
+        if args.sampler not in (None, STUDENT_SAMPLER) or args.sample_steps not in (None, s["student_steps"]):
+            raise ValueError(f"--task distill records the student's own sampling ({STUDENT_SAMPLER}, --student-steps "
+                             "steps); leave --sampler and --sample-steps out")
+        s["sample_steps"] = s["student_steps"]
+        if not 0.0 <= s["guided_share"] <= 1.0:
+            raise ValueError(f"--guided-share must lie in [0, 1], got {s['guided_share']}")
+        if s["student_steps"] > s["teacher_steps"]:
+            raise ValueError(f"--student-steps {s['student_steps']} must not exceed --teacher-steps "
+                             f"{s['teacher_steps']}: the student's points are taken from the teacher's grid")
     if args.export_weights == "ema-debiased":  # found now, not after hours of training
-        if args.task == "classifier":
-            raise ValueError("--export-weights ema-debiased is for denoisers; export a classifier with ema or model")
+        if args.task != "denoiser":
+            raise ValueError(f"--export-weights ema-debiased is for denoisers trained from scratch; export a "
+                             f"--task {args.task} run with ema or model")
         if s["ema_decay"] ** s["max_steps"] > 0.5:
             raise ValueError(f"--export-weights ema-debiased needs at most half of the initial weights left in the "
                              f"EMA, but {s['max_steps']} steps at --ema-decay {s['ema_decay']} leave "
                              f"{s['ema_decay'] ** s['max_steps']:.2f}; use ema or model, or train longer")
-    s.setdefault("output_dir", f"runs/text-{args.preset}" + ("-classifier" if args.task == "classifier" else ""))
+    s.setdefault("output_dir", f"runs/text-{args.preset}" + ("" if args.task == "denoiser" else f"-{args.task}"))
     return s
 
 
@@ -384,11 +449,92 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
     return 0
 
 
+def guided_codes(teacher: TextModel, s: dict[str, Any], count: int) -> torch.Tensor:
+    """MR codes for ``count`` guided trajectories: training MRs drawn with the run's seed, each
+    slot dropped with the teacher's own training probability (so the student also learns the
+    partial MRs that ``control`` names)."""
+    mr_vocab = teacher.mr_vocab
+    corpus = load_corpus(s["data"], "train")
+    generator = torch.Generator().manual_seed(s["seed"])
+    rows = torch.randint(0, len(corpus.mrs), (count,), generator=generator)
+    codes = torch.tensor([mr_vocab.encode(corpus.mrs[int(i)]) for i in rows], dtype=torch.long)
+    drop = float((teacher.info.get("objective") or {}).get("slot_drop_prob", 0.0))
+    return torch.where(torch.rand(codes.shape, generator=generator) < drop, torch.zeros_like(codes), codes)
+
+
+def distillation_trajectories(teacher: TextModel, s: dict[str, Any], main_process: bool) -> TrajectoryDataset:
+    """The run's teacher trajectories: read from the run directory when a run with the same
+    settings drew them, else drawn (unconditional and MR-guided ones) and kept there."""
+    count = s["trajectories"]
+    guided = round(s["guided_share"] * count) if teacher.net.conditional else 0
+    key = {"teacher": str(teacher.path), "steps": s["student_steps"], "teacher_steps": s["teacher_steps"],
+           "count": count, "guided": guided, "seed": s["seed"]}
+    path = Path(s["output_dir"]) / TRAJECTORIES_FILE
+    if path.is_file():
+        kept = TrajectoryDataset.load(path)
+        if kept.key != key:
+            raise ValueError(f"{path} holds trajectories drawn with other settings ({kept.key}); resume that run "
+                             "with its own, or choose another --output-dir")
+        return kept
+    common = dict(steps=s["student_steps"], teacher_steps=s["teacher_steps"], progress=main_process and not s["no_progress"])
+    parts = []
+    if count > guided:
+        parts.append(teacher_trajectories(teacher, count=count - guided, seed=s["seed"], **common))
+    if guided:
+        parts.append(teacher_trajectories(teacher, count=guided, seed=s["seed"] + 1,
+                                          mr=guided_codes(teacher, s, guided), **common))
+    dataset = TrajectoryDataset.concatenate(parts, key)
+    if main_process:
+        dataset.save(path)
+    return dataset
+
+
+def run_distill(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
+    """--task distill: a --student-steps student of --denoiser (modalities/text/distillation.py)."""
+    main_process = is_main_process()
+    teacher = load_text_model(args.denoiser, "cpu")
+    if teacher.net.head != "softmax":
+        raise ValueError(f"--task distill learns the teacher's words by cross-entropy: it needs a softmax-head "
+                         f"teacher, and {teacher.path} has a {teacher.net.head} head")
+    s["data"] = teacher.info.get("data", s["data"])  # guided trajectories follow the teacher's MRs
+    check_same_run(s, {"kind": "distillation", "denoiser": str(teacher.path)})
+    trajectories = distillation_trajectories(teacher, s, main_process)
+    grid, _ = student_grid(teacher.diffusion.sampling_grid(s["teacher_steps"], sampler=STUDENT_SAMPLER),
+                           s["student_steps"])
+    diffusion = student_diffusion(teacher.diffusion, grid)
+    model_config = read_config(teacher.path, modality="text")["model"]
+    diffkit.seed_everything(s["seed"])
+    net = copy.deepcopy(teacher.net).float().train()
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(not name.startswith("embedding."))  # the states live in the teacher's space
+    objective = DistillationObjective(grid.model_times(diffusion.time_input))
+    info = {**teacher.info, "kind": "distillation", "denoiser": str(teacher.path), "objective": objective.config,
+            "defaults": {**sampling_defaults(s), "temperature": s["sample_temperature"],
+                         "guidance_mix": s["guidance_mix"]}}
+    if main_process:
+        print(f"student of {teacher.path}: {len(trajectories)} trajectories, {s['student_steps']} steps at times "
+              f"{[round(t) for t in grid.times.tolist()]}")
+    trainer = Trainer(net, diffusion, trajectories, train_config({**s, "sample_every": 0}), loss_fn=objective,
+                      modality="text", model_config=model_config, modality_config=info,
+                      side_files={TOKENIZER_FILE: teacher.tokenizer.to_str().encode("utf-8")})
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    if main_process:
+        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
+    if args.export and main_process:
+        path = export(s, trainer, Path(args.export), wall, argv, defaults=info["defaults"])
+        print(f"exported {path}")
+    return 0
+
+
 def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     s = resolve_settings(args)
     if args.task == "classifier":
         return run_classifier(args, s, argv)
+    if args.task == "distill":
+        return run_distill(args, s, argv)
     main_process = is_main_process()  # torchrun starts one process per GPU
     check_same_run(s, {"kind": None, "data": s["data"]})
     corpus = load_corpus(s["data"], "train")

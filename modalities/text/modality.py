@@ -438,9 +438,11 @@ class RowConditions:
 
 def sample_ids(model: TextModel, lengths: torch.Tensor, settings: TextSampling,
                conditions: RowConditions = RowConditions(), *, generator: torch.Generator,
-               group_by_length: bool = True, progress: bool = False) -> torch.Tensor:
+               group_by_length: bool = True, progress: bool = False,
+               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Token ids (N, L) from the core's sampler: L = the longest of ``lengths`` (N,), padding
-    after each row's own.
+    after each row's own. ``callback`` is the core sampler's (each state and its x0 estimate);
+    with ``group_by_length`` it sees one length group at a time.
 
     With ``group_by_length`` rows are sampled in groups of similar length (:func:`length_groups`),
     each padded only to its own longest: on E2E lengths about twice as fast as one batch
@@ -449,16 +451,16 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, settings: TextSampling,
     """
     groups = length_groups(lengths, extra_tokens=len(model.net.mr_sizes or ())) if group_by_length else []
     if len(groups) <= 1:
-        return _sample_group(model, lengths, settings, conditions, generator, progress)
+        return _sample_group(model, lengths, settings, conditions, generator, progress, callback)
     out = torch.full((lengths.shape[0], int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
     for rows in groups:
         out[rows, : int(lengths[rows].max())] = _sample_group(model, lengths[rows], settings, conditions.select(rows),
-                                                              generator, progress)
+                                                              generator, progress, callback)
     return out
 
 
 def _sample_group(model: TextModel, lengths: torch.Tensor, settings: TextSampling, conditions: RowConditions,
-                  generator: torch.Generator, progress: bool) -> torch.Tensor:
+                  generator: torch.Generator, progress: bool, callback=None) -> torch.Tensor:
     """:func:`sample_ids` for rows sampled as one batch, padded to their longest."""
     net, dev = model.net, model.device
     temperature = model.default_temperature if settings.temperature is None else float(settings.temperature)
@@ -491,7 +493,7 @@ def _sample_group(model: TextModel, lengths: torch.Tensor, settings: TextSamplin
                                (n, net.embed_dim, length),
                                sampler=settings.sampler, steps=settings.steps, generator=generator, device=dev,
                                guidance_scale=settings.guidance_scale, guidance_interval=interval, wrappers=chain,
-                               progress=progress, **cond)
+                               progress=progress, callback=callback, **cond)
     ids = net.nearest(x, model.allowed)
     if known_ids is not None:  # a template's words stay as written, [UNK] included
         ids = torch.where(known_mask, known_ids, ids)
