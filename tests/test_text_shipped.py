@@ -3,10 +3,13 @@ descriptions, keeps the words of an infilling template, and follows control. Few
 few steps: these check that the shipped model works, benchmarks/text_quality.py measures it."""
 
 import pytest
+import torch
 
 import diffkit
 from modalities.text import DEFAULT_CHECKPOINT, TextModality, load_text_model
 from modalities.text.data import MRVocabulary
+from modalities.text.distillation import teacher_trajectories
+from modalities.text.modality import CHECKPOINTS_DIR, denoiser_call
 
 TEMPLATE = "The Eagle is a [MASK] [MASK] in the city centre ."
 
@@ -110,3 +113,34 @@ def test_the_control_measure_needs_the_values_words_in_order(model):
     rates = bench.control_rates(tok, [text, "The Eagle is a pub ."], [{"near": "Café Sicilia"}, {"near": "Café Sicilia",
                                                                                             "eatType": "pub"}])
     assert rates == {"eatType": 1.0, "near": 0.5, "all": 2 / 3, "all_se": (2 / 3 * 1 / 3 / 3) ** 0.5}
+
+
+STUDENT = CHECKPOINTS_DIR / "e2e-5step"
+
+
+def _words_in_5_steps(model, data):
+    """Each model's words in 5 DDIM steps from the trajectories' starting noise."""
+    length = int(data.mask.sum(1).max())
+    mask = data.mask[:, :length]
+    with torch.no_grad():
+        x = model.diffusion.sample(denoiser_call(model.net, temperature=model.default_temperature),
+                                   (len(data), model.net.embed_dim, length), sampler="ddim", steps=5,
+                                   noise=data.states[:, 0, :, :length], attention_mask=mask, mr=data.mr)
+    return model.net.nearest(x, model.allowed)[mask], data.ids[:, :length][mask]
+
+
+def test_the_5_step_student_writes_what_its_teacher_writes_in_50(model):
+    """The student's whole purpose: from the same noise, 5 of its steps land on the words of the
+    teacher's 50-step DDIM path more often than 5 of the teacher's own."""
+    student = load_text_model(STUDENT, "cpu")
+    assert student.default("sampler", None) == "ddim" and student.default("steps", None) == 5
+    assert student.default("guidance_scale", None) == 1.0  # it learnt the guided paths: one call a step
+    assert student.diffusion.sampling_grid(5, sampler="ddim").times.tolist() == [1999, 1599, 1199, 799, 399]
+    assert student.info["denoiser"].endswith("checkpoints/e2e") and (STUDENT / "README.md").is_file()
+    data = teacher_trajectories(model, steps=5, teacher_steps=50, count=48, seed=7)
+    own, target = _words_in_5_steps(model, data)
+    taught, _ = _words_in_5_steps(student, data)
+    teacher_rate, student_rate = (own == target).float().mean().item(), (taught == target).float().mean().item()
+    assert student_rate > teacher_rate + 0.05, (teacher_rate, student_rate)  # measured: 0.72 against 0.63
+    texts = diffkit.generate(modality="text", checkpoint=STUDENT, num_samples=4, seed=0, control={"food": "Italian"})
+    assert len(texts) == 4 and all(texts)
