@@ -408,6 +408,20 @@ def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
     return path
 
 
+def train_and_export(trainer: Trainer, s: dict[str, Any], args: argparse.Namespace, argv: list[str],
+                     **export_options: Any) -> int:
+    """Train (from where the run left off), say where it ended, and export when ``--export`` asks
+    (``export_options`` go to :func:`export`)."""
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    if is_main_process():
+        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
+        if args.export:
+            print(f"exported {export(s, trainer, Path(args.export), wall, argv, **export_options)}")
+    return 0
+
+
 def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
     """--task classifier: p(MR slot codes | x_t, t) in the embedding space of --denoiser."""
     main_process = is_main_process()
@@ -438,15 +452,7 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
                       loss_fn=ClassifierObjective(denoiser.diffusion), modality="text",
                       model_config=model_config, modality_config=info,
                       side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")})
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    if main_process:
-        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
-    if args.export and main_process:
-        path = export(s, trainer, Path(args.export), wall, argv)
-        print(f"exported {path}")
-    return 0
+    return train_and_export(trainer, s, args, argv)
 
 
 def guided_codes(teacher: TextModel, s: dict[str, Any], count: int) -> torch.Tensor:
@@ -476,7 +482,8 @@ def distillation_trajectories(teacher: TextModel, s: dict[str, Any], main_proces
             raise ValueError(f"{path} holds trajectories drawn with other settings ({kept.key}); resume that run "
                              "with its own, or choose another --output-dir")
         return kept
-    common = dict(steps=s["student_steps"], teacher_steps=s["teacher_steps"], progress=main_process and not s["no_progress"])
+    common = dict(steps=s["student_steps"], teacher_steps=s["teacher_steps"],
+                  progress=main_process and not s["no_progress"])
     parts = []
     if count > guided:
         parts.append(teacher_trajectories(teacher, count=count - guided, seed=s["seed"], **common))
@@ -517,15 +524,7 @@ def run_distill(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) ->
     trainer = Trainer(net, diffusion, trajectories, train_config({**s, "sample_every": 0}), loss_fn=objective,
                       modality="text", model_config=model_config, modality_config=info,
                       side_files={TOKENIZER_FILE: teacher.tokenizer.to_str().encode("utf-8")})
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    if main_process:
-        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
-    if args.export and main_process:
-        path = export(s, trainer, Path(args.export), wall, argv, defaults=info["defaults"])
-        print(f"exported {path}")
-    return 0
+    return train_and_export(trainer, s, args, argv, defaults=info["defaults"])
 
 
 def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
@@ -554,15 +553,7 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
                       model_config=model_config, modality_config=info,
                       side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")},
                       sample_fn=make_sample_fn(s, diffusion, tokenizer, info, mr_vocab) if s["sample_every"] else None)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    if main_process:
-        print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
-    if args.export and main_process:
-        path = export(s, trainer, Path(args.export), wall, argv, initial, defaults=info["defaults"])
-        print(f"exported {path}")
-    return 0
+    return train_and_export(trainer, s, args, argv, initial=initial, defaults=info["defaults"])
 
 
 def main(argv: list[str] | None = None) -> int:
