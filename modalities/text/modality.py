@@ -460,7 +460,8 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, settings: TextSampling,
 
 
 def _sample_group(model: TextModel, lengths: torch.Tensor, settings: TextSampling, conditions: RowConditions,
-                  generator: torch.Generator, progress: bool, callback=None) -> torch.Tensor:
+                  generator: torch.Generator, progress: bool,
+                  callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """:func:`sample_ids` for rows sampled as one batch, padded to their longest."""
     net, dev = model.net, model.device
     temperature = model.default_temperature if settings.temperature is None else float(settings.temperature)
