@@ -15,7 +15,8 @@ path (Luhman and Luhman, 2021, distil whole trajectories the same way; consisten
 the same of every state). ``x0_previous_j`` is the student's own estimate at the point before,
 as its self-conditioned sampler will give it, though at word temperature 1 where sampling
 uses the recorded one (0.5): taking it at 0.5 in training was measured no better (judge
-perplexity 73 against 69 at 5 steps, control 55% against 56%; the e2e-5step README).
+perplexity 73 against 69 at 5 steps, control 55% against 56%, with a throw-away change; the
+e2e-5step README).
 
 The word embeddings stay frozen: the states live in the teacher's embedding space, and the
 rounding at the end must read them the same way. The student's grid is stored in its
