@@ -3,6 +3,7 @@ the student's points are the teacher's, the trajectories are the teacher's own, 
 the student towards the teacher's end words, and the recipe records a student that samples on
 its own grid."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -18,7 +19,14 @@ from modalities.text.distillation import (
     student_grid,
     teacher_trajectories,
 )
-from modalities.text.modality import RowConditions, TextSampling, denoiser_call, load_text_model, sample_ids
+from modalities.text.modality import (
+    RowConditions,
+    TextSampling,
+    _lengths,
+    denoiser_call,
+    load_text_model,
+    sample_ids,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import text_train  # noqa: E402
@@ -69,7 +77,6 @@ def test_trajectories_are_the_teachers_own_samples(teacher):
     assert data.states.shape == (6, 2, model.net.embed_dim, model.max_length)
     # The same draws through the ordinary sampler end on the same words (rows sorted by length).
     generator = diffkit.runs.seeded_generator(3)
-    from modalities.text.modality import _lengths
     lengths = _lengths(model, 6, None, generator)
     order = torch.argsort(lengths, stable=True)
     ids = sample_ids(model, lengths[order], TextSampling("ddim", 4), RowConditions(), generator=generator,
@@ -95,8 +102,8 @@ def test_trajectory_files_round_trip_and_a_damaged_one_is_a_clear_error(tmp_path
 
 
 def _student_words(net, data, times, diffusion):
-    """The student's own DDIM samples from the trajectories' starting states, and how many of
-    their words are the teacher's."""
+    """The share of the teacher's words that the student's own DDIM samples, from the
+    trajectories' starting states, land on."""
     grid = diffusion.sampling_grid(len(times), sampler="ddim")
     mask = data.mask
     with torch.no_grad():
@@ -112,7 +119,6 @@ def test_training_moves_the_student_to_the_teachers_words(teacher):
     grid, _ = student_grid(model.diffusion.sampling_grid(4, sampler="ddim"), 2)
     diffusion = student_diffusion(model.diffusion, grid)
     objective = DistillationObjective(grid.model_times())
-    import copy
     student = copy.deepcopy(model.net).float().train()
     for name, parameter in student.named_parameters():
         parameter.requires_grad_(not name.startswith("embedding."))
