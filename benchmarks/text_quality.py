@@ -68,8 +68,10 @@ from modalities.text.modality import (  # noqa: E402
     load_classifier,
     load_text_model,
     nll_per_token,
+    padding_mask,
     sample_ids,
 )
+from modalities.text.ranking import RANKINGS, choose_candidates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The neighbour-repeat penalty measured beside the defaults (generate's repeat_penalty).
@@ -267,6 +269,34 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
     return texts, seconds
 
 
+def best_of_samples(model, n, k, *, steps, seed, mr=None, rankings=RANKINGS, batch=128):
+    """n texts, each the best of ``k`` candidates of its length (and MR row of ``mr`` (n, S),
+    guided at the checkpoint's defaults) under each ranking of ``rankings``, all from the same
+    candidates: {ranking: (texts, seconds)}, the seconds those of drawing the candidates plus
+    that ranking's choice (``generate(best_of=k, rank_by=...)`` does the same)."""
+    gen = seeded_generator(seed)
+    scale = 1.0 if mr is None else float(model.default("guidance_scale", 2.0))
+    settings = TextSampling(model.default("sampler", "ddim"), steps, scale)
+    out = {ranking: ([], 0.0) for ranking in rankings}
+    per_batch = max(1, batch // k)
+    for start in range(0, n, per_batch):
+        m = min(per_batch, n - start)
+        lengths = _lengths(model, m, None, gen).repeat_interleave(k)
+        rows_mr = None if mr is None else mr[start: start + m].repeat_interleave(k, 0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ids = sample_ids(model, lengths, settings, RowConditions(mr=rows_mr), generator=gen)
+        drawn = time.perf_counter() - t0
+        for ranking in rankings:
+            t0 = time.perf_counter()
+            keep = choose_candidates(model.net, model.diffusion, ids, padding_mask(lengths), group_size=k,
+                                     rank_by=ranking, generator=torch.Generator().manual_seed(seed), mr=rows_mr)
+            texts, seconds = out[ranking]
+            texts += [model.tokenizer.decode(ids[i, : int(lengths[i])].tolist()) for i in keep]
+            out[ranking] = (texts, seconds + drawn + time.perf_counter() - t0)
+    return out
+
+
 def control_rates(tokenizer, texts, targets) -> dict[str, float]:
     """Per slot and overall: the share of (text, slot=value) targets whose value appears, and
     ``all_se``, the binomial standard error of the overall share."""
@@ -315,6 +345,9 @@ def main(argv=None) -> int:
                         "estimates if the checkpoint mixes on the word logits, and the reverse), at --detail-steps")
     p.add_argument("--compare-samplers", nargs="*", default=["ddim"],
                    help="other samplers given an unconditional row at --detail-steps (default: ddim)")
+    p.add_argument("--best-of", type=int, nargs="*", default=[], metavar="K",
+                   help="also at each step count: unconditional texts, each the best of K candidates under each "
+                        "ranking (generate's best_of/rank_by), and single-slot control with the likelihood ranking")
     p.add_argument("--nll-texts", type=int, default=64, help="held-out texts for the likelihood bound")
     p.add_argument("--nll-steps", type=int, default=250, help="chain of the bound (the model's T for the full bound)")
     p.add_argument("--no-nll", action="store_true", help="skip the likelihood bounds")
@@ -491,6 +524,16 @@ def main(argv=None) -> int:
                                               wrappers_fn=wrappers_fn)
             row["control_classifier"] = {**control_rates(tok, steered, single), **quality(steered),
                                          "seconds_per_sentence": secs / len(steered)}
+        for k in args.best_of:
+            for ranking, (texts_k, secs) in best_of_samples(model, args.samples, k, steps=steps,
+                                                            seed=args.seed).items():
+                row.setdefault("best_of", {})[f"{ranking} {k}"] = {
+                    **quality(texts_k), "seconds_per_sentence": secs / len(texts_k), "examples": texts_k[:8]}
+            if vocab is not None:
+                (texts_k, secs), = best_of_samples(model, len(single), k, steps=steps, seed=args.seed + 2,
+                                                   mr=single_codes, rankings=("likelihood",)).values()
+                row.setdefault("control_best_of", {})[k] = {**control_rates(tok, texts_k, single), **quality(texts_k),
+                                                            "seconds_per_sentence": secs / len(texts_k)}
         results["steps"][steps] = row
         log(f"{steps} steps ({time.perf_counter() - t_step:.0f} s): " + json.dumps(
             {k: {m: (round(v, 3) if isinstance(v, float) else None) for m, v in r.items() if m != "examples"}
@@ -579,6 +622,12 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                          f"{u['perplexity'] / h:.2f} | {u['distinct_1']:.3f} | {u['distinct_2']:.3f} | "
                          f"{u['copies']:.2f} | {_repeats(u)} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
+        for label, u in row.get("best_of", {}).items():
+            ranking, k = label.split()
+            lines.append(f"| diffusion, unconditional, best of {k} by {ranking} | {steps} | {u['perplexity']:.2f} | "
+                         f"{u['perplexity'] / h:.2f} | {u['distinct_1']:.3f} | {u['distinct_2']:.3f} | "
+                         f"{u['copies']:.2f} | {_repeats(u)} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
+    for steps, row in results["steps"].items():
         if "control_single" in row:
             c = row["control_single"]
             lines.append(f"| diffusion, one slot controlled | {steps} | {c['perplexity']:.2f} | "
@@ -594,14 +643,17 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                   "|---|---|" + "---|" * (len(slots) + 2)]
         scale = results["guidance_scale"]
         interval = guidance_interval_words(results.get("guidance_interval")).removeprefix(", ")
-        for kind in ("control_none", "control_single", "control_every_step", "control_repeat_penalty",
-                     "control_scales", "control_other_mix", "control_classifier", "control_whole",
+        for kind in ("control_none", "control_single", "control_best_of", "control_every_step",
+                     "control_repeat_penalty", "control_scales", "control_other_mix", "control_classifier", "control_whole",
                      "control_whole_scales"):
             for steps, row in results["steps"].items():
                 if kind not in row:
                     continue
                 if kind == "control_scales":
                     labelled = {f"classifier-free (scale {w:g}), one slot": r for w, r in row[kind].items()}
+                elif kind == "control_best_of":
+                    labelled = {f"classifier-free (scale {scale:g}), one slot, best of {k} by likelihood "
+                                f"({r['seconds_per_sentence'] * 1000:.0f} ms a sentence)": r for k, r in row[kind].items()}
                 elif kind == "control_whole_scales":
                     labelled = {f"classifier-free (scale {w:g}), whole MR": r for w, r in row[kind].items()}
                 elif kind == "control_other_mix":

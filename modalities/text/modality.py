@@ -46,6 +46,7 @@ from .model import (
     check_guidance_mix,
     rounding_loss,
 )
+from .ranking import RANKINGS, check_best_of, choose_candidates
 from .tokenizer import MASK, TOKENIZER_FILE, TextTokenizer
 
 __all__ = [
@@ -522,6 +523,8 @@ def generate_text(
     classifier: str | os.PathLike | None = None,
     classifier_scale: float | None = None,
     control_method: str | None = None,
+    best_of: int = 1,
+    rank_by: str | None = None,
 ) -> list[str]:
     """Sample ``num_samples`` texts; see the module docstring.
 
@@ -558,6 +561,14 @@ def generate_text(
             leaves the network's distribution alone. On the shipped model 10 cuts the texts with
             such a repeat from 52% to 3%, but the judge perplexity rises from 16.6 to 20.5: the
             repeat often becomes another wrong word (modalities/text/README.md).
+        best_of: candidates drawn per text, of its length and conditions; the one ``rank_by``
+            prefers is kept (:mod:`modalities.text.ranking`). K candidates cost about K times the
+            time. On the shipped model 10 candidates lower the judge perplexity by about a
+            quarter (modalities/text/README.md).
+        rank_by: with ``best_of``: ``"likelihood"`` (the default), the model's own denoising
+            log-likelihood of the words (under ``control``'s MR when guided classifier-free), or
+            ``"mbr"``, the candidate that agrees most with the others (minimum Bayes risk,
+            sentence BLEU).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
@@ -573,6 +584,10 @@ def generate_text(
     check_guidance_interval(guidance_interval)
     if guidance_mix is not None:
         check_guidance_mix(guidance_mix)
+    if rank_by is not None and best_of == 1:
+        raise ValueError("rank_by chooses among best_of candidates: pass best_of=K (K > 1) too, or leave it unset")
+    rank_by = rank_by or "likelihood"
+    check_best_of(best_of, rank_by)
     model = load_text_model(checkpoint, device)
     gen = seeded_generator(seed)
     n = num_samples
@@ -590,7 +605,7 @@ def generate_text(
         if not controls:
             raise ValueError("classifier= steers towards control=; pass control={'food': ...} as well")
         clf = load_classifier(classifier, model)
-        clf_codes = torch.tensor([clf.mr_vocab.encode(controls, partial=True)] * n)
+        clf_codes = torch.tensor([clf.mr_vocab.encode(controls, partial=True)] * (n * best_of))
         if guidance_scale is not None and guidance_scale != 1.0:
             raise ValueError("guidance_scale is classifier-free guidance; with classifier= use classifier_scale")
     elif classifier_scale is not None:
@@ -601,7 +616,7 @@ def generate_text(
             raise ValueError(f"checkpoint {model.path} was not trained on meaning representations, so it cannot "
                              "follow control= by itself; train one on E2E with recipes/text_train.py (the "
                              "default), or pass classifier= (trained with recipes/text_train.py --task classifier)")
-        mr = torch.tensor([vocab.encode(controls, partial=True)] * n)
+        mr = torch.tensor([vocab.encode(controls, partial=True)] * (n * best_of))
         if guidance_scale is None:
             guidance_scale = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
     elif guidance_scale is not None and guidance_scale != 1.0:
@@ -636,6 +651,10 @@ def generate_text(
             known_mask[row, : template.ids.numel()] = template.known
     else:
         lengths = _lengths(model, n, length, gen)
+    if best_of > 1:  # each text's candidates are consecutive rows, of its length and template
+        lengths = lengths.repeat_interleave(best_of)
+        if known_ids is not None:
+            known_ids, known_mask = known_ids.repeat_interleave(best_of, 0), known_mask.repeat_interleave(best_of, 0)
 
     extra_wrappers = None
     if clf is not None:
@@ -647,6 +666,9 @@ def generate_text(
                             guidance_mix)
     conditions = RowConditions(mr, known_ids, known_mask, extra_wrappers)
     ids = sample_ids(model, lengths, settings, conditions, generator=gen, progress=progress)
+    keep = choose_candidates(model.net, model.diffusion, ids, padding_mask(lengths), group_size=best_of,
+                             rank_by=rank_by, generator=gen, mr=mr)
+    ids, lengths = ids[keep], lengths[keep]
     if infill is not None:
         return [fill_template(text, template, row, model.tokenizer) for text, template, row in zip(texts, templates, ids)]
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
@@ -828,5 +850,11 @@ class TextModality:
                            help="softmax-head models: price (nats) on the same word at neighbouring positions, "
                                 "against 'Italian Italian'; 10 removes most such repeats, at some cost in fluency "
                                 "(default: 0, off)")
+        group.add_argument("--best-of", type=int, default=1, metavar="K",
+                           help="draw K candidates per text (same length and conditions) and keep the one "
+                                "--rank-by prefers; about K times the time (default: 1)")
+        group.add_argument("--rank-by", choices=RANKINGS,
+                           help="with --best-of: the model's own denoising likelihood of the words (likelihood, "
+                                "the default) or the candidate closest to the others in BLEU (mbr)")
         group.add_argument("--length", type=int, metavar="L",
                            help="tokens per sample (default: drawn from the training data's lengths)")
