@@ -69,9 +69,10 @@ from modalities.text.modality import (  # noqa: E402
     load_text_model,
     nll_per_token,
     padding_mask,
+    sample_best_of,
     sample_ids,
 )
-from modalities.text.ranking import RANKINGS, choose_candidates  # noqa: E402
+from modalities.text.ranking import RANKINGS, SELECT_AT, CandidateChoice, choose_candidates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The neighbour-repeat penalty measured beside the defaults (generate's repeat_penalty).
@@ -269,31 +270,42 @@ def diffusion_samples(model, n, *, steps, seed, mr=None, wrappers_fn=None, sampl
     return texts, seconds
 
 
-def best_of_samples(model, n, k, *, steps, seed, mr=None, rankings=RANKINGS, batch=128):
+def best_of_samples(model, n, k, *, steps, seed, mr=None, batch=128):
     """n texts, each the best of ``k`` candidates of its length (and MR row of ``mr`` (n, S),
-    guided at the checkpoint's defaults) under each ranking of ``rankings``, all from the same
-    candidates: {ranking: (texts, seconds)}, the seconds those of drawing the candidates plus
-    that ranking's choice (``generate(best_of=k, rank_by=...)`` does the same)."""
+    guided at the checkpoint's defaults), as ``generate(best_of=k, ...)`` chooses them, in three
+    ways: ``"likelihood"``, compared at the default share of the steps (:func:`sample_best_of`);
+    ``"likelihood, finished"`` and ``"mbr, finished"``, both compared when finished, on the
+    same candidates. {way: (texts, seconds)}."""
     gen = seeded_generator(seed)
     scale = 1.0 if mr is None else float(model.default("guidance_scale", 2.0))
     settings = TextSampling(model.default("sampler", "ddim"), steps, scale)
-    out = {ranking: ([], 0.0) for ranking in rankings}
+    out = {way: ([], 0.0) for way in ("likelihood", "likelihood, finished", "mbr, finished")}
+
+    def add(way, ids, lengths, seconds):
+        texts, total = out[way]
+        texts += [model.tokenizer.decode(row[: int(m)].tolist()) for row, m in zip(ids, lengths)]
+        out[way] = (texts, total + seconds)
+
     per_batch = max(1, batch // k)
     for start in range(0, n, per_batch):
         m = min(per_batch, n - start)
-        lengths = _lengths(model, m, None, gen).repeat_interleave(k)
+        lengths = _lengths(model, m, None, gen)
         rows_mr = None if mr is None else mr[start: start + m].repeat_interleave(k, 0)
         t0 = time.perf_counter()
         with torch.no_grad():
-            ids = sample_ids(model, lengths, settings, RowConditions(mr=rows_mr), generator=gen)
+            ids = sample_best_of(model, lengths, settings, RowConditions(mr=rows_mr), CandidateChoice(k),
+                                 generator=gen)
+        add("likelihood", ids, lengths, time.perf_counter() - t0)
+        candidate_lengths = lengths.repeat_interleave(k)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ids = sample_ids(model, candidate_lengths, settings, RowConditions(mr=rows_mr), generator=gen)
         drawn = time.perf_counter() - t0
-        for ranking in rankings:
+        for ranking in RANKINGS:
             t0 = time.perf_counter()
-            keep = choose_candidates(model.net, model.diffusion, ids, padding_mask(lengths), group_size=k,
-                                     rank_by=ranking, generator=torch.Generator().manual_seed(seed), mr=rows_mr)
-            texts, seconds = out[ranking]
-            texts += [model.tokenizer.decode(ids[i, : int(lengths[i])].tolist()) for i in keep]
-            out[ranking] = (texts, seconds + drawn + time.perf_counter() - t0)
+            keep = choose_candidates(model.net, model.diffusion, ids, padding_mask(candidate_lengths), group_size=k,
+                                     rank_by=ranking, generator=gen, mr=rows_mr)
+            add(f"{ranking}, finished", ids[keep], lengths, drawn + time.perf_counter() - t0)
     return out
 
 
@@ -346,8 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare-samplers", nargs="*", default=["ddim"],
                    help="other samplers given an unconditional row at --detail-steps (default: ddim)")
     p.add_argument("--best-of", type=int, nargs="*", default=[], metavar="K",
-                   help="also at each step count: unconditional texts, each the best of K candidates under each "
-                        "ranking (generate's best_of/rank_by), and single-slot control with the likelihood ranking")
+                   help="also at each step count: unconditional texts, each the best of K candidates "
+                        "(generate's best_of): by likelihood compared early (the default), and by likelihood and by "
+                        "MBR compared when finished; and single-slot control, by likelihood compared early")
     p.add_argument("--nll-texts", type=int, default=64, help="held-out texts for the likelihood bound")
     p.add_argument("--nll-steps", type=int, default=250, help="chain of the bound (the model's T for the full bound)")
     p.add_argument("--no-nll", action="store_true", help="skip the likelihood bounds")
@@ -525,13 +538,12 @@ def main(argv=None) -> int:
             row["control_classifier"] = {**control_rates(tok, steered, single), **quality(steered),
                                          "seconds_per_sentence": secs / len(steered)}
         for k in args.best_of:
-            for ranking, (texts_k, secs) in best_of_samples(model, args.samples, k, steps=steps,
-                                                            seed=args.seed).items():
-                row.setdefault("best_of", {})[f"{ranking} {k}"] = {
+            for way, (texts_k, secs) in best_of_samples(model, args.samples, k, steps=steps, seed=args.seed).items():
+                row.setdefault("best_of", {})[f"{k} {way}"] = {
                     **quality(texts_k), "seconds_per_sentence": secs / len(texts_k), "examples": texts_k[:8]}
             if vocab is not None:
-                (texts_k, secs), = best_of_samples(model, len(single), k, steps=steps, seed=args.seed + 2,
-                                                   mr=single_codes, rankings=("likelihood",)).values()
+                texts_k, secs = best_of_samples(model, len(single), k, steps=steps, seed=args.seed + 2,
+                                                mr=single_codes)["likelihood"]
                 row.setdefault("control_best_of", {})[k] = {**control_rates(tok, texts_k, single), **quality(texts_k),
                                                             "seconds_per_sentence": secs / len(texts_k)}
         results["steps"][steps] = row
@@ -623,8 +635,10 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                          f"{u['copies']:.2f} | {_repeats(u)} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
         for label, u in row.get("best_of", {}).items():
-            ranking, k = label.split()
-            lines.append(f"| diffusion, unconditional, best of {k} by {ranking} | {steps} | {u['perplexity']:.2f} | "
+            k, way = label.split(" ", 1)
+            if way == "likelihood":
+                way = f"likelihood, compared at {SELECT_AT:g} of the steps"
+            lines.append(f"| diffusion, unconditional, best of {k} by {way} | {steps} | {u['perplexity']:.2f} | "
                          f"{u['perplexity'] / h:.2f} | {u['distinct_1']:.3f} | {u['distinct_2']:.3f} | "
                          f"{u['copies']:.2f} | {_repeats(u)} | {u['seconds_per_sentence'] * 1000:.1f} ms |")
     for steps, row in results["steps"].items():
@@ -652,7 +666,7 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                 if kind == "control_scales":
                     labelled = {f"classifier-free (scale {w:g}), one slot": r for w, r in row[kind].items()}
                 elif kind == "control_best_of":
-                    labelled = {f"classifier-free (scale {scale:g}), one slot, best of {k} by likelihood "
+                    labelled = {f"classifier-free (scale {scale:g}), one slot, best of {k} by likelihood at {SELECT_AT:g} "
                                 f"({r['seconds_per_sentence'] * 1000:.0f} ms a sentence)": r for k, r in row[kind].items()}
                 elif kind == "control_whole_scales":
                     labelled = {f"classifier-free (scale {w:g}), whole MR": r for w, r in row[kind].items()}

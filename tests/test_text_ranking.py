@@ -16,8 +16,19 @@ from diffkit.registry import available_modalities, register_modality, unregister
 from diffkit.runs import seeded_generator
 from modalities.text import TextModality, load_text_model
 from modalities.text.data import load_corpus
-from modalities.text.modality import RowConditions, TextSampling, _lengths, padding_mask, sample_ids
+from modalities.text.modality import (
+    Continuation,
+    RowConditions,
+    TextSampling,
+    _lengths,
+    _sample_group,
+    padding_mask,
+    sample_best_of,
+    sample_ids,
+)
 from modalities.text.ranking import (
+    SCORE_LEVELS,
+    CandidateChoice,
     best_in_groups,
     choose_candidates,
     consensus_scores,
@@ -123,14 +134,15 @@ def test_best_of_by_likelihood_writes_more_of_the_training_texts_bigrams():
     assert seen_share(best) >= seen_share(plain) + 0.04
 
 
-def test_generate_keeps_the_best_candidate_of_each_text(checkpoint):
-    """The kept texts are the candidates the ranking prefers: candidates drawn as sample_ids
-    draws them, K consecutive rows per text of its length, then scored from the same generator."""
+def test_generate_keeps_the_best_finished_candidate_of_each_text(checkpoint):
+    """Compared when finished (``select_at=1``, and always by MBR), the kept texts are the
+    candidates the ranking prefers: candidates drawn as sample_ids draws them, K consecutive rows
+    per text of its length, then scored from the same generator."""
     model = load_text_model(checkpoint, "cpu")
     n, k = 3, 4
-    for rank_by in ("likelihood", "mbr"):
+    for rank_by, select_at in (("likelihood", 1.0), ("mbr", None)):
         got = TextModality().generate(checkpoint=checkpoint, num_samples=n, seed=5, steps=3, best_of=k,
-                                      rank_by=rank_by)
+                                      rank_by=rank_by, select_at=select_at)
         gen = seeded_generator(5)
         lengths = _lengths(model, n, None, gen).repeat_interleave(k)
         ids = sample_ids(model, lengths, TextSampling(model.default("sampler", "ddim"), 3), RowConditions(),
@@ -147,6 +159,83 @@ def test_generate_keeps_the_best_candidate_of_each_text(checkpoint):
         assert got == [candidates[g * k + int(group.argmax())] for g, group in enumerate(scores.view(n, k))]
         # Each text's candidates share its length.
         assert [len(t.split()) for t in got] == lengths[::k].tolist()
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory):
+    """A tiny checkpoint without self-conditioning: its runs depend on the states alone."""
+    out = tmp_path_factory.mktemp("plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text_train.main(["--max-steps", "2", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
+                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress", "--no-self-conditioning",
+                         "--output-dir", str(out / "run"), "--export", str(out / "export")])
+    return out / "export"
+
+
+def test_a_resumed_run_is_the_uninterrupted_run(plain_checkpoint, checkpoint):
+    """Stopped after 3 of 6 DDIM points and resumed from the state there, a run ends on the same
+    words as one run straight through; a self-conditioned network's first resumed call reads
+    the estimate it is given."""
+    model = load_text_model(plain_checkpoint, "cpu")
+    lengths = torch.tensor([5, 5, 7])
+    settings = TextSampling("ddim", 6)
+    times = model.diffusion.sampling_grid(6, sampler="ddim").times
+    whole = _sample_group(model, lengths, settings, RowConditions(), seeded_generator(3), False)
+    last = {}
+
+    def keep(info):
+        if info["i"] == 2:
+            last.update(state=info["x"], estimate=info["denoised"])
+
+    _sample_group(model, lengths, settings, RowConditions(), seeded_generator(3), False, keep, times=times[:3])
+    resumed = _sample_group(model, lengths, settings, RowConditions(), seeded_generator(4), False,
+                            resume=Continuation(times[2:], last["state"]))
+    assert torch.equal(resumed, whole)
+
+    conditioned = load_text_model(checkpoint, "cpu")
+    seen = []
+    hook = conditioned.net.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("x0_previous")), with_kwargs=True)
+    try:
+        estimate = torch.randn(3, conditioned.net.embed_dim, 7)
+        _sample_group(conditioned, lengths, settings, RowConditions(), seeded_generator(3), False,
+                      resume=Continuation(times[2:], torch.randn(3, conditioned.net.embed_dim, 7), estimate))
+    finally:
+        hook.remove()
+    assert torch.equal(seen[0], estimate) and len(seen) == 4
+
+
+def test_early_choice_finishes_only_the_kept_candidates(checkpoint):
+    """With select_at, K candidates run the first share of the steps, and only the kept one the
+    rest: the network sees K x head + (steps - head + 1) rows per text, plus the ranking's
+    three reads per candidate; the texts keep their lengths, templates and seeds."""
+    model = load_text_model(checkpoint, "cpu")
+    rows_seen = []
+    hook = model.net.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    n, k, steps = 2, 5, 8
+    try:
+        lengths = torch.tensor([6, 6])
+        settings = TextSampling(model.default("sampler", "ddim"), steps)
+        ids = sample_best_of(model, lengths, settings, RowConditions(), CandidateChoice(k, "likelihood", 0.25),
+                             generator=seeded_generator(0))
+    finally:
+        hook.remove()
+    head = 2  # a quarter of 8 points; one network call per point, and the kept run repeats the head's last
+    assert ids.shape == (n, 6)
+    assert sum(rows_seen) == n * k * head + n * (steps - head + 1) + n * k * len(SCORE_LEVELS), rows_seen
+    mod = TextModality()
+    template = "The Eagle is a [MASK] [MASK] in the city centre ."
+    filled = mod.generate(checkpoint=checkpoint, num_samples=3, seed=1, steps=8, infill=template, best_of=4)
+    assert filled == mod.generate(checkpoint=checkpoint, num_samples=3, seed=1, steps=8, infill=template, best_of=4)
+    for text in filled:
+        assert text.split()[:4] == template.split()[:4] and text.split()[6:] == template.split()[6:]
+    assert [len(t.split()) for t in mod.generate(checkpoint=checkpoint, num_samples=3, seed=1, steps=8, length=9,
+                                                 best_of=3)] == [9, 9, 9]
+    with pytest.raises(ValueError, match=r"select_at must be a share of the sampler's steps in \(0, 1\]"):
+        mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, best_of=2, select_at=0)
+    with pytest.raises(ValueError, match="select_at says how best_of candidates are chosen"):
+        mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, select_at=0.5)
 
 
 def test_best_of_with_infill_and_control(checkpoint):
@@ -180,7 +269,7 @@ def test_best_of_one_is_plain_sampling_and_bad_input(checkpoint):
             mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, best_of=bad)
     with pytest.raises(ValueError, match="unknown rank_by 'bleu'"):
         mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, best_of=2, rank_by="bleu")
-    with pytest.raises(ValueError, match="rank_by chooses among best_of candidates"):
+    with pytest.raises(ValueError, match="rank_by says how best_of candidates are chosen"):
         mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, rank_by="mbr")
 
 
@@ -203,4 +292,4 @@ def test_cli_best_of(checkpoint, capsys, text_registered):
     assert cli_main([*args, "--best-of", "0"]) == 1
     assert "best_of must be a whole number" in capsys.readouterr().err
     assert cli_main([*args, "--rank-by", "mbr"]) == 1
-    assert "rank_by chooses among best_of candidates" in capsys.readouterr().err
+    assert "rank_by says how best_of candidates are chosen" in capsys.readouterr().err

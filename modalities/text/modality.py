@@ -46,7 +46,7 @@ from .model import (
     check_guidance_mix,
     rounding_loss,
 )
-from .ranking import RANKINGS, check_best_of, choose_candidates
+from .ranking import RANKINGS, SELECT_AT, CandidateChoice, choose_candidates
 from .tokenizer import MASK, TOKENIZER_FILE, TextTokenizer
 
 __all__ = [
@@ -460,10 +460,24 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, settings: TextSampling,
     return out
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Where a run resumes: the grid points still to visit (training times, noisiest first,
+    ending at clean data), the ``state`` (N, D, L) at the first of them, and a self-conditioned
+    network's last estimate ``previous`` (N, D, L), which its first call reads."""
+
+    times: torch.Tensor
+    state: torch.Tensor
+    previous: torch.Tensor | None = None
+
+
 def _sample_group(model: TextModel, lengths: torch.Tensor, settings: TextSampling, conditions: RowConditions,
                   generator: torch.Generator, progress: bool,
-                  callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """:func:`sample_ids` for rows sampled as one batch, padded to their longest."""
+                  callback: Callable[[dict], None] | None = None, *,
+                  times: torch.Tensor | None = None, resume: Continuation | None = None) -> torch.Tensor:
+    """:func:`sample_ids` for rows sampled as one batch, padded to their longest: over
+    ``settings``' grid, or over the training ``times`` given (the run then lands on clean data
+    from the last of them), or from where ``resume`` says."""
     net, dev = model.net, model.device
     temperature = model.default_temperature if settings.temperature is None else float(settings.temperature)
     interval = settings.guidance_interval
@@ -491,15 +505,66 @@ def _sample_group(model: TextModel, lengths: torch.Tensor, settings: TextSamplin
         chain.append(KnownValues(mask, net.embed(known_ids)))
     if conditions.extra_wrappers is not None:
         chain.extend(conditions.extra_wrappers(torch.arange(n), attention_mask))
-    x = model.diffusion.sample(denoiser_call(net, temperature=temperature, repeat_penalty=penalty, guidance_mix=mix),
-                               (n, net.embed_dim, length),
-                               sampler=settings.sampler, steps=settings.steps, generator=generator, device=dev,
-                               guidance_scale=settings.guidance_scale, guidance_interval=interval, wrappers=chain,
-                               progress=progress, callback=callback, **cond)
+    call = denoiser_call(net, temperature=temperature, repeat_penalty=penalty, guidance_mix=mix)
+    where: dict = {"steps": settings.steps}
+    if resume is not None:
+        times = resume.times
+        where["noise"], where["start"] = resume.state.to(dev), "noise"  # the state as it is, not a fresh prior draw
+        if resume.previous is not None and isinstance(call, SelfConditioned):
+            call.previous = resume.previous.to(dev)
+    if times is not None:
+        where["grid"], where["steps"] = times, None
+    x = model.diffusion.sample(call, (n, net.embed_dim, length), sampler=settings.sampler, generator=generator,
+                               device=dev, guidance_scale=settings.guidance_scale, guidance_interval=interval,
+                               wrappers=chain, progress=progress, callback=callback, **where, **cond)
     ids = net.nearest(x, model.allowed)
     if known_ids is not None:  # a template's words stay as written, [UNK] included
         ids = torch.where(known_mask, known_ids, ids)
     return ids.masked_fill(~attention_mask, model.tokenizer.pad_id).cpu()
+
+
+def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampling, conditions: RowConditions,
+                   choice: CandidateChoice, *, generator: torch.Generator, progress: bool = False) -> torch.Tensor:
+    """Token ids (N, L) of N texts of ``lengths`` (N,), each the best of ``choice.best_of``
+    candidates; ``conditions`` has a row per candidate, text i's being rows i K to i K + K - 1.
+
+    With ``choice.select_at`` < 1 the candidates are compared on the words of their x0
+    estimates at that share of the grid, and only the kept one is run to the end: it resumes
+    from its own state there (its self-conditioning from its own estimate), as an uninterrupted
+    run would. K candidates then cost K x select_at + 1 - select_at runs, not K. Otherwise
+    (and always for ``"mbr"``) every candidate is finished and the finished texts compared.
+    """
+    k, n = choice.best_of, lengths.shape[0]
+    rows_of = lambda texts: (texts[:, None] * k + torch.arange(k)).flatten()  # noqa: E731
+    candidate_lengths = lengths.repeat_interleave(k)
+    net, diffusion = model.net, model.diffusion
+    if k == 1 or choice.rank_by == "mbr" or choice.select_at >= 1:
+        ids = sample_ids(model, candidate_lengths, settings, conditions, generator=generator, progress=progress)
+        keep = choose_candidates(net, diffusion, ids, padding_mask(candidate_lengths), group_size=k,
+                                 rank_by=choice.rank_by, generator=generator, mr=conditions.mr)
+        return ids[keep]
+    times = diffusion.sampling_grid(settings.steps, sampler=settings.sampler).times
+    head = max(1, min(len(times), round(choice.select_at * len(times))))
+    groups = length_groups(lengths, extra_tokens=len(net.mr_sizes or ())) or [torch.arange(n)]
+    out = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
+    for texts in groups:
+        rows = rows_of(texts)
+        group_lengths, group_conditions = candidate_lengths[rows], conditions.select(rows)
+        last: dict = {}
+
+        def keep_last(info: dict, point: int = head - 1) -> None:
+            if info["i"] == point:
+                last.update(state=info["x"], estimate=info["denoised"])
+
+        # The head run lands on clean data from its last point: the words of the x0 estimate there.
+        guess = _sample_group(model, group_lengths, settings, group_conditions, generator, progress, keep_last,
+                              times=times[:head])
+        keep = choose_candidates(net, diffusion, guess, padding_mask(group_lengths), group_size=k,
+                                 rank_by="likelihood", generator=generator, mr=group_conditions.mr)
+        resume = Continuation(times[head - 1:], last["state"][keep], last["estimate"][keep])
+        out[texts, : int(lengths[texts].max())] = _sample_group(
+            model, group_lengths[keep], settings, group_conditions.select(keep), generator, progress, resume=resume)
+    return out
 
 
 def generate_text(
@@ -525,6 +590,7 @@ def generate_text(
     control_method: str | None = None,
     best_of: int = 1,
     rank_by: str | None = None,
+    select_at: float | None = None,
 ) -> list[str]:
     """Sample ``num_samples`` texts; see the module docstring.
 
@@ -562,13 +628,17 @@ def generate_text(
             such a repeat from 52% to 3%, but the judge perplexity rises from 16.6 to 20.5: the
             repeat often becomes another wrong word (modalities/text/README.md).
         best_of: candidates drawn per text, of its length and conditions; the one ``rank_by``
-            prefers is kept (:mod:`modalities.text.ranking`). K candidates cost about K times the
-            time. On the shipped model 10 candidates lower the judge perplexity by about a
-            quarter (modalities/text/README.md).
+            prefers is kept (:mod:`modalities.text.ranking`, :func:`sample_best_of`). On the
+            shipped model 10 candidates lower the judge perplexity by about a quarter
+            (modalities/text/README.md).
         rank_by: with ``best_of``: ``"likelihood"`` (the default), the model's own denoising
             log-likelihood of the words (under ``control``'s MR when guided classifier-free), or
             ``"mbr"``, the candidate that agrees most with the others (minimum Bayes risk,
-            sentence BLEU).
+            sentence BLEU; compares finished texts, so K candidates cost K runs).
+        select_at: with the likelihood ranking, the share of the steps after which candidates
+            are compared on their x0 estimates; only the kept one is finished, so K candidates
+            cost K x select_at + 1 - select_at runs (default 0.25: 3.25 runs for K = 10; 1
+            compares finished texts).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
@@ -584,10 +654,11 @@ def generate_text(
     check_guidance_interval(guidance_interval)
     if guidance_mix is not None:
         check_guidance_mix(guidance_mix)
-    if rank_by is not None and best_of == 1:
-        raise ValueError("rank_by chooses among best_of candidates: pass best_of=K (K > 1) too, or leave it unset")
-    rank_by = rank_by or "likelihood"
-    check_best_of(best_of, rank_by)
+    for name, value in (("rank_by", rank_by), ("select_at", select_at)):
+        if value is not None and best_of == 1:
+            raise ValueError(f"{name} says how best_of candidates are chosen: pass best_of=K (K > 1) too, "
+                             "or leave it unset")
+    choice = CandidateChoice(best_of, rank_by or "likelihood", SELECT_AT if select_at is None else select_at)
     model = load_text_model(checkpoint, device)
     gen = seeded_generator(seed)
     n = num_samples
@@ -651,8 +722,7 @@ def generate_text(
             known_mask[row, : template.ids.numel()] = template.known
     else:
         lengths = _lengths(model, n, length, gen)
-    if best_of > 1:  # each text's candidates are consecutive rows, of its length and template
-        lengths = lengths.repeat_interleave(best_of)
+    if best_of > 1:  # each text's candidates are consecutive rows, of its template
         if known_ids is not None:
             known_ids, known_mask = known_ids.repeat_interleave(best_of, 0), known_mask.repeat_interleave(best_of, 0)
 
@@ -665,10 +735,7 @@ def generate_text(
     settings = TextSampling(sampler, steps, guidance_scale, guidance_interval, clamp, temperature, repeat_penalty,
                             guidance_mix)
     conditions = RowConditions(mr, known_ids, known_mask, extra_wrappers)
-    ids = sample_ids(model, lengths, settings, conditions, generator=gen, progress=progress)
-    keep = choose_candidates(model.net, model.diffusion, ids, padding_mask(lengths), group_size=best_of,
-                             rank_by=rank_by, generator=gen, mr=mr)
-    ids, lengths = ids[keep], lengths[keep]
+    ids = sample_best_of(model, lengths, settings, conditions, choice, generator=gen, progress=progress)
     if infill is not None:
         return [fill_template(text, template, row, model.tokenizer) for text, template, row in zip(texts, templates, ids)]
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
@@ -852,9 +919,13 @@ class TextModality:
                                 "(default: 0, off)")
         group.add_argument("--best-of", type=int, default=1, metavar="K",
                            help="draw K candidates per text (same length and conditions) and keep the one "
-                                "--rank-by prefers; about K times the time (default: 1)")
+                                "--rank-by prefers (default: 1)")
         group.add_argument("--rank-by", choices=RANKINGS,
                            help="with --best-of: the model's own denoising likelihood of the words (likelihood, "
                                 "the default) or the candidate closest to the others in BLEU (mbr)")
+        group.add_argument("--select-at", type=float, metavar="S",
+                           help="with --best-of and the likelihood ranking: compare the candidates after this "
+                                "share of the steps and finish only the kept one (default: 0.25; 1 compares "
+                                "finished texts)")
         group.add_argument("--length", type=int, metavar="L",
                            help="tokens per sample (default: drawn from the training data's lengths)")
