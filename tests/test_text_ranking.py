@@ -236,6 +236,8 @@ def test_early_choice_finishes_only_the_kept_candidates(checkpoint):
         mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, best_of=2, select_at=0)
     with pytest.raises(ValueError, match="select_at says how best_of candidates are chosen"):
         mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, select_at=0.5)
+    with pytest.raises(ValueError, match="rank_by='mbr' compares finished texts"):
+        mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, best_of=2, rank_by="mbr", select_at=0.5)
 
 
 def test_best_of_with_infill_and_control(checkpoint):

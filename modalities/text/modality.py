@@ -58,6 +58,7 @@ __all__ = [
     "load_classifier",
     "generate_text",
     "sample_ids",
+    "sample_best_of",
     "TextSampling",
     "RowConditions",
     "nll_per_token",
@@ -531,8 +532,9 @@ def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampli
     With ``choice.select_at`` < 1 the candidates are compared on the words of their x0
     estimates at that share of the grid, and only the kept one is run to the end: it resumes
     from its own state there (its self-conditioning from its own estimate), as an uninterrupted
-    run would. K candidates then cost K x select_at + 1 - select_at runs, not K. Otherwise
-    (and always for ``"mbr"``) every candidate is finished and the finished texts compared.
+    run would (a multistep solver restarts its history there). K candidates then cost
+    K x select_at + 1 - select_at runs, not K. Otherwise (and always for ``"mbr"``) every
+    candidate is finished and the finished texts compared.
     """
     k, n = choice.best_of, lengths.shape[0]
     rows_of = lambda texts: (texts[:, None] * k + torch.arange(k)).flatten()  # noqa: E731
@@ -658,6 +660,9 @@ def generate_text(
         if value is not None and best_of == 1:
             raise ValueError(f"{name} says how best_of candidates are chosen: pass best_of=K (K > 1) too, "
                              "or leave it unset")
+    if rank_by == "mbr" and select_at is not None and select_at != 1:
+        raise ValueError("rank_by='mbr' compares finished texts; select_at (comparing early) needs "
+                         "rank_by='likelihood'")
     choice = CandidateChoice(best_of, rank_by or "likelihood", SELECT_AT if select_at is None else select_at)
     model = load_text_model(checkpoint, device)
     gen = seeded_generator(seed)
@@ -722,9 +727,8 @@ def generate_text(
             known_mask[row, : template.ids.numel()] = template.known
     else:
         lengths = _lengths(model, n, length, gen)
-    if best_of > 1:  # each text's candidates are consecutive rows, of its template
-        if known_ids is not None:
-            known_ids, known_mask = known_ids.repeat_interleave(best_of, 0), known_mask.repeat_interleave(best_of, 0)
+    if known_ids is not None:  # each text's candidates are consecutive rows, of its template
+        known_ids, known_mask = known_ids.repeat_interleave(best_of, 0), known_mask.repeat_interleave(best_of, 0)
 
     extra_wrappers = None
     if clf is not None:
