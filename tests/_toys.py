@@ -142,3 +142,20 @@ class ToyPolicy:
 
     def __call__(self, obs):
         return self.act(obs)
+
+
+def tiny_text_checkpoint(out: Path, *options: str) -> Path:
+    """A tiny text checkpoint exported by recipes/text_train.py after 2 training steps, under
+    ``out``: for the text modality's mechanics, not its quality. ``options`` are more recipe flags."""
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import text_train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text_train.main(["--max-steps", "2", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
+                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress", *options,
+                         "--output-dir", str(out / "run"), "--export", str(out / "export")])
+    return out / "export"

@@ -16,19 +16,14 @@ from modalities.text.modality import RowConditions, TextModel, TextSampling, par
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import text_train  # noqa: E402
+from _toys import tiny_text_checkpoint  # noqa: E402
 
 TEMPLATE = "The Eagle is a [MASK] [MASK] in the city centre ."
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("text")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        text_train.main(["--max-steps", "2", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
-                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress",
-                         "--output-dir", str(out / "run"), "--export", str(out / "export")])
-    return out / "export"
+    return tiny_text_checkpoint(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture

@@ -3,16 +3,11 @@ generate, and bad input. The rankings' value is measured on the shipped model; t
 on a tiny untrained checkpoint made by the recipe."""
 
 import math
-import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-import diffkit
 from diffkit.cli import main as cli_main
-from diffkit.registry import available_modalities, register_modality, unregister_modality
 from diffkit.runs import seeded_generator
 from modalities.text import TextModality, load_text_model
 from modalities.text.data import load_corpus
@@ -36,19 +31,12 @@ from modalities.text.ranking import (
     sentence_bleu,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import text_train  # noqa: E402
+from _toys import tiny_text_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("text")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        text_train.main(["--max-steps", "2", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
-                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress",
-                         "--output-dir", str(out / "run"), "--export", str(out / "export")])
-    return out / "export"
+    return tiny_text_checkpoint(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +152,7 @@ def test_generate_keeps_the_best_finished_candidate_of_each_text(checkpoint):
 @pytest.fixture(scope="module")
 def plain_checkpoint(tmp_path_factory):
     """A tiny checkpoint without self-conditioning: its runs depend on the states alone."""
-    out = tmp_path_factory.mktemp("plain")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        text_train.main(["--max-steps", "2", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
-                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress", "--no-self-conditioning",
-                         "--output-dir", str(out / "run"), "--export", str(out / "export")])
-    return out / "export"
+    return tiny_text_checkpoint(tmp_path_factory.mktemp("plain"), "--no-self-conditioning")
 
 
 def test_a_resumed_run_is_the_uninterrupted_run(plain_checkpoint, checkpoint):
@@ -275,17 +257,7 @@ def test_best_of_one_is_plain_sampling_and_bad_input(checkpoint):
         mod.generate(checkpoint=checkpoint, num_samples=2, steps=2, rank_by="mbr")
 
 
-@pytest.fixture
-def text_registered():
-    installed = "text" in available_modalities()
-    if not installed:
-        register_modality("text", "modalities.text:TextModality")
-    yield
-    if not installed:
-        unregister_modality("text")
-
-
-def test_cli_best_of(checkpoint, capsys, text_registered):
+def test_cli_best_of(checkpoint, capsys):
     args = ["generate", "text", "--checkpoint", str(checkpoint), "--num-samples", "2", "--steps", "2", "--seed", "0"]
     assert cli_main([*args, "--best-of", "3", "--rank-by", "mbr"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
