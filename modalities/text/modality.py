@@ -631,8 +631,8 @@ def generate_text(
             repeat often becomes another wrong word (modalities/text/README.md).
         best_of: candidates drawn per text, of its length and conditions; the one ``rank_by``
             prefers is kept (:mod:`modalities.text.ranking`, :func:`sample_best_of`). On the
-            shipped model 10 candidates lower the judge perplexity by about a quarter
-            (modalities/text/README.md).
+            shipped model 4 candidates take the judge perplexity at 200 steps from 12.3 to 9.8
+            (human text 7.1) at 2 times the time (modalities/text/README.md).
         rank_by: with ``best_of``: ``"likelihood"`` (the default), the model's own denoising
             log-likelihood of the words (under ``control``'s MR when guided classifier-free), or
             ``"mbr"``, the candidate that agrees most with the others (minimum Bayes risk,
