@@ -542,6 +542,8 @@ def main(argv=None) -> int:
                 row.setdefault("best_of", {})[f"{k} {way}"] = {
                     **quality(texts_k), "seconds_per_sentence": secs / len(texts_k), "examples": texts_k[:8]}
             if vocab is not None:
+                # The finished comparisons are drawn here too, unreported: without them the generator's later
+                # draws, and so the published rows, would change.
                 texts_k, secs = best_of_samples(model, len(single), k, steps=steps, seed=args.seed + 2,
                                                 mr=single_codes)["likelihood"]
                 row.setdefault("control_best_of", {})[k] = {**control_rates(tok, texts_k, single), **quality(texts_k),

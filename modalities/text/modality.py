@@ -537,7 +537,6 @@ def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampli
     candidate is finished and the finished texts compared.
     """
     k, n = choice.best_of, lengths.shape[0]
-    rows_of = lambda texts: (texts[:, None] * k + torch.arange(k)).flatten()  # noqa: E731
     candidate_lengths = lengths.repeat_interleave(k)
     net, diffusion = model.net, model.diffusion
     if k == 1 or choice.rank_by == "mbr" or choice.select_at >= 1:
@@ -550,7 +549,7 @@ def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampli
     groups = length_groups(lengths, extra_tokens=len(net.mr_sizes or ())) or [torch.arange(n)]
     out = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
     for texts in groups:
-        rows = rows_of(texts)
+        rows = (texts[:, None] * k + torch.arange(k)).flatten()  # the candidates of these texts
         group_lengths, group_conditions = candidate_lengths[rows], conditions.select(rows)
         last: dict = {}
 
