@@ -451,13 +451,22 @@ def sample_ids(model: TextModel, lengths: torch.Tensor, settings: TextSampling,
     padded to the longest, with the same model and sampler. The draws depend on the grouping,
     so the same seed gives the same texts for the same ``lengths``.
     """
-    groups = length_groups(lengths, extra_tokens=len(model.net.mr_sizes or ())) if group_by_length else []
-    if len(groups) <= 1:
+    if not group_by_length:
         return _sample_group(model, lengths, settings, conditions, generator, progress, callback)
+    return _in_length_groups(model, lengths, lambda rows: _sample_group(
+        model, lengths[rows], settings, conditions.select(rows), generator, progress, callback))
+
+
+def _in_length_groups(model: TextModel, lengths: torch.Tensor,
+                      sample_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Token ids (N, L) for rows of ``lengths`` (N,), put together from ``sample_rows(rows)``,
+    the ids of one length group of rows (:func:`length_groups`), padded to its own longest."""
+    groups = length_groups(lengths, extra_tokens=len(model.net.mr_sizes or ()))
+    if len(groups) == 1:
+        return sample_rows(groups[0])
     out = torch.full((lengths.shape[0], int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
     for rows in groups:
-        out[rows, : int(lengths[rows].max())] = _sample_group(model, lengths[rows], settings, conditions.select(rows),
-                                                              generator, progress, callback)
+        out[rows, : int(lengths[rows].max())] = sample_rows(rows)
     return out
 
 
@@ -536,7 +545,7 @@ def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampli
     K x select_at + 1 - select_at runs, not K. Otherwise (and always for ``"mbr"``) every
     candidate is finished and the finished texts compared.
     """
-    k, n = choice.best_of, lengths.shape[0]
+    k = choice.best_of
     candidate_lengths = lengths.repeat_interleave(k)
     net, diffusion = model.net, model.diffusion
     if k == 1 or choice.rank_by == "mbr" or choice.select_at >= 1:
@@ -546,9 +555,8 @@ def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampli
         return ids[keep]
     times = diffusion.sampling_grid(settings.steps, sampler=settings.sampler).times
     head = max(1, min(len(times), round(choice.select_at * len(times))))
-    groups = length_groups(lengths, extra_tokens=len(net.mr_sizes or ())) or [torch.arange(n)]
-    out = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
-    for texts in groups:
+
+    def best_of_texts(texts: torch.Tensor) -> torch.Tensor:
         rows = (texts[:, None] * k + torch.arange(k)).flatten()  # the candidates of these texts
         group_lengths, group_conditions = candidate_lengths[rows], conditions.select(rows)
         last: dict = {}
@@ -563,9 +571,10 @@ def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampli
         keep = choose_candidates(net, diffusion, guess, padding_mask(group_lengths), group_size=k,
                                  rank_by="likelihood", generator=generator, mr=group_conditions.mr)
         resume = Continuation(times[head - 1:], last["state"][keep], last["estimate"][keep])
-        out[texts, : int(lengths[texts].max())] = _sample_group(
-            model, group_lengths[keep], settings, group_conditions.select(keep), generator, progress, resume=resume)
-    return out
+        return _sample_group(model, group_lengths[keep], settings, group_conditions.select(keep), generator,
+                             progress, resume=resume)
+
+    return _in_length_groups(model, lengths, best_of_texts)
 
 
 def generate_text(
