@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffkit  # noqa: E402
 from diffkit.calibration import calibrate  # noqa: E402
 from diffkit.checkpoint import config_text  # noqa: E402
+from diffkit.utils import replaced_atomically  # noqa: E402
 from modalities.image.data import load_digits, resize  # noqa: E402
 from modalities.image.modality import DEFAULT_CHECKPOINT, load_image_model  # noqa: E402
 
@@ -133,9 +133,8 @@ def main(argv=None) -> int:
     if not args.no_grids and samplers is None:
         # generate() samples with the checkpoint's recorded default: the sampler the grids were fitted for.
         config["modality_config"].setdefault("defaults", {})["sampler"] = diff.default_sampler
-    staging = config_file.with_suffix(".json.tmp")
-    staging.write_text(config_text(config))
-    os.replace(staging, config_file)
+    with replaced_atomically(config_file) as staging:
+        staging.write_text(config_text(config))
     print(f"wrote the calibration into {config_file} ({time.time() - started:.0f} s in all)")
     for key, entry in diff.calibration.get("grids", {}).items():
         print(f"  {key}: {[round(t, 1) for t in entry['times']]} {entry['sampler_options']}")

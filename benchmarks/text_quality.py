@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffkit  # noqa: E402
 from diffkit.runs import hardware_summary, seeded_generator  # noqa: E402
+from diffkit.utils import replaced_atomically  # noqa: E402
 from modalities.text.data import SLOTS, load_corpus  # noqa: E402
 from modalities.text.modality import (  # noqa: E402
     FALLBACK_GUIDANCE_MIX,
@@ -402,9 +403,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         ar = train_ar(enc.ids, enc.lengths, tok.vocab_size, tok.pad_id, steps=args.ar_steps, seed=args.seed, log=log)
         ar_train_s = time.perf_counter() - t0
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in ar.state_dict().items()}, str(cache),
-                  metadata={"key": json.dumps(key, sort_keys=True), "train_s": repr(ar_train_s)})
+        with replaced_atomically(cache) as staging:  # 35 minutes of training: never a half-written cache
+            save_file({k: v.detach().contiguous() for k, v in ar.state_dict().items()}, str(staging),
+                      metadata={"key": json.dumps(key, sort_keys=True), "train_s": repr(ar_train_s)})
     ar_params = sum(p.numel() for p in ar.parameters())
     if args.ar_only:
         return 0

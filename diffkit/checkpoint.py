@@ -43,6 +43,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .utils import FILE_MODE
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -72,9 +74,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT_FILES = frozenset({CONFIG_FILE, MODEL_FILE, EMA_FILE, OPTIMIZER_FILE})
 
 CHECKSUM_ALGORITHM = "sha256"
-# Files are written by safetensors with owner-only permissions; checkpoints are shared
-# (shipped with the package, read by other users' jobs), so every file is made world-readable.
-FILE_MODE = 0o644
 _HASH_CHUNK = 1 << 20
 
 # Markers used to encode optimizer/scheduler state in JSON. Python tuples and dicts with

@@ -1,11 +1,20 @@
-"""Small helpers shared by the whole core: devices, seeds, broadcasting and noise."""
+"""Small helpers shared by the whole core: devices, seeds, broadcasting, noise and file writes."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
+
+# safetensors writes files with owner-only permissions; checkpoints and caches are shared
+# (shipped with the package, read by other users' jobs), so written files are made world-readable.
+FILE_MODE = 0o644
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -85,3 +94,32 @@ def module_device(module) -> torch.device:
         return next(module.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a single file so that ``path`` always holds either the old file or the whole new one.
+
+    Yields a staging path beside ``path`` (same directory, so the final rename cannot cross file
+    systems) for the caller to write. When the block ends without an error, the staging file is
+    flushed to disk, made world-readable (``FILE_MODE``) and renamed over ``path`` in one step.
+    When the block raises, the staging file is removed and ``path`` is untouched. The parent
+    directory is created if needed.
+
+        with replaced_atomically("runs/cache.safetensors") as staging:
+            save_file(tensors, str(staging))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A random suffix keeps two writers of the same path from writing into one staging file.
+    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield staging
+        if not staging.is_file():
+            raise FileNotFoundError(f"nothing was written to the staging file for {path}")
+        with open(staging, "rb") as f:
+            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        staging.chmod(FILE_MODE)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import stat
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import diffkit.checkpoint as ckpt_module
@@ -25,6 +26,7 @@ from diffkit.checkpoint import (
     versions,
 )
 from diffkit.diffusion import Diffusion
+from diffkit.utils import replaced_atomically
 from _toys import TinyDenoiser, state_equal
 
 CONFIG = {"modality": "image", "model": {"class": "TinyDenoiser", "kwargs": {"hidden": 16}}, "diffusion": {"schedule": "linear"}}
@@ -575,3 +577,40 @@ def test_config_json_keeps_strings_as_written_and_number_lists_on_one_line(tmp_p
     assert load_checkpoint(path).config["train"] == config["train"]
     assert '"betas": [0.9, 0.999]' in text and '"command": "recipe.py --grid [ 1, 2 ]  --x"' in text
     assert json.loads(text) == json.loads(json.dumps(load_checkpoint(path).config))
+
+
+# --------------------------------------------------------------------------------------------
+# Single files (caches, D4RL files, calibrated configs): replaced_atomically
+# --------------------------------------------------------------------------------------------
+
+
+def test_replaced_atomically_swaps_in_the_whole_new_file_and_leaves_nothing_beside_it(tmp_path):
+    target = tmp_path / "sub" / "cache.bin"  # the parent is created
+    with replaced_atomically(target) as staging:
+        assert staging.parent == target.parent and staging != target
+        staging.write_bytes(b"first")
+        assert not target.exists()  # nothing under the real name until the block ends
+    assert target.read_bytes() == b"first"
+    with replaced_atomically(target) as staging:
+        staging.write_bytes(b"second")
+        assert target.read_bytes() == b"first"
+    assert target.read_bytes() == b"second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["cache.bin"]
+    with replaced_atomically(target) as staging:
+        save_file({"x": torch.zeros(2)}, str(staging))  # safetensors writes owner-only files
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_replaced_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "cache.bin"
+    target.write_bytes(b"good")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with replaced_atomically(target) as staging:
+            staging.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"good"
+    with pytest.raises(FileNotFoundError, match="nothing was written"):
+        with replaced_atomically(target):
+            pass
+    assert target.read_bytes() == b"good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.bin"]

@@ -128,6 +128,13 @@ def test_d4rl_hdf5_round_trip_and_bad_files(tmp_path):
     back = load_dataset(path)
     np.testing.assert_allclose(back.observations, traj.observations, rtol=1e-6)
     assert back.episodes() == [(0, 4), (4, 9)] and back.goals.shape == (9, 2)
+    # A save that fails half-way (metadata JSON cannot hold) leaves the last good file whole.
+    before = path.read_bytes()
+    traj.metadata["unwritable"] = object()
+    with pytest.raises(TypeError):
+        save_d4rl_hdf5(traj, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["data.hdf5"]
+    del traj.metadata["unwritable"]
     with h5py.File(tmp_path / "broken.hdf5", "w") as f:
         f["observations"] = np.zeros((3, 2))
         f["actions"] = np.zeros((2, 1))

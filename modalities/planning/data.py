@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from diffkit.utils import replaced_atomically
+
 __all__ = [
     "D4RL_KEYS",
     "Normalizer",
@@ -181,9 +183,7 @@ def save_d4rl_hdf5(traj: Trajectories, path: str | os.PathLike) -> Path:
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with h5py.File(tmp, "w") as f:
+    with replaced_atomically(path) as staging, h5py.File(staging, "w") as f:
         for key in D4RL_KEYS:
             f.create_dataset(key, data=getattr(traj, key), compression="gzip")
         for name, key in D4RL_INFO_KEYS.items():
@@ -192,7 +192,6 @@ def save_d4rl_hdf5(traj: Trajectories, path: str | os.PathLike) -> Path:
                 f.create_dataset(key, data=value, compression="gzip")
         for key, value in traj.metadata.items():
             f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-    os.replace(tmp, path)  # never leave a half-written file under the real name
     return path
 
 

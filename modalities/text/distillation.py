@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import diffkit
 from diffkit.runs import seeded_generator
 from diffkit.sampling import SamplingGrid
+from diffkit.utils import replaced_atomically
 
 from .modality import RowConditions, TextModel, TextSampling, _lengths, sample_ids
 from .model import TextDenoiser
@@ -93,13 +94,11 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     def save(self, path: str | Path) -> Path:
         """One safetensors file, written beside and renamed into place (a crash leaves the old one)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"states": self.states.contiguous(), "ids": self.ids.contiguous(), "mask": self.mask.contiguous()}
         if self.mr is not None:
             tensors["mr"] = self.mr.contiguous()
-        partial = path.with_name(f".{path.name}.partial")
-        save_file(tensors, str(partial), metadata={"key": json.dumps(self.key, sort_keys=True)})
-        partial.replace(path)
+        with replaced_atomically(path) as staging:
+            save_file(tensors, str(staging), metadata={"key": json.dumps(self.key, sort_keys=True)})
         return path
 
     @classmethod
