@@ -51,7 +51,8 @@ from diffkit.runs import (
 from diffkit.trainer import Trainer
 
 # The recipe runs as a script from anywhere: make the repository's modalities importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
 
 from modalities.text.data import MRVocabulary, encode_corpus, format_mr, is_e2e, load_corpus  # noqa: E402
 from modalities.text.distillation import (  # noqa: E402
@@ -285,6 +286,16 @@ def load_tokenizer(s: dict[str, Any], texts: list[str]) -> TextTokenizer:
     return TextTokenizer.train(texts, min_count=s["min_count"])
 
 
+def recorded_path(path: Path) -> str:
+    """How a checkpoint names the checkpoint it was built from: relative to the project root when
+    it lies inside it, so that a shipped checkpoint names no directory of the machine that made it."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def check_same_run(s: dict[str, Any], expected: dict[str, Any]) -> None:
     """A run directory holds one run: resuming it with other data or another denoiser would go
     on training its weights on something else (or ship them as if they were new). ``expected``
@@ -293,6 +304,8 @@ def check_same_run(s: dict[str, Any], expected: dict[str, Any]) -> None:
     if not checkpoint_exists(directory):
         return
     recorded = read_config(directory, modality="text").get("modality_config") or {}
+    if isinstance(recorded.get("denoiser"), str):  # runs of earlier versions recorded it absolute
+        recorded = {**recorded, "denoiser": recorded_path(PROJECT_ROOT / recorded["denoiser"])}
     changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in expected.items()
                if recorded.get(key) != value]
     if changed:
@@ -428,7 +441,7 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
     if not is_e2e(s["data"]):
         raise ValueError("--task classifier learns meaning representations: it needs E2E data")
     denoiser = load_text_model(args.denoiser, "cpu")
-    check_same_run(s, {"kind": "classifier", "data": s["data"], "denoiser": str(denoiser.path)})
+    check_same_run(s, {"kind": "classifier", "data": s["data"], "denoiser": recorded_path(denoiser.path)})
     tokenizer = denoiser.tokenizer
     corpus = load_corpus(s["data"], "train")
     values = denoiser.info.get("mr_values")
@@ -442,7 +455,7 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
     with torch.no_grad():
         net.embedding.copy_(denoiser.net.embedding.weight.float().cpu())  # frozen: a buffer, not trained
     model_config = {"class": CLASSIFIER_CLASS, "kwargs": kwargs}
-    info = {"kind": "classifier", "tokenizer": TOKENIZER_FILE, "data": s["data"], "denoiser": str(denoiser.path),
+    info = {"kind": "classifier", "tokenizer": TOKENIZER_FILE, "data": s["data"], "denoiser": recorded_path(denoiser.path),
             "mr_values": mr_vocab.to_config()}
     if main_process:
         print(f"classifier for {denoiser.path}: {len(dataset)} texts, "
@@ -504,7 +517,7 @@ def run_distill(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) ->
         raise ValueError(f"--task distill learns the teacher's words by cross-entropy: it needs a softmax-head "
                          f"teacher, and {teacher.path} has a {teacher.net.head} head")
     s["data"] = teacher.info.get("data", s["data"])  # guided trajectories follow the teacher's MRs
-    check_same_run(s, {"kind": "distillation", "denoiser": str(teacher.path)})
+    check_same_run(s, {"kind": "distillation", "denoiser": recorded_path(teacher.path)})
     trajectories = distillation_trajectories(teacher, s, main_process)
     grid, _ = student_grid(teacher.diffusion.sampling_grid(s["teacher_steps"], sampler=STUDENT_SAMPLER),
                            s["student_steps"])
@@ -515,7 +528,7 @@ def run_distill(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) ->
     for name, parameter in net.named_parameters():
         parameter.requires_grad_(not name.startswith("embedding."))  # the states live in the teacher's space
     objective = DistillationObjective(grid.model_times(diffusion.time_input))
-    info = {**teacher.info, "kind": "distillation", "denoiser": str(teacher.path), "objective": objective.config,
+    info = {**teacher.info, "kind": "distillation", "denoiser": recorded_path(teacher.path), "objective": objective.config,
             "defaults": {**sampling_defaults(s), "temperature": s["sample_temperature"],
                          "guidance_mix": s["guidance_mix"]}}
     if main_process:

@@ -2,10 +2,13 @@
 descriptions, keeps the words of an infilling template, and follows control. Few samples and
 few steps: these check that the shipped model works, benchmarks/text_quality.py measures it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import diffkit
+from diffkit.checkpoint import read_config
 from modalities.text import DEFAULT_CHECKPOINT, TextModality, load_text_model
 from modalities.text.data import MRVocabulary
 from modalities.text.distillation import teacher_trajectories
@@ -29,6 +32,14 @@ def test_shipped_checkpoint_loads_with_its_record(model):
     assert model.default("sampler", None) == "ddpm" and 0 < model.default_temperature < 1
     assert model.default("guidance_interval", None) == [1.5, None]  # guided where sigma/alpha >= 1.5
     assert (DEFAULT_CHECKPOINT / "README.md").is_file()
+
+
+def test_shipped_student_and_classifier_name_their_denoiser_portably():
+    # A path of the machine that trained them would point nowhere on a user's machine.
+    root = CHECKPOINTS_DIR.parents[2]
+    for name in ("e2e-5step", "e2e-classifier"):
+        recorded = read_config(CHECKPOINTS_DIR / name, modality="text")["modality_config"]["denoiser"]
+        assert not Path(recorded).is_absolute() and (root / recorded).resolve() == DEFAULT_CHECKPOINT.resolve()
 
 
 def test_default_generate_writes_restaurant_descriptions(model):
