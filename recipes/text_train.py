@@ -455,8 +455,8 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
     with torch.no_grad():
         net.embedding.copy_(denoiser.net.embedding.weight.float().cpu())  # frozen: a buffer, not trained
     model_config = {"class": CLASSIFIER_CLASS, "kwargs": kwargs}
-    info = {"kind": "classifier", "tokenizer": TOKENIZER_FILE, "data": s["data"], "denoiser": recorded_path(denoiser.path),
-            "mr_values": mr_vocab.to_config()}
+    info = {"kind": "classifier", "tokenizer": TOKENIZER_FILE, "data": s["data"],
+            "denoiser": recorded_path(denoiser.path), "mr_values": mr_vocab.to_config()}
     if main_process:
         print(f"classifier for {denoiser.path}: {len(dataset)} texts, "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
@@ -528,7 +528,8 @@ def run_distill(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) ->
     for name, parameter in net.named_parameters():
         parameter.requires_grad_(not name.startswith("embedding."))  # the states live in the teacher's space
     objective = DistillationObjective(grid.model_times(diffusion.time_input))
-    info = {**teacher.info, "kind": "distillation", "denoiser": recorded_path(teacher.path), "objective": objective.config,
+    info = {**teacher.info, "kind": "distillation", "denoiser": recorded_path(teacher.path),
+            "objective": objective.config,
             "defaults": {**sampling_defaults(s), "temperature": s["sample_temperature"],
                          "guidance_mix": s["guidance_mix"]}}
     if main_process:
