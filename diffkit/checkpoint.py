@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .utils import FILE_MODE
+from .utils import FILE_MODE, fsync_file
 
 __all__ = [
     "FORMAT",
@@ -294,7 +294,7 @@ def _check_side_name(name: Any, path: Path) -> str:
 
 def _finish_file(file: Path) -> str:
     """fsync a written file, make it readable by everyone and return its checksum entry."""
-    _fsync_file(file)
+    fsync_file(file)
     file.chmod(FILE_MODE)
     return _checksum(file)
 
@@ -354,7 +354,7 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except OSError:  # a file system without hard links
         shutil.copy2(src, dst, follow_symlinks=False)
         if not os.path.islink(dst):
-            _fsync_file(Path(dst))
+            fsync_file(Path(dst))
 
 
 def _state_dict(obj: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
@@ -413,11 +413,6 @@ def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 

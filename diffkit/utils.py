@@ -96,6 +96,12 @@ def module_device(module) -> torch.device:
         return torch.device("cpu")
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's bytes to the disk (a rename after this cannot expose a short file)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
     """Write a single file so that ``path`` always holds either the old file or the whole new one.
@@ -117,8 +123,7 @@ def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
         yield staging
         if not staging.is_file():
             raise FileNotFoundError(f"nothing was written to the staging file for {path}")
-        with open(staging, "rb") as f:
-            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        fsync_file(staging)  # the bytes reach the disk before the name points at them
         staging.chmod(FILE_MODE)
         os.replace(staging, path)
     finally:
