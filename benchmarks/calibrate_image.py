@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         T = diff.num_timesteps
         times = torch.linspace(0, T - 1, min(args.norm_times, T)).round().unique()
         tick = time.time()
-        calibrate(diff, net, data=images.to(dev), eps_norm_times=times.tolist(), batch_size=128,
+        diff = calibrate(diff, net, data=images.to(dev), eps_norm_times=times.tolist(), batch_size=128,
                   generator=torch.Generator(device=dev).manual_seed(args.seed + 1), progress=True,
                   eps_norm_cond={k: v.to(dev) for k, v in null_condition(model, len(images), images).items()})
         print(f"eps norms at {len(times)} times on {len(images)} images: {time.time() - tick:.0f} s", flush=True)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             images, _ = load_digits(image_size=model.image_size, split="train")
             cond = null_condition(model, n, images[:n])
         tick = time.time()
-        calibrate(diff, net, shape, steps=args.steps, samplers=samplers, model_statistics=not args.no_statistics,
+        diff = calibrate(diff, net, shape, steps=args.steps, samplers=samplers, model_statistics=not args.no_statistics,
                   grid_batch=min(args.grid_batch, n), generator=gen, max_evals=args.max_evals,
                   reference_steps=args.reference_steps, device=dev, progress=True, sample_kwargs=sample_kwargs,
                   **{k: v.to(dev) for k, v in cond.items()})

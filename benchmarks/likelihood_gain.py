@@ -107,7 +107,7 @@ class Case:
 
     checkpoint: str
     net: Callable[..., torch.Tensor]
-    diffusion: diffkit.Diffusion  # a private copy: the calibration is written into it
+    diffusion: diffkit.Diffusion
     held_out: torch.Tensor  # clean held-out examples x0 (N, ...)
     train: torch.Tensor  # clean training examples for the Gamma and x0-error estimate (M, ...)
     cond: dict = field(default_factory=dict)  # network kwargs for the held-out batch
@@ -273,8 +273,7 @@ class CountedOnly(torch.nn.Module):
 
 def fit_statistics(case: Case, norm_times: int, seed: int, batch_size: int) -> tuple[dict[str, list[float]], float]:
     """Gamma_t (``eps_norm_sq``) and the x0 error (``x0_mse``) per training step from the training
-    examples, over counted entries only: (both tables, seconds taken). The diffusion's
-    calibration is left holding both."""
+    examples, over counted entries only: (both tables, seconds taken)."""
     diff = case.diffusion
     T = diff.num_timesteps
     times = torch.linspace(0, T - 1, max(2, min(norm_times, T))).round().unique().tolist()
@@ -285,8 +284,8 @@ def fit_statistics(case: Case, norm_times: int, seed: int, batch_size: int) -> t
         model = CountedOnly(case.net)
         cond.update(clean=case.train, counted=case.train_counted)
     start = time.perf_counter()
-    calibrate(diff, model, data=case.train, eps_norm_times=times, batch_size=batch_size,
-              generator=torch.Generator().manual_seed(seed + 1), eps_norm_cond=cond)
+    diff = calibrate(diff, model, data=case.train, eps_norm_times=times, batch_size=batch_size,
+                     generator=torch.Generator().manual_seed(seed + 1), eps_norm_cond=cond)
     gamma = torch.tensor(diff.calibration["eps_norm_sq"], dtype=torch.float64)
     x0_mse = torch.tensor(diff.calibration["x0_mse"], dtype=torch.float64)
     if case.train_counted is not None:
@@ -296,7 +295,6 @@ def fit_statistics(case: Case, norm_times: int, seed: int, batch_size: int) -> t
         gamma = 1.0 - (1.0 - gamma) / share
         x0_mse = x0_mse / share
     tables = {"eps_norm_sq": gamma.tolist(), "x0_mse": x0_mse.tolist()}
-    diff.calibration = {**diff.calibration, **tables}
     return tables, time.perf_counter() - start
 
 
@@ -352,7 +350,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
     others = {key: value for key, value in diff.calibration.items() if key not in tables}  # grids, notes
     for label, _, held, analytic in VARIANTS:
-        diff.calibration = {**others, **{key: tables[key] for key in held}}
+        diff = case.diffusion.with_calibration({**others, **{key: tables[key] for key in held}})
         start = time.perf_counter()
         bpd, terms = diff.nll(case.net, case.held_out, steps=steps if steps < diff.num_timesteps else None,
                               analytic=analytic, generator=torch.Generator().manual_seed(args.seed),
@@ -364,7 +362,6 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if case.extra is not None:
             for key, value in case.extra(bpd, terms).items():
                 row["extra"].setdefault(key, {})[label] = value
-    diff.calibration = {**others, **tables}  # as calibrate() leaves it: both tables
     for label, *_ in VARIANTS:
         row[f"{label}_mean"], row[f"{label}_se"] = mean_se(row[label])
     row["bound_seconds"] = sum(row[f"{label}_seconds"] for label, *_ in VARIANTS)

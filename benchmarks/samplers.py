@@ -166,10 +166,9 @@ def main(argv=None) -> None:
             noise = a_T * data.mean + (a_T**2 * data.std**2 + s_T**2).sqrt() * standard
         # Our samplers move an N(0, I) start to q(x_T)'s mean by default; an exact start stays as it is.
         start = "noise" if args.start == "exact" else "prior"
-        calibrated = Diffusion.from_config(diff.config)
         tick = time.time()
-        calibrate(calibrated, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2],
-                  generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64)
+        calibrated = calibrate(diff, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2],
+                               generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64)
         calibration_seconds[data_name] = time.time() - tick
         for steps in args.steps:
             x = calibrated.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64, start=start)
@@ -178,9 +177,9 @@ def main(argv=None) -> None:
                                 grid=calibrated.calibration.get("grids", {}).get(f"{calibrated.default_sampler}/{steps}")))
         # What each half of the calibration adds: the statistics alone on the default grid, and
         # the fitted grid alone (UniPC, the default before statistics existed).
-        grid_only = Diffusion.from_config(diff.config)
-        calibrate(grid_only, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2], model_statistics=False,
-                  generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64)
+        grid_only = calibrate(diff, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2],
+                              model_statistics=False, generator=torch.Generator().manual_seed(args.seed + 100),
+                              dtype=torch.float64)
         for steps in args.steps:
             for label, source, grid in ((STATISTICS_ONLY, calibrated, calibrated.sampling_grid(steps, calibrated=False)),
                                         (GRID_ONLY, grid_only, None)):

@@ -4,14 +4,26 @@
     diff = diffkit.Diffusion(schedule="linear", num_timesteps=1000, prediction="eps")
     loss = diff.loss(model, x0)
     x = diff.sample(model, (16, 3, 32, 32), sampler="unipc", steps=10)
-    bpd = diff.nll(model, x0)
+    bpd = diff.nll(model, x0)                    # the variational bound; method="ode": exact
+    flow = diffkit.Diffusion(schedule="flow", prediction="flow")   # flow matching / rectified flow
 """
 
 __version__ = "0.1.0"
 
-from .schedules import SCHEDULES, SPACINGS, NoiseSchedule, rescale_zero_terminal_snr, respace  # noqa: E402
+from .schedules import SCHEDULES, SPACINGS, FlowSchedule, NoiseSchedule, rescale_zero_terminal_snr, respace  # noqa: E402
 from .parameterization import PREDICTIONS  # noqa: E402
-from .sampling import SAMPLERS, TIME_INPUTS, ModelStatistics, Prediction, SamplingGrid, get_sampler, model_calls  # noqa: E402
+from .sampling import (  # noqa: E402
+    SAMPLERS,
+    TIME_INPUTS,
+    ModelStatistics,
+    Prediction,
+    SamplerSpec,
+    SamplingGrid,
+    get_sampler,
+    model_calls,
+    register_sampler,
+    sampler_spec,
+)
 from .guidance import (  # noqa: E402
     ClipX0,
     GradientGuidance,
@@ -32,6 +44,7 @@ from .diffusion import (  # noqa: E402
     Diffusion,
 )
 from .analytic import GaussianData  # noqa: E402
+from .likelihood import Estimate  # noqa: E402
 from . import nn  # noqa: E402
 from .utils import resolve_device, seed_everything  # noqa: E402
 from .checkpoint import (  # noqa: E402
@@ -60,6 +73,11 @@ __all__ = [
     "Diffusion",
     "Candidates",
     "NoiseSchedule",
+    "FlowSchedule",
+    "SamplerSpec",
+    "register_sampler",
+    "sampler_spec",
+    "Estimate",
     "SamplingGrid",
     "ModelStatistics",
     "SamplingContext",

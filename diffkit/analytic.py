@@ -97,7 +97,7 @@ class GaussianData:
         data = self
         # The reverse step at t = 0 uses the chain's decoder variance (one rule, in SamplingGrid).
         decoder_variance = SamplingGrid.from_times(
-            schedule, torch.arange(schedule.num_timesteps - 1, -1, -1)).decoder_variance()
+            schedule, schedule.time_of_step(torch.arange(schedule.num_timesteps - 1, -1, -1))).decoder_variance()
 
         def exact_model(x_t: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
             shape = (-1,) + (1,) * (x_t.ndim - 1)

@@ -48,9 +48,9 @@ Three pieces of information make the defaults of a trained model accurate withou
    the model is nearly linear in its state (Gaussian data exactly) a few steps then suffice.
    They are kept only if a grid fitted with them beats the one fitted without.
 
-All are pure functions of (diffusion, model, inputs); :func:`calibrate` runs them and writes the
-results into ``diffusion.calibration``, which :attr:`Diffusion.config` carries, so a checkpoint
-keeps them.
+All are pure functions of (diffusion, model, inputs); :func:`calibrate` runs them and returns a
+new diffusion whose ``calibration`` holds the results (a frozen sampling profile: the diffusion
+passed in is unchanged), which :attr:`Diffusion.config` carries, so a checkpoint keeps them.
 """
 
 from __future__ import annotations
@@ -63,14 +63,19 @@ import torch
 from .guidance import split_output
 from .parameterization import to_x0_eps
 from .process import posterior_coefficients, transition_variance
-from .sampling import ModelStatistics, SamplingGrid, get_sampler, model_calls
+from .sampling import SAMPLERS, ModelStatistics, SamplerSpec, SamplingGrid, model_calls, sampler_spec
 from .utils import check_finite, randn
 
-# Samplers whose output is a deterministic function of the starting noise: a grid can be fitted
-# to a reference for them (a stochastic sampler's error would be mostly its own noise).
-DETERMINISTIC_SAMPLERS = ("ddim", "euler", "heun", "dpm++2m", "dpm++3m", "unipc", "dpm-v3")
-# Samplers of one family solve the same ODE to the same limit: UniPC's fine-step run is their reference.
-_UNIPC_FAMILY = ("unipc", "dpm++2m", "dpm++3m", "dpm-v3")
+
+
+def _deterministic(sampler: str) -> SamplerSpec:
+    """The registration of ``sampler``, which must be deterministic: a grid can be fitted to a
+    reference only then (a stochastic sampler's error would be mostly its own noise)."""
+    spec = sampler_spec(sampler)
+    if not spec.deterministic:
+        names = ", ".join(name for name in SAMPLERS if sampler_spec(name).deterministic)
+        raise ValueError(f"grids are fitted for deterministic samplers ({names}), got {sampler!r}")
+    return spec
 
 
 def grid_key(sampler: str, steps: int) -> str:
@@ -148,7 +153,7 @@ def estimate_reverse_statistics(
     from tqdm.auto import tqdm
 
     for k in tqdm(range(eval_times.numel()), desc="eps norms", disable=not progress, leave=False):
-        t_value = float(eval_times[k])
+        t_value = float(diffusion.schedule.time_of_step(eval_times[k]))
         model_norms, noise_norms, x0_errors = [], [], []
         for start in range(0, n, batch_size):
             x0 = data[start:start + batch_size]
@@ -246,9 +251,8 @@ def _lambda_range(diffusion) -> tuple[float, float]:
 
 
 def _times_from_lambdas(diffusion, lambdas: torch.Tensor) -> torch.Tensor:
-    T = diffusion.num_timesteps
     interior = diffusion.schedule.timestep_for_log_snr(lambdas)
-    return torch.cat([torch.tensor([float(T - 1)], dtype=torch.float64), interior])
+    return torch.cat([torch.tensor([diffusion.schedule.time_range[1]], dtype=torch.float64), interior])
 
 
 def _pattern_search(score, x: torch.Tensor, best: float, valid, delta: float, final: float, budget: int, count):
@@ -339,10 +343,7 @@ def optimize_grid(
     final objective values, the number of evaluations, network calls (times batch) and the
     reference samples, which a caller may pass back as ``reference`` for other step counts).
     """
-    if sampler not in DETERMINISTIC_SAMPLERS:
-        raise ValueError(f"optimize_grid needs a deterministic sampler ({', '.join(DETERMINISTIC_SAMPLERS)}), "
-                         f"got {sampler!r}")
-    get_sampler(sampler)
+    spec = _deterministic(sampler)
     options = dict(sampler_options or {})
     if options.get("eta", 0.0):
         raise ValueError("optimize_grid needs a deterministic sampler: eta must be 0")
@@ -357,7 +358,7 @@ def optimize_grid(
                                 sampler_options=opts if opts is not None else options, **(sample_kwargs or {}), **cond)
 
     if reference is None:
-        ref_sampler = "unipc" if sampler in _UNIPC_FAMILY else sampler
+        ref_sampler = spec.reference or sampler
         ref_grid = diffusion.sampling_grid(min(reference_steps, diffusion.num_timesteps), "logsnr")
         reference = run(ref_grid, ref_sampler, {})
     reference = reference.to(noise.device, noise.dtype)
@@ -515,8 +516,8 @@ def calibrate(
     sample_kwargs: Optional[dict] = None,
     eps_norm_cond: Optional[dict] = None,
     **cond,
-) -> dict:
-    """Calibrate ``diffusion`` for ``model`` in place and return its new :attr:`calibration`.
+) -> "Diffusion":
+    """A new :class:`~diffkit.Diffusion`, ``diffusion`` calibrated for ``model``; ``diffusion`` itself is unchanged.
 
     * with ``noise_or_shape`` (a calibration batch of noise, or its shape): first the model's
       statistics by :func:`estimate_model_statistics` (unless ``model_statistics=False``),
@@ -533,8 +534,9 @@ def calibrate(
     ``cond`` goes to the model in both (``eps_norm_cond``, when given, replaces it for the
     variances: e.g. the null condition the likelihood is scored with); ``sample_kwargs``
     (``guidance_scale``, ``wrappers``) to the sampler runs. Entries already present and not
-    recomputed are kept. The results live in
-    ``diffusion.calibration`` and so in ``diffusion.config`` (and a checkpoint's config.json).
+    recomputed are kept. The results live in the returned diffusion's ``calibration`` and so in
+    its ``config`` (and a checkpoint's config.json, where :func:`diffkit.checkpoint.save_checkpoint`
+    or ``diffkit calibrate`` write it).
     """
     if noise_or_shape is None and data is None:
         raise ValueError("calibrate needs noise_or_shape (for grids), data (for variances), or both")
@@ -549,7 +551,7 @@ def calibrate(
             current["statistics"] = {"lambdas": stats.lambdas.tolist(), "linear": stats.linear.tolist(),
                                      "offset": stats.offset.tolist()}
             # The grids below are fitted to the sampler as it will run: with these statistics.
-            diffusion.calibration = current
+            diffusion = diffusion.with_calibration(current)
         if grid_batch is not None:
             if not isinstance(grid_batch, int) or not 2 <= grid_batch <= noise.shape[0]:
                 raise ValueError(f"grid_batch must be an integer from 2 to the batch size {noise.shape[0]}, got {grid_batch!r}")
@@ -557,22 +559,11 @@ def calibrate(
             noise = noise[:grid_batch]
             references = {name: reference[:grid_batch] for name, reference in references.items()}
         for sampler in samplers or (diffusion.default_sampler,):
-            if sampler not in DETERMINISTIC_SAMPLERS:
-                raise ValueError(f"grids are fitted for deterministic samplers ({', '.join(DETERMINISTIC_SAMPLERS)}), "
-                                 f"got {sampler!r}")
-            reference_sampler = "unipc" if sampler in _UNIPC_FAMILY else sampler
+            spec = _deterministic(sampler)
+            reference_sampler = spec.reference or sampler
             for k in steps:
-                # (options, coarse first stage): bh1 is poor on the default grid, and the coarse
-                # stage walks it into a poor basin, so it refines point by point from the start.
-                # dpm-v3 is also fitted without the statistics (None: l = m = 0), which wins
-                # where the model is far from linear in its state.
-                variants = [({}, True)]
-                if sampler == "unipc":
-                    variants = [({"variant": "bh1"}, False), ({}, True)]
-                elif sampler == "dpm-v3" and "statistics" in diffusion.calibration:
-                    variants = [({}, True), ({"statistics": None}, True)]
                 best = None
-                for options, coarse in variants:
+                for options, coarse in spec.variants(diffusion):
                     grid, info = optimize_grid(diffusion, model, noise, int(k), sampler, sampler_options=options,
                                                reference_steps=reference_steps,
                                                reference=references.get(reference_sampler),
@@ -598,5 +589,4 @@ def calibrate(
                                               generator=generator, progress=progress,
                                               **(cond if eps_norm_cond is None else eps_norm_cond))
         current.update({name: values.tolist() for name, values in reverse.items()})
-    diffusion.calibration = current
-    return diffusion.calibration
+    return diffusion.with_calibration(current)

@@ -31,7 +31,7 @@ from .process import (
     q_sample,
     transition_variance,
 )
-from .sampling import TIME_INPUTS, ModelStatistics, SamplingGrid, default_spacing, get_sampler, model_calls
+from .sampling import TIME_INPUTS, ModelStatistics, SamplingGrid, default_spacing, get_sampler, model_calls, sampler_spec
 from .schedules import NoiseSchedule, respace, schedule_from_config
 from .utils import append_dims, check_finite, module_device, randn
 
@@ -39,7 +39,7 @@ VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("simple", "vlb", "hybrid")
 LOSS_WEIGHTINGS = ("uniform", "snr", "min_snr", "truncated_snr")
 DECODERS = ("gaussian", "discretized")
-TIME_SAMPLINGS = ("discrete", "continuous", "noise_level")
+TIME_SAMPLINGS = ("discrete", "continuous", "logit_normal", "noise_level")
 
 
 def _choose(value: str, allowed: Sequence[str], what: str) -> str:
@@ -103,9 +103,13 @@ class Diffusion:
 
     Args:
         schedule: a schedule name (``linear``, ``scaled_linear``, ``cosine``, ``sqrt``,
-            ``sigmoid``), or a :class:`NoiseSchedule` (e.g. from explicit betas).
-        num_timesteps: T, the number of training timesteps (ignored for a NoiseSchedule).
-        prediction: what the network predicts: ``eps``, ``x0`` or ``v``.
+            ``sigmoid``, or ``flow``: the flow-matching path x_s = (1 - s) x0 + s eps, s in
+            [0, 1], see :class:`~diffkit.schedules.FlowSchedule`), or a :class:`NoiseSchedule`
+            (e.g. from explicit betas).
+        num_timesteps: T, the number of training timesteps (ignored for a NoiseSchedule; on
+            the flow path, the resolution of discrete time draws and of the bound's chain).
+        prediction: what the network predicts: ``eps``, ``x0``, ``v`` or ``flow`` (the
+            velocity eps - x0; rectified flow / flow matching, with ``schedule="flow"``).
         variance: reverse-process variance: ``fixed_small`` (posterior beta-tilde),
             ``fixed_large`` (beta) or ``learned_range`` (the network outputs twice the
             channels; the second half interpolates log beta and log beta-tilde).
@@ -125,8 +129,12 @@ class Diffusion:
             [0, T-1], integer-valued for integer grids), ``noise_level`` (sqrt(alpha_bar),
             WaveGrad) or ``log_snr``. The last two let one model run on any noise levels.
         time_sampling: how training draws times: ``discrete`` (uniform over the T steps),
-            ``continuous`` (uniform in [0, T-1]) or ``noise_level`` (WaveGrad: a step i
-            uniformly, then sqrt(alpha_bar) uniformly between steps i-1 and i).
+            ``continuous`` (uniform over the time range: [0, T-1], or [0, 1] on the flow path),
+            ``logit_normal`` (sigmoid(m + s n) of the range, n ~ N(0, 1), with (m, s) =
+            ``logit_normal``; Esser et al. 2024, Stable Diffusion 3) or ``noise_level``
+            (WaveGrad: a step i uniformly, then sqrt(alpha_bar) uniformly between steps i-1
+            and i). Default: ``continuous`` on the flow path, ``discrete`` otherwise.
+        logit_normal: (mean, std) of ``time_sampling="logit_normal"``.
         calibration: what :mod:`diffkit.calibration` measured on a trained model, carried in
             :attr:`config` (so a checkpoint keeps it): ``{"grids": {"<sampler>/<K>": {"times":
             [...], "sampler_options": {...}}}, "eps_norm_sq": [T floats], "x0_mse": [T floats]}``,
@@ -152,7 +160,8 @@ class Diffusion:
         data_range: tuple[float, float] = (-1.0, 1.0),
         zero_terminal_snr: bool = False,
         time_input: str = "timestep",
-        time_sampling: str = "discrete",
+        time_sampling: Optional[str] = None,
+        logit_normal: tuple[float, float] = (0.0, 1.0),
         calibration: Optional[dict] = None,
     ) -> None:
         if isinstance(schedule, NoiseSchedule):
@@ -167,15 +176,28 @@ class Diffusion:
         self.loss_weighting = _choose(loss_weighting, LOSS_WEIGHTINGS, "loss_weighting")
         self.decoder = _choose(decoder, DECODERS, "decoder")
         self.time_input = _choose(time_input, TIME_INPUTS, "time_input")
+        if time_sampling is None:
+            time_sampling = "continuous" if self.schedule.is_continuous else "discrete"
         self.time_sampling = _choose(time_sampling, TIME_SAMPLINGS, "time_sampling")
+        try:
+            mean, std = (float(v) for v in logit_normal)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_normal must be (mean, std), got {logit_normal!r}") from None
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ValueError(f"logit_normal needs a finite mean and a positive std, got {logit_normal!r}")
+        self.logit_normal = (mean, std)
         if self.loss_type == "hybrid" and self.variance != "learned_range":
             raise ValueError("loss_type='hybrid' trains a learned variance; set variance='learned_range'")
         if self.loss_type != "simple" and self.time_sampling != "discrete":
             raise ValueError(f"loss_type={self.loss_type!r} sums the bound's terms between training steps; "
                              "use time_sampling='discrete' with it")
         if self.schedule.alpha_bar[-1] == 0 and self.prediction == "eps":
-            raise ValueError("a zero-terminal-SNR schedule cannot be used with prediction='eps' (x0 is undefined "
-                             "at alpha=0); use prediction='v' or 'x0'")
+            hint = "'flow', 'v' or 'x0'" if self.schedule.is_continuous else "'v' or 'x0'"
+            raise ValueError(f"the {self.schedule.name!r} schedule reaches pure noise (alpha = 0), so it cannot be used "
+                             f"with prediction='eps' (x0 is undefined there); use prediction={hint}")
+        if self.schedule.is_continuous and self.loss_type != "simple":
+            raise ValueError(f"loss_type={self.loss_type!r} sums the bound's terms between the steps of a discrete "
+                             "chain; the flow path trains with loss_type='simple'")
         if bin_width <= 0:
             raise ValueError(f"bin_width must be positive, got {bin_width}")
         self.min_snr_gamma = float(min_snr_gamma)
@@ -184,21 +206,31 @@ class Diffusion:
         self.data_range = (float(data_range[0]), float(data_range[1]))
         # The loss's bound term at t = 0 needs the full chain's decoder variance; it never changes.
         self._decoder_variance = SamplingGrid.from_times(
-            self.schedule, torch.arange(self.num_timesteps - 1, -1, -1)).decoder_variance()
-        self.calibration = calibration
+            self.schedule, self.schedule.time_of_step(torch.arange(self.num_timesteps - 1, -1, -1))).decoder_variance()
+        self._calibration = self._check_calibration(calibration)
+        entry = self._calibration.get("statistics")
+        self._statistics = (None if entry is None else
+                            ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"]))
+        # ModelStatistics per event shape, filled on first use: each holds its solver's step cache.
+        self._statistics_by_shape: dict = {}
 
     @property
     def calibration(self) -> dict:
         """What :mod:`diffkit.calibration` measured (see the class docstring); ``{}`` when nothing.
 
-        Assigning a dict validates it and stores a JSON-able copy, so a bad table fails where it
-        is set, not at sampling time; replace the whole dict rather than editing it in place.
+        A Diffusion never changes once built: :meth:`with_calibration` (or
+        :func:`diffkit.calibration.calibrate`) returns a new one. The dict is a copy to read.
         """
-        return self._calibration
+        return copy.deepcopy(self._calibration)
 
     @calibration.setter
-    def calibration(self, calibration: Optional[dict]) -> None:
-        self._calibration = self._check_calibration(calibration)
+    def calibration(self, calibration) -> None:
+        raise AttributeError("a Diffusion does not change once built; use diffusion.with_calibration(calibration), "
+                             "which returns a new Diffusion")
+
+    def with_calibration(self, calibration: Optional[dict]) -> "Diffusion":
+        """A copy of this diffusion with ``calibration`` (validated) in place of its own; this one is unchanged."""
+        return type(self).from_config({**self.config, "calibration": calibration})
 
     def _check_calibration(self, calibration: Optional[dict]) -> dict:
         """A validated, JSON-able copy of a calibration dict (see the class docstring)."""
@@ -263,17 +295,13 @@ class Diffusion:
         clip, another length of text) every element gets their average, which still carries
         the scale of the data.
         """
-        entry = self.calibration.get("statistics")
-        if entry is None:
+        stats = self._statistics
+        if stats is None:
             return None
-        # Built once per calibration and shape: the tables' precomputation and the solver's
-        # per-step cache live on the object.
-        if getattr(self, "_statistics_source", None) is not entry:
-            self._statistics_source = entry
-            self._statistics_by_shape = {None: ModelStatistics(entry["lambdas"], entry["linear"], entry["offset"])}
         key = None if event_shape is None else tuple(event_shape)
+        if key is None:
+            return stats
         if key not in self._statistics_by_shape:
-            stats = self._statistics_by_shape[None]
             if tuple(stats.linear.shape[1:]) != key:
                 flat = stats.linear.shape[0]
                 stats = ModelStatistics(stats.lambdas, stats.linear.reshape(flat, -1).mean(dim=1),
@@ -284,13 +312,13 @@ class Diffusion:
     @property
     def default_sampler(self) -> str:
         """``dpm-v3`` once calibrated for it (statistics or grids), ``unipc`` before."""
-        calibrated = "statistics" in self.calibration or any(
-            key.startswith("dpm-v3/") for key in self.calibration.get("grids", {}))
+        calibrated = "statistics" in self._calibration or any(
+            key.startswith("dpm-v3/") for key in self._calibration.get("grids", {}))
         return "dpm-v3" if calibrated else "unipc"
 
     def calibrated_grid(self, sampler: str, steps: int) -> Optional[tuple[SamplingGrid, dict]]:
         """The stored grid and sampler options for (``sampler``, ``steps``), or None when there is none."""
-        entry = self.calibration.get("grids", {}).get(f"{sampler}/{int(steps)}")
+        entry = self._calibration.get("grids", {}).get(f"{sampler}/{int(steps)}")
         if entry is None:
             return None
         return SamplingGrid.from_times(self.schedule, entry["times"]), dict(entry.get("sampler_options", {}))
@@ -322,8 +350,9 @@ class Diffusion:
             "data_range": list(self.data_range),
             "time_input": self.time_input,
             "time_sampling": self.time_sampling,
+            **({"logit_normal": list(self.logit_normal)} if self.time_sampling == "logit_normal" else {}),
             # Only when present: an uncalibrated config stays what it always was.
-            **({"calibration": copy.deepcopy(self.calibration)} if self.calibration else {}),
+            **({"calibration": copy.deepcopy(self._calibration)} if self._calibration else {}),
         }
 
     @classmethod
@@ -332,7 +361,7 @@ class Diffusion:
         if not isinstance(config, dict) or "schedule" not in config:
             raise ValueError("not a Diffusion config: it needs a 'schedule' entry (use Diffusion.config to make one)")
         keys = ("prediction", "variance", "loss_type", "loss_weighting", "min_snr_gamma", "hybrid_lambda",
-                "decoder", "bin_width", "data_range", "time_input", "time_sampling", "calibration")
+                "decoder", "bin_width", "data_range", "time_input", "time_sampling", "logit_normal", "calibration")
         return cls(schedule_from_config(config["schedule"]), **{k: config[k] for k in keys if k in config})
 
     def __repr__(self) -> str:
@@ -343,10 +372,13 @@ class Diffusion:
     # ------------------------------------------------------------------ forward process
     def _scales(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t and sigma_t for per-example (float or integer) times, shaped to broadcast against ``like``."""
-        alpha_bar = self.schedule.alpha_bar_at(t)
-        alpha = append_dims(alpha_bar.sqrt().to(like.device, like.dtype), like.ndim)
-        sigma = append_dims((1.0 - alpha_bar).clamp(min=0).sqrt().to(like.device, like.dtype), like.ndim)
-        return alpha, sigma
+        if self.schedule.is_continuous:  # the path's own coefficients (1 - s, s), not variance preserving
+            alpha, sigma = self.schedule.alpha_at(t), self.schedule.sigma_at(t)
+        else:
+            alpha_bar = self.schedule.alpha_bar_at(t)
+            alpha, sigma = alpha_bar.sqrt(), (1.0 - alpha_bar).clamp(min=0).sqrt()
+        return (append_dims(alpha.to(like.device, like.dtype), like.ndim),
+                append_dims(sigma.to(like.device, like.dtype), like.ndim))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -369,6 +401,8 @@ class Diffusion:
             value = t.to(torch.float64)
         elif self.time_input == "noise_level":
             value = alpha.reshape(-1).to(torch.float64)
+            if self.schedule.is_continuous:  # sqrt(alpha_bar) of the variance-preserving state
+                value = value / (value**2 + sigma.reshape(-1).to(torch.float64) ** 2).sqrt()
         else:
             value = 2.0 * (torch.log(alpha.reshape(-1).to(torch.float64)) - torch.log(sigma.reshape(-1).to(torch.float64)))
         return value.to(torch.float32)
@@ -384,10 +418,15 @@ class Diffusion:
         T = self.num_timesteps
         if self.time_sampling == "discrete":
             t = torch.randint(0, T, (batch,), generator=generator, device=gen_device)
-            return t.cpu().to(torch.float64)
+            return self.schedule.time_of_step(t.cpu().to(torch.float64))
+        low, high = self.schedule.time_range
+        if self.time_sampling == "logit_normal":
+            mean, std = self.logit_normal
+            z = torch.randn(batch, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+            return low + (high - low) * torch.sigmoid(mean + std * z)
         u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64).cpu()
         if self.time_sampling == "continuous":
-            return u * (T - 1)
+            return low + u * (high - low)
         # WaveGrad: a step uniformly, then the noise level uniformly within it (its upper end is
         # clean data for the first step), so every level the schedule spans is trained on.
         step = torch.randint(0, T, (batch,), generator=generator, device=gen_device).cpu()
@@ -459,8 +498,9 @@ class Diffusion:
         t = self.draw_times(batch, generator) if t is None else torch.as_tensor(t).to(torch.float64).cpu()
         if t.shape != (batch,):
             raise ValueError(f"t must hold one time per example, shape ({batch},), got {tuple(t.shape)}")
-        if (t < -1).any() or (t > self.num_timesteps - 1).any():
-            raise ValueError(f"training times must lie in [0, {self.num_timesteps - 1}], got {t.min():.3g}..{t.max():.3g}")
+        low, high = self.schedule.time_range
+        if (t < self.schedule.clean_time).any() or (t > high).any():
+            raise ValueError(f"training times must lie in [{low:g}, {high:g}], got {t.min():.3g}..{t.max():.3g}")
         if noise is None:
             noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         counted = _element_mask(mask, known_mask, x0)
@@ -565,9 +605,21 @@ class Diffusion:
         return_terms: bool = False,
         progress: bool = False,
         analytic: Optional[bool] = None,
+        method: str = "bound",
+        ode_steps: int = 64,
+        divergence: str = "auto",
+        probes: int = 1,
         **cond,
     ):
-        """The variational bound on -log p(x0) in bits per dimension, one value per example.
+        """-log p(x0) in bits per dimension, one value per example: the variational bound or, with
+        ``method="ode"``, the exact likelihood of the probability-flow ODE.
+
+        ``method="ode"`` (:func:`diffkit.likelihood.ode_nll`) solves the ODE in ``ode_steps``
+        Runge-Kutta steps with the exact divergence (up to 32 counted dimensions) or
+        Hutchinson's estimate with ``probes`` probes from ``generator`` (``divergence``:
+        ``auto``, ``exact`` or ``hutchinson``); it serves every path, the flow path included,
+        and honours ``mask`` and ``known_mask``. ``steps``, ``decoder``, ``bin_width`` and
+        ``analytic`` belong to the bound. The rest of this docstring is about the bound:
 
             L = KL(q(x_T|x0) || N(0,I)) + sum_t E KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) + E[-log p(x0|x_1)]
 
@@ -588,14 +640,26 @@ class Diffusion:
         isotropic one. ``terms["analytic"]`` says which was used.
         """
         check_finite(x0, "x0")
+        if method == "ode":
+            from .likelihood import Estimate, ode_nll
+
+            counted = _element_mask(mask, known_mask, x0)
+            bpd, terms = ode_nll(self, model, x0, steps=ode_steps, divergence=divergence, probes=probes,
+                                 mask=counted, generator=generator, progress=progress, **cond)
+            terms["stderr"] = Estimate.of(bpd).stderr
+            return (bpd, terms) if return_terms else bpd
+        if method != "bound":
+            raise ValueError(f"unknown likelihood method {method!r}; choose 'bound' or 'ode'")
         K = self.num_timesteps if steps is None else steps
-        times = respace(self.schedule, K, "linspace") if K != self.num_timesteps else torch.arange(K - 1, -1, -1)
-        grid = SamplingGrid.from_times(self.schedule, times)
+        # The chain runs over the table's steps (on the flow path, its points s_k = (k + 1) / T).
+        table = NoiseSchedule(betas=self.schedule.betas) if self.schedule.is_continuous else self.schedule
+        steps_used = respace(table, K, "linspace") if K != self.num_timesteps else torch.arange(K - 1, -1, -1)
+        grid = SamplingGrid.from_times(self.schedule, self.schedule.time_of_step(steps_used))
         model_times = grid.model_times(self.time_input)
         counted = _element_mask(mask, known_mask, x0)
         decoder = _choose(decoder or self.decoder, DECODERS, "decoder")
         decoder_variance = grid.decoder_variance()
-        has_statistics = "eps_norm_sq" in self.calibration or "x0_mse" in self.calibration
+        has_statistics = "eps_norm_sq" in self._calibration or "x0_mse" in self._calibration
         if analytic and self.learn_variance:
             raise ValueError("analytic=True replaces fixed variances; this diffusion learns its variance")
         use_analytic = bool(has_statistics and not self.learn_variance) if analytic is None else bool(analytic)
@@ -610,8 +674,9 @@ class Diffusion:
             if known_mask is not None:
                 x_t = torch.where(known_mask.to(x0.device), x0, x_t)
             t = model_times[i].to(device=x0.device, dtype=torch.float32).expand(x0.shape[0])
-            output, frac = split_output(model(x_t, t, **cond), x_t, self.learn_variance)
-            x0_hat, _ = to_x0_eps(self.prediction, output, x_t, scales[0], scales[1])
+            c = grid.input_scale(i)  # the network sees its own path's state
+            output, frac = split_output(model(c * x_t, t, **cond), x_t, self.learn_variance)
+            x0_hat, _ = to_x0_eps(self.prediction, output, c * x_t, c * scales[0], c * scales[1])
             is_last = i == len(grid) - 1
             scale_tensors = tuple(torch.tensor(v, dtype=x0.dtype, device=x0.device) for v in scales)
             log_var = None if log_vars is None else torch.tensor(float(log_vars[i]), dtype=x0.dtype, device=x0.device)
@@ -624,8 +689,10 @@ class Diffusion:
         kl_terms = torch.stack(kls, dim=1) if kls else torch.zeros(x0.shape[0], 0, device=x0.device, dtype=x0.dtype)
         bpd = prior + kl_terms.sum(dim=1) + decoder_bits
         if return_terms:
+            from .likelihood import Estimate
+
             return bpd, {"prior": prior, "decoder": decoder_bits, "kl": kl_terms, "times": grid.times,
-                         "analytic": use_analytic}
+                         "analytic": use_analytic, "method": "bound", "stderr": Estimate.of(bpd).stderr}
         return bpd
 
     # ------------------------------------------------------------------ sampling
@@ -643,12 +710,12 @@ class Diffusion:
         """
         sampler = sampler or self.default_sampler
         if steps is None:
-            steps = self.num_timesteps if sampler == "ddpm" else min(20, self.num_timesteps)
+            steps = self.num_timesteps if sampler_spec(sampler).all_steps else min(20, self.num_timesteps)
         if calibrated and spacing is None and log_snr_range is None and max_time is None:
             stored = self.calibrated_grid(sampler, steps)
             if stored is not None:
                 return stored[0]
-        if max_time is not None:
+        if max_time is not None and not self.schedule.is_continuous:
             steps = min(steps, max_time + 1)
         times = respace(self.schedule, steps, spacing or default_spacing(sampler), log_snr_range=log_snr_range,
                         max_time=max_time)
@@ -667,7 +734,8 @@ class Diffusion:
         if strength is not None:
             if not 0 < strength <= 1:
                 raise ValueError(f"strength must lie in (0, 1], got {strength}")
-            max_time = max(int(round(strength * (self.num_timesteps - 1))), 0)
+            max_time = (float(strength) if self.schedule.is_continuous
+                        else max(int(round(strength * (self.num_timesteps - 1))), 0))
         return self.sampling_grid(steps, sampler=sampler, max_time=max_time)
 
     def denoiser(self, model: Callable[..., torch.Tensor], grid: SamplingGrid, *, cond: Optional[dict] = None,
@@ -784,14 +852,9 @@ class Diffusion:
             stored = self.calibrated_grid(sampler, len(grid))
             if stored is not None and torch.equal(stored[0].times, grid.times):
                 options = {**stored[1], **options}
-        if sampler == "dpm-v3" and "statistics" not in options:
-            # A stored grid may say {"statistics": None}: it was fitted, and is used, without them.
-            options["statistics"] = self.model_statistics(shape[1:])
-        if sampler == "ddpm" and "variance" not in options:
-            options["variance"] = "learned" if self.learn_variance else self.variance
-        if sampler == "ddpm" and options["variance"] == "analytic":
-            denoise = self._analytic_ddpm_denoiser(denoise, grid)
-            options["variance"] = "learned"
+        spec = sampler_spec(sampler)
+        if spec.prepare is not None:
+            denoise, options = spec.prepare(self, denoise, grid, shape, options)
         bar = tqdm(total=model_calls(sampler, len(grid)), desc=f"sampling ({sampler})", disable=not progress, leave=False)
 
         def counted(x_in, i, _inner=denoise):
@@ -837,12 +900,14 @@ class Diffusion:
 
     def _optimal_variances(self, grid: SamplingGrid) -> torch.Tensor:
         """The calibrated reverse variances on ``grid`` (:func:`diffkit.calibration.analytic_variances`)."""
-        if "x0_mse" not in self.calibration and "eps_norm_sq" not in self.calibration:
+        if "x0_mse" not in self._calibration and "eps_norm_sq" not in self._calibration:
             raise ValueError("optimal (analytic) variances need calibration['x0_mse']; run "
                              "diffkit.calibration.calibrate(diffusion, model, data=...) first")
         from .calibration import analytic_variances
 
-        x0_mse, eps_norm_sq = self.calibration.get("x0_mse"), self.calibration.get("eps_norm_sq")
+        x0_mse, eps_norm_sq = self._calibration.get("x0_mse"), self._calibration.get("eps_norm_sq")
+        # The tables hold one value per step of the schedule's table.
+        grid = dataclasses.replace(grid, times=self.schedule.step_of_time(grid.times))
         return analytic_variances(grid, None if eps_norm_sq is None else torch.tensor(eps_norm_sq),
                                   data_range=self._analytic_data_range(),
                                   x0_mse=None if x0_mse is None else torch.tensor(x0_mse))

@@ -65,7 +65,7 @@ class SamplingContext:
     generator: Optional[torch.Generator] = None
 
     def scales(self, i: int) -> tuple[float, float]:
-        """(alpha, sigma) at point i, as Python floats."""
+        """(alpha, sigma) of the variance-preserving state at point i, as Python floats."""
         return float(self.grid.alphas[i]), float(self.grid.sigmas[i])
 
     def t(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -195,19 +195,24 @@ def model_denoiser(
     def denoise(x: torch.Tensor, i: int) -> Prediction:
         t = context.t(i, x)
         alpha, sigma = context.scales(i)
+        # The network sees its own path's state (c x; c = 1 but on the flow path); (x0, eps)
+        # are the same in both.
+        scale = context.grid.input_scale(i)
+        x_in = x if scale == 1.0 else scale * x
+        alpha, sigma = scale * alpha, scale * sigma
         if guided[i] and own_guidance is not None:
-            out, frac = split_output(own_guidance(x, t, guidance_scale, **cond), x, learn_variance)
-            x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+            out, frac = split_output(own_guidance(x_in, t, guidance_scale, **cond), x, learn_variance)
+            x0, eps = to_x0_eps(prediction, out, x_in, alpha, sigma)
             return Prediction(x0=x0, eps=eps, variance_frac=frac, x=x)
         if not guided[i]:
-            out, frac = split_output(call_model(model, x, t, cond, None), x, learn_variance)
-            x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+            out, frac = split_output(call_model(model, x_in, t, cond, None), x, learn_variance)
+            x0, eps = to_x0_eps(prediction, out, x_in, alpha, sigma)
             return Prediction(x0=x0, eps=eps, variance_frac=frac, x=x)
-        out_c, out_u = _conditional_and_unconditional(model, x, t, cond)
+        out_c, out_u = _conditional_and_unconditional(model, x_in, t, cond)
         out, frac = split_output(out_c, x, learn_variance)
-        x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+        x0, eps = to_x0_eps(prediction, out, x_in, alpha, sigma)
         out_u, _ = split_output(out_u, x, learn_variance)
-        x0_u, eps_u = to_x0_eps(prediction, out_u, x, alpha, sigma)
+        x0_u, eps_u = to_x0_eps(prediction, out_u, x_in, alpha, sigma)
         # Mixing is affine in the prediction at fixed x_t, so doing it on eps and on x0 gives
         # one consistent pair.
         return Prediction(x0=x0_u + guidance_scale * (x0 - x0_u), eps=eps_u + guidance_scale * (eps - eps_u),
@@ -316,7 +321,9 @@ class KnownValues:
         mask = self.mask.to(x.device)
         known = self.known.to(device=x.device, dtype=x.dtype)
         if self.clean:
-            return torch.where(mask, known, x)
+            # The network sees the clean value itself (input scale c: the flow path's own state).
+            scale = context.grid.input_scale(i)
+            return torch.where(mask, known if scale == 1.0 else known / scale, x)
         alpha, sigma = context.scales(i)
         noise = (self.noise if self.noise is not None else context.noise).to(device=x.device, dtype=x.dtype)
         return torch.where(mask, alpha * known + sigma * noise, x)

@@ -21,7 +21,7 @@ classifier-free guidance); ``SAMPLERS`` lists the names and :func:`model_calls` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -68,10 +68,15 @@ class SamplingGrid:
     times: torch.Tensor
     alphas: torch.Tensor
     sigmas: torch.Tensor
+    # c_i (K,): the network sees c_i times the variance-preserving state (the flow path's own
+    # state); None means 1 everywhere, as on every variance-preserving schedule.
+    input_scales: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.times.ndim != 1 or self.times.numel() < 1:
             raise ValueError("a sampling grid needs at least one point")
+        if self.input_scales is not None and self.input_scales.shape != (len(self),):
+            raise ValueError("input_scales needs one entry per point")
         if self.alphas.shape != (len(self) + 1,) or self.sigmas.shape != (len(self) + 1,):
             raise ValueError("alphas and sigmas need one entry per point plus the clean end point")
         noise = (self.sigmas / self.alphas.clamp(min=1e-300))[:-1]
@@ -80,16 +85,21 @@ class SamplingGrid:
 
     @classmethod
     def from_times(cls, schedule: NoiseSchedule, times) -> "SamplingGrid":
-        """Evaluation at the given training times, strictly decreasing, in [0, T-1] (fractions allowed)."""
+        """Evaluation at the given training times, strictly decreasing, in the schedule's time range
+        ([0, T-1], fractions allowed; (0, 1] on the flow path)."""
         times = torch.as_tensor(times).to(torch.float64).flatten()
         if times.numel() < 1:
             raise ValueError("a sampling grid needs at least one time")
         if (times[1:] >= times[:-1]).any():
-            raise ValueError(f"times must be strictly decreasing, got {times.tolist()}")
-        if times[0] > schedule.num_timesteps - 1 or times[-1] < 0:
-            raise ValueError(f"times must lie in [0, {schedule.num_timesteps - 1}], got {times.tolist()}")
-        alpha_bar = schedule.alpha_bar_at(times)
-        return cls._from_alpha_bar(alpha_bar, times)
+            raise ValueError(f"times must be strictly decreasing, got {times.tolist()[:12]}")
+        low, high = schedule.time_range
+        if times[0] > high or times[-1] < low or (schedule.is_continuous and times[-1] <= low):
+            raise ValueError(f"times must lie in [{low:g}, {high:g}] (the schedule's range; clean data excluded), "
+                             f"got {float(times[-1]):g}..{float(times[0]):g}")
+        grid = cls._from_alpha_bar(schedule.alpha_bar_at(times), times)
+        if schedule.is_continuous:
+            grid = replace(grid, input_scales=schedule.input_scale_at(times))
+        return grid
 
     @classmethod
     def from_noise_levels(cls, schedule: NoiseSchedule, alphas) -> "SamplingGrid":
@@ -105,7 +115,11 @@ class SamplingGrid:
         if (alphas[1:] <= alphas[:-1]).any():
             raise ValueError(f"noise levels must increase (noisiest first), got {alphas.tolist()}")
         alpha_bar = alphas**2
-        return cls._from_alpha_bar(alpha_bar, schedule.time_for_alpha_bar(alpha_bar, strict=True))
+        times = schedule.time_for_alpha_bar(alpha_bar, strict=True)
+        grid = cls._from_alpha_bar(alpha_bar, times)
+        if schedule.is_continuous:
+            grid = replace(grid, input_scales=schedule.input_scale_at(times))
+        return grid
 
     @classmethod
     def from_betas(cls, schedule: NoiseSchedule, betas) -> "SamplingGrid":
@@ -151,6 +165,10 @@ class SamplingGrid:
         if time_input == "log_snr":
             return 2.0 * self.lambdas[:-1]
         raise ValueError(f"unknown time_input {time_input!r}; choose one of {', '.join(TIME_INPUTS)}")
+
+    def input_scale(self, i: int) -> float:
+        """c_i: the network sees c_i times the state at point i (1 but on the flow path)."""
+        return 1.0 if self.input_scales is None else float(self.input_scales[i])
 
     def step_scales(self, i: int) -> tuple[float, float, float, float]:
         """(alpha_t, sigma_t, alpha_s, sigma_s) of the step from point i to point i + 1, as Python floats."""
@@ -715,38 +733,118 @@ def sample_heun(denoise: Denoiser, x, grid: SamplingGrid, *, generator=None, cal
 
 # --------------------------------------------------------------------------- registry
 Sampler = Callable[..., torch.Tensor]
+# prepare(diffusion, denoise, grid, shape, options) -> (denoise, options): what a sampler needs
+# from the diffusion it runs for (calibrated statistics, the reverse variance), filled in only
+# where the caller's options leave it open.
+Prepare = Callable[..., tuple]
 
-_SAMPLERS: dict[str, tuple[Sampler, str]] = {
-    # name: (function, default spacing)
-    "ddpm": (sample_ddpm, "linspace"),
-    "ddim": (sample_ddim, "trailing"),
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Everything the core asks of a sampler, in one registration (:func:`register_sampler`).
+
+    ``spacing``: its default respacing; ``calls_per_step``: network calls per grid point (heun:
+    2, one fewer on the last point); ``deterministic``: its output is a function of the
+    starting noise, so calibration can fit grids for it; ``reference``: the sampler whose
+    fine-grid run is its calibration reference (one family solves one ODE; None: itself);
+    ``variants(diffusion)``: the (options, coarse first stage) pairs calibration fits, keeping the best;
+    ``prepare``: fills options from the diffusion; ``all_steps``: its default grid is the whole
+    chain (ddpm) instead of 20 points.
+    """
+
+    name: str
+    function: Sampler
+    spacing: str
+    calls_per_step: int = 1
+    deterministic: bool = True
+    reference: Optional[str] = None
+    variants: Callable[..., tuple] = lambda diffusion: (({}, True),)
+    prepare: Optional[Prepare] = None
+    all_steps: bool = False
+
+    def model_calls(self, steps: int) -> int:
+        """Network evaluations on a grid of ``steps`` points (without guidance)."""
+        return self.calls_per_step * steps - (self.calls_per_step - 1)
+
+
+_REGISTRY: dict[str, SamplerSpec] = {}
+
+
+def register_sampler(spec: SamplerSpec) -> SamplerSpec:
+    """Add a sampler (or replace one of the same name); it is then usable everywhere by name."""
+    if not isinstance(spec, SamplerSpec):
+        raise TypeError(f"register_sampler takes a SamplerSpec, got {type(spec).__name__}")
+    if spec.calls_per_step < 1:
+        raise ValueError(f"calls_per_step must be at least 1, got {spec.calls_per_step}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The registration of the sampler called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def _prepare_ddpm(diffusion, denoise, grid, shape, options):
+    if "variance" not in options:
+        options["variance"] = "learned" if diffusion.learn_variance else diffusion.variance
+    if options["variance"] == "analytic":
+        denoise = diffusion._analytic_ddpm_denoiser(denoise, grid)
+        options["variance"] = "learned"
+    return denoise, options
+
+
+def _prepare_dpm_v3(diffusion, denoise, grid, shape, options):
+    if "statistics" not in options:
+        # A stored grid may say {"statistics": None}: it was fitted, and is used, without them.
+        options["statistics"] = diffusion.model_statistics(shape[1:])
+    return denoise, options
+
+
+def _unipc_variants(diffusion) -> tuple:
+    # Both B(h) variants; bh1 is poor on the default grid, and a coarse first stage walks it into
+    # a poor basin, so it refines point by point from the start.
+    return (({"variant": "bh1"}, False), ({}, True))
+
+
+def _dpm_v3_variants(diffusion) -> tuple:
+    # Also without the statistics (None: l = m = 0), which wins where the model is far from linear.
+    if diffusion.model_statistics() is None:
+        return (({}, True),)
+    return (({}, True), ({"statistics": None}, True))
+
+
+for _spec in (
+    SamplerSpec("ddpm", sample_ddpm, "linspace", deterministic=False, prepare=_prepare_ddpm, all_steps=True),
+    SamplerSpec("ddim", sample_ddim, "trailing"),
     # Euler on the probability-flow ODE is DDIM with eta = 0; the name keeps Karras' spacing.
-    "euler": (sample_ddim, "karras"),
-    "heun": (sample_heun, "karras"),
-    "dpm++2m": (sample_dpmpp_2m, "logsnr"),
-    "dpm++3m": (sample_dpmpp_3m, "logsnr"),
-    "unipc": (sample_unipc, "logsnr"),
-    "dpm-v3": (sample_dpm_v3, "logsnr"),
-}
+    SamplerSpec("euler", sample_ddim, "karras"),
+    SamplerSpec("heun", sample_heun, "karras", calls_per_step=2),
+    SamplerSpec("dpm++2m", sample_dpmpp_2m, "logsnr", reference="unipc"),
+    SamplerSpec("dpm++3m", sample_dpmpp_3m, "logsnr", reference="unipc"),
+    SamplerSpec("unipc", sample_unipc, "logsnr", reference="unipc", variants=_unipc_variants),
+    SamplerSpec("dpm-v3", sample_dpm_v3, "logsnr", reference="unipc", variants=_dpm_v3_variants,
+                prepare=_prepare_dpm_v3),
+):
+    register_sampler(_spec)
 
-SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
+# The built-in samplers' names (:func:`register_sampler` adds more).
+SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def get_sampler(name: str) -> Sampler:
     """The sampler function registered under ``name``."""
-    try:
-        return _SAMPLERS[name][0]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+    return sampler_spec(name).function
 
 
 def default_spacing(name: str) -> str:
     """The respacing each sampler works best with (measured by benchmarks/samplers.py)."""
-    get_sampler(name)
-    return _SAMPLERS[name][1]
+    return sampler_spec(name).spacing
 
 
 def model_calls(name: str, steps: int) -> int:
     """Network evaluations a sampler makes on a grid of ``steps`` points (without guidance)."""
-    get_sampler(name)
-    return 2 * steps - 1 if name == "heun" else steps
+    return sampler_spec(name).model_calls(steps)

@@ -9,6 +9,12 @@ for integer timesteps t = 0 .. T-1 (t = 0 is the least noisy latent, the convent
 and improved-diffusion). Between integer steps alpha_bar is interpolated linearly, so every
 quantity is also defined at continuous times in [0, T-1].
 
+A :class:`FlowSchedule` is the flow-matching (rectified-flow) path x_s = (1 - s) x_0 + s eps for
+s in [0, 1], in continuous time. It is not variance preserving, but its state divided by
+c_s = sqrt((1 - s)^2 + s^2) is: the samplers work on that variance-preserving state, with
+alpha_bar_s = (1 - s)^2 / c_s^2, and the network sees c_s times it, the flow's own state
+(:meth:`NoiseSchedule.input_scale_at`). So every sampler, wrapper and calibration serves both.
+
 Respacing to K sampling steps is the pure function :func:`respace`; nothing here holds state
 that a sampler could mutate.
 """
@@ -21,7 +27,7 @@ from typing import Callable
 
 import torch
 
-SCHEDULES = ("linear", "scaled_linear", "cosine", "sqrt", "sigmoid")
+SCHEDULES = ("linear", "scaled_linear", "cosine", "sqrt", "sigmoid", "flow")
 SPACINGS = ("leading", "trailing", "linspace", "logsnr", "karras")
 
 # Betas are capped below 1 so that no step destroys the signal in one go (Nichol & Dhariwal).
@@ -127,6 +133,10 @@ class NoiseSchedule:
         cls, name: str, num_timesteps: int = 1000, *, zero_terminal_snr: bool = False, **kwargs: float
     ) -> "NoiseSchedule":
         """A named schedule: linear, scaled_linear, cosine, sqrt or sigmoid (keyword arguments tune it)."""
+        if name == "flow":
+            if zero_terminal_snr or kwargs:
+                raise ValueError("the flow schedule takes no options besides num_timesteps")
+            return FlowSchedule.with_steps(num_timesteps)
         if name not in _SCHEDULE_BUILDERS:
             raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)} or pass betas")
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
@@ -153,6 +163,34 @@ class NoiseSchedule:
         """A JSON-able description from which :func:`schedule_from_config` rebuilds this schedule."""
         return {"name": self.name, "betas": self.betas.tolist(), "zero_terminal_snr": self.zero_terminal_snr}
 
+    # ----------------------------------------------------------------- time units
+    @property
+    def time_range(self) -> tuple[float, float]:
+        """The training times (lowest, highest): (0, T-1) in steps here, (0, 1) on the flow path."""
+        return 0.0, float(self.num_timesteps - 1)
+
+    @property
+    def clean_time(self) -> float:
+        """The time of clean data: -1 here (one step before the first), 0 on the flow path."""
+        return -1.0
+
+    @property
+    def is_continuous(self) -> bool:
+        """Whether times are continuous by nature (flow) rather than steps of a table."""
+        return False
+
+    def time_of_step(self, steps: torch.Tensor) -> torch.Tensor:
+        """The times of the table's steps 0..T-1 (the steps themselves here)."""
+        return torch.as_tensor(steps)
+
+    def step_of_time(self, times: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`time_of_step`: (fractional) table steps of ``times``."""
+        return torch.as_tensor(times)
+
+    def input_scale_at(self, t) -> torch.Tensor:
+        """c_t, the factor from the variance-preserving state the samplers use to what the network sees (1 here)."""
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
     # ----------------------------------------------------------------- lookups
     def alpha_bar_at(self, t: torch.Tensor | float | int) -> torch.Tensor:
         """alpha_bar at integer or continuous times t in [0, T-1] (linear interpolation between steps).
@@ -173,7 +211,7 @@ class NoiseSchedule:
         return padded[low] * (1 - frac) + padded[(low + 1).clamp(max=self.num_timesteps)] * frac
 
     def alpha_at(self, t) -> torch.Tensor:
-        """Signal scale alpha_t = sqrt(alpha_bar_t)."""
+        """Signal scale alpha_t = sqrt(alpha_bar_t) (on the flow path: 1 - s, the path's own)."""
         return self.alpha_bar_at(t).sqrt()
 
     def sigma_at(self, t) -> torch.Tensor:
@@ -214,8 +252,101 @@ class NoiseSchedule:
         return times
 
 
+@dataclass(frozen=True, eq=False)
+class FlowSchedule(NoiseSchedule):
+    """The flow-matching path x_s = (1 - s) x_0 + s eps, s in [0, 1] (s = 0 clean, s = 1 pure noise).
+
+    Times are continuous; the network is told s. ``alpha_at`` and ``sigma_at`` give the path's
+    own coefficients 1 - s and s; ``alpha_bar_at`` and the log-SNR those of the equivalent
+    variance-preserving state x_s / c_s, c_s = sqrt((1 - s)^2 + s^2), on which the samplers run.
+    The table (``betas``, ``alpha_bar``) holds T = ``num_timesteps`` points s_k = (k + 1) / T:
+    the resolution of ``time_sampling="discrete"``, of the bound's chain and of the grid search
+    in calibration. Build one with ``NoiseSchedule.from_name("flow", T)`` or :meth:`with_steps`.
+    """
+
+    name: str = "flow"
+    zero_terminal_snr: bool = True
+
+    @classmethod
+    def with_steps(cls, num_timesteps: int = 1000) -> "FlowSchedule":
+        if not isinstance(num_timesteps, int) or isinstance(num_timesteps, bool) or num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+        s = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        alpha_bar = _flow_alpha_bar(s)
+        betas = 1.0 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        return cls(betas=betas)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        s = self.time_of_step(torch.arange(self.num_timesteps))
+        object.__setattr__(self, "alpha_bar", _flow_alpha_bar(s))
+
+    @property
+    def time_range(self) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    @property
+    def clean_time(self) -> float:
+        return 0.0
+
+    @property
+    def is_continuous(self) -> bool:
+        return True
+
+    def time_of_step(self, steps: torch.Tensor) -> torch.Tensor:
+        return (torch.as_tensor(steps).to(torch.float64) + 1.0) / self.num_timesteps
+
+    def step_of_time(self, times: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(times).to(torch.float64) * self.num_timesteps - 1.0
+
+    def config(self) -> dict:
+        return {"name": "flow", "num_timesteps": self.num_timesteps}
+
+    def _times(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t).to(torch.float64)
+        if (t < 0).any() or (t > 1).any():
+            raise ValueError("flow time outside [0, 1]")
+        return t
+
+    def input_scale_at(self, t) -> torch.Tensor:
+        s = self._times(t)
+        return ((1 - s) ** 2 + s**2).sqrt()
+
+    def alpha_bar_at(self, t) -> torch.Tensor:
+        return _flow_alpha_bar(self._times(t))
+
+    def alpha_at(self, t) -> torch.Tensor:
+        return 1.0 - self._times(t)
+
+    def sigma_at(self, t) -> torch.Tensor:
+        return self._times(t)
+
+    def log_snr_at(self, t) -> torch.Tensor:
+        s = self._times(t)
+        return 2.0 * (torch.log1p(-s) - torch.log(s))
+
+    def timestep_for_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        # (1 - s) / s = e^(lambda / 2)
+        return torch.sigmoid(-0.5 * torch.as_tensor(log_snr, dtype=torch.float64))
+
+    def time_for_alpha_bar(self, alpha_bar: torch.Tensor, *, strict: bool = False) -> torch.Tensor:
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        ratio = (alpha_bar.clamp(0, 1) / (1 - alpha_bar.clamp(0, 1))).sqrt()  # (1 - s) / s
+        times = 1.0 / (1.0 + ratio)
+        if strict:
+            times = torch.where((alpha_bar < 0) | (alpha_bar > 1), torch.full_like(times, float("nan")), times)
+        return times
+
+
+def _flow_alpha_bar(s: torch.Tensor) -> torch.Tensor:
+    """alpha_bar of the variance-preserving state x_s / c_s on the flow path: (1 - s)^2 / ((1 - s)^2 + s^2)."""
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
 def schedule_from_config(config: dict) -> NoiseSchedule:
     """Rebuild a :class:`NoiseSchedule` from :meth:`NoiseSchedule.config`."""
+    if config.get("name") == "flow":
+        return FlowSchedule.with_steps(int(config.get("num_timesteps", 1000)))
     try:
         return NoiseSchedule(
             betas=torch.tensor(config["betas"], dtype=torch.float64),
@@ -266,16 +397,23 @@ def respace(
     ``max_time`` places the grid on [0, max_time] instead of [0, T-1] (warm starts and SDEdit:
     ``steps`` calls between the start time and clean data, however small the start).
 
+    On the flow path (:class:`FlowSchedule`) times are continuous in (0, 1]: ``leading``,
+    ``trailing`` and ``linspace`` all give s_i = 1 - i / K (rectified flow's Euler grid), and
+    ``logsnr`` and ``karras`` place the points between the log-SNR of the table's first and
+    last noisy points; ``max_time`` is then a time s in (0, 1].
+
     A pure function: the same arguments always give the same steps and nothing is stored.
     """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if schedule.is_continuous:
+        return _respace_continuous(schedule, steps, spacing, karras_rho, log_snr_range, max_time)
     if max_time is not None:
         if not isinstance(max_time, int) or not 0 <= max_time < schedule.num_timesteps:
             raise ValueError(f"max_time must be an integer in [0, {schedule.num_timesteps - 1}], got {max_time!r}")
         # The first max_time + 1 steps of a schedule are a schedule of their own.
         schedule = NoiseSchedule(betas=schedule.betas[: max_time + 1], name=schedule.name)
     T = schedule.num_timesteps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if steps > T:
         raise ValueError(f"steps={steps} exceeds the {T} training timesteps; use at most {T} steps")
     if spacing == "leading":
@@ -290,21 +428,48 @@ def respace(
         # still start at T-1, where sampling begins.
         top = T - 1 if torch.isfinite(table[-1]) else max(T - 2, 0)
         low, high = table[top].item(), table[0].item()
-        if log_snr_range is not None:
-            requested_low, requested_high = log_snr_range
-            low = low if requested_low is None else min(max(requested_low, low), high)
-            high = high if requested_high is None else max(min(requested_high, high), low)
-        if steps == 1:
-            times = torch.tensor([float(T - 1)], dtype=torch.float64)
-        elif spacing == "logsnr":
-            grid = torch.linspace(low, high, steps, dtype=torch.float64)
-            times = schedule.timestep_for_log_snr(grid)
-        else:
-            sigma_max, sigma_min = math.exp(-0.5 * low), math.exp(-0.5 * high)
-            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-            sigmas = (sigma_max ** (1 / karras_rho) + ramp * (sigma_min ** (1 / karras_rho) - sigma_max ** (1 / karras_rho))) ** karras_rho
-            times = schedule.timestep_for_log_snr(-2 * torch.log(sigmas))
-        times[0] = T - 1  # sampling starts from the noise of the last step
+        times = _times_between(schedule, steps, spacing, low, high, float(T - 1), karras_rho, log_snr_range)
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     return _distinct_descending(times, T)
+
+
+def _times_between(schedule: NoiseSchedule, steps: int, spacing: str, low: float, high: float, first: float,
+                   karras_rho: float, log_snr_range) -> torch.Tensor:
+    """``steps`` times from ``first`` down, the rest placed by ``spacing`` (logsnr or karras) in log-SNR [low, high]."""
+    if log_snr_range is not None:
+        requested_low, requested_high = log_snr_range
+        low = low if requested_low is None else min(max(requested_low, low), high)
+        high = high if requested_high is None else max(min(requested_high, high), low)
+    if steps == 1:
+        return torch.tensor([first], dtype=torch.float64)
+    if spacing == "logsnr":
+        times = schedule.timestep_for_log_snr(torch.linspace(low, high, steps, dtype=torch.float64))
+    else:
+        sigma_max, sigma_min = math.exp(-0.5 * low), math.exp(-0.5 * high)
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        sigmas = (sigma_max ** (1 / karras_rho) + ramp * (sigma_min ** (1 / karras_rho) - sigma_max ** (1 / karras_rho))) ** karras_rho
+        times = schedule.timestep_for_log_snr(-2 * torch.log(sigmas))
+    times[0] = first  # sampling starts from the noise of the first point
+    return times
+
+
+def _respace_continuous(schedule: NoiseSchedule, steps: int, spacing: str, karras_rho: float, log_snr_range,
+                        max_time) -> torch.Tensor:
+    """:func:`respace` on a continuous-time (flow) schedule: float times in (0, 1], descending."""
+    top = 1.0 if max_time is None else float(max_time)
+    if not 0 < top <= 1:
+        raise ValueError(f"max_time must be a time in (0, 1] on the flow path, got {max_time!r}")
+    if spacing in ("leading", "trailing", "linspace"):
+        return top * (1.0 - torch.arange(steps, dtype=torch.float64) / steps)
+    if spacing not in ("logsnr", "karras"):
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    T = schedule.num_timesteps
+    # Pure noise (s = 1) has log-SNR -inf: space over the table's finite part, starting at ``top``.
+    low_time = top if top < 1 else float(schedule.time_of_step(T - 2))
+    low = float(schedule.log_snr_at(torch.tensor(low_time)))
+    high = max(float(schedule.log_snr_at(schedule.time_of_step(0))), low)
+    times = _times_between(schedule, steps, spacing, low, high, top, karras_rho, log_snr_range)
+    if (times[1:] >= times[:-1]).any():
+        raise ValueError(f"{steps} {spacing} points do not fit below time {top}; use fewer steps")
+    return times

@@ -24,8 +24,8 @@ DATA = GaussianData(torch.linspace(1, 3, 16), torch.linspace(0.1, 1.6, 16))
 def calibrated():
     diff = Diffusion("linear", 1000)
     model = DATA.model(diff.schedule)
-    calibrate(diff, model, (128, 16), data=DATA.sample(512, torch.Generator().manual_seed(5)), steps=(5, 10),
-              generator=torch.Generator().manual_seed(7), dtype=torch.float64, max_evals=250)
+    diff = calibrate(diff, model, (128, 16), data=DATA.sample(512, torch.Generator().manual_seed(5)), steps=(5, 10),
+                     generator=torch.Generator().manual_seed(7), dtype=torch.float64, max_evals=250)
     return diff, model
 
 
@@ -231,8 +231,10 @@ def test_bad_calibration_inputs_raise():
     with pytest.raises(ValueError, match="unknown calibration"):
         Diffusion("linear", 100, calibration={"grid": {}})
     with pytest.raises(ValueError, match="unknown calibration"):
-        diff.calibration = {"grid": {}}  # assignment is checked like the constructor argument
-    assert diff.calibration == {}  # and a refused table leaves the old one in place
+        diff.with_calibration({"grid": {}})  # checked like the constructor argument
+    with pytest.raises(AttributeError, match="with_calibration"):
+        diff.calibration = {}  # a Diffusion never changes once built
+    assert diff.calibration == {}
     with pytest.raises(ValueError, match=r"optimal \(analytic\) variances need"):
         diff.nll(model, data.sample(4), analytic=True)
     with pytest.raises(ValueError, match=r"optimal \(analytic\) variances need"):

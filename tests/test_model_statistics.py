@@ -81,8 +81,11 @@ def test_calibration_makes_dpm_v3_the_default_and_survives_a_round_trip():
     diff = Diffusion("linear", 1000)
     model = DATA.model(diff.schedule)
     assert diff.default_sampler == "unipc"
-    calibrate(diff, model, (128, 8), steps=(5,), generator=torch.Generator().manual_seed(1), dtype=torch.float64,
-              max_evals=30, reference_steps=80)
+    before = diff.config
+    calibrated = calibrate(diff, model, (128, 8), steps=(5,), generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64, max_evals=30, reference_steps=80)
+    assert diff.config == before and diff.default_sampler == "unipc"  # the one passed in is unchanged
+    diff = calibrated
     assert diff.default_sampler == "dpm-v3" and set(diff.calibration["grids"]) == {"dpm-v3/5"}
     again = Diffusion.from_config(json.loads(json.dumps(diff.config)))
     noise = standardized_noise(2000, 8)
@@ -146,13 +149,13 @@ def test_statistics_that_no_fitted_grid_uses_are_not_kept(monkeypatch):
         return fake
 
     monkeypatch.setattr(calibration, "optimize_grid", prefer({"statistics": None}))
-    calibrate(diff, model, (32, 8), steps=(3, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
-              reference_steps=20)
+    diff = calibrate(diff, model, (32, 8), steps=(3, 4), generator=torch.Generator().manual_seed(0),
+                     dtype=torch.float64, reference_steps=20)
     assert "statistics" not in diff.calibration
     assert all(entry["sampler_options"] == {"statistics": None} for entry in diff.calibration["grids"].values())
     assert diff.default_sampler == "dpm-v3"  # its fitted grids still make it the default
     monkeypatch.setattr(calibration, "optimize_grid", prefer({}))
     kept = Diffusion("linear", 1000)
-    calibrate(kept, model, (32, 8), steps=(3,), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
-              reference_steps=20)
+    kept = calibrate(kept, model, (32, 8), steps=(3,), generator=torch.Generator().manual_seed(0),
+                     dtype=torch.float64, reference_steps=20)
     assert "statistics" in kept.calibration and kept.calibration["grids"]["dpm-v3/3"]["sampler_options"] == {}
