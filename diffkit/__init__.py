@@ -45,6 +45,7 @@ from .diffusion import (  # noqa: E402
 )
 from .analytic import GaussianData  # noqa: E402
 from .likelihood import Estimate  # noqa: E402
+from .starts import NoiseStart, PriorStart, WarmStart  # noqa: E402
 from . import nn  # noqa: E402
 from .utils import resolve_device, seed_everything  # noqa: E402
 from .checkpoint import (  # noqa: E402
@@ -78,6 +79,9 @@ __all__ = [
     "register_sampler",
     "sampler_spec",
     "Estimate",
+    "NoiseStart",
+    "PriorStart",
+    "WarmStart",
     "SamplingGrid",
     "ModelStatistics",
     "SamplingContext",

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__ as _version
-from .guidance import PriorMeanStart, SamplingContext, Wrapper, apply_wrappers, model_denoiser, split_output
+from .guidance import SamplingContext, Wrapper, apply_wrappers, model_denoiser, split_output
 from .parameterization import check_prediction, from_x0_eps, to_x0_eps, x0_error_scale
 from .process import (
     LOG2,
@@ -31,8 +31,9 @@ from .process import (
     q_sample,
     transition_variance,
 )
-from .sampling import TIME_INPUTS, ModelStatistics, SamplingGrid, default_spacing, get_sampler, model_calls, sampler_spec
+from .sampling import TIME_INPUTS, ModelStatistics, SamplingGrid, default_spacing, get_sampler, sampler_spec
 from .schedules import NoiseSchedule, respace, schedule_from_config
+from .starts import Start, WarmStart, as_start
 from .utils import append_dims, check_finite, module_device, randn
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -721,22 +722,17 @@ class Diffusion:
                         max_time=max_time)
         return SamplingGrid.from_times(self.schedule, times)
 
-    def _resolve_grid(self, grid, steps, sampler, strength) -> SamplingGrid:
+    def _grid(self, grid, steps, sampler: str, start) -> SamplingGrid:
+        """The grid to sample on: an explicit one, or ``steps`` points below the start's top."""
         if grid is not None:
-            if strength is not None:
-                raise ValueError("give either grid= (it starts where it starts) or strength=, not both")
+            if isinstance(start, WarmStart):
+                raise ValueError("give either grid= (it starts where it starts) or a WarmStart, not both")
             if steps is not None:
                 raise ValueError("give either grid= or steps=, not both: an explicit grid fixes the steps")
             return grid if isinstance(grid, SamplingGrid) else SamplingGrid.from_times(self.schedule, grid)
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        max_time = None
-        if strength is not None:
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must lie in (0, 1], got {strength}")
-            max_time = (float(strength) if self.schedule.is_continuous
-                        else max(int(round(strength * (self.num_timesteps - 1))), 0))
-        return self.sampling_grid(steps, sampler=sampler, max_time=max_time)
+        return self.sampling_grid(steps, sampler=sampler, max_time=start.max_time(self.schedule))
 
     def denoiser(self, model: Callable[..., torch.Tensor], grid: SamplingGrid, *, cond: Optional[dict] = None,
                  guidance_scale: float = 1.0, guidance_interval: Optional[tuple] = None,
@@ -763,108 +759,78 @@ class Diffusion:
         sampler: Optional[str] = None,
         steps: Optional[int] = None,
         grid=None,
+        start: str | Start = "prior",
         generator: Optional[torch.Generator] = None,
         noise: Optional[torch.Tensor] = None,
-        device: Optional[torch.device | str] = None,
-        dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
         guidance_interval: Optional[tuple] = None,
         wrappers: Sequence[Wrapper] = (),
-        init: Optional[torch.Tensor] = None,
-        strength: Optional[float] = None,
+        sampler_options: Optional[dict] = None,
         callback: Optional[Callable[[dict], None]] = None,
         progress: bool = False,
-        sampler_options: Optional[dict] = None,
-        start: str = "prior",
+        device: Optional[torch.device | str] = None,
+        dtype: torch.dtype = torch.float32,
         **cond,
     ) -> torch.Tensor:
         """Draw samples of ``shape`` = (B, ...) from ``model``.
 
         Args:
-            sampler: one of :data:`diffkit.SAMPLERS`; default :attr:`default_sampler`.
-            steps, grid: ``steps`` respaced training times (default 20; all T for ``ddpm``) in
-                the sampler's best spacing, or an explicit ``grid``: a :class:`SamplingGrid`
-                (from times, noise levels or betas; see :meth:`sampling_grid`) or a sequence
-                of decreasing training times.
-            generator, noise: ``noise`` is the starting state; otherwise it is drawn from
+            sampler: one of :data:`diffkit.SAMPLERS` (or a registered one); default
+                :attr:`default_sampler`.
+            steps, grid: ``steps`` points (default 20; all T for ``ddpm``) in the sampler's best
+                spacing, or the calibrated grid for (sampler, steps) when there is one; or an
+                explicit ``grid``: a :class:`SamplingGrid` or decreasing training times.
+            start: where sampling starts (:mod:`diffkit.starts`): ``"prior"`` (default; the N(0, I)
+                start moved to the mean of q(x_T) at the first call, free), ``"noise"`` (exactly
+                at ``noise``), or ``WarmStart(init, strength)`` (``init`` noised to ``strength``
+                of the chain, then all ``steps`` below it: SDEdit, img2img, warm starts).
+            generator, noise: ``noise`` is the starting draw; otherwise it is drawn from
                 ``generator``, which also feeds stochastic samplers.
-            guidance_scale: classifier-free guidance weight w (1 = off); the model must accept
-                ``drop_cond``, or mix for itself through a ``classifier_free_guidance`` method
-                (see :func:`diffkit.guidance.model_denoiser`).
-            guidance_interval: (low, high) on sigma_t / alpha_t: guide only there (None: an
-                open end), the conditional prediction alone elsewhere, at half the network
-                calls (Kynkaenniemi et al. 2024). None: guide at every point.
-            wrappers: conditioning layered on the denoiser, innermost first (see
-                :mod:`diffkit.guidance`: ClipX0, X0Transform, KnownValues, GradientGuidance,
-                GradientSteps, StateHook).
-            init, strength: start from ``init`` noised to time ``strength`` x (T-1), strength in
-                (0, 1], and take all ``steps`` steps below it (SDEdit, img2img, warm starts). With
-                an explicit ``grid``, ``init`` is noised to the grid's first point instead.
+            guidance_scale, guidance_interval: classifier-free guidance weight w (1 = off) and
+                the (low, high) range of sigma_t / alpha_t where it applies
+                (:func:`diffkit.guidance.model_denoiser`).
+            wrappers: conditioning layered on the denoiser, innermost first (:mod:`diffkit.guidance`).
+            sampler_options: extra keyword arguments for the sampler (e.g. ``{"eta": 1.0}``); a
+                calibrated grid brings the options it was fitted with, and these win.
             callback: called with a dict (i, t, x, denoised, steps) at every grid point.
-            sampler_options: extra keyword arguments for the sampler (e.g. ``{"eta": 1.0}``).
-            start: ``"prior"`` (default) moves the N(0, I) start by alpha_0 x0_hat at the first
-                call, to the mean of q(x_T) (:class:`~diffkit.guidance.PriorMeanStart`; free,
-                and a no-op where alpha_0 = 0); ``"noise"`` starts exactly at ``noise`` (pass an
-                exact draw of q(x_T) this way). Warm starts (``init``) ignore it.
             **cond: passed to the model on every call.
         """
-        if start not in ("prior", "noise"):
-            raise ValueError(f"start must be 'prior' or 'noise', got {start!r}")
+        start = as_start(start)
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
+        if "init" in cond or "strength" in cond:
+            raise ValueError("init= and strength= are given as start=WarmStart(init, strength)")
         sampler = sampler or self.default_sampler
-        sample_fn = get_sampler(sampler)
-        if strength is not None and init is None:
-            raise ValueError("strength= needs init=<clean data> to start from")
-        explicit_grid = grid
-        grid = self._resolve_grid(grid, steps, sampler, strength)
+        spec = sampler_spec(sampler)
+        explicit_grid = grid is not None
+        grid = self._grid(grid, steps, sampler, start)
         device = torch.device(device) if device is not None else (noise.device if noise is not None else module_device(model))
-
         if noise is None:
             noise = randn(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={shape} was asked for")
         noise = noise.to(device=device, dtype=dtype)
-        x = noise
-        if init is not None:
-            init = torch.as_tensor(init).to(device=device, dtype=dtype)
-            try:
-                init = init.expand(shape)
-            except RuntimeError:
-                raise ValueError(f"init of shape {tuple(init.shape)} does not broadcast to the sample shape {shape}") from None
-            check_finite(init, "init")
-            x = q_sample(init, float(grid.alphas[0]), float(grid.sigmas[0]), noise)
         for wrapper in wrappers:
-            check = getattr(wrapper, "check", None)
-            if check is not None:
-                check(shape)
-
-        if start == "prior" and init is None:
-            # Innermost, next to the network: wrappers that pin entries (KnownValues) rewrite them afterwards.
-            wrappers = [PriorMeanStart(), *wrappers]
+            if getattr(wrapper, "check", None) is not None:
+                wrapper.check(shape)
         denoise = self.denoiser(model, grid, cond=cond, guidance_scale=guidance_scale,
                                 guidance_interval=guidance_interval, noise=noise, generator=generator,
-                                wrappers=wrappers)
+                                wrappers=[*start.wrappers(), *wrappers])
         options = dict(sampler_options or {})
-        if explicit_grid is None and strength is None:
-            # A calibrated grid comes with the sampler options it was fitted with; the caller's win.
-            stored = self.calibrated_grid(sampler, len(grid))
-            if stored is not None and torch.equal(stored[0].times, grid.times):
-                options = {**stored[1], **options}
-        spec = sampler_spec(sampler)
+        stored = None if explicit_grid else self.calibrated_grid(sampler, len(grid))
+        if stored is not None and torch.equal(stored[0].times, grid.times):
+            options = {**stored[1], **options}  # the options the stored grid was fitted with; the caller's win
         if spec.prepare is not None:
             denoise, options = spec.prepare(self, denoise, grid, shape, options)
-        bar = tqdm(total=model_calls(sampler, len(grid)), desc=f"sampling ({sampler})", disable=not progress, leave=False)
+        with tqdm(total=spec.model_calls(len(grid)), desc=f"sampling ({sampler})", disable=not progress,
+                  leave=False) as bar:
+            def counted(x_in, i, _inner=denoise):
+                bar.update(1)
+                return _inner(x_in, i)
 
-        def counted(x_in, i, _inner=denoise):
-            bar.update(1)
-            return _inner(x_in, i)
-
-        try:
-            result = sample_fn(counted, x, grid, generator=generator, callback=callback, **options)
-        finally:
-            bar.close()
+            result = spec.function(counted, start.initial_state(grid, noise), grid, generator=generator,
+                                   callback=callback, **options)
         if not torch.isfinite(result).all():
             raise FloatingPointError(
                 "sampling produced NaN or Inf; check the model for NaN outputs, try wrappers=[ClipX0(-1, 1)], "
@@ -927,8 +893,8 @@ class Diffusion:
     ) -> Candidates:
         """``num_candidates`` samples per example in one batch, scored and sorted best first.
 
-        Every per-example tensor among the model's conditions (and ``noise``/``init`` of batch
-        B) is repeated for each candidate, so candidate j of example b is row b * N + j of the
+        Every per-example tensor among the model's conditions (and ``noise`` and a
+        :class:`~diffkit.starts.WarmStart`'s ``init`` of batch B) is repeated for each candidate, so candidate j of example b is row b * N + j of the
         batch the model sees; wrappers (e.g. KnownValues) must be built for that (B * N, ...)
         batch (``tensor.repeat_interleave(N, 0)``). ``score_fn(samples)`` returns one value per
         sample (higher is better), e.g. a value function of planned trajectories.
@@ -941,6 +907,8 @@ class Diffusion:
         def repeat(value):
             if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
                 return value.repeat_interleave(n, dim=0)
+            if isinstance(value, WarmStart):
+                return WarmStart(repeat(value.init), value.strength)
             return value
 
         kwargs = {key: repeat(value) if key not in ("wrappers", "grid") else value for key, value in kwargs.items()}

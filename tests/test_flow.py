@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffkit import SAMPLERS, Diffusion, GaussianData, KnownValues
+from diffkit import SAMPLERS, Diffusion, GaussianData, KnownValues, WarmStart
 from diffkit.calibration import calibrate
 from diffkit.likelihood import Estimate
 from diffkit.parameterization import from_x0_eps, to_x0_eps
@@ -136,8 +136,8 @@ def test_known_values_and_warm_starts_on_the_flow_path():
     assert torch.allclose(clean[:, 0], known[:, 0], atol=1e-6)
     assert all(torch.allclose(column, known[:, 0], atol=1e-6) for column in seen)  # the network sees the value
     init = DATA.sample(50, torch.Generator().manual_seed(1)).float()
-    close = diff.sample(model, (50, 4), init=init, strength=0.05, steps=5, generator=torch.Generator().manual_seed(2))
-    far = diff.sample(model, (50, 4), init=init, strength=0.9, steps=5, generator=torch.Generator().manual_seed(2))
+    close = diff.sample(model, (50, 4), start=WarmStart(init, 0.05), steps=5, generator=torch.Generator().manual_seed(2))
+    far = diff.sample(model, (50, 4), start=WarmStart(init, 0.9), steps=5, generator=torch.Generator().manual_seed(2))
     assert (close - init).abs().mean() < 0.5 * (far - init).abs().mean()
 
 

@@ -10,13 +10,12 @@ from diffkit import (
     GradientGuidance,
     GradientSteps,
     KnownValues,
-    SamplingGrid,
     StateHook,
+    WarmStart,
     X0Transform,
 )
 from diffkit.analytic import standardized_noise
 from diffkit.process import posterior_coefficients
-from diffkit.sampling import sample_ddpm
 
 
 # --------------------------------------------------------------------------- gradient guidance
@@ -332,7 +331,7 @@ def test_sdedit_strength_controls_how_far_samples_move_from_the_start():
     init = data.sample(500, torch.Generator().manual_seed(0))
     distances = []
     for strength in (0.05, 0.5, 1.0):
-        out = diff.sample(model, init.shape, sampler="dpm++2m", steps=20, init=init, strength=strength,
+        out = diff.sample(model, init.shape, sampler="dpm++2m", steps=20, start=WarmStart(init, strength),
                           dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         distances.append((out - init).pow(2).mean().item())
     assert distances[0] < 0.1 < distances[1] < distances[2]
@@ -350,15 +349,19 @@ def test_warm_start_spends_every_step_below_the_strength(sampler):
         times.append(float(t[0]))
         return model(x, t)
 
-    diff.sample(counting_model, (4, 2), sampler=sampler, steps=5, init=torch.zeros(4, 2), strength=0.3)
+    diff.sample(counting_model, (4, 2), sampler=sampler, steps=5, start=WarmStart(torch.zeros(4, 2), 0.3))
     assert len(times) == 5
     # Trailing spacing (DDIM's) ends one step above 0; the others land on 0.
     assert times[0] == round(0.3 * 999) and times[-1] <= times[0] / 5
     assert times == sorted(times, reverse=True)
     with pytest.raises(ValueError, match="strength must lie in"):
-        diff.sample(model, (4, 2), init=torch.zeros(4, 2), strength=1.5)
-    with pytest.raises(ValueError, match="needs init"):
-        diff.sample(model, (4, 2), strength=0.5)
+        WarmStart(torch.zeros(4, 2), 1.5)
+    with pytest.raises(ValueError, match="WarmStart"):
+        diff.sample(model, (4, 2), init=torch.zeros(4, 2), strength=0.5)
+    with pytest.raises(ValueError, match="broadcast"):
+        diff.sample(model, (4, 2), start=WarmStart(torch.zeros(3, 2), 0.5))
+    with pytest.raises(ValueError, match="start must be"):
+        diff.sample(model, (4, 2), start="warm")
 
 
 def test_sdedit_together_with_inpainting():
@@ -369,7 +372,7 @@ def test_sdedit_together_with_inpainting():
     init = data.sample(400, torch.Generator().manual_seed(0))
     mask = torch.tensor([True, True, False, False])
     known = torch.full((400, 4), -3.0, dtype=torch.float64)
-    kwargs = dict(sampler="unipc", steps=10, init=init, strength=0.2, dtype=torch.float64)
+    kwargs = dict(sampler="unipc", steps=10, start=WarmStart(init, 0.2), dtype=torch.float64)
     out = diff.sample(data.model(diff.schedule), init.shape, wrappers=[KnownValues(mask, known)],
                       generator=torch.Generator().manual_seed(1), **kwargs)
     plain = diff.sample(data.model(diff.schedule), init.shape, generator=torch.Generator().manual_seed(1), **kwargs)

@@ -372,8 +372,11 @@ def generate_images(
         wrappers = [diffkit.ClipX0(-1.0, 1.0)]
         if "known" in batch_tasks:
             wrappers.append(diffkit.KnownValues(batch_tasks.pop("mask"), batch_tasks.pop("known")))
+        start = "prior"
+        if "init" in batch_tasks:
+            start = diffkit.WarmStart(batch_tasks.pop("init"), batch_tasks.pop("strength"))
         x = model.diffusion.sample(
-            model.net, (b, c, s, s), sampler=sampler, steps=steps, generator=gen, device=dev,
+            model.net, (b, c, s, s), sampler=sampler, steps=steps, start=start, generator=gen, device=dev,
             guidance_scale=float(guidance_scale), guidance_interval=guidance_interval, wrappers=wrappers,
             progress=progress,
             **batch_tasks, **batch_cond,
