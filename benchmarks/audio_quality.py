@@ -5,6 +5,7 @@
     python benchmarks/audio_quality.py --likelihood-checkpoint runs/audio-cpu/checkpoint
     python benchmarks/audio_quality.py --vocoder runs/audio-vocoder/checkpoint   # both inverses of a mel model
     python benchmarks/audio_quality.py --train-classifier     # (re)train the digit classifier
+    python benchmarks/audio_quality.py --quick                # a smoke run, not a measurement (seconds)
 
 What it measures (the references are FSDD's test split, takes 0-4, which no model trained on):
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,12 +112,23 @@ def main(argv=None) -> int:
                                      "(beside Griffin-Lim)")
     p.add_argument("--vocoder-steps", type=int, nargs="+", default=[6],
                    help="vocoder sampler steps for the --vocoder rows (default: 6, DiffWave's fast schedule)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", help="where the .json/.md go (default: benchmarks/results; a temporary folder with "
+                                     "--quick)")
     p.add_argument("--name", help="file name stem (default: the checkpoint's directory name)")
     p.add_argument("--classifier", default=str(CLASSIFIER_DIR))
     p.add_argument("--train-classifier", action="store_true", help="(re)train the spoken-digit classifier")
     p.add_argument("--classifier-epochs", type=int, default=12)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run, not a measurement: 10 clips a row at 2 steps, 2 clips for the real-time factor "
+                        "and bits per sample, 2 vocoder steps")
     args = p.parse_args(argv)
+    scratch = None
+    if args.quick:
+        args.num_samples, args.steps, args.rtf_clips, args.nll_clips, args.vocoder_steps = 10, [2], 2, 2, [2]
+        if args.out_dir is None:
+            scratch = tempfile.TemporaryDirectory(prefix="audio_quality-quick-")  # removed when main returns
+            args.out_dir = scratch.name
+    args.out_dir = args.out_dir or "benchmarks/results"
     torch.manual_seed(args.seed)
     if args.train_classifier:
         return train_classifier(args)

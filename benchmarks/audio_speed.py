@@ -3,6 +3,7 @@ straightforward PyTorch loop, in clips per CPU minute.
 
     python benchmarks/audio_speed.py                     # the default (mel) preset's network
     python benchmarks/audio_speed.py --preset cpu        # the waveform DiffWave
+    python benchmarks/audio_speed.py --quick             # a smoke run, not a measurement (seconds)
 
 Both train the recipe's network for the preset (same batch size, learning rate, data: FSDD's
 training split as the recipe feeds it) from the same initial weights, in alternating rounds so
@@ -31,12 +32,17 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from diffkit import TrainConfig, Trainer
 from diffkit.runs import hardware_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import audio_train  # noqa: E402  (the recipe's own settings, data and network)
+
+# --quick: a tiny network of either kind (the flags of the other kind are ignored by the recipe).
+QUICK_NETWORK = ["--residual-channels", "8", "--num-layers", "2", "--dilation-cycle", "2",
+                 "--mel-channels", "8", "--mel-blocks", "1"]
 
 
 def plain_loop(net, diffusion, dataset, steps: int, batch_size: int, lr: float, cond_drop: float,
@@ -76,8 +82,7 @@ def plain_loop(net, diffusion, dataset, steps: int, batch_size: int, lr: float, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 0.001)
+        get_ema_multi_avg_fn(0.999)(list(ema.parameters()), [p.detach() for p in net.parameters()], None)
 
 
 def main(argv=None) -> int:
@@ -86,11 +91,22 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default=audio_train.DEFAULT_PRESET, choices=sorted(audio_train.PRESETS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=20)
-    p.add_argument("--out", help="JSON path (default: benchmarks/results/audio_speed_<preset>.json)")
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/audio_speed_<preset>.json; a temporary file "
+                                 "with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run, not a measurement: 8 clips, a tiny network, batch 4, one round of one step")
     args = p.parse_args(argv)
+    recipe_args = ["--preset", args.preset, "--no-progress"]
+    scratch = None
+    if args.quick:
+        args.rounds, args.steps_per_round = 1, 1
+        recipe_args += ["--max-clips", "8", "--batch-size", "4", *QUICK_NETWORK]
+        if args.out is None:
+            scratch = tempfile.TemporaryDirectory(prefix="audio_speed-quick-")  # removed when main returns
+            args.out = str(Path(scratch.name) / "audio_speed.json")
 
     parser = audio_train.build_parser()
-    s = audio_train.resolve_settings(parser.parse_args(["--preset", args.preset, "--no-progress"]), parser)
+    s = audio_train.resolve_settings(parser.parse_args(recipe_args), parser)
     data = audio_train.load_data(s)
     torch.manual_seed(0)
     net, model_config, diffusion, modality_config, conditioning, mel_cfg = audio_train.build(s, data)

@@ -2,6 +2,7 @@
 
     python benchmarks/calibrate_image.py --checkpoint modalities/image/checkpoints/digits --in-place
     python benchmarks/calibrate_image.py --out /tmp/digits-calibrated      # a calibrated copy
+    python benchmarks/calibrate_image.py --quick    # a smoke run on a temporary copy (seconds)
 
 What it does (diffkit.calibration; the weights are not touched):
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def null_condition(model, n: int, images: torch.Tensor) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()  # one of them is required, unless --quick
     where.add_argument("--in-place", action="store_true", help="rewrite the checkpoint's config.json")
     where.add_argument("--out", type=Path, help="write a calibrated copy of the checkpoint here")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
@@ -79,7 +81,19 @@ def main(argv=None) -> int:
     p.add_argument("--measure-nll", type=int, default=0, metavar="N",
                    help="then print held-out bits/dim of N test digits with fixed and analytic variances")
     p.add_argument("--nll-steps", type=int, default=None, help="chain length for --measure-nll (default: all T)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run, not a calibration: a grid for 3 steps from 8 sampler runs, statistics on 4 draws, "
+                        "norms on 8 images at 4 times; into a temporary copy unless --out or --in-place is given")
     args = p.parse_args(argv)
+    scratch = None
+    if args.quick:
+        args.steps, args.batch, args.grid_batch, args.max_evals = [3], 4, 2, 8
+        args.reference_steps, args.data_images, args.norm_times = 10, 8, 4
+        if not (args.in_place or args.out):
+            scratch = tempfile.TemporaryDirectory(prefix="calibrate_image-quick-")  # removed when main returns
+            args.out = Path(scratch.name) / "checkpoint"
+    if not (args.in_place or args.out):
+        p.error("one of the arguments --in-place --out is required")
 
     source = Path(args.checkpoint)
     target = source if args.in_place else args.out

@@ -4,6 +4,7 @@
     python benchmarks/image_quality.py --checkpoint modalities/image/checkpoints/digits-text
     python benchmarks/image_quality.py --checkpoint modalities/image/checkpoints/digits-sr
     python benchmarks/image_quality.py --train-classifier    # (re)train the feature network
+    python benchmarks/image_quality.py --quick               # a smoke run, not a measurement (seconds)
 
 What it measures (all on the held-out split of the digits, which no model trained on):
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -226,12 +228,23 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--nll-images", type=int, default=359, help="held-out images for bits/dim")
     p.add_argument("--no-nll", action="store_true", help="skip bits/dim")
-    p.add_argument("--out-dir", default="benchmarks/results", help="where JSON/Markdown/PNG go")
+    p.add_argument("--out-dir", help="where JSON/Markdown/PNG go (default: benchmarks/results; a temporary folder "
+                                     "with --quick)")
     p.add_argument("--name", help="file name stem (default: the checkpoint's directory name)")
     p.add_argument("--progress", action="store_true", help="progress bars while sampling")
     p.add_argument("--train-classifier", action="store_true",
                    help=f"train the digit classifier and write it to {CLASSIFIER_DIR}, then exit")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run, not a measurement: 20 samples at 2 steps, no bits/dim; writes to a temporary "
+                        "folder unless --out-dir is given")
     args = p.parse_args(argv)
+    scratch = None
+    if args.quick:
+        args.num_samples, args.steps, args.batch_size, args.no_nll = 20, [2], 20, True
+        if args.out_dir is None:
+            scratch = tempfile.TemporaryDirectory(prefix="image_quality-quick-")  # removed when main returns
+            args.out_dir = scratch.name
+    args.out_dir = args.out_dir or "benchmarks/results"
 
     if args.train_classifier:
         start = time.perf_counter()

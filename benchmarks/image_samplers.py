@@ -27,7 +27,7 @@ Every row's output is clamped to [-1, 1] before scoring (``to_unit_range``, as g
 as diffusers' pipelines post-process).
 
     python benchmarks/image_samplers.py            # ~20 min on 1 thread of a shared 2-core CPU
-    python benchmarks/image_samplers.py --quick    # 50 samples, 5 steps, two diffusers configs
+    python benchmarks/image_samplers.py --quick    # 20 samples, 5 steps, two diffusers configs (a smoke run)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,12 +202,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20], help="diffkit call budgets")
     p.add_argument("--reference-steps", type=int, default=100, help="steps of the converged diffkit row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="50 samples, 5 steps, two diffusers configs, 10-step reference")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true", help="20 samples, 5 steps, two diffusers configs, 10-step reference; "
+                                                        "writes to a temporary folder unless --out-dir is given")
+    p.add_argument("--out-dir", help="where the .md/.json go (default: benchmarks/results)")
     p.add_argument("--name", default="image_samplers", help="file name stem of the .md/.json written")
     args = p.parse_args(argv)
+    scratch = None
     if args.quick:
-        args.num_samples, args.steps, args.reference_steps = 50, [5], 10
+        args.num_samples, args.steps, args.reference_steps = 20, [5], 10
+        if args.out_dir is None:
+            scratch = tempfile.TemporaryDirectory(prefix="image_samplers-quick-")  # removed when main returns
+            args.out_dir = scratch.name
+    args.out_dir = args.out_dir or "benchmarks/results"
     command = "python benchmarks/image_samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
 

@@ -3,6 +3,7 @@ sample quality at equal training time.
 
     python benchmarks/image_speed.py                      # throughput + equal-time quality
     python benchmarks/image_speed.py --quality-steps 0    # throughput only (about a minute)
+    python benchmarks/image_speed.py --quick              # a smoke run, not a measurement (seconds)
 
 Throughput: both networks train (diffkit loss, AdamW, batch 64 of 16x16 digits) in
 alternating rounds, so a slow-down of the machine hits both alike; the median steps/s of
@@ -26,19 +27,22 @@ import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 import diffkit
+from diffkit.runs import hardware_summary
 from modalities.image.data import load_digits
 from modalities.image.metrics import frechet_distance, load_digit_classifier
 from modalities.image.unet import UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from image_train import PRESETS, hardware_summary  # noqa: E402  (the recipe's default network is timed)
+from image_train import PRESETS  # noqa: E402  (the recipe's default network is timed)
 
 
 class DiffusersUNet(torch.nn.Module):
@@ -100,9 +104,8 @@ class Run:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
             self.opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()),
-                                     1.0 - ema_decay)
+            get_ema_multi_avg_fn(ema_decay)(list(self.ema.parameters()),
+                                            [p.detach() for p in self.net.parameters()], None)
             self.steps += 1
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
@@ -131,8 +134,21 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of both networks")
     p.add_argument("--num-samples", type=int, default=1000, help="samples scored per network")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/image_speed.json")
+    p.add_argument("--sample-steps", type=int, default=20, help="dpm++2m steps of the quality samples")
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/image_speed.json; a temporary file "
+                                 "with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run, not a measurement: batch 4, one round of one step, 2 quality steps, "
+                        "8 samples of 2 steps; writes to a temporary folder unless --out is given")
     args = p.parse_args(argv)
+    scratch = None
+    if args.quick:
+        args.batch_size, args.rounds, args.steps_per_round = 4, 1, 1
+        args.quality_steps, args.num_samples, args.sample_steps = 2, 8, 2
+        if args.out is None:
+            scratch = tempfile.TemporaryDirectory(prefix="image_speed-quick-")  # removed when main returns
+            args.out = str(Path(scratch.name) / "image_speed.json")
+    args.out = args.out or "benchmarks/results/image_speed.json"
 
     preset = PRESETS["digits"]
     diff = diffkit.Diffusion(preset["schedule"], 1000, preset["prediction"])
@@ -171,7 +187,7 @@ def main(argv=None) -> int:
             for _ in tqdm(range(targets[run.name]), desc=run.name, leave=False):
                 fresh.step()
             g = torch.Generator().manual_seed(args.seed)
-            x = diff.sample(fresh.ema, (args.num_samples, 1, 16, 16), sampler="dpm++2m", steps=20,
+            x = diff.sample(fresh.ema, (args.num_samples, 1, 16, 16), sampler="dpm++2m", steps=args.sample_steps,
                             generator=g, wrappers=[diffkit.ClipX0(-1.0, 1.0)])
             quality[run.name] = {"train_steps": fresh.steps, "train_seconds": round(fresh.seconds, 1),
                                  "fd": frechet_distance(clf.embed(x), features)}
@@ -179,7 +195,7 @@ def main(argv=None) -> int:
                   f"{quality[run.name]['fd']:.1f}", flush=True)
         result["equal_time_quality"] = quality
         result["equal_time_quality_setup"] = {
-            "sampler": "dpm++2m", "sampling_steps": 20, "samples": args.num_samples,
+            "sampler": "dpm++2m", "sampling_steps": args.sample_steps, "samples": args.num_samples,
             "lr": args.lr, "ema_decay": 0.999, "reference": "held-out digits (359)"}
     result["wall_time_s"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)

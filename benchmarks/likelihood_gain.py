@@ -77,6 +77,7 @@ import math
 import re
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -495,9 +496,13 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--train", type=int, help="training examples for the Gamma and x0-error estimate (default: image 512, "
                                              "others 256)")
     p.add_argument("--batch-size", type=int, default=128, help="batch of the Gamma and x0-error estimate (default: 128)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "likelihood_gain.md",
-                   help="markdown file to write (default: benchmarks/results/likelihood_gain.md)")
+    p.add_argument("--out", type=Path, help="markdown file to write (default: benchmarks/results/likelihood_gain.md; "
+                                            "with --quick a temporary file, removed at exit)")
     args = p.parse_args(argv)
+    if args.out is None and args.quick:
+        args.scratch = tempfile.TemporaryDirectory(prefix="likelihood_gain-quick-")  # removed with args
+        args.out = Path(args.scratch.name) / "likelihood_gain.md"
+    args.out = args.out or ROOT / "benchmarks" / "results" / "likelihood_gain.md"
     args.steps = args.steps or (8 if args.quick else 100)
     args.norm_times = args.norm_times or (8 if args.quick else 100)
     for flag in ("steps", "norm_times", "held_out", "train", "batch_size"):

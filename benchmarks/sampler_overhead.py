@@ -7,6 +7,7 @@ The issue's budget: under 5% of that forward pass.
 
     python benchmarks/sampler_overhead.py            # about 1 minute on 2 CPU cores
     python benchmarks/sampler_overhead.py --device cuda
+    python benchmarks/sampler_overhead.py --quick        # a smoke run: tiny batch, 3 steps, seconds
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run, not a measurement: batch 2 of 8x8, 3 steps, 1 repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.steps, args.repeats = 2, 8, 3, 1
     device = diffkit.resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -87,8 +92,10 @@ def main(argv=None) -> None:
     rows.append(("dpm-v3, per-element statistics", calibrated, "dpm-v3"))
     for label, source, sampler in rows:
         calls = diffkit.model_calls(sampler, args.steps)
-        run = lambda: source.sample(free_model, shape, sampler=sampler, steps=args.steps, device=device,  # noqa: E731
-                                    generator=torch.Generator().manual_seed(0))
+        def run(source=source, sampler=sampler):  # defaults bind this row's values, not the last row's
+            return source.sample(free_model, shape, sampler=sampler, steps=args.steps, device=device,
+                                 generator=torch.Generator().manual_seed(0))
+
         first = timed(run, 1, sync) / calls
         overhead = timed(run, args.repeats, sync) / calls
         print(f"| {label} | {calls} | {overhead * 1e3:.3f} | {overhead / forward:.1%} | {first / forward:.1%} |")

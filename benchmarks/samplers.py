@@ -35,8 +35,8 @@ deterministic samplers -- affine maps on Gaussian data -- are measured without a
 floor; stochastic samplers keep theirs (about 1/N).
 
     python benchmarks/samplers.py                 # a few minutes on 2 CPU cores
-    python benchmarks/samplers.py --quick         # fewer samples and steps
-    python benchmarks/samplers.py --data C --quick   # one data set
+    python benchmarks/samplers.py --data C        # one data set
+    python benchmarks/samplers.py --quick         # a smoke run, not a measurement (seconds)
 """
 
 from __future__ import annotations
@@ -139,16 +139,24 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=20000, help="samples per configuration (default 20000)")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50, 100], help="step counts to measure")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="4000 samples, steps 5 10 20")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run, not a measurement: data C (unless --data), 512 samples, 5 steps, a coarse "
+                             "calibration")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    parser.add_argument("--data", nargs="+", default=list(DATA_SETS), choices=list(DATA_SETS))
+    parser.add_argument("--data", nargs="+", default=None, choices=list(DATA_SETS),
+                        help="data sets (default: all; C with --quick)")
     parser.add_argument("--start", choices=["noise", "exact"], default="noise",
                         help="start from N(0, I) (default) or from the data's exact q(x_{T-1})")
     parser.add_argument("--calibrate-steps", type=int, nargs="+", default=[5, 10, 20],
                         help="step counts to fit calibrated grids for (default 5 10 20)")
     args = parser.parse_args(argv)
+    # Calibration fits grids with hundreds of sampler runs; the smoke run asks for a few.
+    calibration_effort = {}
     if args.quick:
-        args.samples, args.steps = 4000, [5, 10, 20]
+        args.samples, args.steps, args.calibrate_steps = 512, [5], [5]
+        args.data = args.data or ["C"]
+        calibration_effort = {"max_evals": 8, "reference_steps": 20, "batch_size": 64}
+    args.data = args.data or list(DATA_SETS)
     # diffusers also runs at twice each step count: the goal is its accuracy at half the calls.
     reference_steps = sorted(set(args.steps) | {2 * s for s in args.steps})
 
@@ -168,7 +176,8 @@ def main(argv=None) -> None:
         start = "noise" if args.start == "exact" else "prior"
         tick = time.time()
         calibrated = calibrate(diff, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2],
-                               generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64)
+                               generator=torch.Generator().manual_seed(args.seed + 100), dtype=torch.float64,
+                               **calibration_effort)
         calibration_seconds[data_name] = time.time() - tick
         for steps in args.steps:
             x = calibrated.sample(model, noise.shape, steps=steps, noise=noise, dtype=torch.float64, start=start)
@@ -179,7 +188,7 @@ def main(argv=None) -> None:
         # the fitted grid alone (UniPC, the default before statistics existed).
         grid_only = calibrate(diff, model, (512, 16), steps=[s for s in args.calibrate_steps if s >= 2],
                               model_statistics=False, generator=torch.Generator().manual_seed(args.seed + 100),
-                              dtype=torch.float64)
+                              dtype=torch.float64, **calibration_effort)
         for steps in args.steps:
             for label, source, grid in ((STATISTICS_ONLY, calibrated, calibrated.sampling_grid(steps, calibrated=False)),
                                         (GRID_ONLY, grid_only, None)):

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/text_quality.py                 # the shipped checkpoint
     OMP_NUM_THREADS=1 python benchmarks/text_quality.py --checkpoint runs/text-cpu/checkpoint \\
         --classifier runs/text-cpu-classifier/export --samples 64
+    OMP_NUM_THREADS=1 python benchmarks/text_quality.py --quick         # a smoke run, not a measurement
 
 Everything is measured on the E2E held-out split (123 meaning representations, 957 human
 descriptions) that neither the diffusion model nor the judge saw:
@@ -41,10 +42,12 @@ core of the development machine, after the AR judge's 1,000 training steps (2,06
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -370,8 +373,22 @@ def main(argv=None) -> int:
     p.add_argument("--ar-cache", default="runs/text-ar/ar_lm.safetensors", help="where the AR model is kept between runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="e2e")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out-dir", help="where the .md/.json go (default: benchmarks/results; a temporary folder with "
+                                     "--quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run, not a measurement: 64 training and 16 held-out texts, an AR judge of 2 steps "
+                        "(not cached), 4 samples and 1 sample per control pair at 2 steps, no extra scales or samplers, a 2-step bound on 2 texts; writes "
+                        "to a temporary folder unless --out-dir is given")
     args = p.parse_args(argv)
+    scratch = None
+    if args.quick:
+        scratch = tempfile.TemporaryDirectory(prefix="text_quality-quick-")  # removed when main returns
+        args.steps, args.detail_steps, args.samples, args.pair_samples = [2], 2, 4, 1
+        args.guidance_scales, args.other_mix_scales, args.compare_samplers = [], [], []
+        args.nll_texts, args.nll_steps, args.ar_steps = 2, 2, 2
+        args.ar_cache = str(Path(scratch.name) / "ar_lm.safetensors")
+        args.out_dir = args.out_dir or scratch.name
+    args.out_dir = args.out_dir or str(ROOT / "benchmarks" / "results")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     began = time.perf_counter()
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -380,6 +397,9 @@ def main(argv=None) -> int:
     tok = model.tokenizer
     train = load_corpus(model.info.get("data", "e2e"), "train")
     held = load_corpus(model.info.get("data", "e2e"), "eval")
+    if args.quick:  # a few texts of each split: the smoke run checks the code, not the figures
+        train, held = (dataclasses.replace(c, texts=c.texts[:n], mrs=None if c.mrs is None else c.mrs[:n])
+                       for c, n in ((train, 64), (held, 16)))
     log(f"checkpoint {model.path} (step {diffkit.load_checkpoint(model.path).step}); "
         f"{len(train)} training / {len(held)} held-out texts; {hardware_summary()}")
     n_params = sum(p.numel() for p in model.net.parameters())
@@ -531,7 +551,7 @@ def main(argv=None) -> int:
             codes = torch.tensor([clf.mr_vocab.encode(t, partial=True) for t in single])
             scale = 1.0 if args.classifier_scale is None else args.classifier_scale
 
-            def wrappers_fn(start, rows, mask):
+            def wrappers_fn(start, rows, mask, codes=codes, scale=scale):  # bound now, not at call time
                 return [classifier_control(clf, codes[start + rows], mask, "gradient", scale)]
 
             steered, secs = diffusion_samples(model, len(single), steps=steps, seed=args.seed + 2,

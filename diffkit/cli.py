@@ -4,6 +4,7 @@
     diffkit generate image -h          # also lists the image modality's own options
     diffkit modalities [-v]            # what is installed (-v: with each one's own commands)
     diffkit info runs/cifar/checkpoint # what a checkpoint holds
+    diffkit calibrate runs/cifar/checkpoint --steps 5 10 20   # fit grids, statistics, variances
     diffkit VERB MODALITY ...          # a modality's own command, e.g. `diffkit rollout planning`
 
 Modalities add their own options to ``generate`` through ``add_cli_arguments(parser)``; those
@@ -43,7 +44,7 @@ from diffkit.sampling import SAMPLERS
 __all__ = ["main"]
 
 PROG = "diffkit"
-BUILTIN_COMMANDS = ("generate", "modalities", "info")
+BUILTIN_COMMANDS = ("generate", "modalities", "info", "calibrate")
 # What a user's bad input looks like when it comes back from the core or a modality. Anything
 # else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, CheckpointError, ModalityLoadError)
@@ -66,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(argv, args, parser, generate_parser, common_dests)
         if args.command == "modalities":
             return _modalities(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         return _info(args)
     except USER_ERRORS as err:
         return _report(err)
@@ -128,6 +131,36 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
     )
     info.add_argument("checkpoint", metavar="DIR", help="checkpoint directory (holds config.json and model.safetensors)")
     info.add_argument("--json", action="store_true", help=f"print the raw {CONFIG_FILE} instead of a summary")
+
+    cal = commands.add_parser(
+        "calibrate",
+        help="calibrate a diffusion checkpoint for few-step sampling and tight likelihoods",
+        description=(
+            "Measure what a trained diffusion model says about itself and store it in the checkpoint: "
+            "sampler grids fitted to a fine-step reference for each step count (no data needed), the model's "
+            "statistics for the dpm-v3 sampler, and its per-step x0 error on training data (the reverse "
+            "variances that tighten the likelihood bound). Sampling with a calibrated step count then uses "
+            f"the fitted grid. Only {CONFIG_FILE} is rewritten, atomically: the old file or the whole new one. "
+            "Recipes run this on --export unless given --no-calibrate."
+        ),
+    )
+    cal.add_argument("checkpoint", metavar="DIR", help="checkpoint directory of a diffusion model")
+    cal.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10, 20], metavar="K",
+                     help="step counts to fit grids for (default: 5 10 20)")
+    cal.add_argument("--samplers", nargs="+", default=None, metavar="NAME",
+                     help="deterministic samplers to fit grids for (default: the diffusion's default sampler)")
+    cal.add_argument("--batch", type=positive_int, default=128, metavar="N",
+                     help="draws of starting noise the grids are fitted on (default: 128)")
+    cal.add_argument("--data", type=int, default=256, metavar="N",
+                     help="training examples for the reverse variances; 0 skips them (default: 256)")
+    cal.add_argument("--max-evals", type=positive_int, default=200, metavar="N",
+                     help="sampler runs allowed per grid search (default: 200)")
+    cal.add_argument("--reference-steps", type=positive_int, default=100, metavar="K",
+                     help="points of the fine-step reference run (default: 100)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the noise and data draws (default: 0)")
+    cal.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default: auto)")
+    cal.add_argument("--dry-run", action="store_true", help="calibrate and print the result, but write nothing")
+    cal.add_argument("--no-progress", action="store_true", help="do not show progress")
     return parser, gen, {action.dest for action in common} | {"command"}
 
 
@@ -265,6 +298,24 @@ def _modalities(args: argparse.Namespace) -> int:
             continue
         for verb, command in commands.items():
             print(f"    {PROG} {verb} {name}\t{command.help}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from diffkit.calibration import calibrate_checkpoint
+    from diffkit.utils import resolve_device
+
+    calibrated = calibrate_checkpoint(
+        args.checkpoint, steps=args.steps, batch=args.batch, data=args.data, samplers=args.samplers,
+        max_evals=args.max_evals, reference_steps=args.reference_steps, seed=args.seed,
+        device=resolve_device(args.device), progress=not args.no_progress, write=not args.dry_run)
+    calibration = calibrated.calibration
+    for key, entry in calibration.get("grids", {}).items():
+        print(f"grid {key}: {[round(t, 3) for t in entry['times']]} {entry['sampler_options'] or ''}".rstrip())
+    print(f"model statistics: {'kept' if 'statistics' in calibration else 'none'}; reverse variances: "
+          f"{'measured' if 'x0_mse' in calibration else 'not measured'}; default sampler now "
+          f"{calibrated.default_sampler}")
+    print(("would write " if args.dry_run else "wrote ") + str(Path(args.checkpoint) / CONFIG_FILE))
     return 0
 
 

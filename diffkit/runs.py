@@ -13,6 +13,7 @@ import numbers
 import os
 import platform
 import shlex
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -203,6 +204,33 @@ def add_sampling_default_arguments(parser: argparse.ArgumentParser, *, guidance:
     g.add_argument("--guidance-scale", type=float, help=f"{guidance} recorded with the model")
     add_guidance_interval_argument(g, "recorded with the model; default: the preset's, else every step")
     return g
+
+
+def add_calibrate_arguments(group) -> None:
+    """``--no-calibrate`` and ``--calibrate-steps``: what a recipe's ``--export`` calibrates."""
+    group.add_argument("--no-calibrate", action="store_true",
+                       help="do not calibrate the --export checkpoint. By default it is calibrated as `diffkit "
+                            "calibrate` does: sampler grids fitted for --calibrate-steps, the model's statistics and "
+                            "its reverse variances, written into the exported config.json")
+    group.add_argument("--calibrate-steps", type=positive_int, nargs="+", default=[5, 10, 20], metavar="K",
+                       help="step counts the exported checkpoint's sampler grids are fitted for (default: 5 10 20)")
+
+
+def calibrate_export(path: str | os.PathLike, args, device="cpu", **options: Any) -> None:
+    """Calibrate an exported checkpoint unless ``args.no_calibrate`` (see :func:`add_calibrate_arguments`)."""
+    if args.no_calibrate:
+        print(f"{path} is not calibrated (--no-calibrate); run `diffkit calibrate {path}` to do it later")
+        return
+    from .calibration import calibrate_checkpoint
+    from .checkpoint import read_config
+
+    if not read_config(path).get("diffusion"):
+        return  # a classifier or value network: nothing to calibrate
+
+    started = time.time()
+    calibrated = calibrate_checkpoint(path, steps=args.calibrate_steps, device=device, progress=True, **options)
+    print(f"calibrated {path} for {' '.join(map(str, args.calibrate_steps))} steps "
+          f"({', '.join(calibrated.calibration)}) in {time.time() - started:.0f} s")
 
 
 def add_guidance_interval_argument(group, default: str = "default: the checkpoint's") -> None:

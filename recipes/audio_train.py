@@ -19,7 +19,9 @@ Every run writes to --output-dir: checkpoint/ (resumed automatically when the sa
 again), samples/step_XXXXXX/ (WAV files and a spectrogram PNG) every --sample-every steps, and
 tensorboard/ logs (losses, and the samples as audio). --export DIR finally writes a compact copy
 (EMA weights only, float16) that records the command, seed, hardware and wall time: the form of
-the shipped checkpoints in modalities/audio/checkpoints.
+the shipped checkpoints in modalities/audio/checkpoints. The export is then calibrated as
+`diffkit calibrate` does (sampler grids for --calibrate-steps, the model's statistics); --no-calibrate
+skips it.
 
 The waveform presets use DiffWave's diffusion (T=50, linear betas 1e-4..0.05, eps prediction), the
 mel preset a cosine schedule (T=1000, x0 prediction); all are trained the WaveGrad way: the
@@ -41,8 +43,10 @@ import torch
 import diffkit
 from diffkit import Diffusion, NoiseSchedule, Trainer
 from diffkit.runs import (
+    add_calibrate_arguments,
     add_sampling_default_arguments,
     add_training_arguments,
+    calibrate_export,
     export_checkpoint,
     is_main_process,
     sampling_defaults,
@@ -166,6 +170,7 @@ def build_parser() -> _Parser:
     g.add_argument("--num-samples", type=int, default=10, help="clips per sample round (default: 10)")
     g = add_sampling_default_arguments(p)
     g.add_argument("--export", metavar="DIR", help="after training, write a compact EMA-only float16 checkpoint here")
+    add_calibrate_arguments(g)
     return p
 
 
@@ -302,7 +307,6 @@ def cropped_vocoder_loss(diffusion, crop_frames: int, hop: int = 64, floor: floa
 
     def loss_fn(model, batch):
         audio, mel = batch["x"], batch["mel"]
-        frames = mel.shape[-1]
         loud = (mel.amax(dim=1) > floor).float()  # (B, frames)
         # A start s is useful when frames s .. s + crop - 1 hold a loud one.
         windows = torch.nn.functional.avg_pool1d(loud[:, None], crop_frames, stride=1)[:, 0] > 0
@@ -431,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
             if file.is_file():
                 file.chmod(0o644)  # safetensors writes owner-only files; shipped files must be readable
         print(f"exported {path}")
+        if modality_config["kind"] == "vocoder":
+            print("a vocoder samples on its own fast schedules, given frames: it is not calibrated")
+        else:
+            calibrate_export(path, args, trainer.device)
     return 0
 
 

@@ -15,7 +15,9 @@ Every run writes to ``--output-dir``: ``checkpoint/`` (resumed automatically whe
 command is run again), ``samples/step_XXXXXX.png`` grids every ``--sample-every`` steps and
 ``tensorboard/`` logs. ``--export DIR`` finally writes a compact copy (EMA weights only,
 float16) with the command, seed, hardware and wall time recorded, the form the shipped
-checkpoints in ``modalities/image/checkpoints`` take.
+checkpoints in ``modalities/image/checkpoints`` take. The export is then calibrated as ``diffkit
+calibrate`` does (sampler grids for ``--calibrate-steps``, the model's statistics, its reverse
+variances); ``--no-calibrate`` skips it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import torch
 
 import diffkit
 from diffkit.runs import (
+    add_calibrate_arguments,
     add_sampling_default_arguments,
     add_training_arguments,
+    calibrate_export,
     export_checkpoint,
     is_main_process,
     sampling_defaults,
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = add_sampling_default_arguments(p)
     g.add_argument("--export", metavar="DIR",
                    help="after training, write a compact EMA-only float16 checkpoint here")
+    add_calibrate_arguments(g)
     return p
 
 
@@ -164,7 +169,10 @@ def load_data(s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, lis
         print(f"loaded {len(folder)} images from {spec[7:]} ({folder.num_skipped} unreadable skipped)")
         return folder.images, folder.labels, folder.class_names, EIGHT_BIT_BIN_WIDTH
     if spec.startswith("torchvision:"):
-        x, y = torchvision_dataset(spec[12:], Path(s["data_root"]).expanduser(), s["image_size"])
+        try:
+            x, y = torchvision_dataset(spec[12:], Path(s["data_root"]).expanduser(), s["image_size"])
+        except ImportError as err:  # a missing optional package is bad input here, not a crash
+            raise ValueError(str(err)) from err
         if x.shape[1] != s["channels"]:
             raise ValueError(f"{spec} has {x.shape[1]} channels; pass --channels {x.shape[1]}")
         return x, y, None, EIGHT_BIT_BIN_WIDTH
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                                  device=trainer.device, defaults=built.modality_config["defaults"],
                                  final_loss=trainer.history[-1]["loss"] if trainer.history else None)
         print(f"exported {path}")
+        calibrate_export(path, args, trainer.device)
     return 0
 
 

@@ -20,7 +20,8 @@ checkpoint/ (resumed automatically when the same command runs again), value/ and
 inverse_dynamics/ (their own runs), tensorboard/ logs and eval.json. --export DIR writes the
 compact planner checkpoint (EMA weights, value and inverse-dynamics networks inside) with the
 command, seed, hardware and wall time recorded: the form shipped checkpoints take, loaded by
-DiffusionPlanner.load(DIR).
+DiffusionPlanner.load(DIR). The export is then calibrated as `diffkit calibrate` does (sampler
+grids for --calibrate-steps, the model's statistics); --no-calibrate skips it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import torch
 import diffkit
 from diffkit import distributed
 from diffkit.runs import (
+    add_calibrate_arguments,
     add_training_arguments,
+    calibrate_export,
     export_checkpoint,
     hardware_summary,
     is_main_process,
@@ -70,13 +73,15 @@ from modalities.planning.training import (
 
 _MAZE = dict(dim=32, dim_mults=(1, 2, 4), prediction="x0", schedule="cosine", batch_size=32, lr=2e-4,
              warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=None,
-             action_source="path", shortcut_margin=0.15, num_candidates=16, replan_distance=0.6, discount=0.99,
-             save_every=2000, eval_episodes=5)
-# Acting: following the plan's route at the controller's pace instead of tracking its schedule,
-# with shortcuts to the furthest route point in straight sight; 16 candidate plans ranked by the
-# share of the route in free cells and then by arrival; a fresh plan when the ball is lost (0.6
-# from the route, none of it in sight). benchmarks/planning_maze.py scores these defaults beside
-# Diffuser's way of acting on the same model (one plan tracked on its schedule).
+             action_source="path", num_candidates=16, replan_distance=0.6, stall_steps=20, avoid_stalls=0.25,
+             loop_radius=0.3, discount=0.99, save_every=2000, eval_episodes=5)
+# Acting, from observations and the goal only (no map): following the plan's route at the
+# controller's pace instead of tracking its schedule, skipping loops where the route comes back
+# within 0.3 of the ball; 16 candidate plans ranked by the model's own denoising error; a fresh plan
+# when the ball is lost (0.6 from the route) or stuck (20 steps without moving 0.1), ranking
+# plans through where it got stuck last. benchmarks/planning_maze.py scores these defaults beside
+# Diffuser's way of acting on the same model (one plan tracked on its schedule) and beside the
+# known-map opt-in (DiffusionPlanner(..., known_map=True)).
 PRESETS: dict[str, dict[str, Any]] = {
     "PointMaze_UMaze-v3": dict(_MAZE, horizon=32, every=4, diffusion_steps=64, collect_steps=200_000,
                                max_steps=16_000),
@@ -161,13 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--action-source", choices=("path", "tracking", "plan", "inverse_dynamics"),
                    help="how actions come from a plan (path, tracking: mazes)")
     g.add_argument("--shortcut-margin", type=_margin,
-                   help="path: steer at the furthest route point in straight sight, with a band this wide "
-                        "either side free of walls; 'none': follow the route (maze presets: 0.15)")
+                   help="known map only (the planner's known_map=True): steer at the furthest route point in "
+                        "straight sight, with a band this wide either side free of walls (default then: 0.15)")
+    g.add_argument("--loop-radius", type=_margin,
+                   help="path: skip ahead to the last route point this close to the ball, cutting loops (no map); "
+                        "'none': follow the route (maze presets: 0.3)")
+    g.add_argument("--stall-steps", type=_replan,
+                   help="replan when the ball has not moved 0.1 in this many steps, or 'none' (maze presets: 20)")
     g.add_argument("--num-candidates", type=int,
-                   help="plans sampled at once, the best kept (mazes: by free space; else by --value)")
+                   help="plans sampled at once, the best kept (mazes: by the model's denoising error; else by "
+                        "--value)")
     g = p.add_argument_group("output")
     g.add_argument("--eval-episodes", type=int, help="seeded evaluation episodes after training (0: none)")
     g.add_argument("--export", metavar="DIR", help="after training, write the compact planner checkpoint here")
+    add_calibrate_arguments(g)
     return p
 
 
@@ -180,8 +192,11 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             s[key] = value
     if s["replan_every"] == 0:
         s["replan_every"] = None
-    if s.get("shortcut_margin") == -1.0:
-        s["shortcut_margin"] = None
+    for key in ("shortcut_margin", "loop_radius"):
+        if s.get(key) == -1.0:
+            s[key] = None
+    if s.get("stall_steps") == 0:
+        s["stall_steps"] = None
     s.setdefault("output_dir", f"runs/planner-{args.env.split(':')[-1]}")
     s["maze"] = is_maze_env(args.env)
     if not s["maze"] and not s.get("dataset"):
@@ -319,8 +334,12 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
                 "replan_every": s["replan_every"], "replan_distance": s.get("replan_distance"),
                 "action_source": s["action_source"], "warm_start_strength": 0.5,
                 "num_candidates": s.get("num_candidates", 1)}
+    if s["maze"]:
+        defaults.update(stall_steps=s.get("stall_steps"), avoid_stalls=s.get("avoid_stalls") or 0.0)
     if s["action_source"] == "path":
-        defaults["shortcut_margin"] = s.get("shortcut_margin")
+        defaults["loop_radius"] = s.get("loop_radius")
+        if s.get("shortcut_margin") is not None:
+            defaults["shortcut_margin"] = s["shortcut_margin"]  # used only with known_map=True
     modality_config = planner_config(
         env_id=s["env"].split(":")[-1], traj=traj, normalizer=normalizer, horizon=s["horizon"], maze=maze,
         action_low=env.action_space.low, action_high=env.action_space.high, defaults=defaults,
@@ -374,6 +393,7 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
                           results=results)
         (path / "README.md").write_text(card)
         print(f"exported {path} (model card: README.md)")
+        calibrate_export(path, args, trainer.device)
     return 0
 
 
@@ -385,8 +405,8 @@ def model_card(s: dict[str, Any], argv: list[str], *, traj, windows, n_params: i
     loss = trainer.history[-1]["loss"] if trainer.history else None
     side = [name for name, on in (("value (ValueNet)", s["value"]),
                                   ("inverse dynamics (MLP)", s.get("inverse_dynamics"))) if on]
-    margin = s.get("shortcut_margin")
-    shortcuts = f" (shortcuts in straight sight, margin {margin:g})" if s["action_source"] == "path" and margin is not None else ""
+    loop = s.get("loop_radius")
+    shortcuts = f" (loops cut within {loop:g})" if s["action_source"] == "path" and loop is not None else ""
     lines = [
         f"# {env_id}: Diffuser-style planner",
         "",
@@ -419,7 +439,9 @@ def model_card(s: dict[str, Any], argv: list[str], *, traj, windows, n_params: i
         f"actions by {s['action_source']}"
         f"{shortcuts}"
         f"{', best of %d candidates' % s['num_candidates'] if s.get('num_candidates', 1) > 1 else ''}"
-        f"{', replan when %g off the route' % s['replan_distance'] if s.get('replan_distance') else ''} |",
+        f"{', replan when %g off the route' % s['replan_distance'] if s.get('replan_distance') else ''}"
+        f"{', or stuck for %d steps' % s['stall_steps'] if s['maze'] and s.get('stall_steps') else ''}; "
+        "no map read (known_map=True opts in) |",
         "",
     ]
     if results is not None:

@@ -18,7 +18,8 @@ command is run again), ``samples/step_XXXXXX.txt`` every ``--sample-every`` step
 ``tensorboard/`` logs. ``--export DIR`` finally writes a compact copy (float16 weights, EMA or
 trained per ``--export-weights``, the tokenizer as a side file) with the command, seed, hardware
 and wall time recorded: the form the shipped checkpoint ``modalities/text/checkpoints/e2e``
-takes (the cpu preset, run in parts; its README lists the commands). ``--task classifier``
+takes (the cpu preset, run in parts; its README lists the commands), then calibrated as ``diffkit
+calibrate`` does (``--no-calibrate`` skips it). ``--task classifier``
 trains, instead of a denoiser, the classifier of plug-and-play control (p(MR slot | noisy
 embeddings)) for the denoiser given by ``--denoiser``; ``--task distill`` a student of it that
 samples in ``--student-steps`` DDIM steps (modalities/text/distillation.py).
@@ -39,8 +40,10 @@ import torch
 import diffkit
 from diffkit.checkpoint import checkpoint_exists, load_checkpoint, read_config, save_checkpoint
 from diffkit.runs import (
+    add_calibrate_arguments,
     add_sampling_default_arguments,
     add_training_arguments,
+    calibrate_export,
     export_checkpoint,
     is_main_process,
     positive_int,
@@ -205,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which weights --export ships: the EMA, the EMA without its share of the initial weights "
                         "(ema-debiased; denoisers only), or the raw trained weights (model) (default: the preset's: "
                         "cpu model, gpu ema)")
+    add_calibrate_arguments(g)
     return p
 
 
@@ -431,7 +435,9 @@ def train_and_export(trainer: Trainer, s: dict[str, Any], args: argparse.Namespa
     if is_main_process():
         print(f"trained to step {trainer.step} in {wall:.0f} s; checkpoint: {trainer.checkpoint_dir}")
         if args.export:
-            print(f"exported {export(s, trainer, Path(args.export), wall, argv, **export_options)}")
+            path = export(s, trainer, Path(args.export), wall, argv, **export_options)
+            print(f"exported {path}")
+            calibrate_export(path, args, trainer.device)
     return 0
 
 

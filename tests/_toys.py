@@ -156,6 +156,6 @@ def tiny_text_checkpoint(out: Path, *options: str) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         text_train.main(["--max-steps", "2", "--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8",
-                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress", *options,
+                         "--sample-every", "0", "--num-timesteps", "100", "--no-progress", "--no-calibrate", *options,
                          "--output-dir", str(out / "run"), "--export", str(out / "export")])
     return out / "export"

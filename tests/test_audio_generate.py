@@ -43,7 +43,7 @@ def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("audio-run")
     assert audio_train.main(["--max-clips", "6", "--length", "1024", "--residual-channels", "8",
                              "--num-layers", "4", "--dilation-cycle", "2", "--batch-size", "4",
-                             "--max-steps", "2", "--sample-every", "0", "--no-progress",
+                             "--max-steps", "2", "--sample-every", "0", "--no-progress", "--no-calibrate",
                              "--output-dir", str(out), "--export", str(out / "export"), "--preset", "cpu"]) == 0
     return out / "export"
 
@@ -307,7 +307,7 @@ def test_bits_per_sample_from_a_checkpoint(checkpoint):
         bits_per_sample(torch.zeros(2, 2, 1024), checkpoint=checkpoint, device="cpu")
 
 
-def test_mel_route_through_griffin_lim_or_a_vocoder(tmp_path):
+def test_mel_route_through_griffin_lim_or_a_vocoder(tmp_path, monkeypatch):
     common = ["--max-clips", "4", "--length", "512", "--batch-size", "4", "--max-steps", "1", "--sample-every", "0",
               "--no-progress"]
     assert audio_train.main(["--preset", "mel", "--mel-channels", "8", "--mel-blocks", "1", *common,
@@ -315,10 +315,28 @@ def test_mel_route_through_griffin_lim_or_a_vocoder(tmp_path):
     assert audio_train.main(["--preset", "vocoder", "--residual-channels", "8", "--num-layers", "2", *common,
                              "--output-dir", str(tmp_path / "voc")]) == 0
     mel_ckpt, voc_ckpt = tmp_path / "mel" / "checkpoint", tmp_path / "voc" / "checkpoint"
+    # Griffin-Lim, watched: it records the frames it is given (the mel model's samples).
+    frames_seen, griffin_lim = [], audio_modality.griffin_lim
+
+    def watched_griffin_lim(frames, *args, **kwargs):
+        frames_seen.append(frames.clone())
+        return griffin_lim(frames, *args, **kwargs)
+
+    monkeypatch.setattr(audio_modality, "griffin_lim", watched_griffin_lim)
+    audio = {}
     for vocoder in ("griffin-lim", voc_ckpt):
         out = generate_audio(checkpoint=mel_ckpt, route="mel", vocoder=vocoder, num_samples=2, labels=[3, 4],
                              steps=6, seed=0, device="cpu")
         assert out.audio.shape == (2, 1, 512) and out.audio.abs().max() <= 1 and out.sample_rate == 8000
+        audio[str(vocoder)] = out.audio
+    # Griffin-Lim ran once (for its own route only), and each route returns its vocoder's output
+    # for the same frames (same seed): the vocoder checkpoint's, not Griffin-Lim's.
+    cfg = load_audio_model(mel_ckpt, "cpu").mel_config
+    assert len(frames_seen) == 1 and frames_seen[0].shape == (2, cfg.n_mels, 512 // cfg.hop_length)
+    torch.testing.assert_close(audio["griffin-lim"], griffin_lim(frames_seen[0], cfg, length=512, generator_seed=0))
+    vocoded = audio_modality.vocode(frames_seen[0], checkpoint=voc_ckpt, seed=0, device="cpu").audio
+    torch.testing.assert_close(audio[str(voc_ckpt)], vocoded)
+    assert (audio[str(voc_ckpt)] - audio["griffin-lim"]).abs().mean() > 1e-3
     # Without route= a checkpoint samples its own route; the waveform route refuses a mel model.
     assert generate_audio(checkpoint=mel_ckpt, num_samples=1, steps=2, device="cpu").audio.shape == (1, 1, 512)
     with pytest.raises(ValueError, match="is a mel model"):

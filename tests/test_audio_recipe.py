@@ -18,7 +18,7 @@ import audio_train  # noqa: E402
 # 6 FSDD clips of 1024 samples, a 4-layer DiffWave (the waveform route's cpu preset): seconds per run.
 TINY = ["--max-clips", "6", "--length", "1024", "--residual-channels", "8", "--num-layers", "4",
         "--dilation-cycle", "2", "--batch-size", "4", "--sample-every", "2", "--save-every", "2",
-        "--num-samples", "3", "--sample-steps", "6", "--no-progress", "--preset", "cpu"]
+        "--num-samples", "3", "--sample-steps", "6", "--no-progress", "--preset", "cpu", "--no-calibrate"]
 
 
 def test_default_recipe_trains_samples_exports_and_resumes(tmp_path):

@@ -66,12 +66,13 @@ def test_generate_without_a_checkpoint_uses_the_shipped_model(fast):
 
 def test_generated_digits_are_recognised_by_the_classifier(classifier, fast):
     acc = (classifier.predict(fast.audio) == LABELS).float().mean().item()
-    assert acc >= 0.5, f"6-step clips heard as their digit {acc:.0%} of the time (chance: 10%)"
+    # Measured: 0.95 (19 of 20).
+    assert acc >= 0.85, f"6-step clips heard as their digit {acc:.0%} of the time (chance: 10%)"
 
 
 def test_fast_and_slow_sampling_agree_in_distribution(classifier, fast, slow):
     acc = [(classifier.predict(out.audio) == LABELS).float().mean().item() for out in (fast, slow)]
-    assert min(acc) >= 0.5 and abs(acc[0] - acc[1]) <= 0.3, acc
+    assert min(acc) >= 0.85 and abs(acc[0] - acc[1]) <= 0.2, acc  # measured: 0.95 and 1.0
     # The clips' average log-mel spectra (their loudness and timbre) match across step counts.
     cfg = load_audio_model(None, "cpu").mel_config
     spectra = [log_mel(out.audio, cfg).mean(dim=(0, 2)) for out in (fast, slow)]
@@ -84,8 +85,9 @@ def test_unconditional_samples_are_not_all_one_sound(classifier):
     assert out.labels is None
     probs = classifier.probabilities(out.audio)
     heard = torch.bincount(probs.argmax(1), minlength=10)
-    assert (heard > 0).sum() >= 4 and heard.max() <= 10, heard.tolist()
-    assert inception_score(probs) > 2.0
+    # Measured: 7 digits heard, at most 5 clips of one, inception score 2.67.
+    assert (heard > 0).sum() >= 5 and heard.max() <= 8, heard.tolist()
+    assert inception_score(probs) > 2.3
     # and the clips themselves differ from one another
     flat = log_mel(out.audio, load_audio_model(None, "cpu").mel_config).flatten(1)
     assert torch.cdist(flat, flat)[~torch.eye(20, dtype=torch.bool)].min() > 1.0

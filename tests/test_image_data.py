@@ -86,6 +86,20 @@ def test_image_dataset_items():
         ImageDataset(x[:10], y[:3])
 
 
+def test_a_torchvision_data_set_missing_from_root_says_where_to_put_it(tmp_path):
+    pytest.importorskip("torchvision")
+    with pytest.raises(FileNotFoundError) as info:
+        torchvision_dataset("CIFAR10", tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "nothing is downloaded" in message
+    assert str(tmp_path / "cifar-10-batches-py") in message and "cifar-10-python.tar.gz" in message
+    with pytest.raises(FileNotFoundError, match="unzipped files .*train-images-idx3-ubyte") as info:
+        torchvision_dataset("MNIST", tmp_path)
+    assert str(tmp_path / "MNIST" / "raw") in str(info.value)
+    with pytest.raises(ValueError, match="no train/test split"):
+        torchvision_dataset("SVHN", tmp_path)
+
+
 def test_torchvision_data_sets_say_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed
     with pytest.raises(ImportError, match="pip install torchvision"):

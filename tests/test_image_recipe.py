@@ -19,7 +19,7 @@ import image_train  # noqa: E402
 
 TINY = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
         "--attention-levels", "1", "--batch-size", "8", "--sample-every", "2", "--save-every", "2",
-        "--sample-steps", "2", "--no-progress"]
+        "--sample-steps", "2", "--no-progress", "--no-calibrate"]
 
 
 def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
@@ -43,7 +43,7 @@ def test_default_recipe_trains_exports_resumes_and_generates(tmp_path):
                for k, v in run.ema_state.items())
     with safe_open(str(export / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
-    for key in ("model", "diffusion", "modality_config"):
+    for key in ("model", "diffusion", "modality_config"):  # TINY says --no-calibrate
         assert ckpt.config[key] == run.config[key]
     assert "image" not in ckpt.config["model"]
     assert ckpt.modality_config["class_names"] == [str(i) for i in range(10)]
@@ -121,6 +121,7 @@ def test_help_explains_itself(capsys):
         (["--data", "folder:EMPTY"], "no image files"),
         (["--data", "folder:EMPTY/missing"], "does not exist"),
         (["--data", "imagenet"], "unknown --data 'imagenet'; use digits, folder:PATH or torchvision:NAME"),
+        (["--data", "torchvision:CIFAR10", "--data-root", "EMPTY"], "/empty/cifar-10-batches-py exists"),
         (["--channels", "3"], "the digits are greyscale: use --channels 1"),
         (["--conditioning", "low_res"], "--conditioning low_res needs --low-res-size"),
     ],

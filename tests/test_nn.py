@@ -229,10 +229,12 @@ def test_attention_rejects_bad_shapes():
 
 
 def test_attention_trains():
-    attn = Attention(8, num_heads=2, groups=4, context_dim=6)
+    # Randomised: a zero-initialised output projection would block every gradient behind it.
+    attn = _randomise(Attention(8, num_heads=2, groups=4, context_dim=6))
     out = attn(_x(1, 8), torch.randn(2, 3, 6), torch.tensor([[1, 0, 0], [1, 1, 1]]).bool())
     out.square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in attn.parameters())
+    for name, p in attn.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -25,11 +25,14 @@ def test_maze_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "planning_maze.json").read_text())
     umaze = result["envs"]["PointMaze_UMaze-v3"]
     assert umaze["expert"]["score"] == pytest.approx(100.0) and umaze["random"]["score"] == pytest.approx(0.0)
-    assert umaze["planner"]["episodes"] == 3 and umaze["bc"]["episodes"] == 3
+    default, known = umaze["planner (defaults, map hidden)"], umaze["planner, known map (opt-in)"]
+    assert default["episodes"] == 3 and umaze["bc"]["episodes"] == 3 and known["episodes"] == 3
     assert umaze["planner, Diffuser's acting"]["episodes"] == 3  # the same model, acting as Diffuser does
-    assert umaze["planner"]["actions_per_second"] > 0 and "score_se" in umaze["bc"]
+    assert not umaze["planner"]["known_map"] and umaze["known_map_planner"]["known_map"]
+    assert default["actions_per_second"] > 0 and "score_se" in umaze["bc"]
     assert (tmp_path / "planning_maze_PointMaze_UMaze-v3.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| PointMaze_UMaze-v3 | planner |" in (tmp_path / "planning_maze.md").read_text()
+    table = (tmp_path / "planning_maze.md").read_text()
+    assert "| PointMaze_UMaze-v3 | planner (defaults, map hidden) |" in table and "Hierarchical Diffuser" in table
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import planner_train  # noqa: E402
 
 ENV = "PointMaze_UMaze-v3"
 TINY = ["--collect-steps", "2000", "--horizon", "16", "--every", "1", "--dim", "8", "--dim-mults", "1,2",
-        "--diffusion-steps", "16", "--batch-size", "8", "--aux-steps", "10", "--no-progress"]
+        "--diffusion-steps", "16", "--batch-size", "8", "--aux-steps", "10", "--no-progress", "--no-calibrate"]
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,11 @@ def test_bad_input_is_refused_clearly(trained, env):
         planner.act(np.array(["a", "b", "c", "d"]), goal=obs["desired_goal"])
     with pytest.raises(ValueError, match="NaN"):
         planner.act(np.full(4, np.nan), goal=obs["desired_goal"])
-    with pytest.raises(ValueError, match="goal .* lies in a wall or outside the maze"):
-        planner.act(obs["observation"], goal=[0.0, 0.0])  # the U's middle wall
+    with pytest.raises(ValueError, match="goal .* lies outside the maze"):
+        planner.act(obs["observation"], goal=[9.0, 0.0])
+    with pytest.raises(ValueError, match="goal .* lies in a wall or outside the maze"):  # read off the map:
+        DiffusionPlanner.load(trained / "export", device="cpu", known_map=True).act(
+            obs["observation"], goal=[0.0, 0.0])  # the U's middle wall
     with pytest.raises(ValueError, match="plans to a goal"):
         planner.act(obs["observation"])
     with pytest.raises(ValueError, match="trained for PointMaze_UMaze-v3, not PointMaze_Medium-v3"):
@@ -412,7 +415,8 @@ def test_shortcuts_skip_a_detour_that_fills_the_horizon():
     returns = {}
     for margin in (None, 0.15):
         # replan_distance: leaving the route for a shortcut in sight is not straying from it.
-        env, grid, planner = _route_planner("path", shortcut_margin=margin, replan_distance=0.3)
+        env, grid, planner = _route_planner("path", known_map=True, shortcut_margin=margin, replan_distance=0.3,
+                                            stall_steps=None)
         obs, _ = env.reset(seed=4)
         start, goal = obs["observation"][:2], obs["desired_goal"]
         assert grid.cell_of(start)[0] == grid.cell_of(goal)[0] == 3  # both in the bottom corridor
@@ -442,7 +446,9 @@ def test_shortcuts_skip_a_detour_that_fills_the_horizon():
     assert returns[None] < 0.8 * expert_return
     assert returns[0.15] >= 0.98 * expert_return
     with pytest.raises(ValueError, match="shortcut_margin"):
-        _route_planner("path", shortcut_margin=-1)
+        _route_planner("path", known_map=True, shortcut_margin=-1)
+    with pytest.raises(ValueError, match="known_map=True"):  # the map is an opt-in, named as such
+        _route_planner("path", shortcut_margin=0.15)
 
 
 def MazeGrid_of(env):
@@ -454,8 +460,11 @@ def MazeGrid_of(env):
 def test_free_space_ranks_a_route_through_walls_below_one_around_them():
     from modalities.planning.maze import WaypointExpert
 
-    env, grid, planner = _route_planner("path", num_candidates=2)
-    assert planner.candidate_score == "free_space"  # a maze planner without a value network
+    env, grid, planner = _route_planner("path", num_candidates=2, known_map=True)
+    assert planner.candidate_score == "free_space"  # a maze planner that may read the map
+    assert _route_planner("path", num_candidates=2)[2].candidate_score == "consistency"  # by default it may not
+    with pytest.raises(ValueError, match="known_map=True"):
+        _route_planner("path", num_candidates=2, candidate_score="free_space")
     obs, _ = env.reset(seed=2)  # start and goal on the two arms of the U
     expert, route = WaypointExpert(grid), [obs["observation"]]
     for _ in range(planner.span - 1):
@@ -489,6 +498,185 @@ def test_export_carries_a_model_card(trained):
     assert card.startswith("# PointMaze_UMaze-v3: Diffuser-style planner")
     assert "python recipes/planner_train.py --env PointMaze_UMaze-v3" in card
     assert "16 waypoints every 1 step(s) = 16 steps" in card and "parameters" in card and "hardware" in card
-    assert "actions by path (shortcuts in straight sight, margin 0.15)" in card
+    assert "actions by path (loops cut within 0.3)" in card and "no map read" in card
     config = json.loads((trained / "export" / "config.json").read_text())
     assert "README.md" not in config["checksums"]  # documentation, not weights
+
+
+def _hide_inner_walls(monkeypatch):
+    """As an outside judge hides the map: every MazeGrid built from here on has its inner walls cleared."""
+    from modalities.planning.maze import MazeGrid
+
+    original = MazeGrid.__post_init__
+
+    def cleared(self):
+        original(self)
+        walls = self.walls.copy()
+        walls[1:-1, 1:-1] = False
+        object.__setattr__(self, "walls", walls)
+
+    monkeypatch.setattr(MazeGrid, "__post_init__", cleared)
+
+
+def _episode_actions(planner, steps=60, seed=5):
+    env = make_env(ENV, continuing_task=True)
+    obs, _ = env.reset(seed=seed)
+    planner.reset(seed=0)
+    actions = []
+    for _ in range(steps):
+        actions.append(planner.act(obs))
+        obs, *_ = env.step(actions[-1])
+    env.close()
+    return np.array(actions)
+
+
+def test_defaults_read_no_walls(sparse, monkeypatch):
+    """The defaults plan and act from observations and the goal alone: with the map's inner walls
+    cleared, and with every wall reader of MazeGrid broken, the same seed gives the same actions.
+    Everything that reads the map (shortcuts in sight, free-space ranking, sight-line
+    replanning) is the known_map=True opt-in, and a checkpoint's own map settings wait for it."""
+    from modalities.planning.maze import MazeGrid
+
+    options = dict(num_candidates=3, stall_steps=5, avoid_stalls=0.25, loop_radius=0.3, replan_distance=0.3)
+    real = _episode_actions(DiffusionPlanner.load(sparse, device="cpu", **options))
+    default = DiffusionPlanner.load(sparse, device="cpu")
+    assert not default.known_map and default.shortcut_margin is None and default.candidate_score != "free_space"
+    assert (default.stall_steps, default.loop_radius) == (20, 0.3)  # the maze preset's map-free defaults
+    real_default = _episode_actions(default)
+    with monkeypatch.context() as patch:
+        _hide_inner_walls(patch)
+
+        def broken(*args, **kwargs):
+            raise AssertionError("the default planner read the maze's walls")
+
+        for name in ("free_at", "is_free", "clear_lines", "check_point", "fraction_free", "distances_to",
+                     "shortest_path", "free_cells"):
+            patch.setattr(MazeGrid, name, broken)
+        hidden = DiffusionPlanner.load(sparse, device="cpu", **options)
+        assert not hidden.maze.walls[1:-1, 1:-1].any()  # the map is hidden indeed
+        np.testing.assert_array_equal(_episode_actions(hidden), real)
+        np.testing.assert_array_equal(_episode_actions(DiffusionPlanner.load(sparse, device="cpu")), real_default)
+        with pytest.raises(AssertionError, match="read the maze's walls"):  # the opt-in does read them
+            _episode_actions(DiffusionPlanner.load(sparse, device="cpu", known_map=True, **options), steps=5)
+
+
+def test_a_checkpoints_map_settings_wait_for_known_map():
+    from modalities.planning.data import Normalizer
+    from modalities.planning.maze import MazeGrid
+    from modalities.planning.model import TemporalUNet
+    from modalities.planning.training import planner_diffusion
+
+    env = make_env(ENV)
+    config = {"observation_dim": 4, "action_dim": 2, "horizon": 32, "every": 4, "env_id": ENV,
+              "normalizer": Normalizer(np.zeros(6), np.ones(6), "gaussian").to_config(),
+              "maze": MazeGrid.from_env(env).to_config(),
+              "defaults": {"action_source": "path", "num_candidates": 4, "shortcut_margin": 0.3,
+                           "candidate_score": "free_space", "replan_distance": 0.6}}
+    env.close()
+
+    def build(**overrides):
+        return DiffusionPlanner(TemporalUNet(6, dim=8, dim_mults=(1, 2)), planner_diffusion(16), config, **overrides)
+
+    planner = build()
+    assert (planner.known_map, planner.shortcut_margin, planner.candidate_score) == (False, None, "consistency")
+    planner = build(known_map=True)
+    assert (planner.known_map, planner.shortcut_margin, planner.candidate_score) == (True, 0.3, "free_space")
+    config["defaults"] = {"action_source": "path", "known_map": True}  # recorded as an opt-in: honoured
+    assert build().shortcut_margin == 0.15 and not build(known_map=False).known_map
+
+
+def test_loops_in_the_route_are_cut_without_the_map():
+    """Start and goal in one corridor and a plan that must fill its horizon, so its route runs
+    away from the goal and comes back past the start: following the route retraces the loop;
+    with loop_radius the ball skips it (no walls read) and arrives as the expert does."""
+    from modalities.planning.maze import WaypointExpert
+
+    returns = {}
+    for loop in (None, 0.3):
+        env, grid, planner = _route_planner("path", loop_radius=loop, stall_steps=None)
+        obs, _ = env.reset(seed=4)
+        start, goal = obs["observation"][:2], obs["desired_goal"]
+        away = start + 1.2 * (start - goal) / np.linalg.norm(start - goal)  # back along the corridor
+        away = np.clip(away, -1.4, 1.4)
+        half = planner.horizon // 2
+        out = np.linspace(start, away, half)
+        back = np.linspace(away, goal, planner.horizon - half + 1)[1:]
+        route = np.c_[np.concatenate([out, back]), np.zeros((planner.horizon, 2))]
+        x = torch.zeros(1, 6, planner.horizon)
+        x[0, 2:] = torch.as_tensor(route.T, dtype=torch.float32)
+        planner._sample = lambda states, goals, init=None, stalls=None, _x=x: (_x, None)
+        planner.reset()
+        returns[loop] = 0.0
+        for _ in range(300):
+            obs, reward, *_ = env.step(planner.act(obs))
+            returns[loop] += reward
+        env.close()
+    env = make_env(ENV, continuing_task=True)
+    obs, _ = env.reset(seed=4)
+    expert, expert_return = WaypointExpert(MazeGrid_of(env)), 0.0
+    for _ in range(300):
+        obs, reward, *_ = env.step(expert.act(obs))
+        expert_return += reward
+    env.close()
+    assert returns[None] < 0.9 * expert_return
+    assert returns[0.3] >= 0.97 * expert_return
+    with pytest.raises(ValueError, match="loop_radius"):
+        _route_planner("path", loop_radius=0)
+
+
+def test_a_stuck_ball_replans_and_ranks_the_blocked_way_last():
+    """A plan straight through the U's middle wall: the ball stalls against the wall, the planner
+    plans afresh from there (stall_steps) and ranks routes through where it stuck below the rest
+    (avoid_stalls), all without reading the walls."""
+    from modalities.planning.maze import WaypointExpert
+
+    env, grid, planner = _route_planner("path", stall_steps=10, avoid_stalls=0.25, num_candidates=2)
+    obs, _ = env.reset(seed=2)  # start and goal on the two arms of the U
+    expert, around = WaypointExpert(grid), [obs["observation"]]
+    for _ in range(planner.span - 1):
+        obs, *_ = env.step(expert.act(obs))
+        around.append(obs["observation"])
+    around = np.array(around[:: planner.every])
+    straight = np.linspace(around[0], around[-1], planner.horizon)  # through the wall
+    straight[:, 2:] = 0.0
+    plans = torch.as_tensor(np.stack([np.c_[np.zeros((planner.horizon, 2)), p] for p in (straight, around)]),
+                            dtype=torch.float32).transpose(1, 2)
+    made = []
+
+    def fake(states, goals, init=None, stalls=None):
+        made.append([len(s) for s in stalls])
+        if not len(stalls[0]):
+            return plans[:1], None  # a model that likes the chord through the wall
+        planner._score_context = {"known_mask": None, "stalls": stalls * 2}
+        scores = planner._score(plans)
+        return plans[int(torch.argmax(scores))][None], None
+
+    planner._sample = fake
+    obs, _ = env.reset(seed=2)
+    planner.reset()
+    for _ in range(60):
+        obs, *_ = env.step(planner.act(obs))
+    assert planner.stalls_seen >= 1 and planner.plans_made >= 2
+    assert made[0] == [0] and made[1] == [1]  # the second plan knew where the first got stuck
+    assert np.linalg.norm(obs["observation"][:2] - around[-1, :2]) < np.linalg.norm(around[0, :2] - around[-1, :2])
+    env.close()
+    with pytest.raises(ValueError, match="stall_steps"):
+        _route_planner("path", stall_steps=0)
+
+
+def test_candidates_are_ranked_by_the_models_denoising_error(trained, env):
+    planner = DiffusionPlanner.load(trained / "export", device="cpu", num_candidates=4, candidate_score="consistency")
+    seen = []
+    pick = planner.diffusion.sample_candidates
+
+    def spy(*args, **kwargs):
+        seen.append(pick(*args, **kwargs))
+        return seen[-1]
+
+    planner.diffusion.sample_candidates = spy
+    obs, _ = env.reset(seed=0)
+    planner.plan(obs)
+    candidates, scores = seen[0].samples[0], seen[0].scores[0]
+    assert torch.all(scores[:-1] >= scores[1:])
+    again = -planner._denoising_error(candidates)  # the same noise every time: a plan's own score
+    torch.testing.assert_close(again.to(scores.dtype), scores, rtol=1e-4, atol=1e-6)

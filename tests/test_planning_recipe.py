@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import planner_train  # noqa: E402
 
 TINY = ["--env", "PointMaze_UMaze-v3", "--collect-steps", "600", "--horizon", "8", "--dim", "8",
-        "--dim-mults", "1,2", "--diffusion-steps", "8", "--batch-size", "4", "--save-every", "2", "--no-progress"]
+        "--dim-mults", "1,2", "--diffusion-steps", "8", "--batch-size", "4", "--save-every", "2", "--no-progress", "--no-calibrate"]
 
 
 def test_recipe_resumes_reuses_its_data_and_evaluates(tmp_path):
@@ -28,7 +28,9 @@ def test_recipe_resumes_reuses_its_data_and_evaluates(tmp_path):
     config = first.config["modality_config"]
     assert config["env_id"] == "PointMaze_UMaze-v3" and config["horizon"] == 8 and config["maze"]["walls"]
     assert config["observation_dim"] == 4 and len(config["normalizer"]["shift"]) == 6
-    assert config["defaults"]["action_source"] == "path" and config["defaults"]["shortcut_margin"] == 0.15
+    defaults = config["defaults"]
+    assert defaults["action_source"] == "path" and "shortcut_margin" not in defaults  # no map read by default
+    assert defaults["stall_steps"] == 20 and defaults["loop_radius"] == 0.3 and not defaults.get("known_map")
     data_time = (out / "data.hdf5").stat().st_mtime_ns
     # The same command with more steps continues from step 2 and reuses the recorded data.
     assert planner_train.main([*TINY, "--max-steps", "4", "--eval-episodes", "1", "--output-dir", str(out)]) == 0

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("gymnasium_robotics")
 
-from modalities.planning.maze import make_env  # noqa: E402
+from modalities.planning.maze import MazeGrid, make_env  # noqa: E402
 from modalities.planning.planner import CHECKPOINTS_DIR, DiffusionPlanner, evaluate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
@@ -21,7 +21,7 @@ MAZES = ("PointMaze_UMaze-v3", "PointMaze_Medium-v3", "PointMaze_Large-v3")
 
 
 @pytest.mark.parametrize("env_id", MAZES)
-def test_shipped_planner(env_id):
+def test_shipped_planner(env_id, monkeypatch):
     directory = CHECKPOINTS_DIR / env_id
     if not (directory / "config.json").is_file():
         pytest.skip(f"no shipped planner for {env_id} yet (recipes/planner_train.py --env {env_id} --export {directory})")
@@ -40,11 +40,29 @@ def test_shipped_planner(env_id):
     assert planner.replan_every is None
     assert (planner.action_source, planner.num_candidates, planner.replan_distance) == (
         preset["action_source"], preset["num_candidates"], preset["replan_distance"])
+    assert (planner.stall_steps, planner.loop_radius, planner.avoid_stalls) == (
+        preset["stall_steps"], preset["loop_radius"], preset["avoid_stalls"])
+    # Its defaults read no map; the known map is an opt-in.
+    assert not planner.known_map and planner.shortcut_margin is None and planner.candidate_score == "consistency"
+    assert DiffusionPlanner.load(env_id, device="cpu", known_map=True).candidate_score == "free_space"
     obs, _ = env.reset(seed=0)
     plan = planner.plan(obs)
     np.testing.assert_array_equal(plan.states[0], obs["observation"])
     np.testing.assert_allclose(plan.states[-1, :2], obs["desired_goal"], atol=1e-4)
     env.close()
-    # Reaching the goal, with the defaults it ships with (benchmarks/planning_maze.py scores it at length).
-    results = evaluate(planner, env_id, episodes=2, seed=1000, continuing_task=True)
+    # Reaching the goal with the defaults it ships with, the map hidden as an outside judge hides
+    # it (benchmarks/planning_maze.py scores it at length).
+    with monkeypatch.context() as patch:
+        original = MazeGrid.__post_init__
+
+        def cleared(self):
+            original(self)
+            walls = self.walls.copy()
+            walls[1:-1, 1:-1] = False
+            object.__setattr__(self, "walls", walls)
+
+        patch.setattr(MazeGrid, "__post_init__", cleared)
+        hidden = DiffusionPlanner.load(env_id, env=env_id, device="cpu", seed=0)
+        assert not hidden.maze.walls[1:-1, 1:-1].any()
+        results = evaluate(hidden, env_id, episodes=2, seed=1000, continuing_task=True)
     assert results["success_rate"] == 1.0, results["episodes"]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import text_train  # noqa: E402
 
 TINY = ["--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--sample-every", "0",
-        "--sample-steps", "2", "--num-timesteps", "100", "--no-progress"]
+        "--sample-steps", "2", "--num-timesteps", "100", "--no-progress", "--no-calibrate"]
 DISTILL = ["--task", "distill", "--student-steps", "2", "--teacher-steps", "4", "--trajectories", "12",
            "--batch-size", "4", "--no-progress"]
 

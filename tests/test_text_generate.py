@@ -393,6 +393,12 @@ def test_classifier_control_with_both_methods(checkpoint, classifier):
                              infill=TEMPLATE)
         # Control and infilling together: the template's words still stay.
         assert all(o == w for t in texts for o, w in zip(t.split(), words) if w != "[MASK]")
+        # The classifier's scale reaches the sampler: switched off (0) it writes other words.
+        # (Untrained models: test_text_shipped measures the steering with the shipped ones.)
+        free, steered = (mod.generate(checkpoint=checkpoint, num_samples=8, seed=0, steps=3, length=8,
+                                      classifier=classifier, control={"food": "Italian"}, classifier_scale=scale,
+                                      control_method=method) for scale in (0.0, 2.0))
+        assert free != steered, method
     with pytest.raises(ValueError, match="pass control="):
         mod.generate(checkpoint=checkpoint, num_samples=1, classifier=classifier)
     with pytest.raises(ValueError, match="classifier_scale needs classifier="):

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import text_train  # noqa: E402
 
 TINY = ["--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--sample-every", "2",
-        "--save-every", "2", "--sample-steps", "2", "--num-timesteps", "100", "--no-progress"]
+        "--save-every", "2", "--sample-steps", "2", "--num-timesteps", "100", "--no-progress", "--no-calibrate"]
 
 
 @pytest.mark.filterwarnings("ignore:.*(truncated|vocabulary).*:UserWarning")

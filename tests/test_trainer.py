@@ -45,7 +45,10 @@ def test_trains_and_writes_a_complete_checkpoint(tmp_path):
 
     assert trainer.step == 4
     assert [r["step"] for r in trainer.history] == [1, 2, 3, 4]
-    assert not torch.equal(trainer.model.inp.weight, initial["inp.weight"])
+    # Every step had a nonzero, finite gradient, and every learning weight moved.
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in trainer.history), trainer.history
+    for name in ("inp.weight", "inp.bias", "out.weight", "out.bias", "time.weight"):
+        assert not torch.equal(trainer.model.state_dict()[name], initial[name]), name
     ckpt = load_checkpoint(trainer.checkpoint_dir, modality="toy")
     assert ckpt.step == 4
     assert ckpt.model_config == {"class": "_toys.TinyDenoiser", "kwargs": {}}

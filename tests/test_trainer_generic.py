@@ -246,7 +246,6 @@ def test_loss_fn_values_must_keep_their_names(tmp_path):
 
 def test_bad_trainer_arguments_are_rejected_up_front(tmp_path):
     config = make_config(tmp_path)
-    diffusion = diffkit.Diffusion(num_timesteps=NUM_TIMESTEPS)
     model = ValueNet()
     data = regression_data()
     with pytest.raises(ValueError, match="pass diffusion.*or loss_fn.*got neither"):

@@ -646,6 +646,28 @@ class AudioModality:
 
     name = "audio"
 
+    def calibration_inputs(self, checkpoint: str, *, batch: int, data: int, device, generator: torch.Generator):
+        """What ``diffkit calibrate`` fits on: clips (or log-mel frames) of random classes at the
+        checkpoint's guidance, as :func:`generate_audio` draws them; no variances (a vocoder
+        needs its frames, and the mel model scores with :func:`bits_per_sample`)."""
+        from diffkit.calibration import CalibrationInputs
+
+        model = load_audio_model(checkpoint, device)
+        if model.kind == "vocoder":
+            raise ValueError(f"checkpoint {checkpoint} is a vocoder: its grids depend on the frames it is given; "
+                             "it is sampled on its own fast schedules and is not calibrated")
+        dev = module_device(model.net)
+        if model.kind == "mel":
+            shape = (batch, model.mel_config.n_mels, model.length // model.mel_config.hop_length)
+        else:
+            shape = (batch, 1, model.length)
+        cond: dict[str, torch.Tensor] = {}
+        sample_kwargs: dict[str, Any] = {"wrappers": [diffkit.ClipX0(-1.0, 1.0)]}
+        if model.num_classes is not None:
+            cond["labels"] = torch.randint(0, model.num_classes, (batch,), generator=generator).to(dev)
+            sample_kwargs["guidance_scale"] = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
+        return CalibrationInputs(model.net, model.diffusion, shape, cond, sample_kwargs)
+
     def generate(self, *, checkpoint=None, num_samples: int | None = None, seed: int | None = None, device="auto",
                  sampler: str | None = None, steps: int | None = None, progress: bool = False,
                  **cond: Any) -> AudioSamples:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +231,22 @@ class ImageFolder:
         return len(self.images)
 
 
+def _missing_data_set(name: str, cls: type, root: Path) -> str:
+    """One line: where torchvision looks for ``name`` under ``root``, and what to put there."""
+    import torchvision
+
+    head = f"{name} is not under {root} and nothing is downloaded at run time"
+    if getattr(cls, "base_folder", None) and getattr(cls, "url", None):  # CIFAR10, CIFAR100, STL10
+        return (f"{head}: extract {cls.url} into {root}, so that {root / cls.base_folder} exists "
+                "(or point --data-root at the folder that already holds it)")
+    if issubclass(cls, torchvision.datasets.MNIST):  # MNIST, FashionMNIST, KMNIST, EMNIST, QMNIST
+        files = ", ".join(Path(f).stem for f, _ in getattr(cls, "resources", ()))
+        return (f"{head}: put the unzipped files ({files}) in {root / cls.__name__ / 'raw'} "
+                "(or point --data-root at the folder that already holds them)")
+    return (f"{head}: put it where torchvision.datasets.{name}(root={str(root)!r}) finds it "
+            "(or point --data-root at the folder that already holds it)")
+
+
 def torchvision_dataset(
     name: str, root: str | Path, image_size: int | None = None, train: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,17 +259,18 @@ def torchvision_dataset(
         import torchvision
     except ImportError as err:
         raise ImportError(
-            "torchvision data sets need torchvision: pip install torchvision"
+            'torchvision data sets need torchvision: pip install torchvision (or pip install -e ".[image]")'
         ) from err
     cls = getattr(torchvision.datasets, name, None)
     if cls is None:
         raise ValueError(f"torchvision.datasets has no data set called {name!r}")
     try:
         ds = cls(root=str(root), train=train, download=False)
+    except TypeError as err:  # e.g. SVHN, Flowers102: split= instead of train=
+        raise ValueError(f"torchvision.datasets.{name} has no train/test split this loader reads "
+                         "(CIFAR10, CIFAR100, MNIST and its kin do); use folder:PATH for other images") from err
     except RuntimeError as err:
-        raise FileNotFoundError(
-            f"{name} was not found under {root} (downloads are disabled; copy it there)"
-        ) from err
+        raise FileNotFoundError(_missing_data_set(name, cls, Path(root))) from err
     data = ds.data if isinstance(ds.data, np.ndarray) else ds.data.numpy()
     x = torch.from_numpy(np.asarray(data, dtype=np.float32) / 255.0)
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST is (N,H,W); CIFAR (N,H,W,C)

@@ -535,6 +535,45 @@ class ImageModality:
 
     name = "image"
 
+    def calibration_inputs(self, checkpoint: str, *, batch: int, data: int, device, generator: torch.Generator):
+        """What ``diffkit calibrate`` fits on: draws as :func:`generate_images` makes them (class
+        labels with the checkpoint's guidance, or the null prompt, or training digits' low-res
+        inputs) and training digits for the variances, scored with the null condition."""
+        from diffkit.calibration import CalibrationInputs
+
+        from .data import load_digits, resize
+
+        model = load_image_model(checkpoint, device)
+        c, s = model.channels, model.image_size
+        images, _ = load_digits(image_size=s, split="train")
+        images = images[torch.randperm(len(images), generator=generator)]
+        dev = module_device(model.net)
+
+        def null(n: int, source: torch.Tensor) -> dict:
+            cond: dict[str, torch.Tensor] = {}
+            if model.num_classes is not None or model.is_text_conditional:
+                cond["drop_cond"] = torch.ones(n, dtype=torch.bool, device=dev)
+            if model.num_classes is not None:
+                cond["labels"] = torch.zeros(n, dtype=torch.long, device=dev)
+            if model.is_text_conditional:
+                cond["context"] = torch.zeros(n, 1, model.net.context_dim, device=dev)
+                cond["context_mask"] = torch.ones(n, 1, dtype=torch.bool, device=dev)
+            if model.is_super_resolution:
+                cond["low_res"] = resize(source, model.low_res_size).to(dev)
+            return cond
+
+        cond = null(batch, images[:batch])
+        sample_kwargs: dict[str, Any] = {"wrappers": [diffkit.ClipX0(-1.0, 1.0)]}
+        if model.num_classes is not None:
+            cond = {"labels": torch.randint(0, model.num_classes, (batch,), generator=generator).to(dev)}
+            sample_kwargs["guidance_scale"] = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
+        if c != images.shape[1]:
+            raise ValueError(f"checkpoint {checkpoint} makes {c}-channel images; its calibration data are the "
+                             "one-channel digits, so calibrate it with --data 0")
+        examples = images[:data].to(dev) if data > 0 else None
+        return CalibrationInputs(model.net, model.diffusion, (batch, c, s, s), cond, sample_kwargs, examples,
+                                 null(len(examples), images[:data]) if examples is not None else {})
+
     def generate(self, *, checkpoint=None, num_samples: int | None = None, seed: int | None = None,
                  device="auto", sampler: str | None = None, steps: int | None = None,
                  progress: bool = False, **cond: Any) -> torch.Tensor:

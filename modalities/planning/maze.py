@@ -211,6 +211,16 @@ class MazeGrid:
             path.append(cell)
         return path
 
+    def check_inside(self, xy, what: str = "goal") -> None:
+        """A clear error for a point outside the maze's extent (its walls are not read)."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1)
+        if xy.shape != (2,) or not np.all(np.isfinite(xy)):
+            raise ValueError(f"the {what} must be a finite (x, y) pair, got {xy.tolist()}")
+        half_x, half_y = self.x_center, self.y_center
+        if not (-half_x <= xy[0] <= half_x and -half_y <= xy[1] <= half_y):
+            raise ValueError(f"the {what} ({xy[0]:.3f}, {xy[1]:.3f}) lies outside the maze "
+                             f"(x in [{-half_x:g}, {half_x:g}], y in [{-half_y:g}, {half_y:g}])")
+
     def check_point(self, xy, what: str = "goal") -> None:
         """A clear error for a point outside the maze or inside a wall."""
         xy = np.asarray(xy, dtype=np.float64).reshape(-1)

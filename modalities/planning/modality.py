@@ -115,6 +115,19 @@ class PlanningModality:
 
     name = "planning"
 
+    def calibration_inputs(self, checkpoint: str, *, batch: int, data: int, device, generator):
+        """What ``diffkit calibrate`` fits on: whole trajectories of the planner's horizon, drawn
+        without a start or goal written in (the planner's known values pin a few entries of them)."""
+        from diffkit.calibration import CalibrationInputs
+        from diffkit.guidance import ClipX0
+
+        from .planner import DiffusionPlanner
+
+        planner = DiffusionPlanner.load(checkpoint, device=device)
+        wrappers = [ClipX0(-1.0, 1.0)] if planner.normalizer.kind == "limits" else []
+        return CalibrationInputs(planner.net, planner.diffusion, (batch, planner.transition_dim, planner.horizon),
+                                 {}, {"wrappers": wrappers})
+
     # -------------------------------------------------------------- generate / save
     def generate(self, *, checkpoint=None, num_samples: int = 16, seed: Optional[int] = None, device: str = "auto",
                  sampler: Optional[str] = None, steps: Optional[int] = None, progress: bool = False,

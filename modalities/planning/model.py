@@ -75,7 +75,7 @@ class TemporalUNet(nn.Module):
         mid = widths[-1]
         self.mid = nn.ModuleList([_block(mid, mid, emb_dim), _block(mid, mid, emb_dim)])
         self.ups = nn.ModuleList()
-        for k, (w_in, w_out) in enumerate(reversed(list(zip(widths[1:-1], widths[2:])))):
+        for _k, (w_in, w_out) in enumerate(reversed(list(zip(widths[1:-1], widths[2:])))):
             # Back up one level: the skip connection doubles the input channels.
             self.ups.append(nn.ModuleList([
                 _block(w_out * 2, w_in, emb_dim),

@@ -34,16 +34,29 @@ How it is used:
   schedule is the data's pace, so Diffuser's tracking arrives when the plan does (the
   horizon's end); following the route arrives as soon as the ball can. The route ends where
   it first comes within the goal's radius (the rest of a plan that must fill its horizon is
-  loitering), and with ``shortcut_margin`` set the target moves on to the furthest point of
-  the route that lies in straight sight: a band of that half-width to it crosses no wall
-  cell. The plan still chooses the way round the walls; the controller only stops retracing
-  its detours and corners.
+  loitering), and with ``loop_radius`` set the ball skips ahead to the last route point that
+  close to it, so a route that runs off and comes back past the ball (a loop) is not retraced.
 - ``num_candidates`` > 1: sample that many plans in one batch and keep the best
   (``Diffusion.sample_candidates``), ranked by ``candidate_score``: "value" (the value
-  network) or "free_space" (mazes: the share of the route inside free cells, so plans that cut
-  through walls lose; among equally free routes, the one that reaches the goal's radius first,
-  i.e. the plan's own return under the sparse reward); ``value_guidance`` > 0: Diffuser's
-  guidance, a few gradient steps on the value before each denoising step (``GradientSteps``).
+  network), "consistency" (the model's own denoising error on the plan: noised to a few levels
+  with the same noise for every candidate and denoised in one call, plans like the data's come
+  back closest; plans through walls, which the data never show, are pulled away), or
+  "arrival" (the plan's own return under the sparse reward); ``value_guidance`` > 0:
+  Diffuser's guidance, a few gradient steps on the value before each denoising step
+  (``GradientSteps``).
+- ``stall_steps``: a fresh plan (cold) when the ball has not moved ``stall_distance`` in that
+  many steps (or, following a route, not moved on along it in twice that) away from the goal:
+  stuck against a wall a plan runs through. ``avoid_stalls`` > 0 then ranks candidates that
+  pass within that distance of where the ball was heading when it stuck below every other.
+- ``replan_distance``: a fresh plan (cold) when the ball is further than this from every point
+  of the plan still ahead.
+
+All of these read nothing but observations, the goal and the plans. ``known_map=True`` is the
+opt-in that lets the planner read the maze's walls (``MazeGrid``) while it acts: shortcuts to
+the furthest route point in straight sight (a band of ``shortcut_margin``, 0.15, either side
+free of wall cells), candidates ranked by the share of their route in free cells
+(``candidate_score="free_space"``, ties to the earliest arrival), and replanning by distance
+only when no point of the plan is in sight. A checkpoint's recorded map settings wait for it.
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ import torch
 import diffkit
 from diffkit.checkpoint import CheckpointError, load_network
 from diffkit.guidance import ClipX0, GradientSteps, KnownValues
+from diffkit.starts import WarmStart
 from diffkit.runs import resolve_steps, seeded_generator
 from diffkit.utils import module_device
 
@@ -71,7 +85,7 @@ __all__ = ["CHECKPOINTS_DIR", "DiffusionPlanner", "Plan", "PlannerWrapper", "eva
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
 MODALITY = "planning"
 ACTION_SOURCES = ("path", "tracking", "plan", "inverse_dynamics")
-CANDIDATE_SCORES = ("value", "free_space")
+CANDIDATE_SCORES = ("value", "consistency", "arrival", "free_space")
 
 # Network classes a checkpoint may name: a checkpoint never chooses what code runs.
 NETWORKS = {"modalities.planning.model.TemporalUNet": TemporalUNet}
@@ -92,9 +106,19 @@ DEFAULTS: dict[str, Any] = {
     "guidance_stop_below": 2.0,
     "replan_distance": None,
     "path_lookahead": 1.0,
-    "shortcut_margin": 0.15,  # action_source "path"; None: no shortcuts. The ball's radius is 0.1
-    "candidate_score": None,  # None: "value" with a value network, else "free_space" in a maze
+    "loop_radius": None,  # "path": skip ahead to the last route point within this of the ball (cuts loops)
+    "stall_steps": None,  # replan (cold) after this many steps without moving stall_distance, away from the goal
+    "stall_distance": 0.1,
+    "avoid_stalls": 0.0,  # > 0: rank candidates down that pass within this of where the ball got stuck
+    "candidate_score": None,  # None: "value" with a value network, "free_space" with known_map, else "consistency"
+    "consistency_levels": 4,  # "consistency": noise levels the candidates' denoising error is averaged over
+    # The opt-in that lets the planner read the maze's walls (MazeGrid) while it plans and acts.
+    "known_map": False,
+    "shortcut_margin": "auto",  # known_map + "path": 0.15 ("auto"); None: no shortcuts. The ball's radius is 0.1
 }
+# What known_map=True turns on, and the options that need it.
+KNOWN_MAP_SHORTCUT_MARGIN = 0.15
+MAP_OPTIONS = ("shortcut_margin",)
 
 
 @dataclass
@@ -122,11 +146,13 @@ class DiffusionPlanner:
     Build it with :meth:`load` (a shipped checkpoint by environment id, or a checkpoint
     directory). Keyword arguments override the checkpoint's sampling defaults: ``sampler``,
     ``steps``, ``replan_every``, ``replan_distance`` (also replan, cold, when the position lies
-    further than this from every point of the plan still ahead, and with shortcuts none of it
-    is in sight; None: never), ``warm_start_strength`` (None: no warm start),
-    ``warm_start_steps``, ``action_source``, ``path_lookahead`` and ``shortcut_margin`` (for
-    "path"), ``candidate_score``, ``num_candidates``, ``value_guidance`` (scale; 0 = off),
-    ``guidance_steps``, ``guidance_stop_below``; ``seed`` fixes the sampling noise.
+    further than this from every point of the plan still ahead; None: never),
+    ``warm_start_strength`` (None: no warm start), ``warm_start_steps``, ``action_source``,
+    ``path_lookahead`` and ``loop_radius`` (for "path"), ``stall_steps``, ``stall_distance``,
+    ``avoid_stalls``, ``candidate_score``, ``consistency_levels``, ``num_candidates``,
+    ``value_guidance`` (scale; 0 = off), ``guidance_steps``, ``guidance_stop_below``;
+    ``known_map`` (False: read nothing but observations and the goal; True: also the maze's
+    walls, with ``shortcut_margin``); ``seed`` fixes the sampling noise.
     """
 
     def __init__(self, net: torch.nn.Module, diffusion: diffkit.Diffusion, config: Mapping[str, Any], *,
@@ -164,7 +190,23 @@ class DiffusionPlanner:
         unknown = sorted(set(overrides) - set(DEFAULTS))
         if unknown:
             raise TypeError(f"unknown planner option(s) {', '.join(unknown)}; valid: {', '.join(DEFAULTS)}")
-        settings = {**DEFAULTS, **(config.get("defaults") or {}), **overrides}
+        stored = dict(config.get("defaults") or {})
+        self.known_map = bool(overrides.get("known_map", stored.get("known_map", DEFAULTS["known_map"])))
+        if self.known_map and self.maze is None:
+            raise ValueError("known_map=True reads a maze's walls and needs a PointMaze checkpoint")
+        if not self.known_map:
+            # A checkpoint's map settings apply only when the map is known: by default the planner
+            # reads nothing but observations and the goal.
+            stored.pop("shortcut_margin", None)
+            if stored.get("candidate_score") == "free_space":
+                stored.pop("candidate_score")
+            asked = [k for k in MAP_OPTIONS if overrides.get(k) not in (None, "auto")]
+            if overrides.get("candidate_score") == "free_space":
+                asked.append("candidate_score='free_space'")
+            if asked:
+                raise ValueError(f"{', '.join(asked)} read(s) the maze's walls; pass known_map=True to let the planner "
+                                 "use the map (by default it plans from observations and the goal only)")
+        settings = {**DEFAULTS, **stored, **overrides}
         self.sampler = str(settings["sampler"])
         if self.sampler not in diffkit.SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
@@ -198,10 +240,16 @@ class DiffusionPlanner:
             raise ValueError(f"path_lookahead must be > 0 (a distance along the plan's route), got "
                              f"{settings['path_lookahead']}")
         margin = settings["shortcut_margin"]
+        if margin == "auto":
+            margin = KNOWN_MAP_SHORTCUT_MARGIN if self.known_map and self.action_source == "path" else None
         self.shortcut_margin = None if margin is None else float(margin)
         if self.shortcut_margin is not None and not self.shortcut_margin >= 0:
             raise ValueError(f"shortcut_margin must be >= 0 (half the width of the band that must be free of walls) "
                              f"or None (no shortcuts), got {margin}")
+        loop = settings["loop_radius"]
+        self.loop_radius = None if loop is None else float(loop)
+        if self.loop_radius is not None and not self.loop_radius > 0:
+            raise ValueError(f"loop_radius must be > 0 (a distance to the plan's route) or None, got {loop}")
         if self.action_source == "inverse_dynamics" and inverse_dynamics is None:
             raise ValueError("action_source='inverse_dynamics' needs a checkpoint trained with an inverse-dynamics "
                              "model (recipes/planner_train.py --inverse-dynamics)")
@@ -218,7 +266,8 @@ class DiffusionPlanner:
             raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
         score = settings["candidate_score"]
         if score is None:
-            score = "value" if value_net is not None or self.maze is None else "free_space"
+            score = "value" if value_net is not None or self.maze is None else (
+                "free_space" if self.known_map else "consistency")
         if score not in CANDIDATE_SCORES:
             raise ValueError(f"unknown candidate_score {score!r}; choose one of {', '.join(CANDIDATE_SCORES)}")
         self.candidate_score = score
@@ -230,6 +279,24 @@ class DiffusionPlanner:
         if score == "free_space" and self.maze is None:
             raise ValueError("candidate_score='free_space' ranks routes by the maze's free cells and needs a PointMaze "
                              "checkpoint")
+        if score == "arrival" and not self.condition_on_goal:
+            raise ValueError("candidate_score='arrival' ranks plans by when they reach the goal and needs a "
+                             "goal-conditioned planner")
+        self.consistency_levels = int(settings["consistency_levels"])
+        if self.consistency_levels < 1:
+            raise ValueError(f"consistency_levels must be >= 1, got {self.consistency_levels}")
+        stall = settings["stall_steps"]
+        self.stall_steps = None if stall is None else int(stall)
+        if self.stall_steps is not None and self.stall_steps < 1:
+            raise ValueError(f"stall_steps must be >= 1 or None (never), got {stall}")
+        self.stall_distance = float(settings["stall_distance"])
+        if not self.stall_distance > 0:
+            raise ValueError(f"stall_distance must be > 0, got {settings['stall_distance']}")
+        self.avoid_stalls = float(settings["avoid_stalls"] or 0.0)
+        if self.avoid_stalls < 0:
+            raise ValueError(f"avoid_stalls must be >= 0 (0: off), got {settings['avoid_stalls']}")
+        if (self.stall_steps is not None or self.avoid_stalls) and self.observation_dim < 2:
+            raise ValueError("stall detection compares positions (the first two observation values)")
         multiple = getattr(net, "horizon_multiple", 1)
         if self.horizon % multiple:
             raise CheckpointError(f"horizon {self.horizon} is not a multiple of {multiple}, which the network needs")
@@ -241,6 +308,8 @@ class DiffusionPlanner:
         self._act_norm = self.normalizer.subset(slice(0, self.action_dim))
         self._memory: Optional[dict[str, Any]] = None
         self.plans_made = 0  # how many plans act() has sampled (each replanned row counts once)
+        self.stalls_seen = 0  # how many times act() found the ball stuck and planned afresh
+        self._score_context: dict[str, Any] = {}
         self.path: Optional[Path] = None
 
     # ------------------------------------------------------------------ loading
@@ -308,6 +377,10 @@ class DiffusionPlanner:
             raise ValueError(f"reset mask must have one entry per environment ({len(self._memory['step'])}), "
                              f"got shape {mask.shape}")
         self._memory["has_plan"][mask] = False
+        self._memory["anchor"][mask], self._memory["still"][mask] = np.inf, 0
+        self._memory["progress_still"][mask] = 0
+        for r in np.nonzero(mask)[0]:
+            self._memory["stalls"][r] = []
 
     def act(self, obs, goal=None) -> np.ndarray:
         """The action for one observation (action_dim,), or for a batch (N, action_dim) from a vector env.
@@ -343,12 +416,32 @@ class DiffusionPlanner:
                     off_path[r] = not self.maze.clear_lines(states[r, :2], route_ahead).any()
             strayed = mem["has_plan"] & off_path
             stale |= strayed
+        if self.stall_steps is not None:
+            # Stuck (against a wall the plan runs through, in a corner): plan afresh from here.
+            moved = np.linalg.norm(states[:, :2] - mem["anchor"], axis=1) > self.stall_distance
+            mem["anchor"][moved], mem["still"][moved] = states[moved, :2], 0
+            stalled = mem["has_plan"] & (mem["still"] >= self.stall_steps)
+            if self.action_source == "path":
+                # Or rocking on the spot: the route's nearest point has not moved on in twice that.
+                advanced = mem["progress"] >= mem["progress_anchor"] + 4
+                mem["progress_anchor"][advanced], mem["progress_still"][advanced] = mem["progress"][advanced], 0
+                stalled |= mem["has_plan"] & (mem["progress_still"] >= 2 * self.stall_steps)
+            if goals is not None:
+                stalled &= np.linalg.norm(states[:, :2] - goals, axis=1) >= GOAL_RADIUS
+            for r in np.nonzero(stalled)[0]:
+                mem["stalls"][r].append(self._blocked_points(r, states[r]))
+            mem["still"][stalled] = mem["progress_still"][stalled] = 0
+            self.stalls_seen += int(stalled.sum())
+            strayed = strayed | stalled
+            stale |= stalled
         if self.action_source not in ("tracking", "path"):  # those hold at the plan's end
             stale |= mem["step"] >= self.span - 1  # no action left in the plan
         if stale.any():
             self._replan(np.nonzero(stale)[0], states, goals, cold=strayed)
         actions = self._actions(states, np.arange(n))
         mem["step"] += 1
+        mem["still"] += 1
+        mem["progress_still"] += 1
         return actions[0] if single else actions
 
     __call__ = act
@@ -363,6 +456,11 @@ class DiffusionPlanner:
             "states": np.zeros((n, self.span, self.observation_dim)),  # one row per environment step
             "actions": np.zeros((n, self.span, self.action_dim), np.float32),
             "goal": np.full((n, 2), np.nan),  # the goal the plan was made for
+            "anchor": np.full((n, 2), np.inf),  # stall detection: where the ball last moved from
+            "still": np.zeros(n, dtype=np.int64),  # steps since it moved stall_distance from there
+            "stalls": [[] for _ in range(n)],  # points the ball was stuck short of (this episode)
+            "progress_anchor": np.zeros(n, dtype=np.int64),  # "path": the route row last moved on from
+            "progress_still": np.zeros(n, dtype=np.int64),  # steps since
         }
 
     def plan(self, obs, goal=None) -> Plan:
@@ -412,7 +510,10 @@ class DiffusionPlanner:
             goals = np.broadcast_to(goals, (len(states), 2)).copy()
             if self.maze is not None:
                 for g in goals:
-                    self.maze.check_point(g, "goal")
+                    if self.known_map:
+                        self.maze.check_point(g, "goal")
+                    else:
+                        self.maze.check_inside(g, "goal")  # the maze's extent, not its walls
         return states, goals, single
 
     def _known(self, states: np.ndarray, goals: Optional[np.ndarray]) -> KnownValues:
@@ -432,10 +533,13 @@ class DiffusionPlanner:
     def _value(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.value_net(x, t)
 
-    def _sample(self, states: np.ndarray, goals: Optional[np.ndarray], init: Optional[torch.Tensor] = None):
+    def _sample(self, states: np.ndarray, goals: Optional[np.ndarray], init: Optional[torch.Tensor] = None,
+                stalls: Optional[list] = None):
         n, k = len(states), self.num_candidates
         rows = np.repeat(np.arange(n), k)  # candidate j of example b is row b * k + j (sample_candidates)
         known = self._known(states[rows], None if goals is None else goals[rows])
+        self._score_context = {"known_mask": known.mask, "goals": None if goals is None else goals[rows],
+                               "stalls": None if stalls is None else [stalls[r] for r in rows]}
         wrappers: list = []
         if self.normalizer.kind == "limits":
             wrappers.append(ClipX0(-1.0, 1.0))  # the data lie in [-1, 1]; so must the model's guesses
@@ -446,16 +550,41 @@ class DiffusionPlanner:
         kwargs: dict[str, Any] = dict(sampler=self.sampler, steps=self.steps, generator=self._generator,
                                       wrappers=wrappers, device=self.device)
         if init is not None:
-            kwargs.update(init=init.to(self.device), strength=self.warm_start_strength, steps=self.warm_start_steps)
+            kwargs.update(start=WarmStart(init.to(self.device), self.warm_start_strength), steps=self.warm_start_steps)
         shape = (n, self.transition_dim, self.horizon)
         if k > 1:
             best = self.diffusion.sample_candidates(self.net, shape, k, score_fn=self._score, **kwargs)
+            if self.value_net is not None and self.candidate_score != "value":
+                return best.top, self._value(best.top, torch.zeros(n, device=best.top.device))
             return best.top, (best.scores[:, 0] if self.candidate_score == "value" else None)
         x = self.diffusion.sample(self.net, shape, **kwargs)
         return x, (self._score(x) if self.candidate_score == "value" and self.value_net is not None else None)
 
     @torch.no_grad()
     def _score(self, x: torch.Tensor) -> torch.Tensor:
+        score = self._base_score(x)
+        stalls = self._score_context.get("stalls")
+        if self.avoid_stalls and stalls is not None and any(len(s) for s in stalls):
+            # Routes through the places the ball got stuck at rank below every other.
+            rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
+            route = _interpolate(rows[:, :, self.action_dim: self.action_dim + 2], self.every)
+            blocked = np.zeros(len(x), dtype=bool)
+            for j, points in enumerate(stalls):
+                if len(points):
+                    probes = np.concatenate(points)  # (P, 2)
+                    gaps = np.linalg.norm(route[j][:, None] - probes[None], axis=2)
+                    blocked[j] = gaps.min() < self.avoid_stalls
+            score = score - torch.as_tensor(blocked, dtype=score.dtype, device=score.device) * 1e6
+        return score
+
+    def _base_score(self, x: torch.Tensor) -> torch.Tensor:
+        if self.candidate_score == "consistency":
+            return -self._denoising_error(x)
+        if self.candidate_score == "arrival":
+            rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
+            route = _interpolate(rows[:, :, self.action_dim: self.action_dim + 2], self.every)
+            arrival = np.array([_arrival_row(points, points[-1]) for points in route], dtype=np.float64)
+            return torch.as_tensor(-arrival, device=x.device)
         if self.candidate_score == "free_space":
             rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
             route = _interpolate(rows[:, :, self.action_dim: self.action_dim + 2], self.every)
@@ -465,6 +594,38 @@ class DiffusionPlanner:
             arrival = np.array([_arrival_row(points, points[-1]) for points in route])
             return torch.tensor(free + (1.0 - arrival / self.span) / (self.span + 1), device=x.device)
         return self.value_net(x, torch.zeros(len(x), device=x.device))
+
+    def _denoising_error(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's own check of a plan: noise it to a few levels (the same noise for every
+        plan) and measure how far the network's denoised guess lands from it (mean squared error
+        over the entries not given, averaged over the levels). Plans like the data's come back
+        close; plans the data never show (through walls) are pulled away."""
+        mask = self._score_context.get("known_mask")
+        if mask is None or mask.shape[0] != x.shape[0]:
+            mask = None
+        T = self.diffusion.num_timesteps
+        levels = np.unique(np.round(np.linspace(0.3, 0.6, self.consistency_levels) * (T - 1)))
+        generator = torch.Generator().manual_seed(20240)
+        total = torch.zeros(len(x), dtype=torch.float64)
+        for level in levels:
+            noise = torch.randn((1, *x.shape[1:]), generator=generator).expand_as(x).to(x.device, x.dtype)
+            t = torch.full((len(x),), float(level), dtype=torch.float64)
+            _, terms = self.diffusion.loss(self.net, x, t=t, noise=noise, known_mask=mask, return_terms=True)
+            total += terms["mse"].detach().double().cpu()
+        return (total / len(levels)).to(x.device)
+
+    def _blocked_points(self, r: int, state: np.ndarray) -> np.ndarray:
+        """Where the ball stuck at ``state`` was heading: points 0.3 and 0.6 ahead of it toward the
+        route's next point, (2, 2); the ball itself when the route gives no direction."""
+        mem = self._memory
+        route = mem["states"][r, :, :2]
+        ahead = route[min(int(mem["progress"][r]), self.span - 1):]
+        gaps = np.linalg.norm(ahead - state[:2], axis=1)
+        far = np.nonzero(gaps > 0.3)[0]
+        if not len(far):
+            return state[None, :2].copy()
+        direction = (ahead[far[0]] - state[:2]) / gaps[far[0]]
+        return state[None, :2] + np.array([[0.3], [0.6]]) * direction[None]
 
     def _to_plan(self, x: torch.Tensor, states: np.ndarray, goals, values) -> Plan:
         # float64 like Gymnasium's observations, so the current state is copied in exactly.
@@ -497,12 +658,13 @@ class DiffusionPlanner:
             init = None
             if mode == "warm":
                 init = torch.stack([_shift(mem["x"][r], round(int(mem["step"][r]) / self.every)) for r in rows])
-            x, values = self._sample(states[rows], None if goals is None else goals[rows], init)
+            stalls = [mem["stalls"][r] for r in rows] if self.avoid_stalls else None
+            x, values = self._sample(states[rows], None if goals is None else goals[rows], init, stalls)
             plan = self._to_plan(x, states[rows], None if goals is None else goals[rows], values)
             mem["x"][rows] = x.float().cpu()
             mem["states"][rows], mem["actions"][rows] = plan.states, plan.actions
             mem["step"][rows] = 0
-            mem["progress"][rows] = 0
+            mem["progress"][rows] = mem["progress_anchor"][rows] = mem["progress_still"][rows] = 0
             mem["has_plan"][rows] = True
             self.plans_made += len(rows)
             if goals is not None:
@@ -545,11 +707,17 @@ class DiffusionPlanner:
             # forward, so a route that passes near itself (a U-turn) is not short-cut.
             window = route[start: min(start + 40, end + 1)]
             nearest = start + int(np.argmin(np.linalg.norm(window - state[:2], axis=1)))
+            if self.loop_radius is not None:
+                # A route that runs off and comes back past the ball (plans must fill their
+                # horizon): skip the loop, to the last route point this close to the ball.
+                close = np.nonzero(np.linalg.norm(route[nearest: end + 1] - state[:2], axis=1) < self.loop_radius)[0]
+                if len(close):
+                    nearest += int(close[-1])
             mem["progress"][r] = nearest
             ahead = np.concatenate([route[nearest: end + 1], goal[None]])
             along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(ahead, axis=0), axis=1))])
             pick = min(int(np.searchsorted(along, self.path_lookahead)), len(ahead) - 1)
-            if self.shortcut_margin is not None:
+            if self.shortcut_margin is not None:  # known_map
                 in_sight = np.nonzero(self.maze.clear_lines(state[:2], ahead[pick:], self.shortcut_margin))[0]
                 if len(in_sight):
                     pick += int(in_sight[-1])

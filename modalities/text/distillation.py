@@ -147,7 +147,7 @@ def teacher_trajectories(teacher: TextModel, *, steps: int, teacher_steps: int, 
         rows = order[start: start + batch_size]
         seen: dict[int, torch.Tensor] = {}
 
-        def keep(info: dict, wanted=frozenset(indices)) -> None:
+        def keep(info: dict, wanted=frozenset(indices), seen=seen) -> None:  # this batch's dict, bound now
             if info["i"] in wanted:
                 seen[info["i"]] = info["x"].detach().float().cpu()
 

@@ -867,6 +867,23 @@ class TextModality:
 
     name = "text"
 
+    def calibration_inputs(self, checkpoint: str, *, batch: int, data: int, device, generator: torch.Generator):
+        """What ``diffkit calibrate`` fits on: unconditional texts of a typical length (half the
+        longest), sampled as :func:`generate_text` does at its defaults (temperature, clamping to
+        the word embeddings); no variances (the embedding route scores with its own rounding)."""
+        from diffkit.calibration import CalibrationInputs
+
+        model = load_text_model(checkpoint, device)
+        net = model.net
+        length = max(2, model.max_length // 2)
+        lengths = torch.full((batch,), length, dtype=torch.long)
+        attention_mask = padding_mask(lengths, model.device)
+        call = denoiser_call(net, temperature=model.default_temperature,
+                             guidance_mix=model.default("guidance_mix", FALLBACK_GUIDANCE_MIX))
+        wrappers = [X0Transform(snap_to_embeddings(net, model.allowed, attention_mask))] if model.default_clamp else []
+        return CalibrationInputs(call, model.diffusion, (batch, net.embed_dim, length),
+                                 {"attention_mask": attention_mask}, {"wrappers": wrappers})
+
     def generate(self, *, checkpoint=None, num_samples: int = 16, seed: int | None = None,
                  device="auto", sampler: str | None = None, steps: int | None = None,
                  progress: bool = False, **cond: Any) -> list[str]:
