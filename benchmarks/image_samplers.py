@@ -53,8 +53,6 @@ from modalities.image.data import load_digits, to_unit_range  # noqa: E402
 from modalities.image.metrics import frechet_distance, load_digit_classifier  # noqa: E402
 from modalities.image.modality import (  # noqa: E402
     DEFAULT_CHECKPOINT,
-    FALLBACK_GUIDANCE,
-    FALLBACK_SAMPLER,
     load_image_model,
 )
 
@@ -95,7 +93,7 @@ def diffkit_samples(model, noise: torch.Tensor, labels: torch.Tensor, guidance_s
                     steps: int | None = None, grid=None, sampler: str | None = None) -> torch.Tensor:
     """``model.diffusion.sample`` as ``generate_images`` calls it (its wrappers, guidance and
     conditioning), on explicit ``noise``; output in [-1, 1] before the final clamp."""
-    sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
+    sampler = sampler or model.default("sampler")
     return model.diffusion.sample(
         model.net, tuple(noise.shape), sampler=sampler, steps=steps, grid=grid, noise=noise,
         guidance_scale=float(guidance_scale), wrappers=[diffkit.ClipX0(-1.0, 1.0)], labels=labels,
@@ -228,8 +226,8 @@ def main(argv=None) -> int:
 
     n = args.num_samples
     labels = torch.arange(n) % model.num_classes
-    w = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
-    sampler = model.default("sampler", FALLBACK_SAMPLER)
+    w = float(model.default("guidance_scale"))
+    sampler = model.default("sampler")
     noise = starting_noise(model, n, args.seed)
     diff = model.diffusion
 

@@ -64,7 +64,7 @@ from diffkit.runs import hardware_summary, seeded_generator  # noqa: E402
 from diffkit.utils import replaced_atomically  # noqa: E402
 from modalities.text.data import SLOTS, load_corpus  # noqa: E402
 from modalities.text.modality import (  # noqa: E402
-    FALLBACK_GUIDANCE_MIX,
+    FALLBACKS,
     RowConditions,
     TextSampling,
     _lengths,
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
                      "sampler": model.default("sampler", "ddim"),
                      "guidance_scale": float(model.default("guidance_scale", 2.0)),
                      "guidance_interval": model.default("guidance_interval", None),
-                     "guidance_mix": model.default("guidance_mix", FALLBACK_GUIDANCE_MIX),
+                     "guidance_mix": model.default("guidance_mix"),
                      "command": "python " + " ".join(["benchmarks/text_quality.py", *(argv or sys.argv[1:])]),
                      "diffusion_parameters": n_params, "ar_parameters": ar_params, "ar_train_s": ar_train_s,
                      "ar_steps": args.ar_steps, "human": human, "ar_on_training_texts": train_fit,
@@ -638,7 +638,7 @@ def write(results: dict, out_dir: Path, name: str) -> None:
              f"says: sampler {results['sampler']}, word temperature {results['temperature']:g}, clamping trick "
              f"{'on' if results['clamp'] else 'off'}, guidance scale {results['guidance_scale']:g} for control"
              f"{guidance_interval_words(results.get('guidance_interval'))}, "
-             f"{MIX_WORDS[results.get('guidance_mix', FALLBACK_GUIDANCE_MIX)]}.", "",
+             f"{MIX_WORDS[results.get('guidance_mix', FALLBACKS.guidance_mix)]}.", "",
              "| samples | steps | perplexity | x human | distinct-1 | distinct-2 | copies | adjacent repeats | s / sentence |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| held-out human text (floor) | | {h:.2f} | 1.00 | | | | {_repeats(results['human'])} | |"]

@@ -46,7 +46,7 @@ from .diffusion import (  # noqa: E402
 from .analytic import GaussianData  # noqa: E402
 from .likelihood import Estimate  # noqa: E402
 from .starts import NoiseStart, PriorStart, WarmStart  # noqa: E402
-from . import nn  # noqa: E402
+from . import interop, nn  # noqa: E402
 from .utils import resolve_device, seed_everything  # noqa: E402
 from .checkpoint import (  # noqa: E402
     Checkpoint,
@@ -58,6 +58,7 @@ from .checkpoint import (  # noqa: E402
 )
 from .registry import (  # noqa: E402
     CliCommand,
+    Modality,
     ModalityLoadError,
     Policy,
     UnknownModalityError,
@@ -95,6 +96,7 @@ __all__ = [
     "PriorMeanStart",
     "GaussianData",
     "nn",
+    "interop",
     "respace",
     "rescale_zero_terminal_snr",
     "get_sampler",
@@ -110,6 +112,7 @@ __all__ = [
     "load_network",
     "LoadedNetwork",
     "CliCommand",
+    "Modality",
     "Policy",
     "load_policy",
     "generate",

@@ -619,8 +619,10 @@ class Diffusion:
         Runge-Kutta steps with the exact divergence (up to 32 counted dimensions) or
         Hutchinson's estimate with ``probes`` probes from ``generator`` (``divergence``:
         ``auto``, ``exact`` or ``hutchinson``); it serves every path, the flow path included,
-        and honours ``mask`` and ``known_mask``. ``steps``, ``decoder``, ``bin_width`` and
-        ``analytic`` belong to the bound. The rest of this docstring is about the bound:
+        and honours ``mask`` and ``known_mask``. ``steps``, ``decoder``, ``bin_width``,
+        and ``analytic`` belong to the bound. ``terms["stderr"]`` is the
+        standard error of the batch mean; ``generator`` makes either reproducible. The rest of
+        this docstring is about the bound:
 
             L = KL(q(x_T|x0) || N(0,I)) + sum_t E KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) + E[-log p(x0|x_1)]
 
@@ -670,17 +672,17 @@ class Diffusion:
         kls, decoder_bits = [], None
         for i in tqdm(range(len(grid)), desc="nll", disable=not progress, leave=False):
             scales = grid.step_scales(i)
+            t = model_times[i].to(device=x0.device, dtype=torch.float32).expand(x0.shape[0])
+            c = grid.input_scale(i)  # the network sees its own path's state
+            is_last = i == len(grid) - 1
+            scale_tensors = tuple(torch.tensor(v, dtype=x0.dtype, device=x0.device) for v in scales)
+            log_var = None if log_vars is None else torch.tensor(float(log_vars[i]), dtype=x0.dtype, device=x0.device)
             noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = q_sample(x0, scales[0], scales[1], noise)
             if known_mask is not None:
                 x_t = torch.where(known_mask.to(x0.device), x0, x_t)
-            t = model_times[i].to(device=x0.device, dtype=torch.float32).expand(x0.shape[0])
-            c = grid.input_scale(i)  # the network sees its own path's state
             output, frac = split_output(model(c * x_t, t, **cond), x_t, self.learn_variance)
             x0_hat, _ = to_x0_eps(self.prediction, output, c * x_t, c * scales[0], c * scales[1])
-            is_last = i == len(grid) - 1
-            scale_tensors = tuple(torch.tensor(v, dtype=x0.dtype, device=x0.device) for v in scales)
-            log_var = None if log_vars is None else torch.tensor(float(log_vars[i]), dtype=x0.dtype, device=x0.device)
             bits = self._bound_term(x0, x_t, x0_hat, frac, scale_tensors, is_last, decoder_variance, decoder,
                                     bin_width, counted=counted, log_var=log_var)
             if is_last:

@@ -30,6 +30,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "CliCommand",
     "ModalityLoadError",
+    "Modality",
     "Policy",
     "UnknownModalityError",
     "available_modalities",
@@ -95,6 +96,32 @@ class Policy(Protocol):
     def reset(self) -> None: ...
 
     def __call__(self, obs: Any) -> Any: ...
+
+
+@runtime_checkable
+class Modality(Protocol):
+    """What the core asks of a modality (``isinstance(obj, Modality)`` checks the two methods exist).
+
+    Required:
+
+    * ``generate(*, checkpoint=None, num_samples=None, seed=None, device="auto", sampler=None,
+      steps=None, progress=False, **cond)``: samples from a checkpoint (default: the shipped one);
+    * ``save(samples, path) -> list[Path]``: writes them (PNG, WAV, text, ...).
+
+    Optional, found by name when present:
+
+    * ``add_cli_arguments(parser)``: the modality's own ``diffkit generate`` options;
+    * ``cli_commands() -> {verb: CliCommand}``: verbs of its own (``diffkit rollout planning``);
+    * ``policy(checkpoint=None, **kw) -> Policy``: something that acts in an environment;
+    * ``calibration_inputs(checkpoint, *, batch, data, device, generator) -> CalibrationInputs``:
+      what ``diffkit calibrate`` fits its checkpoints on (:mod:`diffkit.calibration`).
+
+    Loading, caching and sampling defaults come from :mod:`diffkit.frontdoor`.
+    """
+
+    def generate(self, **kwargs: Any) -> Any: ...
+
+    def save(self, samples: Any, path: Any) -> Any: ...
 
 
 def register_modality(name: str, modality: Any) -> None:

@@ -358,7 +358,7 @@ def make_sample_fn(s, diffusion, tokenizer, info, mr_vocab: MRVocabulary | None,
     held_out = load_corpus(s["data"], "eval").mrs[::100][:num] if mr_vocab is not None else []
 
     def sample_fn(trainer: Trainer, step: int) -> None:
-        model = TextModel(Path(s["output_dir"]), trainer.ema_model, diffusion, tokenizer, info)
+        model = TextModel(Path(s["output_dir"]), trainer.ema_model, diffusion, info, tokenizer=tokenizer)
         g = torch.Generator().manual_seed(s["seed"])
         counts = torch.tensor(info["length_counts"], dtype=torch.float64)
         counts[0] = 0

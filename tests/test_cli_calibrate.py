@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import diffkit
 import diffkit.registry as registry
 from diffkit import Diffusion, GaussianData
 from diffkit.calibration import CalibrationInputs
@@ -127,3 +128,10 @@ def test_every_recipe_says_it_calibrates_on_export(recipe):
     text = subprocess.run([sys.executable, str(root / "recipes" / f"{recipe}.py"), "--help"], capture_output=True,
                           text=True, check=True).stdout
     assert "--no-calibrate" in text and "--calibrate-steps" in text and "diffkit calibrate" in text
+
+
+@pytest.mark.parametrize("name", ["image", "audio", "text", "planning"])
+def test_shipped_modalities_follow_the_modality_protocol(name):
+    modality = diffkit.get_modality(name)
+    assert isinstance(modality, diffkit.Modality)
+    assert callable(getattr(modality, "calibration_inputs", None))  # diffkit calibrate serves every modality

@@ -213,3 +213,4 @@ def test_contract_types_are_exported_from_the_package():
     import diffkit
 
     assert diffkit.Policy is Policy and diffkit.CliCommand is CliCommand and diffkit.load_policy is load_policy
+

@@ -58,7 +58,7 @@ def test_clamping_default_follows_the_head(checkpoint):
     plain = mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3)
     assert plain == mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, clamp=False)
     assert plain != mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, clamp=True)
-    recorded = TextModel(model.path, model.net, model.diffusion, model.tokenizer, {"defaults": {"clamp": True}})
+    recorded = TextModel(model.path, model.net, model.diffusion, {"defaults": {"clamp": True}}, tokenizer=model.tokenizer)
     assert recorded.default_clamp is True
 
 
@@ -72,8 +72,9 @@ def test_word_temperature_default_and_override(checkpoint):
     assert plain == mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, temperature=0.5)
     sharp = mod.generate(checkpoint=checkpoint, num_samples=6, seed=0, steps=3, temperature=0.05)
     assert sharp != plain
-    assert TextModel(model.path, model.net, model.diffusion, model.tokenizer, {}).default_temperature == 1.0
-    recorded = TextModel(model.path, model.net, model.diffusion, model.tokenizer, {"defaults": {"temperature": 0.05}})
+    assert TextModel(model.path, model.net, model.diffusion, {}, tokenizer=model.tokenizer).default_temperature == 1.0
+    recorded = TextModel(model.path, model.net, model.diffusion, {"defaults": {"temperature": 0.05}},
+                         tokenizer=model.tokenizer)
     lengths = torch.tensor([5, 3])
     ids = sample_ids(recorded, lengths, TextSampling("ddim", 3), generator=torch.Generator().manual_seed(0))
     explicit = sample_ids(model, lengths, TextSampling("ddim", 3, temperature=0.05),
@@ -191,7 +192,7 @@ def test_length_groups_is_the_cheapest_split_by_brute_force():
         spans = [(int(lengths[r].min()), int(lengths[r].max())) for r in groups]
         assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
 
-        def cost(parts):
+        def cost(parts, overhead=overhead, lengths=lengths, extra=extra):
             return sum(overhead + len(r) * (int(lengths[r].max()) + extra) for r in parts)
 
         values = sorted(set(lengths.tolist()))

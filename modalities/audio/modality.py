@@ -25,19 +25,19 @@ DPM-Solver++(2M) for the mel model); this module only chooses grids and conditio
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 import diffkit
 from diffkit import SamplingGrid
+from diffkit.frontdoor import LoadedModel, SamplingDefaults, cached_loader
 from diffkit.guidance import check_guidance_interval, check_guidance_scale
 from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 from diffkit.utils import module_device
@@ -78,10 +78,6 @@ FAST_BETAS = (1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5)
 # 16-bit PCM has 65536 levels over [-1, 1]: bins of 2/65535 (as 2/255 for 8-bit images).
 BIN_WIDTH_16BIT = 2.0 / 65535.0
 
-# Used when a checkpoint does not record its own sampling defaults.
-FALLBACK_SAMPLER = "ddpm"
-FALLBACK_STEPS = 50
-FALLBACK_GUIDANCE = 1.0
 ROUTES = ("waveform", "mel")
 KINDS = ("waveform", "vocoder", "mel")
 
@@ -113,13 +109,11 @@ class AudioSamples:
 
 # ---------------------------------------------------------------------------------- loading
 @dataclass
-class AudioModel:
+class AudioModel(LoadedModel):
     """A loaded audio checkpoint: the network (EMA weights), its diffusion and its metadata."""
 
-    path: Path
-    net: torch.nn.Module
-    diffusion: diffkit.Diffusion
-    info: dict[str, Any]
+    # Used when a checkpoint does not record its own sampling defaults.
+    fallbacks: ClassVar[SamplingDefaults] = SamplingDefaults(sampler="ddpm", steps=50, guidance_scale=1.0)
 
     @property
     def kind(self) -> str:
@@ -147,10 +141,6 @@ class AudioModel:
         mel = self.info.get("mel")
         return MelConfig.from_dict(mel) if mel else None
 
-    def default(self, key: str, fallback: Any) -> Any:
-        """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale)."""
-        return (self.info.get("defaults") or {}).get(key, fallback)
-
 
 def load_audio_model(checkpoint: str | os.PathLike | None = None,
                      device: str | torch.device = "auto") -> AudioModel:
@@ -162,18 +152,11 @@ def load_audio_model(checkpoint: str | os.PathLike | None = None,
         checkpoint = DEFAULT_CHECKPOINT
         if not (Path(checkpoint) / "config.json").is_file():
             raise ValueError(f"no audio checkpoint is shipped yet (expected {checkpoint}); {HOW_TO_TRAIN}")
-    path = Path(checkpoint).expanduser().resolve()
-    dev = diffkit.resolve_device(device)
-    config_file = path / "config.json"
-    stamp = config_file.stat().st_mtime_ns if config_file.is_file() else 0
-    return _load_cached(str(path), stamp, str(dev))
+    return _load(checkpoint, device)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(path: str, _stamp: int, device: str) -> AudioModel:
-    loaded = diffkit.load_network(path, NETWORKS, modality="audio", device=device)
-    if loaded.diffusion is None:
-        raise diffkit.CheckpointError(f"checkpoint {path} has no diffusion config; it cannot be sampled")
+def _audio_model(loaded) -> AudioModel:
+    path = loaded.path
     if loaded.diffusion.time_input != "noise_level":
         raise diffkit.CheckpointError(
             f"checkpoint {path} was trained with time_input={loaded.diffusion.time_input!r}; the audio networks "
@@ -188,8 +171,11 @@ def _load_cached(path: str, _stamp: int, device: str) -> AudioModel:
     return AudioModel(Path(path), loaded.net, loaded.diffusion, info)
 
 
+_load = cached_loader("audio", NETWORKS, _audio_model)
+
+
 # ---------------------------------------------------------------------------------- grids
-def sampling_grid(diffusion: diffkit.Diffusion, steps: int, sampler: str = FALLBACK_SAMPLER,
+def sampling_grid(diffusion: diffkit.Diffusion, steps: int, sampler: str = AudioModel.fallbacks.sampler,
                   fast_schedules: dict[str, Sequence[float]] | None = None) -> SamplingGrid:
     """The grid for ``steps`` network evaluations.
 
@@ -277,10 +263,10 @@ def _sample(model: AudioModel, shape: tuple[int, ...], *, gen: torch.Generator, 
             progress: bool, batch_size: int,
             cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run the core's sampler in batches; the network gets cond[k][batch rows]."""
-    sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
+    sampler = sampler or model.default("sampler")
     if guidance_interval is None:
         guidance_interval = model.default("guidance_interval", None)
-    steps = resolve_steps(steps, model.default("steps", FALLBACK_STEPS))
+    steps = resolve_steps(steps, model.default("steps"))
     grid = sampling_grid(model.diffusion, steps, sampler, model.info.get("fast_schedules"))
     dev = module_device(model.net)
     n = shape[0]
@@ -369,7 +355,7 @@ def generate_audio(
         cond["labels"] = torch.zeros(n, dtype=torch.long)
         cond["drop_cond"] = torch.ones(n, dtype=torch.bool)
     if guidance_scale is None:
-        guidance_scale = model.default("guidance_scale", FALLBACK_GUIDANCE) if conditional else 1.0
+        guidance_scale = model.default("guidance_scale") if conditional else 1.0
     elif guidance_scale != 1.0 and not conditional:
         raise ValueError("guidance_scale needs labels to guide towards")
     if guidance_interval is not None and not conditional:
@@ -665,7 +651,7 @@ class AudioModality:
         sample_kwargs: dict[str, Any] = {"wrappers": [diffkit.ClipX0(-1.0, 1.0)]}
         if model.num_classes is not None:
             cond["labels"] = torch.randint(0, model.num_classes, (batch,), generator=generator).to(dev)
-            sample_kwargs["guidance_scale"] = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
+            sample_kwargs["guidance_scale"] = float(model.default("guidance_scale"))
         return CalibrationInputs(model.net, model.diffusion, shape, cond, sample_kwargs)
 
     def generate(self, *, checkpoint=None, num_samples: int | None = None, seed: int | None = None, device="auto",

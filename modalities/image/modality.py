@@ -22,19 +22,18 @@ class-conditional digits model.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 import diffkit
-from diffkit.checkpoint import CheckpointError, load_network
+from diffkit.frontdoor import LoadedModel, SamplingDefaults, cached_loader
 from diffkit.guidance import check_guidance_interval
 from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 from diffkit.utils import module_device
@@ -70,24 +69,18 @@ SUPER_RESOLUTION_CHECKPOINT = CHECKPOINTS_DIR / "digits-sr"
 # config holds: loading a checkpoint must never run code the checkpoint chooses.
 NETWORKS = {"modalities.image.unet.UNet": UNet}
 
-# Used when a checkpoint does not say (e.g. one straight from a training run).
-FALLBACK_SAMPLER = "dpm++2m"
-FALLBACK_STEPS = 20
-FALLBACK_GUIDANCE = 1.0
 
 ImageInput = torch.Tensor | np.ndarray | str | os.PathLike
 
 
 # ---------------------------------------------------------------------------------- loading
 @dataclass
-class ImageModel:
+class ImageModel(LoadedModel):
     """A loaded image checkpoint: the network (EMA weights when present), its diffusion and
     what the modality needs to know about its inputs."""
 
-    path: Path
-    net: UNet
-    diffusion: diffkit.Diffusion
-    info: dict[str, Any] = field(default_factory=dict)
+    # Used when a checkpoint does not say (e.g. one straight from a training run).
+    fallbacks: ClassVar[SamplingDefaults] = SamplingDefaults(sampler="dpm++2m", steps=20, guidance_scale=1.0)
 
     @property
     def channels(self) -> int:
@@ -117,10 +110,6 @@ class ImageModel:
     def low_res_size(self) -> int | None:
         return self.info.get("low_res_size")
 
-    def default(self, key: str, fallback: Any) -> Any:
-        """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale)."""
-        return (self.info.get("defaults") or {}).get(key, fallback)
-
     def text_encoder(self) -> TextEncoder:
         encoder = load_text_encoder(self.info.get("text_encoder"),
                                     max_length=int(self.info.get("text_max_length", 16)),
@@ -140,19 +129,11 @@ def load_image_model(checkpoint: str | os.PathLike | None = None,
     Loaded models are cached (keyed by path, file time and device), so repeated generate
     calls do not reload weights.
     """
-    path = Path(checkpoint if checkpoint is not None else DEFAULT_CHECKPOINT).expanduser().resolve()
-    dev = diffkit.resolve_device(device)
-    config_file = path / "config.json"
-    stamp = config_file.stat().st_mtime_ns if config_file.is_file() else 0
-    return _load_cached(str(path), stamp, str(dev))
+    return _load(checkpoint if checkpoint is not None else DEFAULT_CHECKPOINT, device)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(path: str, _stamp: int, device: str) -> ImageModel:
-    loaded = load_network(path, NETWORKS, modality="image", device=device)
-    if loaded.diffusion is None:
-        raise CheckpointError(f"checkpoint {path} has no diffusion config; it cannot be sampled")
-    return ImageModel(loaded.path, loaded.net, loaded.diffusion, image_metadata(loaded.config))
+_load = cached_loader("image", NETWORKS, lambda loaded: ImageModel(loaded.path, loaded.net, loaded.diffusion,
+                                                                    image_metadata(loaded.config)))
 
 
 def image_metadata(config: dict[str, Any]) -> dict[str, Any]:
@@ -295,7 +276,7 @@ def generate_images(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    resolve_steps(steps, FALLBACK_STEPS)  # bad steps fail before any loading
+    resolve_steps(steps, ImageModel.fallbacks.steps)  # bad steps fail before any loading
     if checkpoint is None:
         checkpoint = _default_checkpoint(prompt, low_res)
     model = load_image_model(checkpoint, device)
@@ -336,7 +317,7 @@ def generate_images(
         cond["drop_cond"] = torch.ones(n, dtype=torch.bool)
 
     if guidance_scale is None:
-        guidance_scale = model.default("guidance_scale", FALLBACK_GUIDANCE) if conditional else 1.0
+        guidance_scale = model.default("guidance_scale") if conditional else 1.0
     elif guidance_scale != 1.0 and not conditional:
         raise ValueError("guidance_scale needs a condition to guide towards (labels or prompt)")
     if guidance_interval is not None and not conditional:
@@ -358,8 +339,8 @@ def generate_images(
             raise ValueError(f"strength must lie in (0, 1], got {strength}")
         tasks["init"], tasks["strength"] = to_model_range(_as_images(init, "init", c, s, n)), float(strength)
 
-    sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
-    steps = resolve_steps(steps, model.default("steps", FALLBACK_STEPS))
+    sampler = sampler or model.default("sampler")
+    steps = resolve_steps(steps, model.default("steps"))
     if sampler not in diffkit.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
     gen = seeded_generator(seed)
@@ -566,7 +547,7 @@ class ImageModality:
         sample_kwargs: dict[str, Any] = {"wrappers": [diffkit.ClipX0(-1.0, 1.0)]}
         if model.num_classes is not None:
             cond = {"labels": torch.randint(0, model.num_classes, (batch,), generator=generator).to(dev)}
-            sample_kwargs["guidance_scale"] = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
+            sample_kwargs["guidance_scale"] = float(model.default("guidance_scale"))
         if c != images.shape[1]:
             raise ValueError(f"checkpoint {checkpoint} makes {c}-channel images; its calibration data are the "
                              "one-channel digits, so calibrate it with --data 0")

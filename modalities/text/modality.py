@@ -26,13 +26,14 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 import diffkit
+from diffkit.frontdoor import LoadedModel, SamplingDefaults, cached_loader
 from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transform, check_guidance_interval
 from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 
@@ -74,27 +75,34 @@ NETWORKS = {"modalities.text.model.TextDenoiser": TextDenoiser}
 CLASSIFIERS = {"modalities.text.model.NoisyMRClassifier": NoisyMRClassifier}
 CONTROL_METHODS = ("gradient", "adagrad")
 
-# Used when a checkpoint does not record its own sampling defaults.
-FALLBACK_SAMPLER = "ddim"
-FALLBACK_STEPS = 50
-FALLBACK_GUIDANCE = 2.0
-# Checkpoints from before guidance could mix on the word logits had their scale tuned for the x0 mix.
-FALLBACK_GUIDANCE_MIX = "x0"
-FALLBACK_CLASSIFIER_SCALE = 1.0
+
+
+@dataclass(frozen=True)
+class TextSamplingDefaults(SamplingDefaults):
+    """The text route's defaults where a checkpoint records none. Checkpoints from before guidance
+    could mix on the word logits had their scale tuned for the x0 mix."""
+
+    guidance_mix: str = "x0"
+    classifier_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.guidance_mix not in GUIDANCE_MIXES:
+            raise ValueError(f"guidance_mix must be one of {', '.join(GUIDANCE_MIXES)}, got {self.guidance_mix!r}")
+
+
+FALLBACKS = TextSamplingDefaults(sampler="ddim", steps=50, guidance_scale=2.0)
 
 _MASK_RE = re.compile(re.escape(MASK))
 
 
 # ---------------------------------------------------------------------------------- loading
 @dataclass
-class TextModel:
+class TextModel(LoadedModel):
     """A loaded text checkpoint: network (EMA weights), diffusion, tokenizer and metadata."""
 
-    path: Path
-    net: TextDenoiser
-    diffusion: diffkit.Diffusion
-    tokenizer: TextTokenizer
-    info: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TextTokenizer = None
+    fallbacks: ClassVar[SamplingDefaults] = FALLBACKS
 
     @property
     def max_length(self) -> int:
@@ -108,11 +116,6 @@ class TextModel:
     def mr_vocab(self) -> MRVocabulary | None:
         values = self.info.get("mr_values")
         return MRVocabulary.from_config(values) if values else None
-
-    def default(self, key: str, fallback: Any) -> Any:
-        """A sampling default recorded with the checkpoint (sampler, steps, guidance_scale,
-        guidance_interval, clamp, temperature)."""
-        return (self.info.get("defaults") or {}).get(key, fallback)
 
     @property
     def default_clamp(self) -> bool:
@@ -156,22 +159,19 @@ def load_text_model(checkpoint: str | os.PathLike | None = None, device: str | t
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a checkpoint directory (it has no config.json); give the directory "
                          "that recipes/text_train.py wrote (RUN/checkpoint or the --export directory)")
-    dev = diffkit.resolve_device(device)
-    return _load_cached(str(path), (path / "config.json").stat().st_mtime_ns, str(dev))
+    return _load(path, device)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(path: str, _stamp: int, device: str) -> TextModel:
-    loaded = diffkit.load_network(path, NETWORKS, modality="text", device=device)
-    info = dict(loaded.modality_config)
-    diffusion = loaded.diffusion
-    if diffusion is None:
-        raise diffkit.CheckpointError(f"checkpoint {path} has no diffusion config; it cannot be sampled")
+def _text_model(loaded) -> TextModel:
+    path, info, diffusion = loaded.path, dict(loaded.modality_config), loaded.diffusion
     tokenizer = TextTokenizer.load(loaded.side_file(info.get("tokenizer", TOKENIZER_FILE)))
     if tokenizer.vocab_size != loaded.net.vocab_size:
         raise diffkit.CheckpointError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the network "
                                       f"embeds {loaded.net.vocab_size}; the checkpoint's files do not belong together")
-    return TextModel(Path(path), loaded.net, diffusion, tokenizer, info)
+    return TextModel(Path(path), loaded.net, diffusion, info, tokenizer)
+
+
+_load = cached_loader("text", NETWORKS, _text_model)
 
 
 @dataclass
@@ -497,7 +497,7 @@ def _sample_group(model: TextModel, lengths: torch.Tensor, settings: TextSamplin
     penalty = settings.repeat_penalty
     if penalty is None:
         penalty = float(model.default("repeat_penalty", 0.0))
-    mix = settings.guidance_mix or model.default("guidance_mix", FALLBACK_GUIDANCE_MIX)
+    mix = settings.guidance_mix or model.default("guidance_mix")
     n = lengths.shape[0]
     attention_mask = padding_mask(lengths, dev)
     length = attention_mask.shape[1]
@@ -652,7 +652,7 @@ def generate_text(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
-    resolve_steps(steps, FALLBACK_STEPS)  # a bad steps is an error before anything is loaded
+    resolve_steps(steps, FALLBACKS.steps)  # a bad steps is an error before anything is loaded
     if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if repeat_penalty is not None and not (isinstance(repeat_penalty, (int, float)) and 0 <= repeat_penalty < math.inf):
@@ -675,8 +675,8 @@ def generate_text(
     model = load_text_model(checkpoint, device)
     gen = seeded_generator(seed)
     n = num_samples
-    sampler = sampler or model.default("sampler", FALLBACK_SAMPLER)
-    steps = resolve_steps(steps, int(model.default("steps", FALLBACK_STEPS)))
+    sampler = sampler or model.default("sampler")
+    steps = resolve_steps(steps, int(model.default("steps")))
 
     if control_method is not None and classifier is None:
         raise ValueError("control_method chooses how a classifier steers: pass classifier= too, or leave it unset")
@@ -702,7 +702,7 @@ def generate_text(
                              "default), or pass classifier= (trained with recipes/text_train.py --task classifier)")
         mr = torch.tensor([vocab.encode(controls, partial=True)] * (n * best_of))
         if guidance_scale is None:
-            guidance_scale = float(model.default("guidance_scale", FALLBACK_GUIDANCE))
+            guidance_scale = float(model.default("guidance_scale"))
     elif guidance_scale is not None and guidance_scale != 1.0:
         raise ValueError("guidance_scale needs a condition to guide towards: pass control=")
     guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
@@ -740,7 +740,7 @@ def generate_text(
 
     extra_wrappers = None
     if clf is not None:
-        scale = FALLBACK_CLASSIFIER_SCALE if classifier_scale is None else float(classifier_scale)
+        scale = FALLBACKS.classifier_scale if classifier_scale is None else float(classifier_scale)
 
         def extra_wrappers(rows: torch.Tensor, attention_mask: torch.Tensor) -> list:
             return [classifier_control(clf, clf_codes[rows], attention_mask, control_method, scale)]
@@ -879,7 +879,7 @@ class TextModality:
         lengths = torch.full((batch,), length, dtype=torch.long)
         attention_mask = padding_mask(lengths, model.device)
         call = denoiser_call(net, temperature=model.default_temperature,
-                             guidance_mix=model.default("guidance_mix", FALLBACK_GUIDANCE_MIX))
+                             guidance_mix=model.default("guidance_mix"))
         wrappers = [X0Transform(snap_to_embeddings(net, model.allowed, attention_mask))] if model.default_clamp else []
         return CalibrationInputs(call, model.diffusion, (batch, net.embed_dim, length),
                                  {"attention_mask": attention_mask}, {"wrappers": wrappers})
