@@ -28,6 +28,7 @@ fsync'ed in a hidden sibling directory and then renamed into place; see :func:`s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -611,7 +612,30 @@ def _read_config(path: Path, modality: str | None) -> tuple[Path, dict[str, Any]
             f"checkpoint {directory} is for {found_modality!r}, not {modality!r}. Use it with the "
             f"{found_modality!r} modality, or pass a checkpoint trained for {modality!r}."
         )
-    return directory, config
+    return directory, migrate_config(config)
+
+
+def migrate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint config in today's layout, whatever diffkit wrote it: the one place old layouts are read.
+
+    * Before ``modality_config`` existed, a modality kept its metadata in ``model[<modality>]``
+      (image checkpoints: ``model["image"]``); it moves to ``modality_config``.
+    * A diffusion config without ``time_sampling`` was trained on discrete steps (the only kind
+      then); a schedule without ``name`` is explicit betas (``custom``).
+
+    Returns a new dict; the file is not rewritten.
+    """
+    config = copy.deepcopy(config)
+    model = config.get("model")
+    modality = config.get("modality")
+    if isinstance(model, dict) and modality in model and not config.get("modality_config"):
+        config["modality_config"] = model.pop(modality) or {}
+    diffusion = config.get("diffusion")
+    if isinstance(diffusion, dict):
+        diffusion.setdefault("time_sampling", "discrete")
+        if isinstance(diffusion.get("schedule"), dict):
+            diffusion["schedule"].setdefault("name", "custom")
+    return config
 
 
 def _recorded_checksums(directory: Path, config: Mapping[str, Any]) -> dict[str, str] | None:

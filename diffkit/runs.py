@@ -206,6 +206,22 @@ def add_sampling_default_arguments(parser: argparse.ArgumentParser, *, guidance:
     return g
 
 
+def add_flow_argument(group) -> None:
+    """``--flow``: train a flow-matching model instead of the preset's diffusion (see :func:`apply_flow`)."""
+    group.add_argument("--flow", action="store_true", default=None,
+                       help="train a flow-matching (rectified-flow) model: the path x_s = (1 - s) x0 + s eps, "
+                            "s in [0, 1], with the network predicting the velocity eps - x0 (the same as "
+                            "--schedule flow --prediction flow); sampling, calibration and likelihoods work as for "
+                            "diffusion")
+
+
+def apply_flow(settings: dict) -> dict:
+    """``settings`` with the flow path's schedule and prediction when ``settings["flow"]`` is set."""
+    if settings.get("flow"):
+        settings.update(schedule="flow", prediction="flow")
+    return settings
+
+
 def add_calibrate_arguments(group) -> None:
     """``--no-calibrate`` and ``--calibrate-steps``: what a recipe's ``--export`` calibrates."""
     group.add_argument("--no-calibrate", action="store_true",

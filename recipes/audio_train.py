@@ -44,8 +44,10 @@ import diffkit
 from diffkit import Diffusion, NoiseSchedule, Trainer
 from diffkit.runs import (
     add_calibrate_arguments,
+    add_flow_argument,
     add_sampling_default_arguments,
     add_training_arguments,
+    apply_flow,
     calibrate_export,
     export_checkpoint,
     is_main_process,
@@ -159,9 +161,11 @@ def build_parser() -> _Parser:
     g.add_argument("--mel-channels", type=int, help="mel model: width of the 1-D U-Net")
     g.add_argument("--mel-blocks", type=int, help="mel model: residual blocks per level")
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", choices=("linear", "cosine"),
+    add_flow_argument(g)
+    g.add_argument("--schedule", choices=("linear", "cosine", "flow"),
                    help="noise schedule: linear betas (DiffWave's, with --beta-start/--beta-end) or cosine")
-    g.add_argument("--prediction", choices=("eps", "v", "x0"), help="what the network predicts (DiffWave: eps)")
+    g.add_argument("--prediction", choices=("eps", "v", "x0", "flow"),
+                   help="what the network predicts (DiffWave: eps)")
     g.add_argument("--num-timesteps", type=int, help="training schedule length T (50 in DiffWave)")
     g.add_argument("--beta-start", type=float, help="first beta of the linear schedule")
     g.add_argument("--beta-end", type=float, help="last beta of the linear schedule")
@@ -180,6 +184,7 @@ def resolve_settings(args: argparse.Namespace, parser: _Parser) -> dict[str, Any
     for key, value in vars(args).items():
         if value is not None and key != "preset":
             s[key] = value
+    apply_flow(s)
     s.setdefault("output_dir", f"runs/audio-{args.preset}")
     s.setdefault("sample_rate", FSDD_SAMPLE_RATE)
     if "length" not in s:

@@ -34,8 +34,10 @@ import torch
 import diffkit
 from diffkit.runs import (
     add_calibrate_arguments,
+    add_flow_argument,
     add_sampling_default_arguments,
     add_training_arguments,
+    apply_flow,
     calibrate_export,
     export_checkpoint,
     is_main_process,
@@ -130,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
                    help="learned variance trained with the hybrid loss (Improved DDPM)")
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", help="noise schedule: linear, cosine, ...")
-    g.add_argument("--prediction", choices=("eps", "x0", "v"), help="what the network predicts")
+    g.add_argument("--schedule", help="noise schedule: linear, cosine, ..., or flow")
+    g.add_argument("--prediction", choices=("eps", "x0", "v", "flow"), help="what the network predicts")
+    add_flow_argument(g)
     g.add_argument("--cond-drop-prob", type=float,
                    help="probability of dropping the condition (classifier-free guidance)")
     add_training_arguments(p, run_dir="runs/image-<preset>")
@@ -151,7 +154,10 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if settings["conditioning"] == "low_res" and not settings.get("low_res_size"):
         raise ValueError("--conditioning low_res needs --low-res-size")
     settings.setdefault("output_dir", f"runs/image-{args.preset}")
-    return settings
+    if settings.get("flow") and settings.get("learn_sigma"):
+        raise ValueError("--flow trains with the simple loss; the preset's learned variance (hybrid loss) does not "
+                         "apply to it")
+    return apply_flow(settings)
 
 
 def load_data(s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None, float]:

@@ -40,7 +40,9 @@ import diffkit
 from diffkit import distributed
 from diffkit.runs import (
     add_calibrate_arguments,
+    add_flow_argument,
     add_training_arguments,
+    apply_flow,
     calibrate_export,
     export_checkpoint,
     hardware_summary,
@@ -73,13 +75,12 @@ from modalities.planning.training import (
 
 _MAZE = dict(dim=32, dim_mults=(1, 2, 4), prediction="x0", schedule="cosine", batch_size=32, lr=2e-4,
              warmup_steps=500, ema_decay=0.995, sampler="ddim", sample_steps=10, replan_every=None,
-             action_source="path", num_candidates=16, replan_distance=0.6, stall_steps=20, avoid_stalls=0.25,
-             loop_radius=0.3, discount=0.99, save_every=2000, eval_episodes=5)
+             action_source="path", num_candidates=16, replan_distance=0.6, stall_steps=20,
+             loop_radius=0.5, discount=0.99, save_every=2000, eval_episodes=5)
 # Acting, from observations and the goal only (no map): following the plan's route at the
 # controller's pace instead of tracking its schedule, skipping loops where the route comes back
-# within 0.3 of the ball; 16 candidate plans ranked by the model's own denoising error; a fresh plan
-# when the ball is lost (0.6 from the route) or stuck (20 steps without moving 0.1), ranking
-# plans through where it got stuck last. benchmarks/planning_maze.py scores these defaults beside
+# within 0.5 of the ball; 16 candidate plans ranked by the model's own denoising error; a fresh
+# plan when the ball is lost (0.6 from the route) or stuck (20 steps without moving 0.1). benchmarks/planning_maze.py scores these defaults beside
 # Diffuser's way of acting on the same model (one plan tracked on its schedule) and beside the
 # known-map opt-in (DiffusionPlanner(..., known_map=True)).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=positive_int, help="U-Net width of the first level")
     g.add_argument("--dim-mults", type=_ints, help="width multipliers per level, e.g. 1,2,4 (Diffuser: 1,2,4,8)")
     g.add_argument("--diffusion-steps", type=positive_int, help="training timesteps T")
-    g.add_argument("--prediction", choices=("eps", "x0", "v"), help="what the network predicts")
+    g.add_argument("--prediction", choices=("eps", "x0", "v", "flow"), help="what the network predicts")
+    add_flow_argument(g)
     g.add_argument("--action-weight", type=float, default=1.0,
                    help="loss weight of the first action (Diffuser's locomotion uses 10; default 1)")
     g.add_argument("--value", action="store_true", help="also train a value network (candidate ranking, guidance)")
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "straight sight, with a band this wide either side free of walls (default then: 0.15)")
     g.add_argument("--loop-radius", type=_margin,
                    help="path: skip ahead to the last route point this close to the ball, cutting loops (no map); "
-                        "'none': follow the route (maze presets: 0.3)")
+                        "'none': follow the route (maze presets: 0.5)")
     g.add_argument("--stall-steps", type=_replan,
                    help="replan when the ball has not moved 0.1 in this many steps, or 'none' (maze presets: 20)")
     g.add_argument("--num-candidates", type=int,
@@ -190,6 +192,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if value is not None:
             s[key] = value
+    apply_flow(s)
     if s["replan_every"] == 0:
         s["replan_every"] = None
     for key in ("shortcut_margin", "loop_radius"):
@@ -335,7 +338,7 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
                 "action_source": s["action_source"], "warm_start_strength": 0.5,
                 "num_candidates": s.get("num_candidates", 1)}
     if s["maze"]:
-        defaults.update(stall_steps=s.get("stall_steps"), avoid_stalls=s.get("avoid_stalls") or 0.0)
+        defaults["stall_steps"] = s.get("stall_steps")
     if s["action_source"] == "path":
         defaults["loop_radius"] = s.get("loop_radius")
         if s.get("shortcut_margin") is not None:

@@ -614,3 +614,15 @@ def test_replaced_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
             pass
     assert target.read_bytes() == b"good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.bin"]
+
+
+def test_old_config_layouts_are_migrated_in_one_place():
+    from diffkit.checkpoint import migrate_config
+
+    old = {"modality": "image", "model": {"class": "UNet", "kwargs": {}, "image": {"class_names": ["a"]}},
+           "diffusion": {"class": "Diffusion", "schedule": {"betas": [0.1, 0.2]}, "prediction": "eps"}}
+    new = migrate_config(old)
+    assert new["modality_config"] == {"class_names": ["a"]} and "image" not in new["model"]
+    assert new["diffusion"]["time_sampling"] == "discrete" and new["diffusion"]["schedule"]["name"] == "custom"
+    assert "image" in old["model"]  # the caller's dict is left alone
+    assert migrate_config(new) == new  # today's layout passes unchanged

@@ -40,8 +40,7 @@ def test_shipped_planner(env_id, monkeypatch):
     assert planner.replan_every is None
     assert (planner.action_source, planner.num_candidates, planner.replan_distance) == (
         preset["action_source"], preset["num_candidates"], preset["replan_distance"])
-    assert (planner.stall_steps, planner.loop_radius, planner.avoid_stalls) == (
-        preset["stall_steps"], preset["loop_radius"], preset["avoid_stalls"])
+    assert (planner.stall_steps, planner.loop_radius) == (preset["stall_steps"], preset["loop_radius"])
     # Its defaults read no map; the known map is an opt-in.
     assert not planner.known_map and planner.shortcut_margin is None and planner.candidate_score == "consistency"
     assert DiffusionPlanner.load(env_id, device="cpu", known_map=True).candidate_score == "free_space"

@@ -138,11 +138,9 @@ _load = cached_loader("image", NETWORKS, lambda loaded: ImageModel(loaded.path, 
 
 def image_metadata(config: dict[str, Any]) -> dict[str, Any]:
     """What the image modality records about a checkpoint (class names, text encoder, sampling
-    defaults, ...): ``config["modality_config"]``, or ``config["model"]["image"]`` where
-    checkpoints written before ``modality_config`` existed kept it."""
-    if config.get("modality_config"):
-        return dict(config["modality_config"])
-    return dict((config.get("model") or {}).get("image") or {})
+    defaults, ...): ``config["modality_config"]`` (older layouts are migrated on reading, by
+    :func:`diffkit.checkpoint.migrate_config`)."""
+    return dict(config.get("modality_config") or {})
 
 
 # ---------------------------------------------------------------------------------- inputs

@@ -46,8 +46,7 @@ How it is used:
   (``GradientSteps``).
 - ``stall_steps``: a fresh plan (cold) when the ball has not moved ``stall_distance`` in that
   many steps (or, following a route, not moved on along it in twice that) away from the goal:
-  stuck against a wall a plan runs through. ``avoid_stalls`` > 0 then ranks candidates that
-  pass within that distance of where the ball was heading when it stuck below every other.
+  stuck against a wall a plan runs through.
 - ``replan_distance``: a fresh plan (cold) when the ball is further than this from every point
   of the plan still ahead.
 
@@ -109,7 +108,6 @@ DEFAULTS: dict[str, Any] = {
     "loop_radius": None,  # "path": skip ahead to the last route point within this of the ball (cuts loops)
     "stall_steps": None,  # replan (cold) after this many steps without moving stall_distance, away from the goal
     "stall_distance": 0.1,
-    "avoid_stalls": 0.0,  # > 0: rank candidates down that pass within this of where the ball got stuck
     "candidate_score": None,  # None: "value" with a value network, "free_space" with known_map, else "consistency"
     "consistency_levels": 4,  # "consistency": noise levels the candidates' denoising error is averaged over
     # The opt-in that lets the planner read the maze's walls (MazeGrid) while it plans and acts.
@@ -149,7 +147,7 @@ class DiffusionPlanner:
     further than this from every point of the plan still ahead; None: never),
     ``warm_start_strength`` (None: no warm start), ``warm_start_steps``, ``action_source``,
     ``path_lookahead`` and ``loop_radius`` (for "path"), ``stall_steps``, ``stall_distance``,
-    ``avoid_stalls``, ``candidate_score``, ``consistency_levels``, ``num_candidates``,
+    ``candidate_score``, ``consistency_levels``, ``num_candidates``,
     ``value_guidance`` (scale; 0 = off), ``guidance_steps``, ``guidance_stop_below``;
     ``known_map`` (False: read nothing but observations and the goal; True: also the maze's
     walls, with ``shortcut_margin``); ``seed`` fixes the sampling noise.
@@ -292,10 +290,7 @@ class DiffusionPlanner:
         self.stall_distance = float(settings["stall_distance"])
         if not self.stall_distance > 0:
             raise ValueError(f"stall_distance must be > 0, got {settings['stall_distance']}")
-        self.avoid_stalls = float(settings["avoid_stalls"] or 0.0)
-        if self.avoid_stalls < 0:
-            raise ValueError(f"avoid_stalls must be >= 0 (0: off), got {settings['avoid_stalls']}")
-        if (self.stall_steps is not None or self.avoid_stalls) and self.observation_dim < 2:
+        if self.stall_steps is not None and self.observation_dim < 2:
             raise ValueError("stall detection compares positions (the first two observation values)")
         multiple = getattr(net, "horizon_multiple", 1)
         if self.horizon % multiple:
@@ -379,8 +374,6 @@ class DiffusionPlanner:
         self._memory["has_plan"][mask] = False
         self._memory["anchor"][mask], self._memory["still"][mask] = np.inf, 0
         self._memory["progress_still"][mask] = 0
-        for r in np.nonzero(mask)[0]:
-            self._memory["stalls"][r] = []
 
     def act(self, obs, goal=None) -> np.ndarray:
         """The action for one observation (action_dim,), or for a batch (N, action_dim) from a vector env.
@@ -417,7 +410,7 @@ class DiffusionPlanner:
             strayed = mem["has_plan"] & off_path
             stale |= strayed
         if self.stall_steps is not None:
-            # Stuck (against a wall the plan runs through, in a corner): plan afresh from here.
+            # Stuck (against a wall the plan runs through): plan afresh from here, cold.
             moved = np.linalg.norm(states[:, :2] - mem["anchor"], axis=1) > self.stall_distance
             mem["anchor"][moved], mem["still"][moved] = states[moved, :2], 0
             stalled = mem["has_plan"] & (mem["still"] >= self.stall_steps)
@@ -428,8 +421,6 @@ class DiffusionPlanner:
                 stalled |= mem["has_plan"] & (mem["progress_still"] >= 2 * self.stall_steps)
             if goals is not None:
                 stalled &= np.linalg.norm(states[:, :2] - goals, axis=1) >= GOAL_RADIUS
-            for r in np.nonzero(stalled)[0]:
-                mem["stalls"][r].append(self._blocked_points(r, states[r]))
             mem["still"][stalled] = mem["progress_still"][stalled] = 0
             self.stalls_seen += int(stalled.sum())
             strayed = strayed | stalled
@@ -458,7 +449,6 @@ class DiffusionPlanner:
             "goal": np.full((n, 2), np.nan),  # the goal the plan was made for
             "anchor": np.full((n, 2), np.inf),  # stall detection: where the ball last moved from
             "still": np.zeros(n, dtype=np.int64),  # steps since it moved stall_distance from there
-            "stalls": [[] for _ in range(n)],  # points the ball was stuck short of (this episode)
             "progress_anchor": np.zeros(n, dtype=np.int64),  # "path": the route row last moved on from
             "progress_still": np.zeros(n, dtype=np.int64),  # steps since
         }
@@ -533,13 +523,11 @@ class DiffusionPlanner:
     def _value(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.value_net(x, t)
 
-    def _sample(self, states: np.ndarray, goals: Optional[np.ndarray], init: Optional[torch.Tensor] = None,
-                stalls: Optional[list] = None):
+    def _sample(self, states: np.ndarray, goals: Optional[np.ndarray], init: Optional[torch.Tensor] = None):
         n, k = len(states), self.num_candidates
         rows = np.repeat(np.arange(n), k)  # candidate j of example b is row b * k + j (sample_candidates)
         known = self._known(states[rows], None if goals is None else goals[rows])
-        self._score_context = {"known_mask": known.mask, "goals": None if goals is None else goals[rows],
-                               "stalls": None if stalls is None else [stalls[r] for r in rows]}
+        self._score_context = {"known_mask": known.mask}  # for the candidates' denoising error
         wrappers: list = []
         if self.normalizer.kind == "limits":
             wrappers.append(ClipX0(-1.0, 1.0))  # the data lie in [-1, 1]; so must the model's guesses
@@ -555,29 +543,14 @@ class DiffusionPlanner:
         if k > 1:
             best = self.diffusion.sample_candidates(self.net, shape, k, score_fn=self._score, **kwargs)
             if self.value_net is not None and self.candidate_score != "value":
-                return best.top, self._value(best.top, torch.zeros(n, device=best.top.device))
+                with torch.no_grad():
+                    return best.top, self._value(best.top, torch.zeros(n, device=best.top.device))
             return best.top, (best.scores[:, 0] if self.candidate_score == "value" else None)
         x = self.diffusion.sample(self.net, shape, **kwargs)
         return x, (self._score(x) if self.candidate_score == "value" and self.value_net is not None else None)
 
     @torch.no_grad()
     def _score(self, x: torch.Tensor) -> torch.Tensor:
-        score = self._base_score(x)
-        stalls = self._score_context.get("stalls")
-        if self.avoid_stalls and stalls is not None and any(len(s) for s in stalls):
-            # Routes through the places the ball got stuck at rank below every other.
-            rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
-            route = _interpolate(rows[:, :, self.action_dim: self.action_dim + 2], self.every)
-            blocked = np.zeros(len(x), dtype=bool)
-            for j, points in enumerate(stalls):
-                if len(points):
-                    probes = np.concatenate(points)  # (P, 2)
-                    gaps = np.linalg.norm(route[j][:, None] - probes[None], axis=2)
-                    blocked[j] = gaps.min() < self.avoid_stalls
-            score = score - torch.as_tensor(blocked, dtype=score.dtype, device=score.device) * 1e6
-        return score
-
-    def _base_score(self, x: torch.Tensor) -> torch.Tensor:
         if self.candidate_score == "consistency":
             return -self._denoising_error(x)
         if self.candidate_score == "arrival":
@@ -614,19 +587,6 @@ class DiffusionPlanner:
             total += terms["mse"].detach().double().cpu()
         return (total / len(levels)).to(x.device)
 
-    def _blocked_points(self, r: int, state: np.ndarray) -> np.ndarray:
-        """Where the ball stuck at ``state`` was heading: points 0.3 and 0.6 ahead of it toward the
-        route's next point, (2, 2); the ball itself when the route gives no direction."""
-        mem = self._memory
-        route = mem["states"][r, :, :2]
-        ahead = route[min(int(mem["progress"][r]), self.span - 1):]
-        gaps = np.linalg.norm(ahead - state[:2], axis=1)
-        far = np.nonzero(gaps > 0.3)[0]
-        if not len(far):
-            return state[None, :2].copy()
-        direction = (ahead[far[0]] - state[:2]) / gaps[far[0]]
-        return state[None, :2] + np.array([[0.3], [0.6]]) * direction[None]
-
     def _to_plan(self, x: torch.Tensor, states: np.ndarray, goals, values) -> Plan:
         # float64 like Gymnasium's observations, so the current state is copied in exactly.
         rows = self.normalizer.unnormalize(x.transpose(1, 2).float().cpu()).numpy().astype(np.float64)
@@ -658,8 +618,7 @@ class DiffusionPlanner:
             init = None
             if mode == "warm":
                 init = torch.stack([_shift(mem["x"][r], round(int(mem["step"][r]) / self.every)) for r in rows])
-            stalls = [mem["stalls"][r] for r in rows] if self.avoid_stalls else None
-            x, values = self._sample(states[rows], None if goals is None else goals[rows], init, stalls)
+            x, values = self._sample(states[rows], None if goals is None else goals[rows], init)
             plan = self._to_plan(x, states[rows], None if goals is None else goals[rows], values)
             mem["x"][rows] = x.float().cpu()
             mem["states"][rows], mem["actions"][rows] = plan.states, plan.actions
