@@ -291,6 +291,11 @@ def test_generate_bad_input(checkpoint, tmp_path):
         mod.generate(checkpoint=checkpoint, num_samples=0)
     with pytest.raises(ValueError, match="steps"):
         mod.generate(checkpoint=checkpoint, num_samples=1, steps=0)
+    for scale in (True, float("nan"), "2"):  # the core's check, as for images and audio: a bool is no weight
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            mod.generate(checkpoint=checkpoint, num_samples=1, guidance_scale=scale)
+    with pytest.raises(ValueError, match="classifier_scale must be a finite number"):
+        mod.generate(checkpoint=checkpoint, num_samples=1, classifier_scale=False)
     with pytest.raises(ValueError, match=r"length must be a whole number in \[1, 48\]"):
         mod.generate(checkpoint=checkpoint, num_samples=1, length=49)
     with pytest.raises(ValueError, match="not a checkpoint directory"):

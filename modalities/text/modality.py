@@ -34,7 +34,14 @@ import torch
 
 import diffkit
 from diffkit.frontdoor import LoadedModel, SamplingDefaults, cached_loader
-from diffkit.guidance import GradientGuidance, KnownValues, StateHook, X0Transform, check_guidance_interval
+from diffkit.guidance import (
+    GradientGuidance,
+    KnownValues,
+    StateHook,
+    X0Transform,
+    check_guidance_interval,
+    check_guidance_scale,
+)
 from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 
 from .data import SLOTS, MRVocabulary
@@ -657,9 +664,11 @@ def generate_text(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if repeat_penalty is not None and not (isinstance(repeat_penalty, (int, float)) and 0 <= repeat_penalty < math.inf):
         raise ValueError(f"repeat_penalty must be a finite number >= 0, got {repeat_penalty!r}")
-    for name, value in (("guidance_scale", guidance_scale), ("classifier_scale", classifier_scale)):
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)  # the core's check, as image and audio use: no NaN, no bool
+    if classifier_scale is not None and (isinstance(classifier_scale, bool) or not (
+            isinstance(classifier_scale, (int, float)) and math.isfinite(classifier_scale))):
+        raise ValueError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
     controls = parse_control(control)  # check the syntax before loading anything
     check_guidance_interval(guidance_interval)
     if guidance_mix is not None:
