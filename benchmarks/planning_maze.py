@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             return {k: getattr(p, k) for k in (
                 "known_map", "sampler", "steps", "horizon", "every", "replan_every", "replan_distance",
                 "action_source", "num_candidates", "candidate_score", "shortcut_margin", "loop_radius",
-                "stall_steps", "avoid_stalls")}
+                "stall_steps")}
 
         payload["envs"][env_id] = {
             "checkpoint": str(planner.path), "data": data_source, "bc_steps": None if args.no_bc else args.bc_steps,

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         base = DiffusionPlanner.load(source, env=env_id, device="cpu", seed=args.seed)
         T = base.diffusion.num_timesteps
         # Diffuser's ways draw one plan each (a batch of 64 for locomotion) and act as Diffuser does.
-        diffuser = dict(replan_every=None, num_candidates=1, replan_distance=None,
+        diffuser = dict(replan_every=None, num_candidates=1, replan_distance=None, stall_steps=None,
                         **({"action_source": "tracking"} if base.maze is not None else {}))
         ways = {
             "ours": dict(),

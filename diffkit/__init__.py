@@ -45,6 +45,7 @@ from .diffusion import (  # noqa: E402
 )
 from .analytic import GaussianData  # noqa: E402
 from .likelihood import Estimate  # noqa: E402
+from .masked import MaskedDiffusion, TokenSampling  # noqa: E402
 from .starts import NoiseStart, PriorStart, WarmStart  # noqa: E402
 from . import interop, nn  # noqa: E402
 from .utils import resolve_device, seed_everything  # noqa: E402
@@ -80,6 +81,8 @@ __all__ = [
     "register_sampler",
     "sampler_spec",
     "Estimate",
+    "MaskedDiffusion",
+    "TokenSampling",
     "NoiseStart",
     "PriorStart",
     "WarmStart",

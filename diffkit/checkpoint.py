@@ -798,6 +798,7 @@ def load_network(
     there is one); ``diffusion`` is rebuilt from the config, or None when the config has none.
     """
     from diffkit.diffusion import Diffusion  # diffusion imports the package root, which imports this module
+    from diffkit.masked import MaskedDiffusion
     from diffkit.utils import resolve_device
 
     if weights not in WEIGHTS:
@@ -852,7 +853,8 @@ def load_network(
     diffusion = None
     if config.get("diffusion") is not None:
         try:
-            diffusion = Diffusion.from_config(config["diffusion"])
+            route = MaskedDiffusion if config["diffusion"].get("class") == "MaskedDiffusion" else Diffusion
+            diffusion = route.from_config(config["diffusion"])
         except (TypeError, ValueError, KeyError) as err:
             raise CheckpointError(f"the diffusion config in {directory / CONFIG_FILE} is invalid: {err}") from err
     return LoadedNetwork(

@@ -359,7 +359,10 @@ class Diffusion:
     @classmethod
     def from_config(cls, config: dict) -> "Diffusion":
         """Rebuild a Diffusion from :attr:`config`."""
-        if not isinstance(config, dict) or "schedule" not in config:
+        if isinstance(config, dict) and config.get("class") == "MaskedDiffusion":
+            raise ValueError("this is a masked (discrete) diffusion config; load it with "
+                             "diffkit.MaskedDiffusion.from_config, not Diffusion.from_config")
+        if not isinstance(config, dict) or not isinstance(config.get("schedule"), dict):
             raise ValueError("not a Diffusion config: it needs a 'schedule' entry (use Diffusion.config to make one)")
         keys = ("prediction", "variance", "loss_type", "loss_weighting", "min_snr_gamma", "hybrid_lambda",
                 "decoder", "bin_width", "data_range", "time_input", "time_sampling", "logit_normal", "calibration")
