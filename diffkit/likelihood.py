@@ -136,21 +136,12 @@ def ode_nll(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive integer, got {probes!r}")
+    from .diffusion import _element_mask  # the diffusion module imports this one lazily
+
     batch = x0.shape[0]
-    counted = None
-    if mask is not None:
-        counted = torch.as_tensor(mask, device=x0.device)
-        if counted.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = counts), got {counted.dtype}")
-        try:
-            counted = counted.expand_as(x0)
-        except RuntimeError:
-            raise ValueError(f"mask of shape {tuple(counted.shape)} does not broadcast to the data shape "
-                             f"{tuple(x0.shape)}") from None
+    counted = _element_mask(mask, None, x0)
     dims = (counted.reshape(batch, -1).sum(dim=1) if counted is not None
             else torch.full((batch,), x0[0].numel(), device=x0.device)).to(torch.float64)
-    if (dims == 0).any():
-        raise ValueError("mask leaves no dimension to count in some example")
     use_exact = divergence == "exact" or (divergence == "auto" and int(dims.max()) <= EXACT_DIVERGENCE_MAX_DIMS)
     probe_list = None
     if not use_exact:
