@@ -30,7 +30,7 @@ def test_recipe_resumes_reuses_its_data_and_evaluates(tmp_path):
     assert config["observation_dim"] == 4 and len(config["normalizer"]["shift"]) == 6
     defaults = config["defaults"]
     assert defaults["action_source"] == "path" and "shortcut_margin" not in defaults  # no map read by default
-    assert defaults["stall_steps"] == 20 and defaults["loop_radius"] == 0.3 and not defaults.get("known_map")
+    assert defaults["stall_steps"] == 20 and defaults["loop_radius"] == 0.5 and not defaults.get("known_map")
     data_time = (out / "data.hdf5").stat().st_mtime_ns
     # The same command with more steps continues from step 2 and reuses the recorded data.
     assert planner_train.main([*TINY, "--max-steps", "4", "--eval-episodes", "1", "--output-dir", str(out)]) == 0
