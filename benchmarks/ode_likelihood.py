@@ -98,7 +98,7 @@ def markdown(rows, args, wall: float) -> str:
         "# Exact likelihood by the probability-flow ODE, against the closed form (Gaussian data)",
         "",
         f"Command: `python benchmarks/ode_likelihood.py{' --quick' if args.quick else ''}` (seed {args.seed}); "
-        f"{hardware_summary()}; torch {torch.__version__}; diffkit {diffkit.__version__}; one thread; "
+        f"{hardware_summary()}; diffkit {diffkit.__version__}; "
         f"wall time {wall:.0f} s.",
         "",
         f"Data: {args.dims} independent Gaussian dimensions (means -1..2, standard deviations 0.3..1.5), "
