@@ -707,7 +707,8 @@ class Diffusion:
                       calibrated: bool = True) -> SamplingGrid:
         """The grid a sampler visits: ``steps`` training times respaced by ``spacing``.
 
-        Defaults: :attr:`default_sampler`, 20 steps (all T for ``ddpm``) and the sampler's best spacing, or, when
+        Defaults: :attr:`default_sampler`, 20 steps (all T for ``ddpm``) and the sampler's best spacing (on the
+        flow path: uniform in s for every sampler), or, when
         :attr:`calibration` holds a grid for (``sampler``, ``steps``) and neither ``spacing``,
         ``log_snr_range`` nor ``max_time`` is given, that stored grid (``calibrated=False``
         skips it). ``max_time`` restricts the grid to [0, max_time] (warm starts). Any other
@@ -723,8 +724,11 @@ class Diffusion:
                 return stored[0]
         if max_time is not None and not self.schedule.is_continuous:
             steps = min(steps, max_time + 1)
-        times = respace(self.schedule, steps, spacing or default_spacing(sampler), log_snr_range=log_snr_range,
-                        max_time=max_time)
+        if spacing is None:
+            # On the flow path every sampler steps uniformly in s: on a trained network the log-SNR
+            # grid spends few calls at the extremes (benchmarks/results/mixture_spacing.md).
+            spacing = "trailing" if self.schedule.is_continuous else default_spacing(sampler)
+        times = respace(self.schedule, steps, spacing, log_snr_range=log_snr_range, max_time=max_time)
         return SamplingGrid.from_times(self.schedule, times)
 
     def _grid(self, grid, steps, sampler: str, start) -> SamplingGrid:
