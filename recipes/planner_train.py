@@ -348,7 +348,8 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
         action_low=env.action_space.low, action_high=env.action_space.high, defaults=defaults,
         value_normalizer=value_normalizer, inverse_dynamics=bool(s.get("inverse_dynamics")),
         data=s.get("dataset") or f"waypoint expert, {len(traj)} steps, seed {s['seed']}", every=s["every"])
-    kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]))
+    kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]),
+                  **({"time_scale": 1000.0} if s["schedule"] == "flow" else {}))
     loss_kwargs = None
     if s["action_weight"] != 1.0:
         weight = torch.ones(windows.transition_dim, s["horizon"])

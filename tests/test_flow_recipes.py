@@ -21,8 +21,10 @@ def test_image_recipe_trains_a_flow_model(tmp_path):
     export = tmp_path / "export"
     assert image_train.main(["--flow", "--max-steps", "2", "--output-dir", str(tmp_path / "run"),
                              "--export", str(export), *IMAGE]) == 0
-    diffusion = read_config(export)["diffusion"]
+    config = read_config(export)
+    diffusion = config["diffusion"]
     assert diffusion["schedule"]["name"] == "flow" and diffusion["prediction"] == "flow"
+    assert config["model"]["kwargs"]["time_scale"] == 1000.0  # its sinusoids resolve s in [0, 1]
     images = diffkit.generate(modality="image", checkpoint=export, labels=[1, 2], steps=3, seed=0, device="cpu")
     assert images.shape == (2, 1, 16, 16) and 0 <= float(images.min()) and float(images.max()) <= 1
 

@@ -93,6 +93,7 @@ class UNet(nn.Module):
         learn_sigma: bool = False,
         dropout: float = 0.0,
         norm_groups: int = 8,
+        time_scale: float = 1.0,
     ):
         super().__init__()
         levels = len(channel_mult)
@@ -120,7 +121,9 @@ class UNet(nn.Module):
 
         emb_dim = 4 * base_channels
         # Sinusoidal features of the (integer or real) timestep, then Linear-SiLU-Linear.
-        self.time_mlp = TimeEmbedding(base_channels, emb_dim, emb_dim)
+        # time_scale: 1000 for a flow model, whose times s lie in [0, 1], so its sinusoids resolve them
+        # as finely as a 1000-step diffusion model's.
+        self.time_mlp = TimeEmbedding(base_channels, emb_dim, emb_dim, scale=time_scale)
         if num_classes is not None:
             self.class_emb = nn.Embedding(num_classes + 1, emb_dim)  # last row: null class
         if context_dim is not None:

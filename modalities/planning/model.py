@@ -51,7 +51,7 @@ class TemporalUNet(nn.Module):
     """
 
     def __init__(self, transition_dim: int, dim: int = 32, dim_mults: Sequence[int] = (1, 2, 4),
-                 zero_init_output: bool = True):
+                 zero_init_output: bool = True, time_scale: float = 1.0):
         super().__init__()
         if transition_dim < 1 or dim < 1 or not dim_mults:
             raise ValueError(f"invalid TemporalUNet sizes: transition_dim={transition_dim}, dim={dim}, "
@@ -59,9 +59,10 @@ class TemporalUNet(nn.Module):
         self.transition_dim = transition_dim
         self.dim_mults = tuple(int(m) for m in dim_mults)
         widths = [transition_dim] + [dim * m for m in self.dim_mults]
-        # Sinusoids of the diffusion time, then an MLP to 4 * dim (Diffuser's time MLP).
+        # Sinusoids of the diffusion time, then an MLP to 4 * dim (Diffuser's time MLP); time_scale
+        # 1000 for a flow model's times s in [0, 1].
         emb_dim = dim * 4
-        self.time_embedding = TimeEmbedding(dim, hidden=emb_dim, out_dim=emb_dim)
+        self.time_embedding = TimeEmbedding(dim, hidden=emb_dim, out_dim=emb_dim, scale=time_scale)
         levels = len(self.dim_mults)
 
         self.downs = nn.ModuleList()

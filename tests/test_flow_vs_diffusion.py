@@ -1,0 +1,49 @@
+"""benchmarks/flow_vs_diffusion.py: its --quick run trains, calibrates and scores both models and
+writes a table with a row per model at each call count, all values finite."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_writes_both_models_at_every_call_count(tmp_path):
+    if importlib.util.find_spec("sklearn") is None:  # the digits loader of the image modality
+        pytest.skip("the image benchmark needs scikit-learn")
+    out = tmp_path / "table.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flow_vs_diffusion.py"), "--quick",
+                             "--out", str(out), "--work-dir", str(tmp_path / "work")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"exited {result.returncode} after {wall:.0f} s:\n{output[-3000:]}"
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    for kind in ("diffusion", "flow"):
+        assert data["models"][kind]["train_wall_s"] > 0
+        for calibrated in (False, True):
+            calls = sorted(r["calls"] for r in rows if r["kind"] == kind and r["calibrated"] == calibrated)
+            assert set(calls) == {5, 10, 20}, (kind, calibrated, calls)
+    for r in rows:
+        for key in ("acc", "fd", "seconds"):
+            assert math.isfinite(r[key]), r
+        assert 0.0 <= r["acc"] <= 1.0
+    flow, diffusion = data["models"]["flow"]["diffusion"], data["models"]["diffusion"]["diffusion"]
+    assert (flow["schedule"], flow["prediction"]) == ("flow", "flow")
+    assert (diffusion["schedule"], diffusion["prediction"]) == ("cosine", "v")
+    table = out.read_text()
+    assert "| flow (rectified" in table and "| diffusion (v-pred, cosine)" in table
+    for calls in (5, 10, 20):
+        assert f"| {calls} |" in table
+    # Nothing is written beside the table but its JSON (the work dir was given explicitly).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.json", "table.md", "work"]
