@@ -620,21 +620,16 @@ def migrate_config(config: dict[str, Any]) -> dict[str, Any]:
 
     * Before ``modality_config`` existed, a modality kept its metadata in ``model[<modality>]``
       (image checkpoints: ``model["image"]``); it moves to ``modality_config``.
-    * A diffusion config without ``time_sampling`` was trained on discrete steps (the only kind
-      then); a schedule without ``name`` is explicit betas (``custom``).
 
-    Returns a new dict; the file is not rewritten.
+    Diffusion configs need no migration: every entry added since the first format has a default
+    that reproduces the old behaviour (``Diffusion.from_config``). Returns a new dict when it
+    changes anything, the config itself otherwise; the file is not rewritten.
     """
-    config = copy.deepcopy(config)
     model = config.get("model")
     modality = config.get("modality")
     if isinstance(model, dict) and modality in model and not config.get("modality_config"):
-        config["modality_config"] = model.pop(modality) or {}
-    diffusion = config.get("diffusion")
-    if isinstance(diffusion, dict):
-        diffusion.setdefault("time_sampling", "discrete")
-        if isinstance(diffusion.get("schedule"), dict):
-            diffusion["schedule"].setdefault("name", "custom")
+        config = copy.deepcopy(config)
+        config["modality_config"] = config["model"].pop(modality) or {}
     return config
 
 

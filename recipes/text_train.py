@@ -426,7 +426,7 @@ def export(s, trainer: Trainer, path: Path, wall_time: float, argv: list[str],
 
 
 def train_and_export(trainer: Trainer, s: dict[str, Any], args: argparse.Namespace, argv: list[str],
-                     **export_options: Any) -> int:
+                     *, calibrate: bool = True, **export_options: Any) -> int:
     """Train (from where the run left off), say where it ended, and export when ``--export`` asks
     (``export_options`` go to :func:`export`)."""
     start = time.perf_counter()
@@ -437,7 +437,8 @@ def train_and_export(trainer: Trainer, s: dict[str, Any], args: argparse.Namespa
         if args.export:
             path = export(s, trainer, Path(args.export), wall, argv, **export_options)
             print(f"exported {path}")
-            calibrate_export(path, args, trainer.device)
+            if calibrate:  # a classifier records its denoiser's diffusion but samples nothing itself
+                calibrate_export(path, args, trainer.device)
     return 0
 
 
@@ -471,7 +472,7 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
                       loss_fn=ClassifierObjective(denoiser.diffusion), modality="text",
                       model_config=model_config, modality_config=info,
                       side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")})
-    return train_and_export(trainer, s, args, argv)
+    return train_and_export(trainer, s, args, argv, calibrate=False)
 
 
 def guided_codes(teacher: TextModel, s: dict[str, Any], count: int) -> torch.Tensor:
