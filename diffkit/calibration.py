@@ -635,13 +635,15 @@ def calibrate_checkpoint(
     device="cpu",
     progress: bool = False,
     write: bool = True,
+    model_statistics: bool = True,
 ) -> "Diffusion":
     """Calibrate a saved diffusion checkpoint and write the result into its ``config.json``.
 
     The checkpoint's modality (through the registry) supplies the network, the batch shape and
     the conditions (:class:`CalibrationInputs`, its ``calibration_inputs`` method); ``batch``
     draws of noise fit the grids, ``data`` training examples (0: none) the reverse variances.
-    The config is rewritten atomically (the old file or the whole new one, never a torn one);
+    ``model_statistics=False`` skips dpm-v3's statistics (they hold two tables per element of a
+    sample, which for large samples make the config large). The config is rewritten atomically (the old file or the whole new one, never a torn one);
     everything else in the checkpoint is left as it is. Returns the calibrated diffusion.
     """
     from .checkpoint import CONFIG_FILE, checkpoint_directory, config_text, read_config
@@ -673,7 +675,7 @@ def calibrate_checkpoint(
         eps_norm_times=torch.linspace(0, T - 1, min(50, T)).round().unique().tolist(),
         reference_steps=reference_steps, generator=torch.Generator(device=noise.device).manual_seed(seed + 1),
         device=noise.device, progress=progress, sample_kwargs=inputs.sample_kwargs,
-        eps_norm_cond=inputs.data_cond if data > 0 else None, **inputs.cond)
+        eps_norm_cond=inputs.data_cond if data > 0 else None, model_statistics=model_statistics, **inputs.cond)
     if write:
         config_file = directory / CONFIG_FILE
         fresh = json.loads(config_file.read_text())

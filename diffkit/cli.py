@@ -157,6 +157,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
                      help="sampler runs allowed per grid search (default: 200)")
     cal.add_argument("--reference-steps", type=positive_int, default=100, metavar="K",
                      help="points of the fine-step reference run (default: 100)")
+    cal.add_argument("--no-statistics", action="store_true",
+                     help="skip dpm-v3's model statistics (two tables per element of a sample: large samples make "
+                          "a large config)")
     cal.add_argument("--seed", type=int, default=0, help="seed of the noise and data draws (default: 0)")
     cal.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default: auto)")
     cal.add_argument("--dry-run", action="store_true", help="calibrate and print the result, but write nothing")
@@ -308,7 +311,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     calibrated = calibrate_checkpoint(
         args.checkpoint, steps=args.steps, batch=args.batch, data=args.data, samplers=args.samplers,
         max_evals=args.max_evals, reference_steps=args.reference_steps, seed=args.seed,
-        device=resolve_device(args.device), progress=not args.no_progress, write=not args.dry_run)
+        device=resolve_device(args.device), progress=not args.no_progress, write=not args.dry_run,
+        model_statistics=not args.no_statistics)
     calibration = calibrated.calibration
     for key, entry in calibration.get("grids", {}).items():
         print(f"grid {key}: {[round(t, 3) for t in entry['times']]} {entry['sampler_options'] or ''}".rstrip())

@@ -135,3 +135,10 @@ def test_shipped_modalities_follow_the_modality_protocol(name):
     modality = diffkit.get_modality(name)
     assert isinstance(modality, diffkit.Modality)
     assert callable(getattr(modality, "calibration_inputs", None))  # diffkit calibrate serves every modality
+
+
+def test_no_statistics_keeps_the_config_small(gauss, tmp_path):
+    path = _checkpoint(tmp_path / "ckpt")
+    assert main(["calibrate", str(path), *ARGS, "--no-statistics", "--data", "0"]) == 0
+    calibration = json.loads((path / "config.json").read_text())["diffusion"]["calibration"]
+    assert "statistics" not in calibration and set(calibration["grids"]) == {"unipc/4"}
