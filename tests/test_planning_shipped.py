@@ -11,8 +11,9 @@ import pytest
 
 pytest.importorskip("gymnasium_robotics")
 
-from modalities.planning.maze import MazeGrid, make_env  # noqa: E402
+from modalities.planning.maze import make_env  # noqa: E402
 from modalities.planning.planner import CHECKPOINTS_DIR, DiffusionPlanner, evaluate  # noqa: E402
+from _toys import hide_inner_walls  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from planner_train import PRESETS  # noqa: E402
@@ -52,15 +53,7 @@ def test_shipped_planner(env_id, monkeypatch):
     # Reaching the goal with the defaults it ships with, the map hidden as an outside judge hides
     # it (benchmarks/planning_maze.py scores it at length).
     with monkeypatch.context() as patch:
-        original = MazeGrid.__post_init__
-
-        def cleared(self):
-            original(self)
-            walls = self.walls.copy()
-            walls[1:-1, 1:-1] = False
-            object.__setattr__(self, "walls", walls)
-
-        patch.setattr(MazeGrid, "__post_init__", cleared)
+        hide_inner_walls(patch)
         hidden = DiffusionPlanner.load(env_id, env=env_id, device="cpu", seed=0)
         assert not hidden.maze.walls[1:-1, 1:-1].any()
         results = evaluate(hidden, env_id, episodes=2, seed=1000, continuing_task=True)
