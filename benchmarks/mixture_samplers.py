@@ -238,7 +238,7 @@ def cache_dir(seed: int, train_steps: int) -> Path:
 def trained_model(name: str, diff: diffkit.Diffusion, steps: int, seed: int, cache: Path | None):
     if cache is not None and (cache / f"{name}.pt").exists():
         model = MixtureMLP(time_scale=1000.0 if diff.schedule.is_continuous else 1.0)
-        model.load_state_dict(torch.load(cache / f"{name}.pt"))
+        model.load_state_dict(torch.load(cache / f"{name}.pt", weights_only=True))
         return model.eval().requires_grad_(False), {**json.loads((cache / f"{name}.json").read_text()), "cached": True}
     model, info = train(diff, steps, seed)
     if cache is not None:
