@@ -422,18 +422,7 @@ def test_shortcuts_skip_a_detour_that_fills_the_horizon():
         start, goal = obs["observation"][:2], obs["desired_goal"]
         assert grid.cell_of(start)[0] == grid.cell_of(goal)[0] == 3  # both in the bottom corridor
         turn = grid.cell_center((1, 3))  # the far end of the right arm
-        half = planner.horizon // 2
-        out = np.linspace(start, turn, half)
-        back = np.linspace(turn, goal, planner.horizon - half + 1)[1:]
-        route = np.c_[np.concatenate([out, back]), np.zeros((planner.horizon, 2))]
-        x = torch.zeros(1, 6, planner.horizon)
-        x[0, 2:] = torch.as_tensor(route.T, dtype=torch.float32)
-        planner._sample = lambda states, goals, init=None, _x=x: (_x, None)
-        planner.reset()
-        returns[margin] = 0.0
-        for _ in range(300):
-            obs, reward, *_ = env.step(planner.act(obs))
-            returns[margin] += reward
+        returns[margin] = _follow_out_and_back(planner, env, obs, turn)
         if margin is not None:
             assert planner.plans_made == 1
         env.close()
@@ -502,6 +491,25 @@ def test_export_carries_a_model_card(trained):
     assert "actions by path (loops cut within 0.5)" in card and "no map read" in card
     config = json.loads((trained / "export" / "config.json").read_text())
     assert "README.md" not in config["checksums"]  # documentation, not weights
+
+
+def _follow_out_and_back(planner, env, obs, via, steps: int = 300) -> float:
+    """Make the model "draw" a route from the ball out to ``via`` and back to the goal, and return
+    what acting on it for ``steps`` steps earns."""
+    start, goal = obs["observation"][:2], obs["desired_goal"]
+    half = planner.horizon // 2
+    out = np.linspace(start, via, half)
+    back = np.linspace(via, goal, planner.horizon - half + 1)[1:]
+    route = np.c_[np.concatenate([out, back]), np.zeros((planner.horizon, 2))]
+    x = torch.zeros(1, 6, planner.horizon)
+    x[0, 2:] = torch.as_tensor(route.T, dtype=torch.float32)
+    planner._sample = lambda states, goals, init=None, _x=x: (_x, None)
+    planner.reset()
+    total = 0.0
+    for _ in range(steps):
+        obs, reward, *_ = env.step(planner.act(obs))
+        total += reward
+    return total
 
 
 def _hide_inner_walls(monkeypatch):
@@ -588,18 +596,7 @@ def test_loops_in_the_route_are_cut_without_the_map():
         start, goal = obs["observation"][:2], obs["desired_goal"]
         away = start + 1.2 * (start - goal) / np.linalg.norm(start - goal)  # back along the corridor
         away = np.clip(away, -1.4, 1.4)
-        half = planner.horizon // 2
-        out = np.linspace(start, away, half)
-        back = np.linspace(away, goal, planner.horizon - half + 1)[1:]
-        route = np.c_[np.concatenate([out, back]), np.zeros((planner.horizon, 2))]
-        x = torch.zeros(1, 6, planner.horizon)
-        x[0, 2:] = torch.as_tensor(route.T, dtype=torch.float32)
-        planner._sample = lambda states, goals, init=None, _x=x: (_x, None)
-        planner.reset()
-        returns[loop] = 0.0
-        for _ in range(300):
-            obs, reward, *_ = env.step(planner.act(obs))
-            returns[loop] += reward
+        returns[loop] = _follow_out_and_back(planner, env, obs, away)
         env.close()
     env = make_env(ENV, continuing_task=True)
     obs, _ = env.reset(seed=4)
