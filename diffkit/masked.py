@@ -30,13 +30,27 @@ Samplers, one short function each over the grid 1 = t_0 > ... > t_K = 0:
 
 Both take classifier-free guidance on the log-probabilities, known tokens (infilling),
 positions left out (padding), temperature and top-p.
+
+Block diffusion (BD3-LM, Arriola et al. 2025) is the same process run one block of
+``block_size`` tokens at a time: autoregressive across blocks, masked diffusion inside each.
+The bound is the sum of each block's masked-diffusion bound given the clean blocks before it,
+and the network reads those through a ``context`` keyword,
+
+    model(x_t (B, L), t (B,), context=x0 (B, L), **cond) -> logits (B, L, V),
+
+where the logits of block j may depend on x_t's block j and on ``context``'s blocks before j
+only (block-causal attention; the later context is unseen). Sampling denoises block after
+block with ``steps`` steps each and stops once every row has produced ``stop_id``. A network
+that offers ``model.block_cache(batch, **cond)`` (:class:`BlockCache`) keeps the clean blocks'
+keys and values, as an autoregressive model does; any other network is called on the whole
+prefix each time (the same result, more work).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
@@ -47,6 +61,16 @@ from .likelihood import Estimate
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ancestral", "confidence")
 LOG2 = math.log(2.0)
+
+_DEFAULT = object()  # "the diffusion's own block size"
+
+
+def _check_block_size(block_size) -> Optional[int]:
+    if block_size is None:
+        return None
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer or None (one block), got {block_size!r}")
+    return block_size
 
 
 def _alpha(schedule: str, t: torch.Tensor) -> torch.Tensor:
@@ -96,9 +120,13 @@ class MaskedDiffusion:
         schedule: alpha_t, the probability a token is unmasked at time t: ``linear`` (1 - t, MDLM's
             log-linear noise) or ``cosine`` (cos(pi t / 2)).
         eps: the smallest training time (w(t) grows as 1 / t near 0).
+        block_size: tokens per block of block diffusion (None: the whole sequence is one block,
+            plain masked diffusion). ``loss``, ``nll`` and ``sample`` take ``block_size=`` to
+            override it per call (a network trained on both may be used either way).
     """
 
-    def __init__(self, num_classes: int, schedule: str = "linear", *, eps: float = 1e-3) -> None:
+    def __init__(self, num_classes: int, schedule: str = "linear", *, eps: float = 1e-3,
+                 block_size: Optional[int] = None) -> None:
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if schedule not in SCHEDULES:
@@ -108,6 +136,7 @@ class MaskedDiffusion:
         self.num_classes = num_classes
         self.schedule = schedule
         self.eps = float(eps)
+        self.block_size = _check_block_size(block_size)
 
     @property
     def mask_id(self) -> int:
@@ -116,7 +145,7 @@ class MaskedDiffusion:
     @property
     def config(self) -> dict:
         return {"class": "MaskedDiffusion", "diffkit_version": _version, "num_classes": self.num_classes,
-                "schedule": self.schedule, "eps": self.eps}
+                "schedule": self.schedule, "eps": self.eps, "block_size": self.block_size}
 
     @classmethod
     def from_config(cls, config: dict) -> "MaskedDiffusion":
@@ -124,10 +153,17 @@ class MaskedDiffusion:
             found = config.get("class") if isinstance(config, dict) else type(config).__name__
             raise ValueError(f"not a MaskedDiffusion config (class {found!r}); a Gaussian diffusion checkpoint "
                              "loads with diffkit.Diffusion.from_config")
-        return cls(int(config["num_classes"]), config.get("schedule", "linear"), eps=float(config.get("eps", 1e-3)))
+        return cls(int(config["num_classes"]), config.get("schedule", "linear"), eps=float(config.get("eps", 1e-3)),
+                   block_size=config.get("block_size"))
 
     def __repr__(self) -> str:
-        return f"MaskedDiffusion(num_classes={self.num_classes}, schedule={self.schedule!r})"
+        blocks = "" if self.block_size is None else f", block_size={self.block_size}"
+        return f"MaskedDiffusion(num_classes={self.num_classes}, schedule={self.schedule!r}{blocks})"
+
+    def _blocks(self, block_size, length: int) -> Optional[int]:
+        """The block size a call uses: its own, else the diffusion's; None when one block covers the sequence."""
+        size = self.block_size if block_size is _DEFAULT else _check_block_size(block_size)
+        return None if size is None or size >= length else size
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_t: the probability that a token is still itself at time t."""
@@ -154,11 +190,15 @@ class MaskedDiffusion:
         t = (u + torch.arange(batch, device=device) / batch) % 1.0
         return self.eps + (1 - self.eps) * t.double()
 
-    def _masked_nll(self, model, x0, t, counted, generator, cond) -> torch.Tensor:
-        """Per example: w(t) * sum over masked counted positions of -log p_theta(x0 | x_t), nats."""
+    def _masked_nll(self, model, x0, t, counted, generator, cond, blocks) -> torch.Tensor:
+        """Per example: w(t) * sum over masked counted positions of -log p_theta(x0 | x_t), nats.
+        With blocks, every block is noised at the same t and read beside the clean earlier
+        blocks (``context``): one draw of each block's bound, summed."""
         x_t = self.q_sample(x0, t, generator)
         if counted is not None:
             x_t = torch.where(counted, x_t, x0)  # positions that do not count are given clean
+        if blocks is not None:
+            cond = {**cond, "context": x0}
         logits = model(x_t, t.to(x0.device, torch.float32), **cond)
         if logits.shape != (*x0.shape, self.num_classes):
             raise ValueError(f"the model returned shape {tuple(logits.shape)} for tokens {tuple(x0.shape)}; it must "
@@ -178,23 +218,26 @@ class MaskedDiffusion:
         return mask
 
     def loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
-             generator: Optional[torch.Generator] = None, cond_drop_prob: float = 0.0, **cond) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, cond_drop_prob: float = 0.0, block_size=_DEFAULT,
+             **cond) -> torch.Tensor:
         """The negative ELBO per counted token, averaged over the batch (nats); ``mask`` marks the
         tokens that count (padding False: given clean, never masked, not scored)."""
         x0 = self._check_tokens(x0)
+        blocks = self._blocks(block_size, x0.shape[1])
         counted = self._counted(mask, x0)
         t = self._draw_times(x0.shape[0], generator, x0.device)
         if cond_drop_prob > 0:
             gen_device = generator.device if generator is not None else x0.device
             drop = torch.rand(x0.shape[0], generator=generator, device=gen_device).to(x0.device) < cond_drop_prob
             cond = {**cond, "drop_cond": drop}
-        nats = self._masked_nll(model, x0, t, counted, generator, cond)
+        nats = self._masked_nll(model, x0, t, counted, generator, cond, blocks)
         tokens = counted.sum(dim=1) if counted is not None else torch.full_like(nats, x0.shape[1])
         return (nats / tokens).mean()
 
     @torch.no_grad()
     def nll(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
-            samples: int = 16, generator: Optional[torch.Generator] = None, return_terms: bool = False, **cond):
+            samples: int = 16, generator: Optional[torch.Generator] = None, return_terms: bool = False,
+            block_size=_DEFAULT, **cond):
         """The continuous-time bound on -log2 p(x0) per counted token, one value per example,
         averaged over ``samples`` stratified time draws. ``terms``: ``stderr`` (of the batch mean,
         over examples) and ``mc_stderr`` (the Monte-Carlo part: the spread of the time draws)."""
@@ -202,10 +245,11 @@ class MaskedDiffusion:
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         counted = self._counted(mask, x0)
+        blocks = self._blocks(block_size, x0.shape[1])
         draws = []
         for _ in range(samples):
             t = self._draw_times(x0.shape[0], generator, x0.device)
-            draws.append(self._masked_nll(model, x0, t, counted, generator, cond))
+            draws.append(self._masked_nll(model, x0, t, counted, generator, cond, blocks))
         draws = torch.stack(draws, dim=1).double()
         tokens = (counted.sum(dim=1) if counted is not None else torch.full((x0.shape[0],), x0.shape[1])).double()
         bits = draws.mean(dim=1) / tokens.to(draws.device) / LOG2
@@ -223,15 +267,18 @@ class MaskedDiffusion:
                known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None,
                fill: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
                sampling: TokenSampling = TokenSampling(), confidence_noise: float = 0.0,
+               block_size=_DEFAULT, stop_id: Optional[int] = None,
                callback: Optional[Callable[[dict], None]] = None, device=None, **cond) -> torch.Tensor:
-        """Token ids (B, L) drawn from ``model`` in ``steps`` steps.
+        """Token ids (B, L) drawn from ``model`` in ``steps`` steps (per block with block diffusion).
 
         ``known`` (B, L) ids with ``known_mask`` (B, L) bool: given tokens (infilling), never
         masked. ``fill`` (B, L) bool: the positions to generate (default all but the known ones);
         positions neither known nor filled keep ``known``'s value there (padding). ``guidance_scale``
         w mixes log-probabilities, log p_u + w (log p_c - log p_u) (the model must accept
         ``drop_cond``). ``sampling`` (:class:`TokenSampling`): temperature and top-p.
-        ``callback`` sees {"step", "t", "x", "calls"} after every step.
+        ``stop_id`` (block diffusion): stop after the block in which every row has drawn this
+        token; the blocks not drawn stay ``mask_id``. ``callback`` sees {"step", "t", "x",
+        "calls"} after every step.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -243,12 +290,32 @@ class MaskedDiffusion:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"shape must be (batch, length) with positive sizes, got {shape}")
+        blocks = self._blocks(block_size, shape[1])
+        if stop_id is not None and not 0 <= stop_id < self.num_classes:
+            raise ValueError(f"stop_id must be a token id in [0, {self.num_classes - 1}], got {stop_id!r}")
         if device is None:
             try:
                 device = next(model.parameters()).device
             except (AttributeError, StopIteration):
                 device = torch.device("cpu")
-        gen_device = generator.device if generator is not None else torch.device(device)
+        x = self._start(shape, known, known_mask, fill, device)
+        generate = x == self.mask_id
+        run = _Denoising(self, sampler, steps, sampling, confidence_noise, generator,
+                         generator.device if generator is not None else torch.device(device), callback)
+        cond = _cfg_cond(cond, guidance_scale, shape[0])
+        if blocks is None:
+            return run(x, generate, _guided(lambda x_t, tt: model(x_t, tt, **cond), guidance_scale))
+        cache = _block_cache(model, shape[0] * (1 if guidance_scale == 1.0 else 2), cond)
+        for begin in range(0, shape[1], blocks):
+            part = slice(begin, min(begin + blocks, shape[1]))
+            x[:, part] = run(x[:, part], generate[:, part], _guided(cache.logits, guidance_scale))
+            if stop_id is not None and bool((x[:, : part.stop] == stop_id).any(dim=1).all()):
+                break
+            cache.commit(x[:, part] if guidance_scale == 1.0 else torch.cat([x[:, part], x[:, part]]))
+        return x
+
+    def _start(self, shape, known, known_mask, fill, device) -> torch.Tensor:
+        """The all-mask start with the known tokens (and the positions not to fill) written in."""
         x = torch.full(shape, self.mask_id, dtype=torch.long, device=device)
         if (known is None) != (known_mask is None) and fill is None:
             raise ValueError("give known= (ids) and known_mask= (where they hold) together")
@@ -262,46 +329,98 @@ class MaskedDiffusion:
             if known is None:
                 raise ValueError("fill= leaves the other positions as given: pass known= ids for them")
             x = torch.where(fill, x, known)
-        generate = x == self.mask_id
-        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-        state = {"calls": 0, "x": None, "logp": None}
+        return x
 
-        def log_probs(x_t: torch.Tensor, t: float) -> torch.Tensor:
-            if state["x"] is not None and torch.equal(state["x"], x_t):
-                return state["logp"]  # nothing changed: no call (MDLM's caching)
-            tt = torch.full((shape[0],), t, device=device)
-            if guidance_scale == 1.0:
-                logp = sampling.log_probs(model(x_t, tt, **cond))
-            else:
-                drop = torch.cat([torch.zeros(shape[0], dtype=torch.bool, device=device),
-                                  torch.ones(shape[0], dtype=torch.bool, device=device)])
-                both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), drop_cond=drop,
-                             **{k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (shape[0],) else v
-                                for k, v in cond.items()})
-                c, u = torch.log_softmax(both.float(), -1).chunk(2)
-                logp = sampling.log_probs(u + guidance_scale * (c - u))
-            state.update(calls=state["calls"] + 1, x=x_t.clone(), logp=logp)
-            return logp
 
-        for k in range(steps):
-            t, s = float(times[k]), float(times[k + 1])
-            masked = (x == self.mask_id) & generate
+class BlockCache(Protocol):
+    """What a block-diffusion network may offer as ``model.block_cache(batch, **cond)``: the clean
+    blocks so far kept as keys and values, so each call reads only the block being drawn."""
+
+    def logits(self, x_block: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, b, V) logits of the next block's partly masked tokens, given every committed block."""
+
+    def commit(self, x_block: torch.Tensor) -> None:
+        """Append a finished (clean) block to the prefix."""
+
+
+class _PrefixCache:
+    """The :class:`BlockCache` of a network without one: the whole prefix is read at every call."""
+
+    def __init__(self, model, cond):
+        self.model, self.cond, self.prefix = model, cond, None
+
+    def logits(self, x_block, t):
+        x = x_block if self.prefix is None else torch.cat([self.prefix, x_block], dim=1)
+        return self.model(x, t, context=x, **self.cond)[:, -x_block.shape[1]:]
+
+    def commit(self, x_block):
+        self.prefix = x_block.clone() if self.prefix is None else torch.cat([self.prefix, x_block], dim=1)
+
+
+def _block_cache(model, batch: int, cond: dict):
+    make = getattr(model, "block_cache", None)
+    return make(batch, **cond) if callable(make) else _PrefixCache(model, cond)
+
+
+def _cfg_cond(cond: dict, guidance_scale: float, batch: int) -> dict:
+    """The conditions of a guided batch: each row twice, the second copy with its condition dropped."""
+    if guidance_scale == 1.0:
+        return cond
+    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (batch,) else v for k, v in cond.items()}
+    device = next((v.device for v in cond.values() if torch.is_tensor(v)), None)
+    return {**doubled, "drop_cond": torch.arange(2 * batch, device=device) >= batch}
+
+
+def _guided(call, guidance_scale: float):
+    """``call(x_t, t)`` (conditions bound in; for guidance they cover the batch twice, the second
+    copy with its condition dropped, as :func:`_cfg_cond` makes them) -> log-probabilities,
+    mixed log p_u + w (log p_c - log p_u) in one batched call."""
+    if guidance_scale == 1.0:
+        return lambda x_t, tt: torch.log_softmax(call(x_t, tt).float(), -1)
+
+    def mixed(x_t, tt):
+        c, u = torch.log_softmax(call(torch.cat([x_t, x_t]), torch.cat([tt, tt])).float(), -1).chunk(2)
+        return u + guidance_scale * (c - u)
+    return mixed
+
+
+class _Denoising:
+    """One masked-diffusion run over given positions: the grid 1 = t_0 > ... > t_K = 0, the
+    reveal rule of the sampler, and the network call skipped while nothing changed."""
+
+    def __init__(self, diffusion, sampler, steps, sampling, confidence_noise, generator, gen_device, callback):
+        self.diffusion, self.sampler, self.steps, self.sampling = diffusion, sampler, steps, sampling
+        self.confidence_noise, self.generator, self.gen_device, self.callback = (confidence_noise, generator,
+                                                                                 gen_device, callback)
+        self.times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, generate: torch.Tensor, log_probs) -> torch.Tensor:
+        mask_id, device = self.diffusion.mask_id, x.device
+        last = {"x": None, "logp": None}
+        for k in range(self.steps):
+            t, s = float(self.times[k]), float(self.times[k + 1])
+            masked = (x == mask_id) & generate
             if not masked.any():
                 break
-            logp = log_probs(x, t)
-            a_t, a_s = float(self.alpha(torch.tensor(t))), float(self.alpha(torch.tensor(s)))
+            if last["x"] is None or not torch.equal(last["x"], x):  # nothing changed: no call (MDLM's caching)
+                tt = torch.full((x.shape[0],), t, device=device)
+                last.update(x=x.clone(), logp=self.sampling.log_probs(log_probs(x, tt)))
+                self.calls += 1
+            logp = last["logp"]
+            a_t, a_s = float(self.diffusion.alpha(torch.tensor(t))), float(self.diffusion.alpha(torch.tensor(s)))
             reveal = (a_s - a_t) / (1.0 - a_t) if a_t < 1 else 1.0
             # The Gumbel-max trick: a draw from the (tempered, nucleus) categorical.
-            tokens = (logp + _gumbel(logp.shape, generator, gen_device).to(device)).argmax(dim=-1)
-            if sampler == "ancestral":
-                u = torch.rand(shape, generator=generator, device=gen_device).to(device)
+            tokens = (logp + _gumbel(logp.shape, self.generator, self.gen_device).to(device)).argmax(dim=-1)
+            if self.sampler == "ancestral":
+                u = torch.rand(x.shape, generator=self.generator, device=self.gen_device).to(device)
                 chosen = masked & (u < reveal)
             else:
                 chosen = _most_confident(logp.gather(-1, tokens[..., None])[..., 0], masked, reveal,
-                                         confidence_noise, generator, gen_device)
+                                         self.confidence_noise, self.generator, self.gen_device)
             x = torch.where(chosen, tokens, x)
-            if callback is not None:
-                callback({"step": k, "t": s, "x": x, "calls": state["calls"]})
+            if self.callback is not None:
+                self.callback({"step": k, "t": s, "x": x, "calls": self.calls})
         return x
 
 
