@@ -309,7 +309,7 @@ class MaskedDiffusion:
         for begin in range(0, shape[1], blocks):
             part = slice(begin, min(begin + blocks, shape[1]))
             x[:, part] = run(x[:, part], generate[:, part], _guided(cache.logits, guidance_scale))
-            if stop_id is not None and bool((x[:, : part.stop] == stop_id).any(dim=1).all()):
+            if part.stop == shape[1] or stop_id is not None and bool((x[:, : part.stop] == stop_id).any(dim=1).all()):
                 break
             cache.commit(x[:, part] if guidance_scale == 1.0 else torch.cat([x[:, part], x[:, part]]))
         return x
