@@ -9,6 +9,7 @@ restaurant descriptions shipped in data/e2e, on the CPU or GPU. Presets and flag
     python recipes/text_train.py --data my_sentences.txt          # any text, one per line
     python recipes/text_train.py --tokenizer path/to/tokenizer.json   # a local pretrained tokenizer
     python recipes/text_train.py --export runs/text-cpu/export     # + a compact shipping copy
+    python recipes/text_train.py --route masked --export runs/text-masked-cpu/export   # block diffusion
     python recipes/text_train.py --task classifier --denoiser runs/text-cpu/checkpoint
     python recipes/text_train.py --task distill --denoiser runs/text-cpu/checkpoint --student-steps 5
     torchrun --nproc_per_node 4 recipes/text_train.py --preset gpu
@@ -23,6 +24,11 @@ calibrate`` does (``--no-calibrate`` skips it). ``--task classifier``
 trains, instead of a denoiser, the classifier of plug-and-play control (p(MR slot | noisy
 embeddings)) for the denoiser given by ``--denoiser``; ``--task distill`` a student of it that
 samples in ``--student-steps`` DDIM steps (modalities/text/distillation.py).
+
+``--route masked`` trains the other text route instead: masked (absorbing-state) diffusion over
+word ids with blocks (BD3-LM; modalities/text/masked_model.py), which writes a text block by
+block and ends it itself. Its presets are ``MASKED_PRESETS``; the embedding route's network
+and diffusion flags do not apply to it.
 """
 
 from __future__ import annotations
@@ -67,8 +73,10 @@ from modalities.text.distillation import (  # noqa: E402
     teacher_trajectories,
 )
 from modalities.text.modality import RowConditions, TextModel, TextSampling, load_text_model, sample_ids  # noqa: E402
+from modalities.text.masked_model import MaskedTextDenoiser  # noqa: E402
+from modalities.text.masked_route import MaskedTextSampling, sample_masked_ids  # noqa: E402
 from modalities.text.model import GUIDANCE_MIXES, HEADS, NoisyMRClassifier, TextDenoiser  # noqa: E402
-from modalities.text.objective import ClassifierObjective, TextObjective  # noqa: E402
+from modalities.text.objective import ClassifierObjective, MaskedTextObjective, TextObjective  # noqa: E402
 from modalities.text.tokenizer import TOKENIZER_FILE, TextTokenizer  # noqa: E402
 
 PROG = "text_train.py"
@@ -80,6 +88,13 @@ TEACHER_FLAGS = ("data", "conditional", "tokenizer", "min_count", "max_length", 
                  "dropout", "head", "self_conditioning", "schedule", "num_timesteps", "cond_drop_prob",
                  "slot_drop_prob", "t0_fraction", "self_condition_prob")
 MODEL_CLASS = "modalities.text.model.TextDenoiser"
+MASKED_CLASS = "modalities.text.masked_model.MaskedTextDenoiser"
+ROUTES = ("embedding", "masked")
+# The embedding route's flags that mean nothing to a masked model.
+EMBEDDING_FLAGS = ("embed_dim", "head", "self_conditioning", "schedule", "num_timesteps", "t0_fraction",
+                   "self_condition_prob", "guidance_mix", "guidance_interval", "export_weights")
+# The masked route's flags that mean nothing to the embedding route.
+MASKED_FLAGS = ("block_size", "plain_share", "top_p")
 CLASSIFIER_CLASS = "modalities.text.model.NoisyMRClassifier"
 
 # --task classifier: a shallower network and a shorter run than the denoiser's (the preset's
@@ -136,6 +151,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# --route masked: block diffusion over word ids. Same width and depth as the autoregressive
+# baseline of benchmarks/text_quality.py, so that time per sentence compares like with like.
+MASKED_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        data="e2e", conditional=True, min_count=3, max_length=48,
+        hidden=128, depth=4, heads=4, dropout=0.1, block_size=4, plain_share=0.2,
+        max_steps=5000, batch_size=64, lr=1e-3, warmup_steps=250, lr_decay="cosine", ema_decay=0.999,
+        cond_drop_prob=0.1, slot_drop_prob=0.3,
+        sampler="ancestral", sample_steps=4, guidance_scale=2.0, sample_temperature=1.0, top_p=1.0,
+        sample_every=500, save_every=250,
+    ),
+    "gpu": dict(
+        data="e2e", conditional=True, min_count=3, max_length=64,
+        hidden=768, depth=12, heads=12, dropout=0.1, block_size=4, plain_share=0.2,
+        max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
+        cond_drop_prob=0.1, slot_drop_prob=0.3,
+        sampler="ancestral", sample_steps=4, guidance_scale=2.0, sample_temperature=1.0, top_p=1.0,
+        sample_every=5000, save_every=5000,
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(
@@ -147,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="base configuration (default: cpu); the flags below override it")
+    p.add_argument("--route", choices=ROUTES, default="embedding",
+                   help="embedding: Diffusion-LM (Gaussian diffusion over word embeddings, the default); masked: "
+                        "block diffusion over word ids (masked diffusion inside blocks of --block-size words, "
+                        "one block after another), with its own presets")
     p.add_argument("--task", choices=TASKS, default="denoiser",
                    help="what to train: the text denoiser (default), the noisy-embedding MR classifier "
                         "for plug-and-play --control of the denoiser given by --denoiser, or a few-step student "
@@ -194,8 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t0-fraction", type=float, help="share of each batch that gets the t=0 embedding term")
     g.add_argument("--self-condition-prob", type=float,
                    help="share of each batch trained with the network's own first estimate (self-conditioning)")
+    g = p.add_argument_group("masked route (--route masked)")
+    g.add_argument("--block-size", type=positive_int,
+                   help="words per block: 1 is autoregressive, the whole text plain masked diffusion (default 4)")
+    g.add_argument("--plain-share", type=float,
+                   help="share of batches trained as plain masked diffusion over the whole text (infilling reads "
+                        "texts that way; default 0.2)")
+    g.add_argument("--top-p", type=float, help="default nucleus (top-p) recorded with a masked model")
     add_training_arguments(p, run_dir="runs/text-<preset>", data_workers=False)
     g = add_sampling_default_arguments(p, guidance="default guidance for --control")
+    sampler = next(a for a in g._group_actions if a.dest == "sampler")
+    sampler.choices = [*sampler.choices, *diffkit.masked.SAMPLERS]
+    sampler.help += " (masked route: ancestral or confidence)"
     g.add_argument("--guidance-mix", choices=GUIDANCE_MIXES,
                    help="where the recorded guidance mixes: on the word logits (logits) or on the x0 estimates "
                         "(x0) (default: the preset's, logits)")
@@ -212,8 +263,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_masked_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """--route masked: its preset with the flags laid over it; bad values raise ValueError."""
+    if args.task != "denoiser":
+        raise ValueError(f"--task {args.task} belongs to the embedding route; --route masked trains a denoiser")
+    given = [flag for flag in (*EMBEDDING_FLAGS, *DISTILL_FLAGS, "denoiser") if getattr(args, flag) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is an embedding-route flag; --route masked does not use it")
+    s = dict(MASKED_PRESETS[args.preset])
+    for key, value in vars(args).items():
+        if value is not None and key not in ("preset", "route"):
+            s[key] = value
+    if args.conditional is None and not is_e2e(s["data"]):
+        s["conditional"] = False
+    if s["conditional"] and not is_e2e(s["data"]):
+        raise ValueError("--conditional needs E2E data (meaning representations); use --no-conditional")
+    for key in ("max_length", "hidden", "depth", "heads", "max_steps", "batch_size", "min_count"):
+        if s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if not 0 <= s["plain_share"] < 1:
+        raise ValueError(f"--plain-share must lie in [0, 1), got {s['plain_share']}")
+    try:
+        masked_defaults(s)
+    except ValueError as error:
+        raise ValueError(f"sampling defaults: {error}") from None
+    s.setdefault("output_dir", f"runs/text-masked-{args.preset}")
+    return s
+
+
+def masked_defaults(s: dict[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a masked model records, checked by :class:`MaskedTextSampling`."""
+    defaults = MaskedTextSampling(s["sampler"], s["sample_steps"], s["guidance_scale"], s["sample_temperature"],
+                                  s["top_p"])
+    return {"sampler": defaults.sampler, "steps": defaults.steps, "guidance_scale": defaults.guidance_scale,
+            "temperature": defaults.temperature, "top_p": defaults.top_p}
+
+
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The preset with every flag that was given laid over it; bad values raise ValueError."""
+    if args.route == "masked":
+        return resolve_masked_settings(args)
+    given = [flag for flag in MASKED_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is for --route masked")
     s = dict(PRESETS[args.preset])
     if args.task == "classifier":
         s.update(CLASSIFIER_SETTINGS[args.preset])
@@ -442,12 +534,21 @@ def train_and_export(trainer: Trainer, s: dict[str, Any], args: argparse.Namespa
     return 0
 
 
+def embedding_denoiser(path: str, task: str) -> TextModel:
+    """The --denoiser of --task classifier / distill, which work in an embedding route's space."""
+    model = load_text_model(path, "cpu")
+    if model.route != "embedding":
+        raise ValueError(f"--denoiser {path} holds a {model.route}-route model; --task {task} works on the embedding "
+                         "route's checkpoints (a masked model has no embedding space to work in)")
+    return model
+
+
 def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
     """--task classifier: p(MR slot codes | x_t, t) in the embedding space of --denoiser."""
     main_process = is_main_process()
     if not is_e2e(s["data"]):
         raise ValueError("--task classifier learns meaning representations: it needs E2E data")
-    denoiser = load_text_model(args.denoiser, "cpu")
+    denoiser = embedding_denoiser(args.denoiser, "classifier")
     check_same_run(s, {"kind": "classifier", "data": s["data"], "denoiser": recorded_path(denoiser.path)})
     tokenizer = denoiser.tokenizer
     corpus = load_corpus(s["data"], "train")
@@ -519,7 +620,7 @@ def distillation_trajectories(teacher: TextModel, s: dict[str, Any], main_proces
 def run_distill(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
     """--task distill: a --student-steps student of --denoiser (modalities/text/distillation.py)."""
     main_process = is_main_process()
-    teacher = load_text_model(args.denoiser, "cpu")
+    teacher = embedding_denoiser(args.denoiser, "distill")
     if teacher.net.head != "softmax":
         raise ValueError(f"--task distill learns the teacher's words by cross-entropy: it needs a softmax-head "
                          f"teacher, and {teacher.path} has a {teacher.net.head} head")
@@ -551,6 +652,8 @@ def run_distill(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) ->
 def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     s = resolve_settings(args)
+    if args.route == "masked":
+        return run_masked(args, s, argv)
     if args.task == "classifier":
         return run_classifier(args, s, argv)
     if args.task == "distill":
@@ -575,6 +678,62 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
                       side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")},
                       sample_fn=make_sample_fn(s, diffusion, tokenizer, info, mr_vocab) if s["sample_every"] else None)
     return train_and_export(trainer, s, args, argv, initial=initial, defaults=info["defaults"])
+
+
+def run_masked(args: argparse.Namespace, s: dict[str, Any], argv: list[str]) -> int:
+    """--route masked: a block-diffusion text model (modalities/text/masked_model.py)."""
+    main_process = is_main_process()
+    check_same_run(s, {"kind": "masked", "data": s["data"]})
+    corpus = load_corpus(s["data"], "train")
+    tokenizer = load_tokenizer(s, corpus.texts)
+    mr_vocab = MRVocabulary.from_mrs(corpus.mrs) if s["conditional"] else None
+    dataset = encode_corpus(corpus, tokenizer, s["max_length"], mr_vocab)
+    # Room for the end token's block after the longest text.
+    kwargs = dict(vocab_size=tokenizer.vocab_size, hidden=s["hidden"], depth=s["depth"], heads=s["heads"],
+                  max_length=s["max_length"] + s["block_size"], block_size=s["block_size"],
+                  mr_sizes=mr_vocab.sizes if mr_vocab else None, dropout=s["dropout"])
+    diffkit.seed_everything(s["seed"])
+    net = MaskedTextDenoiser(**kwargs)
+    diffusion = diffkit.MaskedDiffusion(tokenizer.vocab_size, "linear", block_size=s["block_size"])
+    objective = MaskedTextObjective(diffusion, tokenizer.pad_id, plain_share=s["plain_share"],
+                                    cond_drop_prob=s["cond_drop_prob"] if mr_vocab else 0.0,
+                                    slot_drop_prob=s["slot_drop_prob"] if mr_vocab else 0.0)
+    info = {"kind": "masked", "tokenizer": TOKENIZER_FILE, "data": s["data"], "max_length": s["max_length"],
+            "length_counts": dataset.length_counts(), "mr_values": mr_vocab.to_config() if mr_vocab else None,
+            "objective": objective.config, "defaults": masked_defaults(s)}
+    if main_process:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"masked route, preset {args.preset}: {len(dataset)} texts from {corpus.source}, vocabulary "
+              f"{tokenizer.vocab_size}, {'MR-conditioned' if mr_vocab else 'unconditional'} Transformer "
+              f"{n_params / 1e6:.2f}M parameters, {diffusion!r}")
+    trainer = Trainer(net, diffusion, dataset, train_config(s), loss_fn=objective, modality="text",
+                      model_config={"class": MASKED_CLASS, "kwargs": kwargs}, modality_config=info,
+                      side_files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")},
+                      sample_fn=masked_sample_fn(s, diffusion, tokenizer, mr_vocab) if s["sample_every"] else None)
+    return train_and_export(trainer, s, args, argv, calibrate=False, defaults=info["defaults"])
+
+
+def masked_sample_fn(s, diffusion, tokenizer, mr_vocab: MRVocabulary | None, num: int = 8):
+    """Writes a few EMA samples of a masked model: unconditional ones and one per held-out MR."""
+    out = Path(s["output_dir"]) / "samples"
+    held_out = load_corpus(s["data"], "eval").mrs[::100][:num] if mr_vocab is not None else []
+    settings = MaskedTextSampling(s["sampler"], s["sample_steps"], 1.0, s["sample_temperature"], s["top_p"])
+
+    def sample_fn(trainer: Trainer, step: int) -> None:
+        g = torch.Generator().manual_seed(s["seed"])
+        net = trainer.ema_model.eval()
+        rows = sample_masked_ids(net, diffusion, tokenizer, num, settings, generator=g)
+        lines = [tokenizer.decode(row) for row in rows]
+        if held_out:
+            mr = torch.tensor([mr_vocab.encode(m) for m in held_out])
+            guided = MaskedTextSampling(s["sampler"], s["sample_steps"], s["guidance_scale"], s["sample_temperature"],
+                                        s["top_p"])
+            rows = sample_masked_ids(net, diffusion, tokenizer, len(held_out), guided, mr=mr, generator=g)
+            lines += [f"{format_mr(m)} => {tokenizer.decode(row)}" for m, row in zip(held_out, rows)]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step_{step:06d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    return sample_fn
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ from diffkit.guidance import (
 from diffkit.runs import add_guidance_interval_argument, resolve_steps, seeded_generator
 
 from .data import SLOTS, MRVocabulary
+from .masked_model import MaskedTextDenoiser
 from .model import (
     GUIDANCE_MIXES,
     NoisyMRClassifier,
@@ -78,7 +79,8 @@ CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS_DIR / "e2e"
 
 # The classes a checkpoint may name: a fixed table, so a checkpoint never chooses what runs.
-NETWORKS = {"modalities.text.model.TextDenoiser": TextDenoiser}
+NETWORKS = {"modalities.text.model.TextDenoiser": TextDenoiser,
+            "modalities.text.masked_model.MaskedTextDenoiser": MaskedTextDenoiser}
 CLASSIFIERS = {"modalities.text.model.NoisyMRClassifier": NoisyMRClassifier}
 CONTROL_METHODS = ("gradient", "adagrad")
 
@@ -114,6 +116,11 @@ class TextModel(LoadedModel):
     @property
     def max_length(self) -> int:
         return self.net.max_length
+
+    @property
+    def route(self) -> str:
+        """``"masked"`` for a masked-diffusion checkpoint, ``"embedding"`` for Diffusion-LM's route."""
+        return "masked" if isinstance(self.diffusion, diffkit.MaskedDiffusion) else "embedding"
 
     @property
     def device(self) -> torch.device:
@@ -584,6 +591,115 @@ def sample_best_of(model: TextModel, lengths: torch.Tensor, settings: TextSampli
     return _in_length_groups(model, lengths, best_of_texts)
 
 
+_GUIDED = "pass control= (without a classifier)"
+_BEST_OF = "says how best_of candidates are chosen: pass best_of=K (K > 1) too, or leave it unset"
+# (option, when it may be given, what to do otherwise): options that mean something only beside another.
+_NEEDS = (
+    ("rank_by", lambda r: r.best_of != 1, f"rank_by {_BEST_OF}"),
+    ("select_at", lambda r: r.best_of != 1, f"select_at {_BEST_OF}"),
+    ("select_at", lambda r: r.rank_by != "mbr" or r.select_at == 1,
+     "rank_by='mbr' compares finished texts; select_at (comparing early) needs rank_by='likelihood'"),
+    ("control_method", lambda r: r.classifier is not None,
+     "control_method chooses how a classifier steers: pass classifier= too, or leave it unset"),
+    ("classifier_scale", lambda r: r.classifier is not None, "classifier_scale needs classifier="),
+    ("classifier", lambda r: bool(r.control), "classifier= steers towards control=; pass control={'food': ...} as well"),
+    ("guidance_scale", lambda r: r.guidance_scale == 1.0 or r.classifier is None,
+     "guidance_scale is classifier-free guidance; with classifier= use classifier_scale"),
+    ("guidance_scale", lambda r: r.guidance_scale == 1.0 or bool(r.control),
+     "guidance_scale needs a condition to guide towards: pass control="),
+    ("guidance_interval", lambda r: r.guided, f"guidance_interval limits classifier-free guidance: {_GUIDED}"),
+    ("guidance_mix", lambda r: r.guided, f"guidance_mix says how classifier-free guidance mixes: {_GUIDED}"),
+    ("length", lambda r: r.infill is None, "an infill template fixes the length; leave length unset"),
+)
+# Options of one route only, refused (with the route named) for a checkpoint of the other.
+EMBEDDING_OPTIONS = ("guidance_interval", "guidance_mix", "clamp", "repeat_penalty", "classifier", "classifier_scale",
+                     "control_method", "rank_by", "select_at")
+MASKED_OPTIONS = ("top_p",)
+
+
+def _finite(name: str, value, low: float = -math.inf, *, above: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > low if above else value >= low)
+    if not ok:
+        bound = "" if low == -math.inf else f" {'>' if above else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """What :func:`generate_text` is asked for, checked when made: every value on its own and
+    every option that only means something beside another (``_NEEDS``). ``control`` is kept
+    parsed, as a dict of slot values."""
+
+    num_samples: int = 16
+    sampler: str | None = None
+    steps: int | None = None
+    infill: str | Sequence[str] | None = None
+    control: Mapping[str, str] | Sequence[str] | str | None = None
+    guidance_scale: float | None = None
+    guidance_interval: Sequence[float | None] | None = None
+    guidance_mix: str | None = None
+    length: int | None = None
+    clamp: bool | None = None
+    temperature: float | None = None
+    repeat_penalty: float | None = None
+    top_p: float | None = None
+    classifier: str | os.PathLike | None = None
+    classifier_scale: float | None = None
+    control_method: str | None = None
+    best_of: int = 1
+    rank_by: str | None = None
+    select_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_samples, int) or isinstance(self.num_samples, bool) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be a whole number >= 1, got {self.num_samples!r}")
+        resolve_steps(self.steps, FALLBACKS.steps)
+        if self.temperature is not None:
+            _finite("temperature", self.temperature, 0, above=True)
+        if self.repeat_penalty is not None:
+            _finite("repeat_penalty", self.repeat_penalty, 0)
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                                       or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale)  # the core's check, as image and audio use: no NaN, no bool
+        if self.classifier_scale is not None:
+            _finite("classifier_scale", self.classifier_scale)
+        object.__setattr__(self, "control", parse_control(self.control))
+        check_guidance_interval(self.guidance_interval)
+        if self.guidance_mix is not None:
+            check_guidance_mix(self.guidance_mix)
+        if self.control_method is not None and self.control_method not in CONTROL_METHODS:
+            raise ValueError(f"unknown control_method {self.control_method!r}; choose one of "
+                             f"{', '.join(CONTROL_METHODS)}")
+        for name, allowed, message in _NEEDS:
+            if getattr(self, name) is not None and not allowed(self):
+                raise ValueError(message)
+        _ = self.choice  # best_of, rank_by and select_at check themselves there
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance towards ``control``."""
+        return bool(self.control) and self.classifier is None
+
+    @property
+    def choice(self) -> CandidateChoice:
+        return CandidateChoice(self.best_of, self.rank_by or "likelihood",
+                               SELECT_AT if self.select_at is None else self.select_at)
+
+    def check_route(self, model: TextModel) -> None:
+        """Refuse the options of the other route than ``model``'s."""
+        masked = model.route == "masked"
+        given = [name for name in (EMBEDDING_OPTIONS if masked else MASKED_OPTIONS) if getattr(self, name) is not None]
+        if masked and self.best_of != 1:
+            given.append("best_of")
+        if given:
+            route, other = ("masked", "embedding") if masked else ("embedding", "masked")
+            raise ValueError(f"{given[0]} is an option of the {other} text route, and {model.path} holds a {route}-route "
+                             f"model; leave it unset")
+
+
 def generate_text(
     *,
     checkpoint: str | os.PathLike | None = None,
@@ -602,6 +718,7 @@ def generate_text(
     clamp: bool | None = None,
     temperature: float | None = None,
     repeat_penalty: float | None = None,
+    top_p: float | None = None,
     classifier: str | os.PathLike | None = None,
     classifier_scale: float | None = None,
     control_method: str | None = None,
@@ -609,12 +726,15 @@ def generate_text(
     rank_by: str | None = None,
     select_at: float | None = None,
 ) -> list[str]:
-    """Sample ``num_samples`` texts; see the module docstring.
+    """Sample ``num_samples`` texts; see the module docstring. Every argument is checked
+    before anything is loaded (:class:`TextRequest`); options of the other route than the
+    checkpoint's are refused with a message.
 
     Args:
         checkpoint: a text checkpoint directory; None uses the shipped one.
         seed: the same seed gives the same texts; None draws fresh ones.
-        sampler, steps: any of ``diffkit.SAMPLERS``; defaults come from the checkpoint.
+        sampler, steps: any of ``diffkit.SAMPLERS`` (a masked checkpoint: ``"ancestral"`` or
+            ``"confidence"``, steps per block); defaults come from the checkpoint.
         infill: a template with [MASK] for each word to fill (the other words are kept), or
             one template per sample.
         control: E2E slot values, ``{"food": "Italian"}`` or ``["food=Italian"]``: classifier-free
@@ -634,7 +754,10 @@ def generate_text(
         classifier_scale: the classifier's weight (default 1).
         control_method: with ``classifier``: ``"gradient"`` (classifier guidance, the default) or ``"adagrad"`` (Diffusion-LM's
             Adagrad steps on each state).
-        length: tokens per sample (default: drawn from the training lengths).
+        length: tokens per sample (default: drawn from the training lengths; a masked
+            checkpoint ends each text itself).
+        top_p: a masked checkpoint's nucleus: each token is drawn from the smallest set of
+            words holding this much probability (default: the checkpoint's).
         clamp: the clamping trick (snap x0 predictions to word embeddings at every step); None
             follows the checkpoint (on for a regression head, off for a softmax head).
         temperature: a softmax head's word temperature; below 1 every step leans towards the
@@ -657,108 +780,93 @@ def generate_text(
             cost K x select_at + 1 - select_at runs (default 0.25: 3.25 runs for K = 10; 1
             compares finished texts).
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
-    resolve_steps(steps, FALLBACKS.steps)  # a bad steps is an error before anything is loaded
-    if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if repeat_penalty is not None and not (isinstance(repeat_penalty, (int, float)) and 0 <= repeat_penalty < math.inf):
-        raise ValueError(f"repeat_penalty must be a finite number >= 0, got {repeat_penalty!r}")
-    if guidance_scale is not None:
-        check_guidance_scale(guidance_scale)  # the core's check, as image and audio use: no NaN, no bool
-    if classifier_scale is not None and (isinstance(classifier_scale, bool) or not (
-            isinstance(classifier_scale, (int, float)) and math.isfinite(classifier_scale))):
-        raise ValueError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
-    controls = parse_control(control)  # check the syntax before loading anything
-    check_guidance_interval(guidance_interval)
-    if guidance_mix is not None:
-        check_guidance_mix(guidance_mix)
-    for name, value in (("rank_by", rank_by), ("select_at", select_at)):
-        if value is not None and best_of == 1:
-            raise ValueError(f"{name} says how best_of candidates are chosen: pass best_of=K (K > 1) too, "
-                             "or leave it unset")
-    if rank_by == "mbr" and select_at is not None and select_at != 1:
-        raise ValueError("rank_by='mbr' compares finished texts; select_at (comparing early) needs "
-                         "rank_by='likelihood'")
-    choice = CandidateChoice(best_of, rank_by or "likelihood", SELECT_AT if select_at is None else select_at)
+    request = TextRequest(num_samples, sampler, steps, infill, control, guidance_scale, guidance_interval,
+                          guidance_mix, length, clamp, temperature, repeat_penalty, top_p, classifier,
+                          classifier_scale, control_method, best_of, rank_by, select_at)
     model = load_text_model(checkpoint, device)
+    request.check_route(model)
     gen = seeded_generator(seed)
-    n = num_samples
-    sampler = sampler or model.default("sampler")
-    steps = resolve_steps(steps, int(model.default("steps")))
+    mr = _control_codes(model, request)
+    templates = None if infill is None else _templates(model, request)
+    if model.route == "masked":
+        from .masked_route import generate_masked
 
-    if control_method is not None and classifier is None:
-        raise ValueError("control_method chooses how a classifier steers: pass classifier= too, or leave it unset")
-    control_method = control_method or "gradient"
-    if control_method not in CONTROL_METHODS:
-        raise ValueError(f"unknown control_method {control_method!r}; choose one of {', '.join(CONTROL_METHODS)}")
-    mr = None
-    clf = None
-    if classifier is not None:
-        if not controls:
-            raise ValueError("classifier= steers towards control=; pass control={'food': ...} as well")
-        clf = load_classifier(classifier, model)
-        clf_codes = torch.tensor([clf.mr_vocab.encode(controls, partial=True)] * (n * best_of))
-        if guidance_scale is not None and guidance_scale != 1.0:
-            raise ValueError("guidance_scale is classifier-free guidance; with classifier= use classifier_scale")
-    elif classifier_scale is not None:
-        raise ValueError("classifier_scale needs classifier=")
-    if controls and clf is None:
-        vocab = model.mr_vocab
-        if vocab is None or not model.net.conditional:
-            raise ValueError(f"checkpoint {model.path} was not trained on meaning representations, so it cannot "
-                             "follow control= by itself; train one on E2E with recipes/text_train.py (the "
-                             "default), or pass classifier= (trained with recipes/text_train.py --task classifier)")
-        mr = torch.tensor([vocab.encode(controls, partial=True)] * (n * best_of))
-        if guidance_scale is None:
-            guidance_scale = float(model.default("guidance_scale"))
-    elif guidance_scale is not None and guidance_scale != 1.0:
-        raise ValueError("guidance_scale needs a condition to guide towards: pass control=")
+        return generate_masked(model, request, mr=mr, templates=templates, generator=gen)
+    return _generate_embedding(model, request, mr, templates, gen, progress)
+
+
+def _control_codes(model: TextModel, request: TextRequest) -> torch.Tensor | None:
+    """(num_samples x best_of, S) MR codes of a classifier-free-guided ``control``, None without one."""
+    if not request.guided:
+        return None
+    vocab = model.mr_vocab
+    if vocab is None or not model.net.conditional:
+        raise ValueError(f"checkpoint {model.path} was not trained on meaning representations, so it cannot "
+                         "follow control= by itself; train one on E2E with recipes/text_train.py (the "
+                         "default), or pass classifier= (trained with recipes/text_train.py --task classifier)")
+    return torch.tensor([vocab.encode(request.control, partial=True)] * (request.num_samples * request.best_of))
+
+
+def _templates(model: TextModel, request: TextRequest) -> list[tuple[str, InfillTemplate]]:
+    """(template text, parsed template) per sample; unknown words are warned about once."""
+    n, infill = request.num_samples, request.infill
+    texts = [infill] if isinstance(infill, str) else list(infill)
+    if len(texts) == 1:
+        texts = texts * n
+    if len(texts) != n:
+        raise ValueError(f"infill must be one template or one per sample ({n}), got {len(texts)}")
+    templates = [parse_infill(text, model) for text in texts]
+    unknown = sorted({word for template in templates for word in template.unknown_words})
+    if unknown:
+        warnings.warn(f"words of the infill template that are not in the vocabulary map to [UNK]: "
+                      f"{', '.join(unknown)} (the model reads them as [UNK]; the output keeps them as written)",
+                      stacklevel=3)
+    return list(zip(texts, templates))
+
+
+def template_tensors(templates: Sequence[InfillTemplate], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lengths (n,), known ids (n, L), known mask (n, L)): templates of different lengths share
+    a batch, each row padded after its own end."""
+    lengths = torch.tensor([template.ids.numel() for template in templates])
+    known_ids = torch.full((len(templates), int(lengths.max())), pad_id, dtype=torch.long)
+    known_mask = torch.zeros(len(templates), int(lengths.max()), dtype=torch.bool)
+    for row, template in enumerate(templates):
+        known_ids[row, : template.ids.numel()] = template.ids
+        known_mask[row, : template.ids.numel()] = template.known
+    return lengths, known_ids, known_mask
+
+
+def _generate_embedding(model: TextModel, request: TextRequest, mr, templates, gen, progress: bool) -> list[str]:
+    """The embedding route (Diffusion-LM): lengths first, then the core's sampler on the embeddings."""
+    n, best_of = request.num_samples, request.best_of
+    sampler = request.sampler or model.default("sampler")
+    steps = resolve_steps(request.steps, int(model.default("steps")))
+    guidance_scale = request.guidance_scale
+    if mr is not None and guidance_scale is None:
+        guidance_scale = float(model.default("guidance_scale"))
     guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
-    if guidance_interval is not None and mr is None:
-        raise ValueError("guidance_interval limits classifier-free guidance: pass control= (without a classifier)")
-    if guidance_mix is not None and mr is None:
-        raise ValueError("guidance_mix says how classifier-free guidance mixes: pass control= (without a classifier)")
-
     known_ids = known_mask = None
-    if infill is not None:
-        if length is not None:
-            raise ValueError("an infill template fixes the length; leave length unset")
-        texts = [infill] if isinstance(infill, str) else list(infill)
-        if len(texts) == 1:
-            texts = texts * n
-        if len(texts) != n:
-            raise ValueError(f"infill must be one template or one per sample ({n}), got {len(texts)}")
-        templates = [parse_infill(text, model) for text in texts]
-        unknown = sorted({word for template in templates for word in template.unknown_words})
-        if unknown:
-            warnings.warn(f"words of the infill template that are not in the vocabulary map to [UNK]: "
-                          f"{', '.join(unknown)} (the model reads them as [UNK]; the output keeps them as written)",
-                          stacklevel=2)
-        # Templates of different lengths share a batch: each row is padded after its own end.
-        lengths = torch.tensor([template.ids.numel() for template in templates])
-        known_ids = torch.full((n, int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long)
-        known_mask = torch.zeros(n, int(lengths.max()), dtype=torch.bool)
-        for row, template in enumerate(templates):
-            known_ids[row, : template.ids.numel()] = template.ids
-            known_mask[row, : template.ids.numel()] = template.known
-    else:
-        lengths = _lengths(model, n, length, gen)
-    if known_ids is not None:  # each text's candidates are consecutive rows, of its template
+    if templates is not None:
+        lengths, known_ids, known_mask = template_tensors([t for _, t in templates], model.tokenizer.pad_id)
+        # each text's candidates are consecutive rows, of its template
         known_ids, known_mask = known_ids.repeat_interleave(best_of, 0), known_mask.repeat_interleave(best_of, 0)
-
+    else:
+        lengths = _lengths(model, n, request.length, gen)
     extra_wrappers = None
-    if clf is not None:
-        scale = FALLBACKS.classifier_scale if classifier_scale is None else float(classifier_scale)
+    if request.classifier is not None:
+        clf = load_classifier(request.classifier, model)
+        clf_codes = torch.tensor([clf.mr_vocab.encode(request.control, partial=True)] * (n * best_of))
+        scale = FALLBACKS.classifier_scale if request.classifier_scale is None else float(request.classifier_scale)
+        method = request.control_method or "gradient"
 
         def extra_wrappers(rows: torch.Tensor, attention_mask: torch.Tensor) -> list:
-            return [classifier_control(clf, clf_codes[rows], attention_mask, control_method, scale)]
-    settings = TextSampling(sampler, steps, guidance_scale, guidance_interval, clamp, temperature, repeat_penalty,
-                            guidance_mix)
+            return [classifier_control(clf, clf_codes[rows], attention_mask, method, scale)]
+    settings = TextSampling(sampler, steps, guidance_scale, request.guidance_interval, request.clamp,
+                            request.temperature, request.repeat_penalty, request.guidance_mix)
     conditions = RowConditions(mr, known_ids, known_mask, extra_wrappers)
-    ids = sample_best_of(model, lengths, settings, conditions, choice, generator=gen, progress=progress)
-    if infill is not None:
-        return [fill_template(text, template, row, model.tokenizer) for text, template, row in zip(texts, templates, ids)]
+    ids = sample_best_of(model, lengths, settings, conditions, request.choice, generator=gen, progress=progress)
+    if templates is not None:
+        return [fill_template(text, template, row, model.tokenizer) for (text, template), row in zip(templates, ids)]
     return [model.tokenizer.decode(row[: int(k)].tolist()) for row, k in zip(ids, lengths)]
 
 
@@ -808,6 +916,11 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
 
     ``steps`` evaluates the bound on a respaced chain (fewer network calls, a looser bound).
     ``mrs`` gives each text's meaning representation to an MR-conditioned model.
+
+    A masked checkpoint's bound is the block-diffusion bound on the words and the end token
+    (``bound`` must stay "discrete"; ``steps`` is its number of Monte-Carlo time draws, 16 by
+    default), per word and end token, as an autoregressive model's bits per token with its end
+    token are counted.
     """
     if bound not in ("discrete", "embedding"):
         raise ValueError(f"bound must be 'discrete' or 'embedding', got {bound!r}")
@@ -825,6 +938,13 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
         if model.mr_vocab is None or len(mrs) != len(texts):
             raise ValueError("mrs needs an MR-conditioned checkpoint and one MR per text")
         codes = torch.tensor([model.mr_vocab.encode(mr) for mr in mrs])
+    if model.route == "masked":
+        if bound != "discrete":
+            raise ValueError(f"a masked model's bound is a bound on the words: use bound='discrete', not {bound!r}")
+        from .masked_route import masked_bits_per_token
+
+        return masked_bits_per_token(model, enc, codes, samples=resolve_steps(steps, 16), batch_size=batch_size,
+                                     generator=seeded_generator(seed))
     if steps is not None:
         steps = resolve_steps(steps, model.diffusion.num_timesteps)
     gen = seeded_generator(seed)

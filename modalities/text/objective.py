@@ -28,7 +28,7 @@ import diffkit
 
 from .model import NoisyMRClassifier, TextDenoiser, rounding_loss, slot_cross_entropy, token_cross_entropy
 
-__all__ = ["TextObjective", "ClassifierObjective", "unwrap"]
+__all__ = ["TextObjective", "ClassifierObjective", "MaskedTextObjective", "drop_slots", "unwrap"]
 
 
 def unwrap(model: torch.nn.Module) -> TextDenoiser:
@@ -155,11 +155,84 @@ class TextObjective:
         return total, terms
 
     def _drop_slots(self, mr: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Each slot becomes "unspecified" (code 0) with probability slot_drop_prob."""
-        if self.slot_drop_prob <= 0:
-            return mr
-        u = torch.rand(mr.shape, generator=generator, device=generator.device if generator else mr.device)
-        return torch.where(u.to(mr.device) < self.slot_drop_prob, torch.zeros_like(mr), mr)
+        return drop_slots(mr, self.slot_drop_prob, generator)
+
+
+def drop_slots(mr: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Each slot becomes "unspecified" (code 0) with probability ``prob``."""
+    if prob <= 0:
+        return mr
+    u = torch.rand(mr.shape, generator=generator, device=generator.device if generator else mr.device)
+    return torch.where(u.to(mr.device) < prob, torch.zeros_like(mr), mr)
+
+
+class MaskedTextObjective:
+    """``loss_fn(model, batch)`` for a :class:`~modalities.text.masked_model.MaskedTextDenoiser`:
+    the core's masked-diffusion bound, in one of two readings per batch.
+
+    - Block diffusion (a share ``1 - plain_share`` of the batches): a text ends with ``end_id``
+      and is scored up to the end of the block holding it, so the model learns where texts end;
+      the blocks after that are not read (they lie after every counted block).
+    - Plain masked diffusion (``plain_share``): only the words count and the padding after them
+      is given, so the length is known, as infilling and length-conditioned sampling use it.
+
+    Args:
+        diffusion: a ``diffkit.MaskedDiffusion`` with a block size.
+        end_id: the token that ends a text (the tokenizer's padding id).
+        plain_share: share of batches trained as plain masked diffusion.
+        cond_drop_prob, slot_drop_prob: as :class:`TextObjective`'s (classifier-free guidance
+            and partial MRs).
+    """
+
+    def __init__(self, diffusion: diffkit.MaskedDiffusion, end_id: int, *, plain_share: float = 0.2,
+                 cond_drop_prob: float = 0.1, slot_drop_prob: float = 0.3):
+        if not isinstance(diffusion, diffkit.MaskedDiffusion) or diffusion.block_size is None:
+            raise ValueError("the masked text objective needs a diffkit.MaskedDiffusion with a block_size")
+        for name, value in (("plain_share", plain_share), ("cond_drop_prob", cond_drop_prob),
+                            ("slot_drop_prob", slot_drop_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        self.diffusion, self.end_id = diffusion, int(end_id)
+        self.plain_share, self.cond_drop_prob, self.slot_drop_prob = (float(plain_share), float(cond_drop_prob),
+                                                                      float(slot_drop_prob))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"kind": "masked", "plain_share": self.plain_share, "cond_drop_prob": self.cond_drop_prob,
+                "slot_drop_prob": self.slot_drop_prob}
+
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                 generator: torch.Generator | None = None):
+        ids, mask = batch["ids"], batch["mask"].to(torch.bool)
+        x0, counted, plain = self.targets(ids, mask, generator)
+        cond = {}
+        conditional = getattr(getattr(model, "module", model), "conditional", False)
+        if conditional:
+            if "mr" not in batch:
+                raise ValueError("this model is conditioned on meaning representations; batches need 'mr' codes")
+            cond["mr"] = drop_slots(batch["mr"], self.slot_drop_prob, generator)
+        options = {"block_size": None} if plain else {}
+        loss = self.diffusion.loss(model, x0, mask=counted, generator=generator,
+                                   cond_drop_prob=self.cond_drop_prob if conditional else 0.0, **options, **cond)
+        return loss, {"plain": float(plain)}
+
+    def targets(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
+        """(x0, counted, plain): the batch trimmed (or padded with the end token) to what it reads."""
+        lengths = mask.sum(1)
+        device = generator.device if generator is not None else ids.device
+        plain = bool(torch.rand((), generator=generator, device=device) < self.plain_share)
+        if plain:
+            length = max(int(lengths.max()), 1)
+            ids = ids[:, :length]
+            return ids, mask[:, :length], True
+        block = self.diffusion.block_size
+        ends = (lengths + block) // block * block  # the block holding the end token, included
+        length = int(ends.max())
+        if ids.shape[1] < length:
+            ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=self.end_id)
+        ids = torch.where(mask[:, :length] if mask.shape[1] >= length else
+                          torch.nn.functional.pad(mask, (0, length - mask.shape[1])), ids[:, :length], self.end_id)
+        return ids, torch.arange(length, device=ids.device)[None] < ends[:, None], False
 
 
 class _NetworkCall:
