@@ -328,6 +328,30 @@ def control_rates(tokenizer, texts, targets) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- main
+def judge(tok, enc, max_length: int, steps: int, seed: int, cache_path: str, log) -> tuple[CausalLM, float]:
+    """The AR judge/baseline trained on the encoded training texts, or read from its cache when
+    one trained with the same settings and tokenizer is there; (model, its training seconds)."""
+    cache = ROOT / cache_path if not Path(cache_path).is_absolute() else Path(cache_path)
+    key = {"steps": steps, "seed": seed, "vocab": tok.vocab_size, "max_length": max_length,
+           "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest()}
+    # Cached as safetensors with the key in its metadata: loading never unpickles anything.
+    cached = _read_ar_cache(cache)
+    if cached is not None and cached[0] == key:
+        _, state, train_s = cached
+        ar = CausalLM(tok.vocab_size, max_length=max_length + 1)
+        ar.load_state_dict(state)
+        log(f"AR model from {cache}")
+        return ar.eval(), train_s
+    log(f"training the AR judge/baseline ({steps} steps)")
+    t0 = time.perf_counter()
+    ar = train_ar(enc.ids, enc.lengths, tok.vocab_size, tok.pad_id, steps=steps, seed=seed, log=log)
+    train_s = time.perf_counter() - t0
+    with replaced_atomically(cache) as staging:  # 35 minutes of training: never a half-written cache
+        save_file({k: v.detach().contiguous() for k, v in ar.state_dict().items()}, str(staging),
+                  metadata={"key": json.dumps(key, sort_keys=True), "train_s": repr(train_s)})
+    return ar, train_s
+
+
 
 def _read_ar_cache(path: Path):
     """(key, state dict, training seconds) of a cached AR model, or None when there is none to use."""
@@ -394,6 +418,13 @@ def main(argv=None) -> int:
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
     model = load_text_model(args.checkpoint, "cpu")
+    if model.route == "masked":  # a masked model's table is every route's, beside the same baseline
+        import text_routes
+
+        forwarded = ["--checkpoint", str(model.path), "--seed", str(args.seed), "--name", args.name,
+                     "--ar-steps", str(args.ar_steps), "--ar-cache", args.ar_cache,
+                     *(["--out-dir", args.out_dir] if args.out_dir else []), *(["--quick"] if args.quick else [])]
+        return text_routes.main(forwarded)
     tok = model.tokenizer
     train = load_corpus(model.info.get("data", "e2e"), "train")
     held = load_corpus(model.info.get("data", "e2e"), "eval")
@@ -406,26 +437,7 @@ def main(argv=None) -> int:
 
     # ---- the AR judge / baseline
     enc = tok.encode(train.texts, model.max_length, warn=False)
-    cache = ROOT / args.ar_cache if not Path(args.ar_cache).is_absolute() else Path(args.ar_cache)
-    key = {"steps": args.ar_steps, "seed": args.seed, "vocab": tok.vocab_size, "max_length": model.max_length,
-           "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest()}
-    ar_train_s = None
-    # Cached as safetensors with the key in its metadata: loading never unpickles anything.
-    cached = _read_ar_cache(cache)
-    if cached is not None and cached[0] == key:
-        _, state, ar_train_s = cached
-        ar = CausalLM(tok.vocab_size, max_length=model.max_length + 1)
-        ar.load_state_dict(state)
-        ar.eval()
-        log(f"AR model from {cache}")
-    else:
-        log(f"training the AR judge/baseline ({args.ar_steps} steps)")
-        t0 = time.perf_counter()
-        ar = train_ar(enc.ids, enc.lengths, tok.vocab_size, tok.pad_id, steps=args.ar_steps, seed=args.seed, log=log)
-        ar_train_s = time.perf_counter() - t0
-        with replaced_atomically(cache) as staging:  # 35 minutes of training: never a half-written cache
-            save_file({k: v.detach().contiguous() for k, v in ar.state_dict().items()}, str(staging),
-                      metadata={"key": json.dumps(key, sort_keys=True), "train_s": repr(ar_train_s)})
+    ar, ar_train_s = judge(tok, enc, model.max_length, args.ar_steps, args.seed, args.ar_cache, log)
     ar_params = sum(p.numel() for p in ar.parameters())
     if args.ar_only:
         return 0

@@ -157,7 +157,7 @@ MASKED_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         data="e2e", conditional=True, min_count=3, max_length=48,
         hidden=128, depth=4, heads=4, dropout=0.1, block_size=4, plain_share=0.2,
-        max_steps=5000, batch_size=64, lr=1e-3, warmup_steps=250, lr_decay="cosine", ema_decay=0.999,
+        max_steps=2400, batch_size=64, lr=1e-3, warmup_steps=100, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, slot_drop_prob=0.3,
         sampler="ancestral", sample_steps=4, guidance_scale=2.0, sample_temperature=1.0, top_p=1.0,
         sample_every=500, save_every=250,

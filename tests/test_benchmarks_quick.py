@@ -36,6 +36,7 @@ QUICK = {
     "sampler_overhead.py": ("| dpm-v3, per-element statistics |", ()),
     "samplers.py": ("calibrated defaults at 5 calls", ("diffusers",)),
     "text_quality.py": ("likelihood: ", ("tokenizers",)),
+    "text_routes.py": ("likelihood: ", ("tokenizers",)),
 }
 
 

@@ -61,6 +61,9 @@ class MaskedTextDenoiser(nn.Module):
             raise ValueError(f"hidden width {hidden} must be divisible by the number of heads {heads}")
         self.vocab_size, self.max_length, self.block_size = vocab_size, max_length, block_size
         self.tokens = nn.Embedding(vocab_size + 1, hidden)
+        # GPT-2's scale: with unit-variance rows the tied head's first logits would have a spread
+        # of sqrt(hidden), a cross-entropy of tens of nats that the first hundreds of steps undo.
+        nn.init.normal_(self.tokens.weight, std=0.02)
         self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
         self.mr_sizes = list(mr_sizes) if mr_sizes else None
         if self.mr_sizes:
