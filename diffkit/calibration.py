@@ -521,6 +521,7 @@ def calibrate(
     progress: bool = False,
     sample_kwargs: Optional[dict] = None,
     eps_norm_cond: Optional[dict] = None,
+    extra_grids: Sequence[tuple[str, int]] = (),
     **cond,
 ) -> "Diffusion":
     """A new :class:`~diffkit.Diffusion`, ``diffusion`` calibrated for ``model``; ``diffusion`` itself is unchanged.
@@ -534,7 +535,8 @@ def calibrate(
       fitted grid uses are not kept: the model is too far from linear for them). ``grid_batch``
       fits the grids on the first draws only: the statistics are cheap per draw (three
       network calls at each of ``reference_steps`` points) and gain from many, while a grid
-      costs hundreds of sampler runs. No data needed.
+      costs hundreds of sampler runs. ``extra_grids``: further (sampler, K) pairs to fit besides
+      ``samplers`` x ``steps`` (e.g. a checkpoint's recorded sampling default). No data needed.
     * with ``data`` (clean examples): Analytic-DPM's ``eps_norm_sq`` by :func:`estimate_eps_norms`.
 
     ``cond`` goes to the model in both (``eps_norm_cond``, when given, replaces it for the
@@ -565,6 +567,7 @@ def calibrate(
             noise = noise[:grid_batch]
             references = {name: reference[:grid_batch] for name, reference in references.items()}
         jobs = [(sampler, int(k)) for sampler in samplers or (diffusion.default_sampler,) for k in steps]
+        jobs += [(sampler, int(k)) for sampler, k in extra_grids if (sampler, int(k)) not in jobs]
         for sampler, _ in jobs:
             _deterministic(sampler)
         bar = tqdm(jobs, desc="calibrating grids", disable=not progress, leave=False)
@@ -622,6 +625,37 @@ class CalibrationInputs:
     data_cond: dict = field(default_factory=dict)
 
 
+def recorded_sampling(config: dict) -> tuple[Optional[str], Optional[int]]:
+    """The sampler and step count a checkpoint records as its sampling defaults
+    (``config["modality_config"]["defaults"]``, what ``generate`` and the planner sample with
+    when not told otherwise); None for what it does not record."""
+    defaults = (config.get("modality_config") or {}).get("defaults") or {}
+    sampler, steps = defaults.get("sampler"), defaults.get("steps")
+    steps = int(steps) if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 else None
+    return (str(sampler) if sampler else None), steps
+
+
+def recorded_grids(config: dict, steps: Sequence[int]) -> tuple[list[tuple[str, int]], Optional[str]]:
+    """The grids :func:`calibrate_checkpoint` fits for a checkpoint's recorded sampler: (sampler,
+    K) for K in ``steps`` and the recorded step count, when the recorded sampler is deterministic
+    (a grid is fitted to a reference only then); else none. Returns them and a line saying why
+    none, or None."""
+    sampler, recorded_steps = recorded_sampling(config)
+    if sampler is None:
+        return [], None
+    try:
+        spec = sampler_spec(sampler)
+    except ValueError:
+        return [], f"the recorded sampler {sampler!r} is not registered here: no grid is fitted for it"
+    if not spec.deterministic:
+        return [], (f"the recorded sampler {sampler!r} is stochastic: no grid is fitted for it (it samples on its "
+                    "default grid; the reverse variances serve it)")
+    counts = [int(k) for k in steps]
+    if recorded_steps is not None and recorded_steps not in counts:
+        counts.append(recorded_steps)
+    return [(sampler, k) for k in counts], None
+
+
 def calibrate_checkpoint(
     checkpoint,
     *,
@@ -642,6 +676,12 @@ def calibrate_checkpoint(
     The checkpoint's modality (through the registry) supplies the network, the batch shape and
     the conditions (:class:`CalibrationInputs`, its ``calibration_inputs`` method); ``batch``
     draws of noise fit the grids, ``data`` training examples (0: none) the reverse variances.
+    Grids are fitted for every K in ``steps`` with ``samplers`` or, by default, with the
+    diffusion's default sampler (``dpm-v3`` once its statistics are measured) and with the
+    sampler the checkpoint records as its sampling default (``modality_config["defaults"]``,
+    e.g. ``dpm++2m`` for images, ``ddim`` for planners; also at its recorded step count), so
+    that ``generate`` and the planner, which sample with the recorded sampler, find a fitted
+    grid (:func:`recorded_grids`; a stochastic recorded sampler such as ``ddpm`` gets none).
     ``model_statistics=False`` skips dpm-v3's statistics (they hold two tables per element of a
     sample, which for large samples make the config large). The config is rewritten atomically (the old file or the whole new one, never a torn one);
     everything else in the checkpoint is left as it is. Returns the calibrated diffusion.
@@ -665,6 +705,7 @@ def calibrate_checkpoint(
     if not isinstance(data, int) or data < 0:
         raise ValueError(f"data must be a non-negative integer, got {data!r}")
     generator = torch.Generator().manual_seed(seed)
+    extra = recorded_grids(config, steps)[0] if samplers is None else []
     inputs = hook(str(directory), batch=batch, data=data, device=device, generator=generator)
     noise = torch.randn(inputs.shape, generator=generator).to(device)
     T = inputs.diffusion.num_timesteps
@@ -675,7 +716,8 @@ def calibrate_checkpoint(
         eps_norm_times=torch.linspace(0, T - 1, min(50, T)).round().unique().tolist(),
         reference_steps=reference_steps, generator=torch.Generator(device=noise.device).manual_seed(seed + 1),
         device=noise.device, progress=progress, sample_kwargs=inputs.sample_kwargs,
-        eps_norm_cond=inputs.data_cond if data > 0 else None, model_statistics=model_statistics, **inputs.cond)
+        eps_norm_cond=inputs.data_cond if data > 0 else None, model_statistics=model_statistics,
+        extra_grids=extra, **inputs.cond)
     if write:
         config_file = directory / CONFIG_FILE
         fresh = json.loads(config_file.read_text())

@@ -139,8 +139,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
             "Measure what a trained diffusion model says about itself and store it in the checkpoint: "
             "sampler grids fitted to a fine-step reference for each step count (no data needed), the model's "
             "statistics for the dpm-v3 sampler, and its per-step x0 error on training data (the reverse "
-            "variances that tighten the likelihood bound). Sampling with a calibrated step count then uses "
-            f"the fitted grid. Only {CONFIG_FILE} is rewritten, atomically: the old file or the whole new one. "
+            "variances that tighten the likelihood bound). Grids are fitted, for every --steps K, for the "
+            "diffusion's default sampler (dpm-v3 once its statistics are measured, else unipc) and for the "
+            "sampler the checkpoint records as its sampling default (what `diffkit generate` and the planner "
+            "use: dpm++2m for the image recipes, ddim for the planners; also at its recorded step count), when "
+            "that sampler is deterministic; a stochastic one (ddpm, recorded by the text and audio recipes) gets "
+            "no grid, only the reverse variances. --samplers replaces both with the samplers named. Sampling "
+            "with a calibrated (sampler, step count) then uses the fitted grid. "
+            f"Only {CONFIG_FILE} is rewritten, atomically: the old file or the whole new one. "
             "Recipes run this on --export unless given --no-calibrate."
         ),
     )
@@ -148,7 +154,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
     cal.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10, 20], metavar="K",
                      help="step counts to fit grids for (default: 5 10 20)")
     cal.add_argument("--samplers", nargs="+", default=None, metavar="NAME",
-                     help="deterministic samplers to fit grids for (default: the diffusion's default sampler)")
+                     help="deterministic samplers to fit grids for (default: the diffusion's default sampler and "
+                          "the checkpoint's recorded sampling default, when deterministic)")
     cal.add_argument("--batch", type=positive_int, default=128, metavar="N",
                      help="draws of starting noise the grids are fitted on (default: 128)")
     cal.add_argument("--data", type=int, default=256, metavar="N",
@@ -305,9 +312,13 @@ def _modalities(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from diffkit.calibration import calibrate_checkpoint
+    from diffkit.calibration import calibrate_checkpoint, recorded_grids
     from diffkit.utils import resolve_device
 
+    if args.samplers is None:
+        _, why_none = recorded_grids(read_config(args.checkpoint), args.steps)
+        if why_none:
+            print(why_none)
     calibrated = calibrate_checkpoint(
         args.checkpoint, steps=args.steps, batch=args.batch, data=args.data, samplers=args.samplers,
         max_evals=args.max_evals, reference_steps=args.reference_steps, seed=args.seed,

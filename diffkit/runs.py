@@ -151,8 +151,8 @@ def resolve_steps(steps: Optional[int], default: int) -> int:
 LR_DECAYS = ("none", "cosine", "linear")
 
 # The TrainConfig fields a recipe's flags set (``add_training_arguments``); the rest keep their defaults.
-_TRAINING_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "lr_decay", "ema_decay", "seed", "output_dir",
-                   "save_every", "sample_every", "device", "num_workers")
+_TRAINING_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "lr_decay", "ema_decay", "ema_warmup", "seed",
+                   "output_dir", "save_every", "sample_every", "device", "num_workers")
 
 
 def positive_int(text: str) -> int:
@@ -183,6 +183,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, run_dir: str, sam
     g.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps")
     g.add_argument("--lr-decay", choices=LR_DECAYS, help="LR decay after the warm-up")
     g.add_argument("--ema-decay", type=float, help="EMA decay of the sampled weights")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="warm the EMA up: the k-th update uses min(ema_decay, (1 + k) / (10 + k)), so a short run's "
+                        "EMA does not keep the initial weights (default: on; --no-ema-warmup averages with "
+                        "ema_decay from the first step)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of everything: data order, initial weights, noise (default: 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: auto)")
@@ -226,8 +230,9 @@ def add_calibrate_arguments(group) -> None:
     """``--no-calibrate`` and ``--calibrate-steps``: what a recipe's ``--export`` calibrates."""
     group.add_argument("--no-calibrate", action="store_true",
                        help="do not calibrate the --export checkpoint. By default it is calibrated as `diffkit "
-                            "calibrate` does: sampler grids fitted for --calibrate-steps, the model's statistics and "
-                            "its reverse variances, written into the exported config.json")
+                            "calibrate` does: sampler grids fitted for --calibrate-steps (for the default dpm-v3 "
+                            "sampler and for the recorded --sampler, when it is deterministic), the model's "
+                            "statistics and its reverse variances, written into the exported config.json")
     group.add_argument("--calibrate-steps", type=positive_int, nargs="+", default=[5, 10, 20], metavar="K",
                        help="step counts the exported checkpoint's sampler grids are fitted for (default: 5 10 20)")
 

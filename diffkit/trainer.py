@@ -49,7 +49,7 @@ from diffkit import distributed
 from diffkit.checkpoint import CheckpointError, checkpoint_exists, holds_other_files, load_checkpoint, save_checkpoint
 from diffkit.utils import resolve_device, seed_everything
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "ema_decay_at", "ema_initial_share"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,13 @@ class TrainConfig:
     ``grad_clip`` None or 0 disables clipping (the gradient norm is still logged and checked).
     ``ema_start``: for the first ``ema_start`` steps the EMA copies the weights instead of
     averaging, so that it does not keep a long memory of the random initialisation.
+    ``ema_warmup`` (on by default): the k-th averaging update (k = step - ema_start) uses the
+    decay min(ema_decay, (1 + k) / (10 + k)) (TensorFlow's ExponentialMovingAverage with
+    ``num_updates``, diffusers' EMAModel), so the EMA forgets the initial weights within a few
+    dozen steps instead of keeping ema_decay ** steps of them (0.999 over 800 steps keeps 45%);
+    the decay reaches 0.999 after ~9000 updates, 0.99 after ~900. Off, every update uses
+    ``ema_decay`` (:func:`ema_decay_at` gives the decay of any step, :func:`ema_initial_share`
+    what is left of the initial weights).
     ``save_every`` / ``sample_every`` 0 disables periodic saves (the final one still happens) /
     samples. ``mixed_precision``: "auto" (bf16 autocast on CUDA, off elsewhere), "bf16" or "no".
     """
@@ -106,6 +113,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
     ema_start: int = 0
+    ema_warmup: bool = True
     mixed_precision: str = "auto"
     seed: int = 0
     output_dir: str = "runs/default"
@@ -148,6 +156,8 @@ class TrainConfig:
             problems.append("grad_clip must be > 0, or None/0 to disable clipping")
         if not 0.0 <= self.ema_decay <= 1.0:
             problems.append("ema_decay must be in [0, 1]")
+        if not isinstance(self.ema_warmup, bool):
+            problems.append(f"ema_warmup must be True or False, got {self.ema_warmup!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             problems.append("betas must be two numbers in [0, 1)")
         if self.mixed_precision not in MIXED_PRECISION_MODES:
@@ -574,6 +584,17 @@ class Trainer:
         if changed:
             warnings.warn(f"resuming from {path} with changed optimizer settings ({', '.join(changed)}); "
                           "the new values apply from this step on", stacklevel=3)
+        if recorded:
+            # A run recorded before ema_warmup existed averaged without it.
+            before = {"ema_decay": recorded.get("ema_decay", cfg.ema_decay),
+                      "ema_start": recorded.get("ema_start", cfg.ema_start),
+                      "ema_warmup": recorded.get("ema_warmup", False)}
+            changed = [f"{name} {value} -> {getattr(cfg, name)}" for name, value in before.items()
+                       if value != getattr(cfg, name)]
+            if changed:
+                warnings.warn(f"resuming from {path} with changed EMA settings ({', '.join(changed)}); the EMA "
+                              "follows the new ones from this step on (the decay of each step is "
+                              "diffkit.trainer.ema_decay_at(step, ...))", stacklevel=3)
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's loss and the loss_fn's named values (as float32 0-dim tensors)."""
@@ -609,17 +630,20 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:
-        """ema = decay * ema + (1 - decay) * weights; a plain copy during the first ema_start steps."""
+        """ema = decay * ema + (1 - decay) * weights with the decay :func:`ema_decay_at` gives for
+        ``step``; a plain copy during the first ema_start steps."""
         ema_params = list(self.ema_model.parameters())
         params = [p.detach() for p in self.model.parameters()]
-        if step <= self.config.ema_start:  # torch has no public multi-tensor copy; 600 vs 506 us above, rarely run
+        cfg = self.config
+        if step <= cfg.ema_start:  # torch has no public multi-tensor copy; 600 vs 506 us above, rarely run
             for ema_param, param in zip(ema_params, params):
                 ema_param.copy_(param)
         else:
             # torch's public multi-tensor EMA: one fused lerp over all tensors, as fast as calling the
             # private torch._foreach_lerp_ directly (1.04M parameters in 150 tensors, 1 thread, best of
             # 25 rounds: 546-608 us per update against 550 us; a per-tensor lerp_ loop: 968 us).
-            get_ema_multi_avg_fn(self.config.ema_decay)(ema_params, params, None)
+            decay = ema_decay_at(step, cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup)
+            get_ema_multi_avg_fn(decay)(ema_params, params, None)
         # Buffers (e.g. normalisation statistics) are not averaged, only copied.
         for ema_buffer, buffer in zip(self.ema_model.buffers(), self.model.buffers()):
             ema_buffer.copy_(buffer)
@@ -702,8 +726,29 @@ def _model_differences(recorded: Mapping[str, Any] | None, current: Mapping[str,
 # The TrainConfig fields that change the weights a run produces (the rest say where and how it reports),
 # recorded for each run of a resumed model.
 _WEIGHT_SETTINGS = ("max_steps", "batch_size", "lr", "warmup_steps", "lr_decay", "min_lr", "grad_accum_steps",
-                    "grad_clip", "ema_decay", "ema_start", "mixed_precision", "seed", "weight_decay", "betas",
+                    "grad_clip", "ema_decay", "ema_start", "ema_warmup", "mixed_precision", "seed", "weight_decay", "betas",
                     "adam_eps")
+
+
+def ema_decay_at(step: int, decay: float, *, start: int = 0, warmup: bool = True) -> float:
+    """The EMA decay of optimizer step ``step`` (1-based): 0.0 (a copy of the weights) while
+    step <= ``start``; then ``decay``, or with ``warmup`` min(decay, (1 + k) / (10 + k)) for the
+    k-th averaging update, k = step - start."""
+    if step <= start:
+        return 0.0
+    if not warmup:
+        return decay
+    k = step - start
+    return min(decay, (1 + k) / (10 + k))
+
+
+def ema_initial_share(steps: int, decay: float, *, start: int = 0, warmup: bool = True) -> float:
+    """The weight the EMA still gives the initial weights after ``steps`` optimizer steps (the
+    product of :func:`ema_decay_at` over steps 1..steps): decay ** steps without warm-up."""
+    share = 1.0
+    for step in range(1, steps + 1):
+        share *= ema_decay_at(step, decay, start=start, warmup=warmup)
+    return share
 
 
 def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:

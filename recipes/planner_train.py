@@ -433,7 +433,8 @@ def model_card(s: dict[str, Any], argv: list[str], *, traj, windows, n_params: i
         f"| diffusion | {s['schedule']} schedule, "
         f"T = {s['diffusion_steps']}, {s['prediction']} prediction |",
         f"| training | {trainer.step:,} steps, batch {s['batch_size']}, AdamW lr {s['lr']:g} "
-        f"({min(s['warmup_steps'], s['max_steps'])} warm-up), EMA {s['ema_decay']}, seed {s['seed']} |",
+        f"({min(s['warmup_steps'], s['max_steps'])} warm-up), EMA {s['ema_decay']}"
+        f"{'' if s.get('ema_warmup') is False else ' with warm-up'}, seed {s['seed']} |",
         f"| hardware | {hardware_summary()} |",
         f"| wall time | {wall:.0f} s for this command ({rate} in training); final loss "
         f"{'-' if loss is None else f'{loss:.4f}'} |",

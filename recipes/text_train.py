@@ -57,7 +57,7 @@ from diffkit.runs import (
     train_config,
     usage_errors,
 )
-from diffkit.trainer import Trainer
+from diffkit.trainer import Trainer, ema_initial_share
 
 # The recipe runs as a script from anywhere: make the repository's modalities importable.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -359,10 +359,11 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         if args.task != "denoiser":
             raise ValueError(f"--export-weights ema-debiased is for denoisers trained from scratch; export a "
                              f"--task {args.task} run with ema or model")
-        if s["ema_decay"] ** s["max_steps"] > 0.5:
+        left = ema_initial_share(s["max_steps"], s["ema_decay"], warmup=s.get("ema_warmup") is not False)
+        if left > 0.5:
             raise ValueError(f"--export-weights ema-debiased needs at most half of the initial weights left in the "
                              f"EMA, but {s['max_steps']} steps at --ema-decay {s['ema_decay']} leave "
-                             f"{s['ema_decay'] ** s['max_steps']:.2f}; use ema or model, or train longer")
+                             f"{left:.2f}; use ema or model, or train longer")
     s.setdefault("output_dir", f"runs/text-{args.preset}" + ("" if args.task == "denoiser" else f"-{args.task}"))
     return s
 
@@ -475,15 +476,16 @@ EXPORT_WEIGHTS = ("ema", "ema-debiased", "model")
 
 def shipped_state(s: dict[str, Any], run_checkpoint: Path, which: str, initial: dict[str, torch.Tensor] | None):
     """The weights to ship: the EMA as the Trainer kept it, the EMA with the share of the
-    initial weights taken out (``ema-debiased``: (ema - d^n w_0) / (1 - d^n), the trainer's EMA
-    starts at the initial weights w_0, which after n steps of decay d still weigh d^n: 11% after
-    2200 steps at 0.999), or the raw trained weights (``model``)."""
+    initial weights taken out (``ema-debiased``: (ema - s w_0) / (1 - s), the trainer's EMA starts
+    at the initial weights w_0, which after n steps still weigh s, ``diffkit.trainer.ema_initial_share``:
+    d^n without the EMA warm-up, 11% after 2200 steps at 0.999), or the raw trained weights (``model``)."""
     ckpt = load_checkpoint(run_checkpoint, modality="text")
     if which == "model" or ckpt.ema_state is None:
         return ckpt, ckpt.model_state
     if which == "ema":
         return ckpt, ckpt.ema_state
-    share = s["ema_decay"] ** ckpt.step
+    train = ckpt.config.get("train") or {}  # a run recorded before the warm-up existed averaged without it
+    share = ema_initial_share(ckpt.step, s["ema_decay"], warmup=bool(train.get("ema_warmup", False)))
     if initial is None or share > 0.5:
         raise ValueError(f"--export-weights ema-debiased needs the initial weights and at most half of them left "
                          f"in the EMA (here {share:.2f}); use ema or model")

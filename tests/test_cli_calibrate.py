@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,107 @@ def test_no_statistics_keeps_the_config_small(gauss, tmp_path):
     assert main(["calibrate", str(path), *ARGS, "--no-statistics", "--data", "0"]) == 0
     calibration = json.loads((path / "config.json").read_text())["diffusion"]["calibration"]
     assert "statistics" not in calibration and set(calibration["grids"]) == {"unipc/4"}
+
+
+def _with_defaults(path, **defaults):
+    config = json.loads((path / "config.json").read_text())
+    config["modality_config"] = {"defaults": defaults}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_the_recorded_sampler_gets_its_grids_too(gauss, tmp_path, capsys):
+    """Grids for the diffusion's default sampler and for the sampler the checkpoint records as its
+    sampling default (at each --steps and at its recorded step count); none for a stochastic one."""
+    path = _with_defaults(_checkpoint(tmp_path / "ckpt"), sampler="dpm++2m", steps=3)
+    assert main(["calibrate", str(path), *ARGS, "--data", "0"]) == 0
+    grids = json.loads((path / "config.json").read_text())["diffusion"]["calibration"]["grids"]
+    assert set(grids) == {"dpm-v3/4", "dpm++2m/4", "dpm++2m/3"}
+    capsys.readouterr()
+    stochastic = _with_defaults(_checkpoint(tmp_path / "ddpm"), sampler="ddpm", steps=50)
+    assert main(["calibrate", str(stochastic), *ARGS, "--data", "0"]) == 0
+    assert "'ddpm' is stochastic: no grid is fitted" in capsys.readouterr().out
+    assert set(json.loads((stochastic / "config.json").read_text())["diffusion"]["calibration"]["grids"]) == {
+        "dpm-v3/4"}
+    named = _with_defaults(_checkpoint(tmp_path / "named"), sampler="ddim", steps=4)
+    assert main(["calibrate", str(named), *ARGS, "--data", "0", "--samplers", "heun"]) == 0  # as asked, no more
+    assert set(json.loads((named / "config.json").read_text())["diffusion"]["calibration"]["grids"]) == {"heun/4"}
+
+
+def _perturbed(net, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():  # an untrained network with zero-initialised outputs would ignore the grid
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return net
+
+
+def test_generate_samples_on_the_recorded_samplers_calibrated_grid(tmp_path):
+    """An image checkpoint recording dpm++2m at 3 steps: once calibrated, generate() draws exactly
+    what the calibrated Diffusion draws on the fitted dpm++2m/3 grid, and not what it drew before."""
+    pytest.importorskip("sklearn")
+    from diffkit.calibration import calibrate_checkpoint
+    from diffkit.runs import seeded_generator
+    from modalities.image.unet import UNet
+
+    kwargs = {"in_channels": 1, "image_size": 8, "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
+              "attention_levels": [], "num_classes": None, "context_dim": None, "low_res_channels": 0,
+              "learn_sigma": False, "dropout": 0.0}
+    torch.manual_seed(0)
+    net = _perturbed(UNet(**kwargs), 1)
+    path = save_checkpoint(tmp_path / "image", model=net, step=1, config={
+        "modality": "image", "model": {"class": "modalities.image.unet.UNet", "kwargs": kwargs},
+        "diffusion": Diffusion("linear", 100).config,
+        "modality_config": {"data": "digits", "defaults": {"sampler": "dpm++2m", "steps": 3, "guidance_scale": 1.0}}})
+    before = diffkit.generate(modality="image", checkpoint=str(path), num_samples=2, seed=0, device="cpu")
+    calibrated = calibrate_checkpoint(path, steps=(3,), batch=8, data=0, max_evals=10, reference_steps=12,
+                                      model_statistics=False)
+    stored = json.loads((path / "config.json").read_text())["diffusion"]["calibration"]["grids"]
+    assert "dpm++2m/3" in stored
+    grid = calibrated.sampling_grid(3, sampler="dpm++2m")
+    assert torch.allclose(grid.times, torch.tensor(stored["dpm++2m/3"]["times"], dtype=grid.times.dtype))
+    assert not torch.equal(grid.times, calibrated.sampling_grid(3, sampler="dpm++2m", calibrated=False).times)
+    after = diffkit.generate(modality="image", checkpoint=str(path), num_samples=2, seed=0, device="cpu")
+    direct = calibrated.sample(net.eval(), (2, 1, 8, 8), sampler="dpm++2m", steps=3, generator=seeded_generator(0),
+                               device="cpu", wrappers=[diffkit.ClipX0(-1.0, 1.0)])
+    torch.testing.assert_close(after, (direct.clamp(-1, 1) + 1) / 2, rtol=0, atol=1e-6)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_the_planner_plans_on_the_recorded_samplers_calibrated_grid(tmp_path, monkeypatch):
+    """A planner checkpoint recording ddim at 3 steps: once calibrated, its plans are drawn on the
+    fitted ddim/3 grid (and differ from those on the uncalibrated one)."""
+    from diffkit.calibration import calibrate_checkpoint
+    from modalities.planning.data import Normalizer
+    from modalities.planning.model import TemporalUNet
+    from modalities.planning.planner import DiffusionPlanner
+    from modalities.planning.training import planner_diffusion
+
+    torch.manual_seed(0)
+    net = _perturbed(TemporalUNet(3, dim=8, dim_mults=(1, 2), zero_init_output=False), 2)
+    modality_config = {"observation_dim": 2, "action_dim": 1, "horizon": 8,
+                       "normalizer": Normalizer(np.zeros(3), np.ones(3), "gaussian").to_config(),
+                       "defaults": {"sampler": "ddim", "steps": 3}}
+    path = save_checkpoint(tmp_path / "planner", model=net, step=1, config={
+        "modality": "planning", "model": {"class": "modalities.planning.model.TemporalUNet",
+                                          "kwargs": {"transition_dim": 3, "dim": 8, "dim_mults": [1, 2],
+                                                     "zero_init_output": False}},
+        "diffusion": planner_diffusion(64).config, "modality_config": modality_config})
+    before = DiffusionPlanner.load(path, device="cpu", seed=0).plan(np.zeros(2)).states
+    calibrate_checkpoint(path, steps=(3,), batch=8, data=0, max_evals=30, reference_steps=20,
+                         model_statistics=False)
+    stored = json.loads((path / "config.json").read_text())["diffusion"]["calibration"]["grids"]
+    assert "ddim/3" in stored
+    grids = []
+    original = Diffusion._grid
+
+    def spy(self, *args, **kwargs):
+        grids.append(original(self, *args, **kwargs))
+        return grids[-1]
+
+    monkeypatch.setattr(Diffusion, "_grid", spy)
+    planner = DiffusionPlanner.load(path, device="cpu", seed=0)
+    after = planner.plan(np.zeros(2)).states
+    assert (planner.sampler, planner.steps) == ("ddim", 3)
+    assert torch.allclose(grids[-1].times, torch.tensor(stored["ddim/3"]["times"], dtype=grids[-1].times.dtype))
+    assert np.abs(after - before).max() > 1e-4

@@ -661,3 +661,44 @@ def test_candidates_are_ranked_by_the_models_denoising_error(trained, env):
     assert torch.all(scores[:-1] >= scores[1:])
     again = -planner._denoising_error(candidates)  # the same noise every time: a plan's own score
     torch.testing.assert_close(again.to(scores.dtype), scores, rtol=1e-4, atol=1e-6)
+
+
+def test_settings_check_themselves_and_stay_fixed(trained):
+    """The planner's options are small frozen settings objects, grouped by what they control, that
+    refuse bad values when made; a checkpoint's facts are checked by PlannerSettings.resolve."""
+    import dataclasses
+
+    from modalities.planning.settings import (ActingSettings, CandidateSettings, MapSettings, PlannerCheckpoint,
+                                              PlannerSettings, ReplanSettings, SamplingSettings)
+
+    planner = DiffusionPlanner.load(trained / "export", device="cpu", steps=6, num_candidates=2,
+                                    candidate_score="value", replan_every=4)
+    settings = planner.settings
+    assert (settings.sampling.steps, settings.candidates.num_candidates, settings.replanning.replan_every) == (6, 2, 4)
+    assert settings.replanning.warm_start_steps == 3  # steps x warm_start_strength, filled when resolved
+    assert planner.steps == 6 and planner.settings.flat()["num_candidates"] == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.sampling.steps = 3
+    with pytest.raises(AttributeError):
+        planner.steps = 3  # read-only: a planner's settings do not change behind its back
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        SamplingSettings(sampler="nope")
+    with pytest.raises(ValueError, match="num_candidates must be >= 1"):
+        CandidateSettings(num_candidates=0)
+    with pytest.raises(ValueError, match="warm_start_strength must lie in"):
+        ReplanSettings(warm_start_strength=2.0)
+    with pytest.raises(ValueError, match="path_lookahead must be > 0"):
+        ActingSettings(path_lookahead=-1)
+    with pytest.raises(ValueError, match="known_map=True"):
+        MapSettings(shortcut_margin=0.2)
+    with pytest.raises(ValueError, match="known_map=True"):
+        PlannerSettings(candidates=CandidateSettings(candidate_score="free_space"))
+    facts = PlannerCheckpoint(num_timesteps=16, span=16, observation_dim=4)
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 16\]"):
+        PlannerSettings.resolve(facts, options={"steps": 20})
+    with pytest.raises(ValueError, match="needs a PointMaze checkpoint"):
+        PlannerSettings.resolve(facts, options={"known_map": True})
+    with pytest.raises(TypeError, match="unknown planner option"):
+        PlannerSettings.resolve(facts, options={"replan": 3})
+    # Without a maze and a value network, candidates rank by value (which then needs the network).
+    assert PlannerSettings.resolve(facts).candidates.candidate_score == "value"

@@ -73,8 +73,8 @@ def test_same_seed_same_network(tmp_path):
 def test_export_weights_choices(tmp_path):
     out = tmp_path / "run"
     # Large steps from the first one, so the weights move well beyond float16 rounding.
-    base = ["--max-steps", "3", "--output-dir", str(out), "--ema-decay", "0.5", *TINY, "--sample-every", "0",
-            "--lr", "0.5", "--warmup-steps", "0"]
+    base = ["--max-steps", "3", "--output-dir", str(out), "--ema-decay", "0.5", "--no-ema-warmup", *TINY,
+            "--sample-every", "0", "--lr", "0.5", "--warmup-steps", "0"]
     assert text_train.main([*base, "--export", str(tmp_path / "ema"), "--export-weights", "ema"]) == 0
     run = diffkit.load_checkpoint(out / "checkpoint")
     shipped = {}
@@ -121,7 +121,7 @@ def test_help_explains_itself(capsys):
     (["--sample-temperature", "0.5", "--head", "regression"], "use --head softmax or leave it at 1"),
     (["--preset", "tpu"], "invalid choice"),
     (["--guidance-interval", "2", "1"], "--guidance-interval: guidance_interval needs 0 <= low < high"),
-    (["--export-weights", "ema-debiased"], "leave 1.00; use ema or model, or train longer"),
+    (["--export-weights", "ema-debiased", "--no-ema-warmup"], "leave 1.00; use ema or model, or train longer"),
     (["--export-weights", "ema-debiased", "--task", "classifier", "--denoiser", "modalities/text/checkpoints/e2e"],
      "ema-debiased is for denoisers"),
 ])

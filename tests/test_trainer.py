@@ -266,7 +266,8 @@ def test_ema_is_an_exponential_moving_average(tmp_path):
         snapshots[f"ema{step}"] = {k: v.clone() for k, v in trainer.ema_model.state_dict().items()}
 
     decay = 0.9
-    trainer = make_trainer(make_config(tmp_path, max_steps=2, ema_decay=decay, ema_start=1, sample_every=1), sample_fn=snapshot)
+    trainer = make_trainer(make_config(tmp_path, max_steps=2, ema_decay=decay, ema_start=1, sample_every=1,
+                                       ema_warmup=False), sample_fn=snapshot)
     trainer.train()
     assert state_equal(snapshots["ema1"], snapshots[1])
     for name, ema_value in snapshots["ema2"].items():
@@ -277,13 +278,86 @@ def test_ema_is_an_exponential_moving_average(tmp_path):
 
 def test_ema_after_one_step(tmp_path):
     decay = 0.75
-    trainer = make_trainer(make_config(tmp_path, max_steps=1, ema_decay=decay))
+    trainer = make_trainer(make_config(tmp_path, max_steps=1, ema_decay=decay, ema_warmup=False))
     initial = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     ema = dict(trainer.ema_model.named_parameters())
     for name, new in trainer.model.named_parameters():
         torch.testing.assert_close(ema[name], decay * initial[name] + (1 - decay) * new.detach(), rtol=1e-6, atol=1e-7)
         assert not ema[name].requires_grad
+
+
+def test_ema_warmup_forgets_the_initial_weights_as_the_formula_says(tmp_path):
+    """One scalar weight, 1 at the start and 0 after every step: the EMA after N steps is the
+    initial weights' share, and with warm-up that share is prod_k min(d, (1+k)/(10+k))
+    over the averaging updates k = 1..N - ema_start; while the warm-up stays below d it telescopes
+    to 10! (N+1)! / (N+10)!."""
+    from diffkit.trainer import ema_decay_at, ema_initial_share
+
+    def share_after(steps, decay, *, start=0, warmup=True):
+        trainer = make_trainer(make_config(tmp_path, name=f"r{steps}-{decay}-{start}-{warmup}", ema_decay=decay,
+                                           ema_start=start, ema_warmup=warmup),
+                               model=torch.nn.Linear(1, 1, bias=False))
+        trainer.ema_model.weight.data.fill_(1.0)  # the initial weight (copied while step <= ema_start)
+        for step in range(1, steps + 1):
+            trainer.model.weight.data.fill_(1.0 if step <= start else 0.0)  # then every step takes it to 0
+            trainer._update_ema(step)
+        return float(trainer.ema_model.weight.double())
+
+    for n in (1, 5, 30):
+        closed = math.factorial(10) * math.factorial(n + 1) / math.factorial(n + 10)
+        assert share_after(n, 0.999) == pytest.approx(closed, rel=1e-5)
+        assert ema_initial_share(n, 0.999) == pytest.approx(closed, rel=1e-12)
+    # Once (1+k)/(10+k) passes the decay (k >= 80 for 0.9), the decay itself applies.
+    assert [ema_decay_at(k, 0.9) for k in (1, 79, 80, 500)] == [2 / 11, 80 / 89, 0.9, 0.9]
+    expected = math.prod(min(0.9, (1 + k) / (10 + k)) for k in range(1, 101))
+    assert share_after(100, 0.9) == pytest.approx(expected, rel=1e-4)
+    assert ema_initial_share(100, 0.9) == pytest.approx(expected, rel=1e-12)
+    # ema_start: copies first, then the warm-up counts from the first averaging update (the share
+    # is that of the weights at step ema_start).
+    assert ema_decay_at(3, 0.9, start=3) == 0.0 and ema_decay_at(4, 0.9, start=3) == 2 / 11
+    assert share_after(6, 0.999, start=3) == pytest.approx(2 / 11 * 3 / 12 * 4 / 13, rel=1e-5)
+    # Off: the old EMA, decay ** N; a preset's 0.999 over 800 steps keeps 45% of the start.
+    assert share_after(20, 0.9, warmup=False) == pytest.approx(0.9 ** 20, rel=1e-5)
+    assert ema_initial_share(800, 0.999, warmup=False) == pytest.approx(0.999 ** 800) and 0.999 ** 800 > 0.44
+    assert ema_initial_share(800, 0.999) < 1e-19
+
+
+def test_ema_warmup_off_reproduces_the_fixed_decay_bit_for_bit(tmp_path):
+    """warm-up off: every update is torch's multi-tensor EMA with ema_decay, as before warm-up existed."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    trainer = make_trainer(make_config(tmp_path, max_steps=6, ema_decay=0.9, ema_start=2, ema_warmup=False))
+    torch.manual_seed(1)
+    reference = [p.detach().clone() for p in trainer.ema_model.parameters()]
+    for step in range(1, 7):
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(torch.randn_like(p))
+        trainer._update_ema(step)
+        weights = [p.detach() for p in trainer.model.parameters()]
+        if step <= 2:
+            reference = [w.clone() for w in weights]
+        else:
+            get_ema_multi_avg_fn(0.9)(reference, weights, None)
+        assert all(torch.equal(a, b) for a, b in zip(trainer.ema_model.parameters(), reference))
+
+
+def test_ema_warmup_is_recorded_and_on_by_default(tmp_path):
+    assert TrainConfig().ema_warmup is True
+    trainer = make_trainer(make_config(tmp_path, max_steps=2))
+    trainer.train()
+    ckpt = load_checkpoint(trainer.checkpoint_dir)
+    assert ckpt.config["train"]["ema_warmup"] is True
+    assert ckpt.extra["segments"][-1]["train"]["ema_warmup"] is True
+    assert TrainConfig.from_dict(ckpt.config["train"]) == trainer.config
+    with pytest.raises(ValueError, match="ema_warmup must be True or False"):
+        TrainConfig(ema_warmup="yes")
+    # A run written without warm-up, resumed with it: the change is named.
+    config = make_config(tmp_path, name="old", max_steps=2, ema_warmup=False)
+    make_trainer(config).train()
+    with pytest.warns(UserWarning, match=r"changed EMA settings \(ema_warmup False -> True\)"):
+        make_trainer(make_config(tmp_path, name="old", max_steps=3)).train()
 
 
 def test_linear_warmup_learning_rates(tmp_path):

@@ -12,6 +12,7 @@
 - :mod:`.maze`: PointMaze grids, the BFS waypoint expert, maze plots;
 - :mod:`.model`: the temporal U-Net, the value network, the inverse-dynamics MLP;
 - :mod:`.planner`: :class:`DiffusionPlanner`, :class:`Plan`, :class:`PlannerWrapper`, ``evaluate``;
+- :mod:`.settings`: :class:`PlannerSettings`, the planner's settings grouped by what they control;
 - :mod:`.modality`: :class:`PlanningModality` (``diffkit generate planning``, ``diffkit rollout planning``);
 - ``recipes/planner_train.py`` trains planners.
 
@@ -29,6 +30,7 @@ _EXPORTS = {
     "Plan": "planner",
     "PlannerWrapper": "planner",
     "evaluate": "planner",
+    "PlannerSettings": "settings",
     "PlanningModality": "modality",
     "PlanSamples": "modality",
     "TemporalUNet": "model",

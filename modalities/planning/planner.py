@@ -72,52 +72,23 @@ import diffkit
 from diffkit.checkpoint import CheckpointError, load_network
 from diffkit.guidance import ClipX0, GradientSteps, KnownValues
 from diffkit.starts import WarmStart
-from diffkit.runs import resolve_steps, seeded_generator
+from diffkit.runs import seeded_generator
 from diffkit.utils import module_device
 
 from .data import Normalizer, flatten_observation
 from .maze import GOAL_RADIUS, MazeGrid, make_env, pd_action
 from .model import InverseDynamics, TemporalUNet, ValueNet
+from .settings import (ACTION_SOURCES, CANDIDATE_SCORES, DEFAULTS, KNOWN_MAP_SHORTCUT_MARGIN,  # noqa: F401
+                       MAP_OPTIONS, PlannerCheckpoint, PlannerSettings)
 
 __all__ = ["CHECKPOINTS_DIR", "DiffusionPlanner", "Plan", "PlannerWrapper", "evaluate"]
 
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
 MODALITY = "planning"
-ACTION_SOURCES = ("path", "tracking", "plan", "inverse_dynamics")
-CANDIDATE_SCORES = ("value", "consistency", "arrival", "free_space")
-
 # Network classes a checkpoint may name: a checkpoint never chooses what code runs.
 NETWORKS = {"modalities.planning.model.TemporalUNet": TemporalUNet}
 VALUE_NETWORKS = {"modalities.planning.model.ValueNet": ValueNet}
 INVERSE_DYNAMICS_NETWORKS = {"modalities.planning.model.InverseDynamics": InverseDynamics}
-
-# Used when a checkpoint does not say.
-DEFAULTS: dict[str, Any] = {
-    "sampler": "ddim",
-    "steps": 10,
-    "replan_every": None,
-    "warm_start_strength": 0.5,
-    "warm_start_steps": None,
-    "action_source": "plan",
-    "num_candidates": 1,
-    "value_guidance": 0.0,
-    "guidance_steps": 2,
-    "guidance_stop_below": 2.0,
-    "replan_distance": None,
-    "path_lookahead": 1.0,
-    "loop_radius": None,  # "path": skip ahead to the last route point within this of the ball (cuts loops)
-    "stall_steps": None,  # replan (cold) after this many steps without moving stall_distance, away from the goal
-    "stall_distance": 0.1,
-    "candidate_score": None,  # None: "value" with a value network, "free_space" with known_map, else "consistency"
-    "consistency_levels": 4,  # "consistency": noise levels the candidates' denoising error is averaged over
-    # The opt-in that lets the planner read the maze's walls (MazeGrid) while it plans and acts.
-    "known_map": False,
-    "shortcut_margin": "auto",  # known_map + "path": 0.15 ("auto"); None: no shortcuts. The ball's radius is 0.1
-}
-# What known_map=True turns on, and the options that need it.
-KNOWN_MAP_SHORTCUT_MARGIN = 0.15
-MAP_OPTIONS = ("shortcut_margin",)
-
 
 @dataclass
 class Plan:
@@ -151,6 +122,10 @@ class DiffusionPlanner:
     ``value_guidance`` (scale; 0 = off), ``guidance_steps``, ``guidance_stop_below``;
     ``known_map`` (False: read nothing but observations and the goal; True: also the maze's
     walls, with ``shortcut_margin``); ``seed`` fixes the sampling noise.
+
+    The options are checked and grouped into :class:`~modalities.planning.settings.PlannerSettings`
+    (``planner.settings``: sampling, candidates, replanning, acting, map), fixed once the
+    planner is built; each option is also readable by its name (``planner.steps``).
     """
 
     def __init__(self, net: torch.nn.Module, diffusion: diffkit.Diffusion, config: Mapping[str, Any], *,
@@ -185,113 +160,12 @@ class DiffusionPlanner:
         self.value_normalizer = (Normalizer.from_config(value_cfg["normalizer"]) if value_cfg.get("normalizer")
                                  else Normalizer([0.0], [1.0], "gaussian"))
 
-        unknown = sorted(set(overrides) - set(DEFAULTS))
-        if unknown:
-            raise TypeError(f"unknown planner option(s) {', '.join(unknown)}; valid: {', '.join(DEFAULTS)}")
-        stored = dict(config.get("defaults") or {})
-        self.known_map = bool(overrides.get("known_map", stored.get("known_map", DEFAULTS["known_map"])))
-        if self.known_map and self.maze is None:
-            raise ValueError("known_map=True reads a maze's walls and needs a PointMaze checkpoint")
-        if not self.known_map:
-            # A checkpoint's map settings apply only when the map is known: by default the planner
-            # reads nothing but observations and the goal.
-            stored.pop("shortcut_margin", None)
-            if stored.get("candidate_score") == "free_space":
-                stored.pop("candidate_score")
-            asked = [k for k in MAP_OPTIONS if overrides.get(k) not in (None, "auto")]
-            if overrides.get("candidate_score") == "free_space":
-                asked.append("candidate_score='free_space'")
-            if asked:
-                raise ValueError(f"{', '.join(asked)} read(s) the maze's walls; pass known_map=True to let the planner "
-                                 "use the map (by default it plans from observations and the goal only)")
-        settings = {**DEFAULTS, **stored, **overrides}
-        self.sampler = str(settings["sampler"])
-        if self.sampler not in diffkit.SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(diffkit.SAMPLERS)}")
-        self.steps = resolve_steps(settings["steps"], DEFAULTS["steps"])
-        if not 1 <= self.steps <= diffusion.num_timesteps:
-            raise ValueError(f"steps must lie in [1, {diffusion.num_timesteps}] (the model's training timesteps), "
-                             f"got {self.steps}")
-        self.replan_every = None if settings["replan_every"] is None else int(settings["replan_every"])
-        if self.replan_every is not None and not 1 <= self.replan_every <= self.span - 1:
-            raise ValueError(f"replan_every must lie in [1, {self.span - 1}] (a plan covers {self.span} steps) "
-                             f"or be None (plan once per goal), got {self.replan_every}")
-        strength = settings["warm_start_strength"]
-        self.warm_start_strength = None if strength is None else float(strength)
-        if self.warm_start_strength is not None and not 0 < self.warm_start_strength <= 1:
-            raise ValueError(f"warm_start_strength must lie in (0, 1] or be None (no warm start), got {strength}")
-        warm_steps = settings["warm_start_steps"]
-        if warm_steps is None and self.warm_start_strength is not None:
-            # The same step density as a cold plan: the warm plan only redoes that share of the chain.
-            warm_steps = max(1, round(self.steps * self.warm_start_strength))
-        self.warm_start_steps = None if warm_steps is None else int(warm_steps)
-        if self.warm_start_steps is not None and not 1 <= self.warm_start_steps <= diffusion.num_timesteps:
-            raise ValueError(f"warm_start_steps must lie in [1, {diffusion.num_timesteps}], got {warm_steps}")
-        self.action_source = str(settings["action_source"])
-        if self.action_source not in ACTION_SOURCES:
-            raise ValueError(f"unknown action_source {self.action_source!r}; choose one of {', '.join(ACTION_SOURCES)}")
-        if self.action_source in ("tracking", "path") and (self.maze is None or self.observation_dim != 4):
-            raise ValueError(f"action_source={self.action_source!r} follows (x, y, vx, vy) waypoints and needs a "
-                             "PointMaze checkpoint; use 'plan' or 'inverse_dynamics'")
-        self.path_lookahead = float(settings["path_lookahead"])
-        if not self.path_lookahead > 0:
-            raise ValueError(f"path_lookahead must be > 0 (a distance along the plan's route), got "
-                             f"{settings['path_lookahead']}")
-        margin = settings["shortcut_margin"]
-        if margin == "auto":
-            margin = KNOWN_MAP_SHORTCUT_MARGIN if self.known_map and self.action_source == "path" else None
-        self.shortcut_margin = None if margin is None else float(margin)
-        if self.shortcut_margin is not None and not self.shortcut_margin >= 0:
-            raise ValueError(f"shortcut_margin must be >= 0 (half the width of the band that must be free of walls) "
-                             f"or None (no shortcuts), got {margin}")
-        loop = settings["loop_radius"]
-        self.loop_radius = None if loop is None else float(loop)
-        if self.loop_radius is not None and not self.loop_radius > 0:
-            raise ValueError(f"loop_radius must be > 0 (a distance to the plan's route) or None, got {loop}")
-        if self.action_source == "inverse_dynamics" and inverse_dynamics is None:
-            raise ValueError("action_source='inverse_dynamics' needs a checkpoint trained with an inverse-dynamics "
-                             "model (recipes/planner_train.py --inverse-dynamics)")
-        self.num_candidates = int(settings["num_candidates"])
-        self.value_guidance = float(settings["value_guidance"])
-        self.guidance_steps = int(settings["guidance_steps"])
-        self.guidance_stop_below = float(settings["guidance_stop_below"])
-        distance = settings["replan_distance"]
-        self.replan_distance = None if distance is None else float(distance)
-        if self.replan_distance is not None and not self.replan_distance > 0:
-            raise ValueError(f"replan_distance must be > 0 (a distance in the first two observation values) or "
-                             f"None, got {distance}")
-        if self.num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
-        score = settings["candidate_score"]
-        if score is None:
-            score = "value" if value_net is not None or self.maze is None else (
-                "free_space" if self.known_map else "consistency")
-        if score not in CANDIDATE_SCORES:
-            raise ValueError(f"unknown candidate_score {score!r}; choose one of {', '.join(CANDIDATE_SCORES)}")
-        self.candidate_score = score
-        if self.value_guidance > 0 and value_net is None:
-            raise ValueError("value guidance needs a checkpoint with a value network (recipes/planner_train.py --value)")
-        if self.num_candidates > 1 and score == "value" and value_net is None:
-            raise ValueError("ranking candidates by value needs a checkpoint with a value network "
-                             "(recipes/planner_train.py --value); in a maze, candidate_score='free_space' needs none")
-        if score == "free_space" and self.maze is None:
-            raise ValueError("candidate_score='free_space' ranks routes by the maze's free cells and needs a PointMaze "
-                             "checkpoint")
-        if score == "arrival" and not self.condition_on_goal:
-            raise ValueError("candidate_score='arrival' ranks plans by when they reach the goal and needs a "
-                             "goal-conditioned planner")
-        self.consistency_levels = int(settings["consistency_levels"])
-        if self.consistency_levels < 1:
-            raise ValueError(f"consistency_levels must be >= 1, got {self.consistency_levels}")
-        stall = settings["stall_steps"]
-        self.stall_steps = None if stall is None else int(stall)
-        if self.stall_steps is not None and self.stall_steps < 1:
-            raise ValueError(f"stall_steps must be >= 1 or None (never), got {stall}")
-        self.stall_distance = float(settings["stall_distance"])
-        if not self.stall_distance > 0:
-            raise ValueError(f"stall_distance must be > 0, got {settings['stall_distance']}")
-        if self.stall_steps is not None and self.observation_dim < 2:
-            raise ValueError("stall detection compares positions (the first two observation values)")
+        self.settings = PlannerSettings.resolve(
+            PlannerCheckpoint(num_timesteps=diffusion.num_timesteps, span=self.span,
+                              observation_dim=self.observation_dim, maze=self.maze is not None,
+                              value_net=value_net is not None, inverse_dynamics=inverse_dynamics is not None,
+                              condition_on_goal=self.condition_on_goal),
+            stored=config.get("defaults") or {}, options=overrides)
         multiple = getattr(net, "horizon_multiple", 1)
         if self.horizon % multiple:
             raise CheckpointError(f"horizon {self.horizon} is not a multiple of {multiple}, which the network needs")
@@ -355,6 +229,27 @@ class DiffusionPlanner:
     @property
     def transition_dim(self) -> int:
         return self.action_dim + self.observation_dim
+
+    # The settings, read-only, under the keyword names the constructor takes.
+    sampler = property(lambda self: self.settings.sampling.sampler)
+    steps = property(lambda self: self.settings.sampling.steps)
+    value_guidance = property(lambda self: self.settings.sampling.value_guidance)
+    guidance_steps = property(lambda self: self.settings.sampling.guidance_steps)
+    guidance_stop_below = property(lambda self: self.settings.sampling.guidance_stop_below)
+    num_candidates = property(lambda self: self.settings.candidates.num_candidates)
+    candidate_score = property(lambda self: self.settings.candidates.candidate_score)
+    consistency_levels = property(lambda self: self.settings.candidates.consistency_levels)
+    replan_every = property(lambda self: self.settings.replanning.replan_every)
+    warm_start_strength = property(lambda self: self.settings.replanning.warm_start_strength)
+    warm_start_steps = property(lambda self: self.settings.replanning.warm_start_steps)
+    replan_distance = property(lambda self: self.settings.replanning.replan_distance)
+    stall_steps = property(lambda self: self.settings.replanning.stall_steps)
+    stall_distance = property(lambda self: self.settings.replanning.stall_distance)
+    action_source = property(lambda self: self.settings.acting.action_source)
+    path_lookahead = property(lambda self: self.settings.acting.path_lookahead)
+    loop_radius = property(lambda self: self.settings.acting.loop_radius)
+    known_map = property(lambda self: self.settings.map.known_map)
+    shortcut_margin = property(lambda self: self.settings.map.shortcut_margin)
 
     # ------------------------------------------------------------------ acting
     def reset(self, mask=None, *, seed: Optional[int] = None) -> None:
