@@ -39,6 +39,7 @@ from diffkit.registry import (
     modality_source,
 )
 from diffkit.runs import positive_int
+from diffkit.masked import SAMPLERS as MASKED_SAMPLERS
 from diffkit.sampling import SAMPLERS
 
 __all__ = ["main"]
@@ -109,7 +110,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, s
         gen.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory to load (default: the modality's default model)"),
         gen.add_argument("--num-samples", type=positive_int, default=None, metavar="N", help="how many samples to draw (default: the modality's, usually 16, or one per label given)"),
         gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed; the same seed gives the same samples (default: random)"),
-        gen.add_argument("--sampler", default=None, metavar="NAME", help=f"sampling algorithm: {', '.join(SAMPLERS)} (default: the modality's choice)"),
+        gen.add_argument("--sampler", default=None, metavar="NAME", help=f"sampling algorithm: {', '.join(SAMPLERS)}; for a masked-diffusion model "
+                                 f"{', '.join(MASKED_SAMPLERS)} (default: the checkpoint's choice)"),
         gen.add_argument("--steps", type=positive_int, default=None, metavar="K", help="number of sampling steps (default: the modality's choice)"),
         gen.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default: auto)"),
         gen.add_argument("--out", metavar="PATH", help="where to write the samples (required, except for modalities whose samples print, such as text)"),

@@ -1071,6 +1071,9 @@ class TextModality:
         group.add_argument("--temperature", type=float, metavar="T",
                            help="word temperature of a softmax-head model: below 1 each step leans towards the "
                                 "likelier words (default: the checkpoint's)")
+        group.add_argument("--top-p", type=float, metavar="P",
+                           help="masked models: draw each word from the smallest set of words holding this much "
+                                "probability (nucleus sampling; default: the checkpoint's)")
         group.add_argument("--repeat-penalty", type=float, metavar="P",
                            help="softmax-head models: price (nats) on the same word at neighbouring positions, "
                                 "against 'Italian Italian'; 10 removes most such repeats, at some cost in fluency "
