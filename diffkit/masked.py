@@ -380,7 +380,8 @@ def _guided(call, guidance_scale: float):
 
     def mixed(x_t, tt):
         c, u = torch.log_softmax(call(torch.cat([x_t, x_t]), torch.cat([tt, tt])).float(), -1).chunk(2)
-        return u + guidance_scale * (c - u)
+        # A token either model rules out (-inf) stays out, where the mix itself would be NaN.
+        return torch.where(torch.isfinite(c) & torch.isfinite(u), u + guidance_scale * (c - u), -math.inf)
     return mixed
 
 

@@ -125,6 +125,20 @@ def test_guidance_mixes_log_probabilities():
     assert float((guided == 2).double().mean()) > float((plain == 2).double().mean()) + 0.2
 
 
+def test_guidance_keeps_ruled_out_tokens_out():
+    diff = MaskedDiffusion(V)
+
+    def banning(x_t, t, drop_cond, context=None):  # token 1 is impossible under both models
+        logits = exact_model(x_t, t) if context is None else exact_block_model(x_t, t, context)
+        logits[..., 1] = -math.inf
+        return torch.where(drop_cond[:, None, None], logits, logits * 0.5)
+
+    for block_size in (None, 2):
+        x = diff.sample(banning, (500, L), steps=8, guidance_scale=3.0, block_size=block_size,
+                        generator=torch.Generator().manual_seed(25))
+        assert (x != 1).all() and (x != diff.mask_id).all()
+
+
 def test_token_sampling_keeps_the_nucleus():
     logp = TokenSampling(top_p=0.6).log_probs(torch.log(torch.tensor([[0.5, 0.3, 0.2]])))
     assert torch.isinf(logp[0, 2]) and torch.allclose(logp[0, :2].exp(), torch.tensor([0.625, 0.375]))
