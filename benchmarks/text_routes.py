@@ -135,6 +135,10 @@ def main(argv=None) -> int:
     p.add_argument("--plain-steps", type=int, nargs="+", default=[4, 8, 16, 32, 64],
                    help="steps of plain masked diffusion over the whole text")
     p.add_argument("--samplers", nargs="+", default=["ancestral", "confidence"])
+    p.add_argument("--temperatures", type=float, nargs="*", default=[0.8, 0.9],
+                   help="other token temperatures given a block-diffusion row at the default sampler and steps")
+    p.add_argument("--top-ps", type=float, nargs="*", default=[0.9, 0.95],
+                   help="other nucleus sizes given a block-diffusion row at the default sampler and steps")
     p.add_argument("--embedding-steps", type=int, nargs="*", default=[10, 50, 200])
     p.add_argument("--pair-samples", type=int, default=1, help="samples per held-out (slot, value) pair")
     p.add_argument("--guidance-scales", type=float, nargs="*", default=[1.5, 3.0],
@@ -154,6 +158,7 @@ def main(argv=None) -> int:
         scratch = tempfile.TemporaryDirectory(prefix="text_routes-quick-")
         args.samples, args.block_steps, args.plain_steps, args.embedding_steps = 4, [1], [2], [2]
         args.samplers, args.guidance_scales, args.nll_texts, args.nll_samples, args.ar_steps = ["ancestral"], [], 2, 1, 2
+        args.temperatures, args.top_ps = [0.9], []
         args.ar_cache = str(Path(scratch.name) / "ar_lm.safetensors")
         args.out_dir = args.out_dir or scratch.name
     out_dir = Path(args.out_dir or ROOT / "benchmarks" / "results")
@@ -221,6 +226,13 @@ def main(argv=None) -> int:
                 name = f"block diffusion (blocks of {model.diffusion.block_size})" if reading == "block" else \
                     "plain masked diffusion"
                 add(name, sampler, steps, texts, seconds, calls)
+    variants = [{"temperature": t} for t in args.temperatures] + [{"top_p": q} for q in args.top_ps]
+    for change in variants:
+        settings = dataclasses.replace(default, guidance_scale=1.0, **change)
+        texts, seconds, calls = masked_samples(model, args.samples, settings, reading="block", seed=args.seed)
+        label = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in change.items())
+        add(f"block diffusion (blocks of {model.diffusion.block_size}), {label}", default.sampler, default.steps,
+            texts, seconds, calls)
     for path, step_counts, route in ((args.embedding_checkpoint, args.embedding_steps, "embedding (Diffusion-LM)"),
                                      (args.distilled_checkpoint, [None], "embedding, distilled student")):
         if not path:
