@@ -96,9 +96,9 @@ class _Counted:
         cache = self.net.block_cache(batch, **cond)
         logits = cache.logits
 
-        def counted(x_block, t=None):
+        def counted(x_block, t=None, rows=None):
             self.calls += 1
-            return logits(x_block, t)
+            return logits(x_block, t, rows)
         cache.logits = counted
         return cache
 

@@ -267,7 +267,7 @@ class MaskedDiffusion:
                known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None,
                fill: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
                sampling: TokenSampling = TokenSampling(), confidence_noise: float = 0.0,
-               block_size=_DEFAULT, stop_id: Optional[int] = None,
+               confidence_threshold: Optional[float] = None, block_size=_DEFAULT, stop_id: Optional[int] = None,
                callback: Optional[Callable[[dict], None]] = None, device=None, **cond) -> torch.Tensor:
         """Token ids (B, L) drawn from ``model`` in ``steps`` steps (per block with block diffusion).
 
@@ -291,6 +291,10 @@ class MaskedDiffusion:
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"shape must be (batch, length) with positive sizes, got {shape}")
         blocks = self._blocks(block_size, shape[1])
+        if confidence_threshold is not None and (sampler != "confidence" or isinstance(confidence_threshold, bool)
+                                                 or not 0 < confidence_threshold <= 1):
+            raise ValueError(f"confidence_threshold is a probability in (0, 1] for the confidence sampler, got "
+                             f"{confidence_threshold!r} with sampler {sampler!r}")
         if stop_id is not None and not 0 <= stop_id < self.num_classes:
             raise ValueError(f"stop_id must be a token id in [0, {self.num_classes - 1}], got {stop_id!r}")
         if device is None:
@@ -300,15 +304,18 @@ class MaskedDiffusion:
                 device = torch.device("cpu")
         x = self._start(shape, known, known_mask, fill, device)
         generate = x == self.mask_id
-        run = _Denoising(self, sampler, steps, sampling, confidence_noise, generator,
+        run = _Denoising(self, sampler, steps, sampling, confidence_noise, confidence_threshold, generator,
                          generator.device if generator is not None else torch.device(device), callback)
+        rows = shape[0] * (1 if guidance_scale == 1.0 else 2)
         cond = _cfg_cond(cond, guidance_scale, shape[0])
         if blocks is None:
-            return run(x, generate, _guided(lambda x_t, tt: model(x_t, tt, **cond), guidance_scale))
-        cache = _block_cache(model, shape[0] * (1 if guidance_scale == 1.0 else 2), cond)
+            def call(x_t, tt, which):
+                return model(x_t, tt, **_rows_of(cond, which, rows))
+            return run(x, generate, _guided(call, guidance_scale, shape[0]))
+        cache = _block_cache(model, rows, cond)
         for begin in range(0, shape[1], blocks):
             part = slice(begin, min(begin + blocks, shape[1]))
-            x[:, part] = run(x[:, part], generate[:, part], _guided(cache.logits, guidance_scale))
+            x[:, part] = run(x[:, part], generate[:, part], _guided(cache.logits, guidance_scale, shape[0]))
             if part.stop == shape[1] or stop_id is not None and bool((x[:, : part.stop] == stop_id).any(dim=1).all()):
                 break
             cache.commit(x[:, part] if guidance_scale == 1.0 else torch.cat([x[:, part], x[:, part]]))
@@ -336,8 +343,9 @@ class BlockCache(Protocol):
     """What a block-diffusion network may offer as ``model.block_cache(batch, **cond)``: the clean
     blocks so far kept as keys and values, so each call reads only the block being drawn."""
 
-    def logits(self, x_block: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B, b, V) logits of the next block's partly masked tokens, given every committed block."""
+    def logits(self, x_block: torch.Tensor, t: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, b, V) logits of the next block's partly masked tokens, given every committed block;
+        with ``rows`` (indices into the batch) only those rows' (x_block holds just them)."""
 
     def commit(self, x_block: torch.Tensor) -> None:
         """Append a finished (clean) block to the prefix."""
@@ -346,12 +354,13 @@ class BlockCache(Protocol):
 class _PrefixCache:
     """The :class:`BlockCache` of a network without one: the whole prefix is read at every call."""
 
-    def __init__(self, model, cond):
-        self.model, self.cond, self.prefix = model, cond, None
+    def __init__(self, model, cond, batch):
+        self.model, self.cond, self.batch, self.prefix = model, cond, batch, None
 
-    def logits(self, x_block, t):
-        x = x_block if self.prefix is None else torch.cat([self.prefix, x_block], dim=1)
-        return self.model(x, t, context=x, **self.cond)[:, -x_block.shape[1]:]
+    def logits(self, x_block, t, rows=None):
+        prefix = self.prefix if self.prefix is None or rows is None else self.prefix[rows]
+        x = x_block if prefix is None else torch.cat([prefix, x_block], dim=1)
+        return self.model(x, t, context=x, **_rows_of(self.cond, rows, self.batch))[:, -x_block.shape[1]:]
 
     def commit(self, x_block):
         self.prefix = x_block.clone() if self.prefix is None else torch.cat([self.prefix, x_block], dim=1)
@@ -359,7 +368,7 @@ class _PrefixCache:
 
 def _block_cache(model, batch: int, cond: dict):
     make = getattr(model, "block_cache", None)
-    return make(batch, **cond) if callable(make) else _PrefixCache(model, cond)
+    return make(batch, **cond) if callable(make) else _PrefixCache(model, cond, batch)
 
 
 def _cfg_cond(cond: dict, guidance_scale: float, batch: int) -> dict:
@@ -371,44 +380,65 @@ def _cfg_cond(cond: dict, guidance_scale: float, batch: int) -> dict:
     return {**doubled, "drop_cond": torch.arange(2 * batch, device=device) >= batch}
 
 
-def _guided(call, guidance_scale: float):
-    """``call(x_t, t)`` (conditions bound in; for guidance they cover the batch twice, the second
-    copy with its condition dropped, as :func:`_cfg_cond` makes them) -> log-probabilities,
-    mixed log p_u + w (log p_c - log p_u) in one batched call."""
+def _guided(call, guidance_scale: float, batch: int):
+    """``call(x_t, t, rows)`` (conditions bound in; for guidance they cover the batch twice, the
+    second copy with its condition dropped, as :func:`_cfg_cond` makes them; ``rows`` None or
+    indices into that batch) -> log-probabilities, mixed log p_u + w (log p_c - log p_u) in one
+    batched call."""
     if guidance_scale == 1.0:
-        return lambda x_t, tt: torch.log_softmax(call(x_t, tt).float(), -1)
+        return lambda x_t, tt, rows: torch.log_softmax(call(x_t, tt, rows).float(), -1)
 
-    def mixed(x_t, tt):
-        c, u = torch.log_softmax(call(torch.cat([x_t, x_t]), torch.cat([tt, tt])).float(), -1).chunk(2)
+    def mixed(x_t, tt, rows):
+        both = None if rows is None else torch.cat([rows, rows + batch])
+        c, u = torch.log_softmax(call(torch.cat([x_t, x_t]), torch.cat([tt, tt]), both).float(), -1).chunk(2)
         # A token either model rules out (-inf) stays out, where the mix itself would be NaN.
         return torch.where(torch.isfinite(c) & torch.isfinite(u), u + guidance_scale * (c - u), -math.inf)
     return mixed
 
 
+def _rows_of(cond: dict, rows, batch: int) -> dict:
+    """The conditions of the given rows (tensors with the batch as their first dimension)."""
+    if rows is None:
+        return cond
+    return {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == (batch,) else v for k, v in cond.items()}
+
+
 class _Denoising:
     """One masked-diffusion run over given positions: the grid 1 = t_0 > ... > t_K = 0, the
-    reveal rule of the sampler, and the network call skipped while nothing changed."""
+    reveal rule of the sampler, and the network called only for the rows that changed since
+    their last call and still hold masked positions (MDLM's caching, row by row)."""
 
-    def __init__(self, diffusion, sampler, steps, sampling, confidence_noise, generator, gen_device, callback):
+    def __init__(self, diffusion, sampler, steps, sampling, confidence_noise, threshold, generator, gen_device,
+                 callback):
         self.diffusion, self.sampler, self.steps, self.sampling = diffusion, sampler, steps, sampling
-        self.confidence_noise, self.generator, self.gen_device, self.callback = (confidence_noise, generator,
-                                                                                 gen_device, callback)
+        self.confidence_noise, self.threshold = confidence_noise, threshold
+        self.generator, self.gen_device, self.callback = generator, gen_device, callback
         self.times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, generate: torch.Tensor, log_probs) -> torch.Tensor:
+        """``log_probs(x_rows, t_rows, rows)`` -> log-probabilities of those rows (``rows`` None: all)."""
         mask_id, device = self.diffusion.mask_id, x.device
-        last = {"x": None, "logp": None}
+        logp = seen = None
         for k in range(self.steps):
             t, s = float(self.times[k]), float(self.times[k + 1])
             masked = (x == mask_id) & generate
-            if not masked.any():
+            active = masked.any(dim=1)
+            if not active.any():
                 break
-            if last["x"] is None or not torch.equal(last["x"], x):  # nothing changed: no call (MDLM's caching)
-                tt = torch.full((x.shape[0],), t, device=device)
-                last.update(x=x.clone(), logp=self.sampling.log_probs(log_probs(x, tt)))
+            stale = active if seen is None else active & (x != seen).any(dim=1)
+            if stale.any():
+                rows = None if bool(stale.all()) else stale.nonzero()[:, 0]
+                part = x if rows is None else x[rows]
+                fresh = self.sampling.log_probs(log_probs(part, torch.full((part.shape[0],), t, device=device), rows))
+                if logp is None:
+                    logp = fresh if rows is None else fresh.new_zeros((*x.shape, fresh.shape[-1])).index_copy(0, rows, fresh)
+                    seen = x.clone()
+                elif rows is None:
+                    logp, seen = fresh, x.clone()
+                else:
+                    logp, seen = logp.index_copy(0, rows, fresh), seen.index_copy(0, rows, x[rows])
                 self.calls += 1
-            logp = last["logp"]
             a_t, a_s = float(self.diffusion.alpha(torch.tensor(t))), float(self.diffusion.alpha(torch.tensor(s)))
             reveal = (a_s - a_t) / (1.0 - a_t) if a_t < 1 else 1.0
             # The Gumbel-max trick: a draw from the (tempered, nucleus) categorical.
@@ -417,8 +447,11 @@ class _Denoising:
                 u = torch.rand(x.shape, generator=self.generator, device=self.gen_device).to(device)
                 chosen = masked & (u < reveal)
             else:
-                chosen = _most_confident(logp.gather(-1, tokens[..., None])[..., 0], masked, reveal,
-                                         self.confidence_noise, self.generator, self.gen_device)
+                confidence = logp.gather(-1, tokens[..., None])[..., 0]
+                chosen = _most_confident(confidence, masked, reveal, self.confidence_noise, self.generator,
+                                         self.gen_device)
+                if self.threshold is not None:  # every token drawn at least this surely goes in now
+                    chosen |= masked & (confidence >= math.log(self.threshold))
             x = torch.where(chosen, tokens, x)
             if self.callback is not None:
                 self.callback({"step": k, "t": s, "x": x, "calls": self.calls})

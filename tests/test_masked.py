@@ -236,9 +236,9 @@ class _CountingCache:
     def __init__(self, batch):
         self.prefix, self.tokens_read = torch.zeros(batch, 0, dtype=torch.long), 0
 
-    def logits(self, x_block, t):
+    def logits(self, x_block, t, rows=None):
         self.tokens_read += x_block.numel()
-        x = torch.cat([self.prefix, x_block], dim=1)
+        x = torch.cat([self.prefix if rows is None else self.prefix[rows], x_block], dim=1)
         return exact_block_model(x, t, context=x)[:, self.prefix.shape[1]:]
 
     def commit(self, x_block):
@@ -295,3 +295,37 @@ def test_block_guidance_reads_the_dropped_condition_through_the_cache():
                         drop_cond=torch.zeros(1500, dtype=torch.bool))
     guided = diff.sample(conditional, (1500, L), steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(24))
     assert float((guided == 2).double().mean()) > float((plain == 2).double().mean()) + 0.2
+
+
+def test_a_confidence_threshold_reveals_the_sure_tokens_at_once():
+    diff = MaskedDiffusion(V)
+    calls = []
+
+    def sure(x_t, t):  # every token is certain: token 2 everywhere
+        calls.append(x_t.shape[0])
+        return torch.tensor([-30.0, -30.0, 0.0]).expand(*x_t.shape, V)
+
+    x = diff.sample(sure, (3, L), steps=L, sampler="confidence", confidence_threshold=0.9,
+                    generator=torch.Generator().manual_seed(26))
+    assert (x == 2).all() and calls == [3]  # one call reveals everything
+    calls.clear()
+    diff.sample(sure, (3, L), steps=L, sampler="confidence", generator=torch.Generator().manual_seed(26))
+    assert len(calls) == L  # one token a step without the threshold
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        diff.sample(sure, (3, L), sampler="ancestral", confidence_threshold=0.9)
+
+
+def test_rows_that_are_done_are_not_read_again():
+    diff = MaskedDiffusion(V)
+    read = []
+
+    def first_row_sure(x_t, t):
+        read.append(x_t.shape[0])
+        logits = exact_model(x_t, t)
+        if x_t.shape[0] == 2:  # the full batch: row 0 is certain of token 0
+            logits[0] = torch.tensor([0.0, -30.0, -30.0])
+        return logits
+
+    diff.sample(first_row_sure, (2, L), steps=L, sampler="confidence", confidence_threshold=0.9,
+                generator=torch.Generator().manual_seed(27))
+    assert read[0] == 2 and all(rows == 1 for rows in read[1:]) and len(read) == L  # row 0 was done after one call

@@ -159,3 +159,19 @@ def test_a_masked_teacher_is_refused_by_distillation(masked_export, tmp_path, ca
         text_train.main(["--task", "distill", "--denoiser", str(masked_export / "export"), "--output-dir",
                          str(tmp_path / "d"), "--no-progress"])
     assert "masked" in capsys.readouterr().err
+
+
+def test_the_cache_reads_a_subset_of_rows_as_the_whole_batch_does():
+    net = _net([3, 4])
+    x0 = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(3))
+    mr = torch.tensor([[1, 2], [2, 3], [0, 1]])
+    with torch.no_grad():
+        cache = net.block_cache(3, mr=mr)
+        cache.logits(torch.full((3, BLOCK), V))
+        cache.commit(x0[:, :BLOCK])
+        block = x0[:, BLOCK:].clone()
+        block[:, 0] = V
+        rows = torch.tensor([2, 0])
+        some = cache.logits(block[rows], None, rows)
+        every = cache.logits(block)
+    assert torch.allclose(some, every[rows], atol=1e-5)

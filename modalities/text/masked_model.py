@@ -169,7 +169,13 @@ class TextBlockCache:
             raise RuntimeError("commit a block once, then ask for the next block's logits")
         self.pending_ids = x_block
 
-    def logits(self, x_block: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, x_block: torch.Tensor, t: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the block being drawn; with ``rows``, of those rows only (x_block holds them)."""
+        if rows is not None:
+            if self.pending is not None or self.pending_ids is not None:
+                self._flush()
+            return self._read(x_block, rows)
         net = self.net
         start = self.length + (0 if self.pending_ids is None else self.pending_ids.shape[1])
         if start + x_block.shape[1] > net.max_length:
@@ -195,6 +201,21 @@ class TextBlockCache:
             self.length += self.pending_ids.shape[1]
         self.pending, self.pending_ids = None, None
         return net._head(h[:, new:])
+
+    def _flush(self) -> None:
+        """Put the pending tokens into the cache for every row, reading no block."""
+        empty = torch.zeros(self.keys[0].shape[0] if self.keys is not None else
+                            (self.pending if self.pending is not None else self.pending_ids).shape[0], 0,
+                            dtype=torch.long, device=self.net.positions.device)
+        self.logits(empty)
+
+    def _read(self, x_block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The block's logits for some rows, over those rows' cached keys and values (nothing is added)."""
+        net = self.net
+        h = net._embed(x_block, self.length)
+        for i, layer in enumerate(net.layers):
+            h, _ = layer(h, None, None if self.keys is None else (self.keys[i][rows], self.values[i][rows]))
+        return net._head(h)
 
 
 class _Layer(nn.Module):

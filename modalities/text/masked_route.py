@@ -72,7 +72,7 @@ class _Allowed:
     def block_cache(self, batch, **cond):
         cache = self.net.block_cache(batch, **cond)
         banned, logits = self.banned, cache.logits
-        cache.logits = lambda x_block, t=None: logits(x_block, t).masked_fill(banned, -math.inf)
+        cache.logits = lambda x_block, t=None, rows=None: logits(x_block, t, rows).masked_fill(banned, -math.inf)
         return cache
 
 
