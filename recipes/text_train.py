@@ -94,7 +94,7 @@ ROUTES = ("embedding", "masked")
 EMBEDDING_FLAGS = ("embed_dim", "head", "self_conditioning", "schedule", "num_timesteps", "t0_fraction",
                    "self_condition_prob", "guidance_mix", "guidance_interval", "export_weights")
 # The masked route's flags that mean nothing to the embedding route.
-MASKED_FLAGS = ("block_size", "plain_share", "top_p")
+MASKED_FLAGS = ("block_size", "plain_share", "top_p", "threshold")
 CLASSIFIER_CLASS = "modalities.text.model.NoisyMRClassifier"
 
 # --task classifier: a shallower network and a shorter run than the denoiser's (the preset's
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of batches trained as plain masked diffusion over the whole text (infilling reads "
                         "texts that way; default 0.2)")
     g.add_argument("--top-p", type=float, help="default nucleus (top-p) recorded with a masked model")
+    g.add_argument("--threshold", type=float,
+                   help="default confidence threshold recorded with a masked model (confidence sampler: words drawn "
+                        "with at least this probability are written at once)")
     add_training_arguments(p, run_dir="runs/text-<preset>", data_workers=False)
     g = add_sampling_default_arguments(p, guidance="default guidance for --control")
     sampler = next(a for a in g._group_actions if a.dest == "sampler")
@@ -294,9 +297,9 @@ def resolve_masked_settings(args: argparse.Namespace) -> dict[str, Any]:
 def masked_defaults(s: dict[str, Any]) -> dict[str, Any]:
     """The sampling defaults a masked model records, checked by :class:`MaskedTextSampling`."""
     defaults = MaskedTextSampling(s["sampler"], s["sample_steps"], s["guidance_scale"], s["sample_temperature"],
-                                  s["top_p"])
+                                  s["top_p"], s.get("threshold"))
     return {"sampler": defaults.sampler, "steps": defaults.steps, "guidance_scale": defaults.guidance_scale,
-            "temperature": defaults.temperature, "top_p": defaults.top_p}
+            "temperature": defaults.temperature, "top_p": defaults.top_p, "threshold": defaults.threshold}
 
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -105,7 +105,8 @@ def test_the_recipe_trains_a_masked_model_that_samples(masked_export):
     assert all(t.startswith("The Eagle is a ") and t.endswith(" in the city centre .") and "[MASK]" not in t
                for t in filled)
     assert len(diffkit.generate(modality="text", checkpoint=export, num_samples=2, seed=0,
-                                control={"food": "Italian"}, top_p=0.9, sampler="confidence", steps=3)) == 2
+                                control={"food": "Italian"}, top_p=0.9, sampler="confidence", steps=3,
+                                threshold=0.5)) == 2
     bits = nll_per_token(["The Eagle is a pub .", "The Mill is near the river ."], checkpoint=export,
                          mrs=[{"name": "The Eagle"}, {"name": "The Mill"}], steps=2)
     assert bits.shape == (2,) and torch.isfinite(bits).all() and (bits > 0).all()
@@ -124,8 +125,11 @@ def test_options_of_the_other_route_are_refused(masked_export):
     for option in ({"clamp": True}, {"best_of": 2}, {"guidance_mix": "x0", "control": {"food": "Italian"}}):
         with pytest.raises(ValueError, match="option of the embedding text route.*masked-route model"):
             diffkit.generate(modality="text", checkpoint=export, num_samples=1, **option)
-    with pytest.raises(ValueError, match="option of the masked text route"):
-        diffkit.generate(modality="text", num_samples=1, top_p=0.5)
+    for option in ({"top_p": 0.5}, {"threshold": 0.9}):
+        with pytest.raises(ValueError, match="option of the masked text route"):
+            diffkit.generate(modality="text", num_samples=1, **option)
+    with pytest.raises(ValueError, match="threshold is a probability in \\(0, 1\\] for the confidence sampler"):
+        diffkit.generate(modality="text", checkpoint=export, num_samples=1, sampler="ancestral", threshold=0.9)
     with pytest.raises(ValueError, match="unknown sampler 'ddim' for a masked text model"):
         diffkit.generate(modality="text", checkpoint=export, num_samples=1, sampler="ddim")
     with pytest.raises(ValueError, match="steps"):

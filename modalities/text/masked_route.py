@@ -32,6 +32,8 @@ class MaskedTextSampling:
             when a token was revealed, so a block of b words costs at most b calls.
         guidance_scale: classifier-free guidance towards an MR (1: none).
         temperature, top_p: the token distribution (``diffkit.TokenSampling``).
+        threshold: confidence sampler only: also reveal every word drawn with at least this
+            probability at once (None: one schedule's count a step).
     """
 
     sampler: str = "ancestral"
@@ -39,6 +41,7 @@ class MaskedTextSampling:
     guidance_scale: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in diffkit.masked.SAMPLERS:
@@ -48,6 +51,10 @@ class MaskedTextSampling:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         check_guidance_scale(self.guidance_scale)
         diffkit.TokenSampling(self.temperature, self.top_p)  # checks temperature and top_p
+        if self.threshold is not None and (self.sampler != "confidence" or isinstance(self.threshold, bool)
+                                           or not 0 < self.threshold <= 1):
+            raise ValueError(f"threshold is a probability in (0, 1] for the confidence sampler, got "
+                             f"{self.threshold!r} with sampler {self.sampler!r}")
 
     @property
     def tokens(self) -> diffkit.TokenSampling:
@@ -96,7 +103,8 @@ def sample_masked_ids(net, diffusion: diffkit.MaskedDiffusion, tokenizer, n: int
     cond = {} if mr is None else {"mr": mr.to(device)}
     ids = diffusion.sample(_Allowed(net, _banned(net, tokenizer, end=True)), (n, limit), steps=settings.steps,
                            sampler=settings.sampler, generator=generator, guidance_scale=settings.guidance_scale,
-                           sampling=settings.tokens, stop_id=end_id, **cond)
+                           sampling=settings.tokens, confidence_threshold=settings.threshold, stop_id=end_id,
+                           **cond)
     texts = []
     for row in ids.tolist():
         row = [i for i in row if i != diffusion.mask_id]
@@ -123,7 +131,8 @@ def fill_masked_ids(net, diffusion: diffkit.MaskedDiffusion, tokenizer, lengths:
     cond = {} if mr is None else {"mr": mr.to(device)}
     return diffusion.sample(_Allowed(net, _banned(net, tokenizer, end=False)), (n, width), steps=settings.steps,
                             sampler=settings.sampler, generator=generator, guidance_scale=settings.guidance_scale,
-                            sampling=settings.tokens, block_size=None, known=known.to(device), fill=fill.to(device),
+                            sampling=settings.tokens, confidence_threshold=settings.threshold, block_size=None,
+                            known=known.to(device), fill=fill.to(device),
                             **cond).cpu()
 
 
@@ -133,8 +142,13 @@ def request_settings(model, request) -> MaskedTextSampling:
         return given if given is not None else model.default(name, getattr(MASKED_FALLBACKS, name))
 
     guidance = pick("guidance_scale", request.guidance_scale) if request.control else 1.0
-    return MaskedTextSampling(pick("sampler", request.sampler), int(pick("steps", request.steps)), float(guidance),
-                              float(pick("temperature", request.temperature)), float(pick("top_p", request.top_p)))
+    sampler = pick("sampler", request.sampler)
+    # A recorded threshold belongs to the recorded (confidence) sampler, not to one the request names.
+    threshold = request.threshold if request.threshold is not None or request.sampler not in (None, "confidence") \
+        else model.default("threshold", None)
+    return MaskedTextSampling(sampler, int(pick("steps", request.steps)), float(guidance),
+                              float(pick("temperature", request.temperature)), float(pick("top_p", request.top_p)),
+                              threshold)
 
 
 def generate_masked(model, request, *, mr: torch.Tensor | None, templates, generator) -> list[str]:

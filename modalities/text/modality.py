@@ -614,7 +614,7 @@ _NEEDS = (
 # Options of one route only, refused (with the route named) for a checkpoint of the other.
 EMBEDDING_OPTIONS = ("guidance_interval", "guidance_mix", "clamp", "repeat_penalty", "classifier", "classifier_scale",
                      "control_method", "rank_by", "select_at")
-MASKED_OPTIONS = ("top_p",)
+MASKED_OPTIONS = ("top_p", "threshold")
 
 
 def _finite(name: str, value, low: float = -math.inf, *, above: bool = False) -> None:
@@ -644,6 +644,7 @@ class TextRequest:
     temperature: float | None = None
     repeat_penalty: float | None = None
     top_p: float | None = None
+    threshold: float | None = None
     classifier: str | os.PathLike | None = None
     classifier_scale: float | None = None
     control_method: str | None = None
@@ -662,6 +663,9 @@ class TextRequest:
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
                                        or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(
+                self.threshold, (int, float)) or not 0 < self.threshold <= 1):
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
         if self.guidance_scale is not None:
             check_guidance_scale(self.guidance_scale)  # the core's check, as image and audio use: no NaN, no bool
         if self.classifier_scale is not None:
@@ -719,6 +723,7 @@ def generate_text(
     temperature: float | None = None,
     repeat_penalty: float | None = None,
     top_p: float | None = None,
+    threshold: float | None = None,
     classifier: str | os.PathLike | None = None,
     classifier_scale: float | None = None,
     control_method: str | None = None,
@@ -758,6 +763,8 @@ def generate_text(
             checkpoint ends each text itself).
         top_p: a masked checkpoint's nucleus: each token is drawn from the smallest set of
             words holding this much probability (default: the checkpoint's).
+        threshold: a masked checkpoint's confidence sampler also writes, at each step, every
+            word it draws with at least this probability (default: the checkpoint's).
         clamp: the clamping trick (snap x0 predictions to word embeddings at every step); None
             follows the checkpoint (on for a regression head, off for a softmax head).
         temperature: a softmax head's word temperature; below 1 every step leans towards the
@@ -781,7 +788,7 @@ def generate_text(
             compares finished texts).
     """
     request = TextRequest(num_samples, sampler, steps, infill, control, guidance_scale, guidance_interval,
-                          guidance_mix, length, clamp, temperature, repeat_penalty, top_p, classifier,
+                          guidance_mix, length, clamp, temperature, repeat_penalty, top_p, threshold, classifier,
                           classifier_scale, control_method, best_of, rank_by, select_at)
     model = load_text_model(checkpoint, device)
     request.check_route(model)
@@ -1074,6 +1081,9 @@ class TextModality:
         group.add_argument("--top-p", type=float, metavar="P",
                            help="masked models: draw each word from the smallest set of words holding this much "
                                 "probability (nucleus sampling; default: the checkpoint's)")
+        group.add_argument("--threshold", type=float, metavar="P",
+                           help="masked models, confidence sampler: also write at once every word drawn with at least "
+                                "this probability (fewer network calls; default: the checkpoint's)")
         group.add_argument("--repeat-penalty", type=float, metavar="P",
                            help="softmax-head models: price (nats) on the same word at neighbouring positions, "
                                 "against 'Italian Italian'; 10 removes most such repeats, at some cost in fluency "
