@@ -159,7 +159,7 @@ class TextBlockCache:
     pass as the next block (one network call per sampling step)."""
 
     def __init__(self, net: MaskedTextDenoiser, slots: torch.Tensor):
-        self.net, self.keys, self.values = net, None, None
+        self.net, self.keys, self.values, self.batch = net, None, None, slots.shape[0]
         self.pending = slots  # (B, n, hidden) inputs not yet in the cache: the slots first
         self.pending_ids: torch.Tensor | None = None
         self.length = 0  # word positions committed
@@ -204,10 +204,7 @@ class TextBlockCache:
 
     def _flush(self) -> None:
         """Put the pending tokens into the cache for every row, reading no block."""
-        empty = torch.zeros(self.keys[0].shape[0] if self.keys is not None else
-                            (self.pending if self.pending is not None else self.pending_ids).shape[0], 0,
-                            dtype=torch.long, device=self.net.positions.device)
-        self.logits(empty)
+        self.logits(torch.zeros(self.batch, 0, dtype=torch.long, device=self.net.positions.device))
 
     def _read(self, x_block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The block's logits for some rows, over those rows' cached keys and values (nothing is added)."""
