@@ -93,7 +93,7 @@ def test_the_recipe_trains_a_masked_model_that_samples(masked_export):
     assert len(samples) == 16 and all(" => " in line for line in samples[8:])
     ckpt = diffkit.load_checkpoint(masked_export / "export", modality="text")
     assert ckpt.config["diffusion"]["class"] == "MaskedDiffusion" and ckpt.config["diffusion"]["block_size"] == 4
-    assert ckpt.config["modality_config"]["defaults"]["sampler"] == "ancestral"
+    assert ckpt.config["modality_config"]["defaults"]["sampler"] == "confidence"
     export = masked_export / "export"
     texts = diffkit.generate(modality="text", checkpoint=export, num_samples=3, seed=0)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
