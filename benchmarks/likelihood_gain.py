@@ -171,9 +171,9 @@ def audio_case(n_held: int, n_train: int, seed: int) -> Case:
 def text_case(n_held: int, n_train: int, seed: int) -> Case:
     from modalities.text.data import load_corpus
     from modalities.text.model import rounding_loss
-    from modalities.text.modality import DEFAULT_CHECKPOINT, denoiser_call, load_text_model
+    from modalities.text.modality import EMBEDDING_CHECKPOINT, denoiser_call, load_text_model
 
-    model = load_text_model(DEFAULT_CHECKPOINT, "cpu")
+    model = load_text_model(EMBEDDING_CHECKPOINT, "cpu")
     net, diff = model.net, model.diffusion
     source = model.info.get("data", "e2e")
     held_texts = load_corpus(source, "eval").texts
@@ -211,7 +211,7 @@ def text_case(n_held: int, n_train: int, seed: int) -> Case:
                 "discrete bound (rounding as decoder), bits/token": float((discrete * tokens).sum() / tokens.sum())}
 
     # A self-conditioned network is scored as nll_per_token scores it: two passes at each x_t.
-    return Case(str(DEFAULT_CHECKPOINT.relative_to(ROOT)), denoiser_call(net, chain=False),
+    return Case(str(EMBEDDING_CHECKPOINT.relative_to(ROOT)), denoiser_call(net, chain=False),
                 diffkit.Diffusion.from_config(diff.config),
                 held, train, cond={"attention_mask": held_mask}, train_cond={"attention_mask": train_mask},
                 nll_kwargs={"mask": held_mask[:, None, :]}, train_counted=train_mask[:, None, :],

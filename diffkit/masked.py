@@ -441,8 +441,7 @@ class _Denoising:
                 self.calls += 1
             a_t, a_s = float(self.diffusion.alpha(torch.tensor(t))), float(self.diffusion.alpha(torch.tensor(s)))
             reveal = (a_s - a_t) / (1.0 - a_t) if a_t < 1 else 1.0
-            # The Gumbel-max trick: a draw from the (tempered, nucleus) categorical.
-            tokens = (logp + _gumbel(logp.shape, self.generator, self.gen_device).to(device)).argmax(dim=-1)
+            tokens = _draw(logp, self.generator, self.gen_device)
             if self.sampler == "ancestral":
                 u = torch.rand(x.shape, generator=self.generator, device=self.gen_device).to(device)
                 chosen = masked & (u < reveal)
@@ -456,6 +455,11 @@ class _Denoising:
             if self.callback is not None:
                 self.callback({"step": k, "t": s, "x": x, "calls": self.calls})
         return x
+
+
+def _draw(logp: torch.Tensor, generator, gen_device) -> torch.Tensor:
+    """A draw from each categorical of ``logp`` (..., V) by the Gumbel-max trick."""
+    return (logp + _gumbel(logp.shape, generator, gen_device).to(logp.device)).argmax(dim=-1)
 
 
 def _gumbel(shape, generator, device) -> torch.Tensor:

@@ -309,7 +309,7 @@ def test_missing_shipped_checkpoint_says_how_to_train_one(tmp_path, monkeypatch)
     monkeypatch.setattr("modalities.text.modality.DEFAULT_CHECKPOINT", tmp_path / "e2e")
     with pytest.raises(ValueError, match="recipes/text_train.py"):
         TextModality().generate(num_samples=1)
-    assert DEFAULT_CHECKPOINT.name == "e2e"
+    assert DEFAULT_CHECKPOINT.name == "e2e-masked"
 
 
 def test_save_writes_one_utf8_line_per_sample(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import diffkit
+from modalities.text import EMBEDDING_CHECKPOINT
 from modalities.text.masked_model import MaskedTextDenoiser, block_diffusion_mask
 from modalities.text.modality import nll_per_token
 from modalities.text.objective import MaskedTextObjective
@@ -127,7 +128,7 @@ def test_options_of_the_other_route_are_refused(masked_export):
             diffkit.generate(modality="text", checkpoint=export, num_samples=1, **option)
     for option in ({"top_p": 0.5}, {"threshold": 0.9}):
         with pytest.raises(ValueError, match="option of the masked text route"):
-            diffkit.generate(modality="text", num_samples=1, **option)
+            diffkit.generate(modality="text", checkpoint=EMBEDDING_CHECKPOINT, num_samples=1, **option)
     with pytest.raises(ValueError, match="threshold is a probability in \\(0, 1\\] for the confidence sampler"):
         diffkit.generate(modality="text", checkpoint=export, num_samples=1, sampler="ancestral", threshold=0.9)
     with pytest.raises(ValueError, match="unknown sampler 'ddim' for a masked text model"):

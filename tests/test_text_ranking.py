@@ -9,7 +9,7 @@ import torch
 
 from diffkit.cli import main as cli_main
 from diffkit.runs import seeded_generator
-from modalities.text import TextModality, load_text_model
+from modalities.text import EMBEDDING_CHECKPOINT, TextModality, load_text_model
 from modalities.text.data import load_corpus
 from modalities.text.modality import (
     Continuation,
@@ -41,7 +41,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_text_model(None, "cpu")
+    return load_text_model(EMBEDDING_CHECKPOINT, "cpu")
 
 
 def test_sentence_bleu_closed_forms():
@@ -117,8 +117,8 @@ def test_best_of_by_likelihood_writes_more_of_the_training_texts_bigrams():
         return sum(pair in seen for pair in pairs) / len(pairs)
 
     mod = TextModality()
-    plain = mod.generate(num_samples=16, seed=0, steps=10)
-    best = mod.generate(num_samples=16, seed=0, steps=10, best_of=8)
+    plain = mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=16, seed=0, steps=10)
+    best = mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=16, seed=0, steps=10, best_of=8)
     assert seen_share(best) >= seen_share(plain) + 0.04
 
 

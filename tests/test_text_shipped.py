@@ -1,4 +1,4 @@
-"""The shipped E2E checkpoint (modalities/text/checkpoints/e2e): it loads, writes restaurant
+"""The shipped embedding-route checkpoint (modalities/text/checkpoints/e2e): it loads, writes restaurant
 descriptions, keeps the words of an infilling template, and follows control. Few samples and
 few steps: these check that the shipped model works, benchmarks/text_quality.py measures it."""
 
@@ -9,7 +9,7 @@ import torch
 
 import diffkit
 from diffkit.checkpoint import read_config
-from modalities.text import DEFAULT_CHECKPOINT, TextModality, load_text_model
+from modalities.text import DEFAULT_CHECKPOINT, EMBEDDING_CHECKPOINT, TextModality, load_text_model
 from modalities.text.data import MRVocabulary
 from modalities.text.distillation import teacher_trajectories
 from modalities.text.modality import CHECKPOINTS_DIR, denoiser_call
@@ -19,11 +19,11 @@ TEMPLATE = "The Eagle is a [MASK] [MASK] in the city centre ."
 
 @pytest.fixture(scope="module")
 def model():
-    return load_text_model(None, "cpu")
+    return load_text_model(EMBEDDING_CHECKPOINT, "cpu")
 
 
 def test_shipped_checkpoint_loads_with_its_record(model):
-    ckpt = diffkit.load_checkpoint(DEFAULT_CHECKPOINT, modality="text")
+    ckpt = diffkit.load_checkpoint(EMBEDDING_CHECKPOINT, modality="text")
     assert ckpt.optimizer_state is None and ckpt.extra["recipe"].startswith("python recipes/text_train.py")
     # Exported from the finished run: the training time is the run's, not the export command's.
     assert ckpt.extra["seed"] == 0 and ckpt.extra["train_seconds"] > 0 and ckpt.extra["hardware"]
@@ -31,7 +31,7 @@ def test_shipped_checkpoint_loads_with_its_record(model):
     assert model.default("steps", None) <= 50
     assert model.default("sampler", None) == "ddpm" and 0 < model.default_temperature < 1
     assert model.default("guidance_interval", None) == [1.5, None]  # guided where sigma/alpha >= 1.5
-    assert (DEFAULT_CHECKPOINT / "README.md").is_file()
+    assert (EMBEDDING_CHECKPOINT / "README.md").is_file()
 
 
 def test_shipped_student_and_classifier_name_their_denoiser_portably():
@@ -39,12 +39,13 @@ def test_shipped_student_and_classifier_name_their_denoiser_portably():
     root = CHECKPOINTS_DIR.parents[2]
     for name in ("e2e-5step", "e2e-classifier"):
         recorded = read_config(CHECKPOINTS_DIR / name, modality="text")["modality_config"]["denoiser"]
-        assert not Path(recorded).is_absolute() and (root / recorded).resolve() == DEFAULT_CHECKPOINT.resolve()
+        assert not Path(recorded).is_absolute() and (root / recorded).resolve() == EMBEDDING_CHECKPOINT.resolve()
 
 
 def test_default_generate_writes_restaurant_descriptions(model):
-    texts = diffkit.generate(modality=TextModality(), num_samples=8, seed=0, steps=20)
-    assert len(texts) == 8 and texts == TextModality().generate(num_samples=8, seed=0, steps=20)
+    texts = diffkit.generate(modality=TextModality(), checkpoint=EMBEDDING_CHECKPOINT, num_samples=8, seed=0, steps=20)
+    assert len(texts) == 8
+    assert texts == TextModality().generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=8, seed=0, steps=20)
     # E2E words (the shipped model is short-trained: phrases in place, not yet grammar; see its
     # README), never special tokens.
     domain = {"restaurant", "pub", "coffee", "food", "rating", "price", "priced", "family", "friendly", "near",
@@ -55,7 +56,7 @@ def test_default_generate_writes_restaurant_descriptions(model):
 
 
 def test_infill_keeps_the_template_words():
-    texts = TextModality().generate(num_samples=4, seed=0, steps=20, infill=TEMPLATE)
+    texts = TextModality().generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=4, seed=0, steps=20, infill=TEMPLATE)
     for text in texts:
         words = text.split()
         assert len(words) == len(TEMPLATE.split())
@@ -65,8 +66,9 @@ def test_infill_keeps_the_template_words():
 
 def test_control_makes_the_value_appear_more_often():
     mod = TextModality()
-    free = mod.generate(num_samples=16, seed=1, steps=20)
-    steered = mod.generate(num_samples=16, seed=1, steps=20, control={"food": "Italian"})
+    free = mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=16, seed=1, steps=20)
+    steered = mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=16, seed=1, steps=20,
+                           control={"food": "Italian"})
     hits_free = sum("italian" in t.lower() for t in free)
     hits_steered = sum("italian" in t.lower() for t in steered)
     # Measured: 16 of 16 here, 0 of 16 without control.
@@ -76,12 +78,12 @@ def test_control_makes_the_value_appear_more_often():
 def test_repeat_penalty_removes_most_adjacent_repeats():
     repeat_share = _text_benchmark().repeat_share  # the benchmark's own measure
     mod = TextModality()
-    plain = mod.generate(num_samples=48, seed=0, steps=20)
-    assert plain == mod.generate(num_samples=48, seed=0, steps=20, repeat_penalty=0.0)
-    penalised = mod.generate(num_samples=48, seed=0, steps=20, repeat_penalty=10.0)
+    plain = mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=48, seed=0, steps=20)
+    assert plain == mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=48, seed=0, steps=20, repeat_penalty=0.0)
+    penalised = mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=48, seed=0, steps=20, repeat_penalty=10.0)
     assert repeat_share(plain) > 0.25 and repeat_share(penalised) < repeat_share(plain) / 3
     with pytest.raises(ValueError, match="repeat_penalty must be a finite number >= 0"):
-        mod.generate(num_samples=1, repeat_penalty=float("inf"))
+        mod.generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=1, repeat_penalty=float("inf"))
 
 
 def test_mr_vocabulary_covers_the_slots(model):
@@ -93,14 +95,15 @@ def test_shipped_classifier_steers_the_shipped_model():
     from modalities.text.modality import CHECKPOINTS_DIR, load_classifier
 
     path = CHECKPOINTS_DIR / "e2e-classifier"
-    clf = load_classifier(path, load_text_model(None, "cpu"))  # refuses another denoiser's embeddings
+    clf = load_classifier(path, load_text_model(EMBEDDING_CHECKPOINT, "cpu"))  # refuses another denoiser's embeddings
     assert clf.mr_vocab.to_config()["eatType"] == ["coffee shop", "pub", "restaurant"]
     appears = _text_benchmark().value_appears  # the benchmark's own measure of control
-    tokenizer = load_text_model(None, "cpu").tokenizer
+    tokenizer = load_text_model(EMBEDDING_CHECKPOINT, "cpu").tokenizer
     hits = {}
     # The default scale (1) with each method, and the classifier switched off (scale 0).
     for method, scale in (("gradient", None), ("adagrad", None), ("gradient", 0.0)):
-        texts = TextModality().generate(num_samples=16, seed=0, steps=10, control={"eatType": "pub"}, classifier=path,
+        texts = TextModality().generate(checkpoint=EMBEDDING_CHECKPOINT, num_samples=16, seed=0, steps=10,
+                                        control={"eatType": "pub"}, classifier=path,
                                         classifier_scale=scale, control_method=method)
         assert len(texts) == 16 and all(isinstance(t, str) and t for t in texts)
         hits[method, scale] = sum(appears(tokenizer, t, "eatType", "pub") for t in texts)
@@ -165,3 +168,37 @@ def test_the_5_step_student_writes_what_its_teacher_writes_in_50(model):
     assert student_rate > teacher_rate + 0.05, (teacher_rate, student_rate)  # measured: 0.72 against 0.63
     texts = diffkit.generate(modality="text", checkpoint=STUDENT, num_samples=4, seed=0, control={"food": "Italian"})
     assert len(texts) == 4 and all(texts)
+
+
+# ------------------------------------------------------------------ the default: the masked model
+DOMAIN = {"restaurant", "pub", "coffee", "food", "rating", "price", "priced", "family", "friendly", "near",
+          "riverside", "centre", "located", "customer", "kids", "children", "area", "serves"}
+
+
+def test_the_default_text_model_is_the_masked_one():
+    model = load_text_model(None, "cpu")
+    assert model.path == DEFAULT_CHECKPOINT.resolve() and model.route == "masked"
+    assert model.diffusion.block_size == 4 and model.default("sampler") == "confidence"
+    ckpt = diffkit.load_checkpoint(DEFAULT_CHECKPOINT, modality="text")
+    assert ckpt.extra["recipe"].startswith("python recipes/text_train.py --route masked") and ckpt.extra["seed"] == 0
+    assert (DEFAULT_CHECKPOINT / "README.md").is_file()
+
+
+def test_default_generate_writes_ended_restaurant_descriptions():
+    texts = diffkit.generate(modality="text", num_samples=16, seed=0)
+    assert texts == diffkit.generate(modality="text", num_samples=16, seed=0)
+    assert sum(bool(DOMAIN & set(t.lower().split())) for t in texts) >= 14, texts
+    assert not any(token in t for t in texts for token in ("[PAD]", "[MASK]", "[UNK]"))
+    # The model ends its texts: lengths vary and stay in the data's range.
+    lengths = [len(t.split()) for t in texts]
+    assert len(set(lengths)) > 4 and all(3 <= n <= 48 for n in lengths), texts
+
+
+def test_default_control_infill_and_length():
+    free = diffkit.generate(modality="text", num_samples=16, seed=1)
+    steered = diffkit.generate(modality="text", num_samples=16, seed=1, control={"food": "Italian"})
+    assert sum("Italian" in t for t in steered) >= 12 > sum("Italian" in t for t in free), steered
+    filled = diffkit.generate(modality="text", num_samples=4, seed=0, infill=TEMPLATE)
+    assert all(t.startswith("The Eagle is a ") and t.endswith(" in the city centre .") and "[MASK]" not in t
+               for t in filled)
+    assert all(len(t.split()) == 7 for t in diffkit.generate(modality="text", num_samples=4, seed=0, length=7))

@@ -24,6 +24,7 @@ from .data import (
 from .model import NoisyMRClassifier, TextDenoiser
 from .modality import (
     DEFAULT_CHECKPOINT,
+    EMBEDDING_CHECKPOINT,
     TextModality,
     TextModel,
     generate_text,
@@ -38,6 +39,7 @@ from .tokenizer import TextTokenizer
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "EMBEDDING_CHECKPOINT",
     "SLOTS",
     "ClassifierObjective",
     "MRVocabulary",

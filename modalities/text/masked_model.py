@@ -128,7 +128,7 @@ class MaskedTextDenoiser(nn.Module):
             mask = block_diffusion_mask(s, length, self.block_size, x.device)
         h = self.drop(h)
         for layer in self.layers:
-            h, _ = layer(h, mask)
+            h = layer(h, mask)
         return self._head(h[:, s: s + length])
 
     def block_cache(self, batch: int, mr: torch.Tensor | None = None,
@@ -154,12 +154,18 @@ def block_diffusion_mask(slots: int, length: int, block_size: int, device) -> to
 
 
 class TextBlockCache:
-    """Keys and values of the slot tokens and of every committed clean block. ``commit`` only
-    records a block; its keys and values are computed in the next ``logits`` call, in the same
-    pass as the next block (one network call per sampling step)."""
+    """Keys and values of the slot tokens and of every committed clean block, in buffers sized for
+    the longest text (written in place, never copied to grow). ``commit`` only records a block;
+    its keys and values are computed in the next ``logits`` call, in the same pass as the next
+    block (one network call per sampling step)."""
 
     def __init__(self, net: MaskedTextDenoiser, slots: torch.Tensor):
-        self.net, self.keys, self.values, self.batch = net, None, None, slots.shape[0]
+        self.net, self.batch = net, slots.shape[0]
+        width, heads = net.positions.shape[1], net.layers[0].heads
+        shape = (self.batch, heads, slots.shape[1] + net.max_length, width // heads)
+        self.keys = [slots.new_empty(shape) for _ in net.layers]
+        self.values = [slots.new_empty(shape) for _ in net.layers]
+        self.cached = 0  # entries of the buffers that hold committed tokens
         self.pending = slots  # (B, n, hidden) inputs not yet in the cache: the slots first
         self.pending_ids: torch.Tensor | None = None
         self.length = 0  # word positions committed
@@ -172,31 +178,28 @@ class TextBlockCache:
     def logits(self, x_block: torch.Tensor, t: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the block being drawn; with ``rows``, of those rows only (x_block holds them)."""
-        if rows is not None:
-            if self.pending is not None or self.pending_ids is not None:
-                self._flush()
-            return self._read(x_block, rows)
         net = self.net
         start = self.length + (0 if self.pending_ids is None else self.pending_ids.shape[1])
         if start + x_block.shape[1] > net.max_length:
             raise ValueError(f"sequence length {start + x_block.shape[1]} exceeds this model's max_length "
                              f"{net.max_length}")
+        if rows is not None:
+            if self.pending is not None or self.pending_ids is not None:
+                self._flush()
+            return self._read(x_block, rows)
         parts = [self.pending] if self.pending is not None else []
         if self.pending_ids is not None:
             parts.append(net._embed(self.pending_ids, self.length))
         new = sum(p.shape[1] for p in parts)
         h = torch.cat([*parts, net._embed(x_block, start)], dim=1)
-        cached = 0 if self.keys is None else self.keys[0].shape[2]
+        cached = self.cached
         # Rows of the pending clean tokens see the cache and each other; the block's rows see all.
         # Slots pending at the start see only the slots: they are the whole of "pending" then.
         mask = torch.ones(h.shape[1], cached + h.shape[1], dtype=torch.bool, device=h.device)
         mask[:new, cached + new:] = False
-        keys, values = [], []
         for i, layer in enumerate(net.layers):
-            h, (k, v) = layer(h, mask, None if self.keys is None else (self.keys[i], self.values[i]))
-            keys.append(k[:, :, : cached + new])
-            values.append(v[:, :, : cached + new])
-        self.keys, self.values = keys, values
+            h = layer(h, mask, (self.keys[i], self.values[i], cached))
+        self.cached += new  # the block's own entries past them are overwritten by the next call
         if self.pending_ids is not None:
             self.length += self.pending_ids.shape[1]
         self.pending, self.pending_ids = None, None
@@ -208,16 +211,16 @@ class TextBlockCache:
 
     def _read(self, x_block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The block's logits for some rows, over those rows' cached keys and values (nothing is added)."""
-        net = self.net
+        net, end = self.net, self.cached + x_block.shape[1]
         h = net._embed(x_block, self.length)
         for i, layer in enumerate(net.layers):
-            h, _ = layer(h, None, None if self.keys is None else (self.keys[i][rows], self.values[i][rows]))
+            # A copy of these rows' entries, with room for the block's own.
+            h = layer(h, None, (self.keys[i][rows, :, :end], self.values[i][rows, :, :end], self.cached))
         return net._head(h)
 
 
 class _Layer(nn.Module):
-    """Pre-norm self-attention and MLP; attends over cached keys and values when given them and
-    returns the keys and values it attended over."""
+    """Pre-norm self-attention and MLP; attends over cached keys and values when given them."""
 
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
@@ -228,10 +231,14 @@ class _Layer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h, mask, cache=None):
+        """``cache`` (keys, values, n): buffers (B, heads, >= n + L, d) whose first n entries are
+        earlier tokens; this call's keys and values are written after them, in place."""
         batch, length, width = h.shape
         q, k, v = self.qkv(self.n1(h)).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            keys, values, n = cache
+            keys[:, :, n: n + length], values[:, :, n: n + length] = k, v
+            k, v = keys[:, :, : n + length], values[:, :, : n + length]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(batch, length, width)))
-        return h + self.drop(self.mlp(self.n2(h))), (k, v)
+        return h + self.drop(self.mlp(self.n2(h)))
