@@ -12,6 +12,9 @@ it up or change what is trained:
     python recipes/audio_train.py --data my_wavs/ --sample-rate 16000 --preset gpu
     python recipes/audio_train.py --data clips.csv                 # labels from a file,label CSV
     python recipes/audio_train.py --data my_wavs/ --label-pattern '^(?P<label>[a-z]+)_'
+    python recipes/audio_train.py --preset ddsp --export modalities/audio/checkpoints/digits-vocoder
+                                                                   # the shipped learned vocoder (CPU)
+    python recipes/audio_train.py --preset ddsp-gpu                # the same vocoder, scaled for a GPU
     python recipes/audio_train.py --preset vocoder                 # mel-conditioned DiffWave
     torchrun --nproc_per_node 4 recipes/audio_train.py --preset gpu
 
@@ -61,6 +64,7 @@ from modalities.audio.data import DEFAULT_WINDOW, FSDD_SAMPLE_RATE, AudioDataset
 from modalities.audio.mel import MelConfig, griffin_lim, log_mel
 from modalities.audio.modality import BIN_WIDTH_16BIT, FAST_BETAS, AudioSamples, sampling_grid, save_audio
 from modalities.audio.model import DiffWave, MelDenoiser
+from modalities.audio.vocoder import HarmonicVocoder, multi_resolution_stft_loss, pitch_track
 
 PROG = "audio_train.py"
 
@@ -105,7 +109,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         cond_drop_prob=0.1, sampler="ddpm", sample_steps=50, guidance_scale=1.5,
         sample_every=5000, save_every=5000,
     ),
-    # The spectrogram route's second stage: a DiffWave vocoder conditioned on log-mel frames.
+    # The spectrogram route's learned second stage (the shipped digits-vocoder): a harmonic-plus-
+    # noise vocoder, a frame-rate network driving an oscillator bank and filtered noise
+    # (modalities/audio/vocoder.py), trained on random 32-frame (2,048-sample) crops that hold sound.
+    "ddsp": dict(
+        model="ddsp", data="fsdd", conditioning="none", peak=0.9,
+        ddsp_channels=128, num_harmonics=50, ddsp_layers=8,
+        max_steps=10_000, batch_size=16, lr=2e-3, warmup_steps=100, lr_decay="cosine", ema_decay=0.999,
+        cond_drop_prob=0.0, sample_every=2500, save_every=500, crop_frames=32, f0_weight=1.0,
+    ),
+    "ddsp-gpu": dict(
+        model="ddsp", data="fsdd", conditioning="none", peak=0.9,
+        ddsp_channels=256, num_harmonics=60, ddsp_layers=12,
+        max_steps=50_000, batch_size=64, lr=1e-3, warmup_steps=500, lr_decay="cosine", ema_decay=0.999,
+        cond_drop_prob=0.0, sample_every=5000, save_every=2500, crop_frames=64, f0_weight=1.0,
+    ),
+    # A DiffWave vocoder conditioned on log-mel frames (the diffusion alternative; see the README).
     "vocoder": dict(
         model="vocoder", data="fsdd", conditioning="none", peak=0.9,
         residual_channels=32, num_layers=12, dilation_cycle=6,
@@ -131,9 +150,9 @@ def build_parser() -> _Parser:
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help=f"base configuration (default: {DEFAULT_PRESET}, the shipped spoken-digits model); "
                         "the flags below override it")
-    p.add_argument("--model", choices=("waveform", "vocoder", "mel"),
+    p.add_argument("--model", choices=("waveform", "vocoder", "mel", "ddsp"),
                    help="waveform: DiffWave on samples; vocoder: DiffWave conditioned on log-mel frames; "
-                        "mel: diffusion over log-mel frames")
+                        "mel: diffusion over log-mel frames; ddsp: harmonic-plus-noise vocoder (no diffusion)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="fsdd (the shipped spoken digits, train split), a folder of WAV/FLAC/OGG files, "
                                   "or a CSV with columns file,label")
@@ -149,9 +168,9 @@ def build_parser() -> _Parser:
                                               f"{DEFAULT_WINDOW} at 8 kHz, 1.02 s, scaled with --sample-rate)")
     g.add_argument("--peak", type=float, help="scale every clip to this peak in (0, 1]; 0 keeps the recorded levels")
     g.add_argument("--crop-frames", type=int,
-                   help="vocoder: train on random crops of this many mel frames (x 64 samples) that hold "
-                        "sound, as DiffWave trains its vocoder; 0 = whole clips (preset vocoder: 16, or whole "
-                        "clips when they are shorter)")
+                   help="vocoder, ddsp: train on random crops of this many mel frames (x 64 samples) that "
+                        "hold sound, as DiffWave trains its vocoder; 0 = whole clips (preset vocoder: 16, ddsp: "
+                        "32, or whole clips when they are shorter)")
     g.add_argument("--max-clips", type=int,
                    help="use only N clips, for quick trials (spread evenly over FSDD; the first N of a folder)")
     g = p.add_argument_group("network")
@@ -160,6 +179,11 @@ def build_parser() -> _Parser:
     g.add_argument("--dilation-cycle", type=int, help="dilations 1, 2, ... 2^(cycle-1), repeated (10 in the paper)")
     g.add_argument("--mel-channels", type=int, help="mel model: width of the 1-D U-Net")
     g.add_argument("--mel-blocks", type=int, help="mel model: residual blocks per level")
+    g.add_argument("--ddsp-channels", type=int, help="ddsp vocoder: width of the frame-rate network")
+    g.add_argument("--ddsp-layers", type=int, help="ddsp vocoder: residual dilated conv layers (dilations 1, 2, 4, 8 "
+                                                   "repeated)")
+    g.add_argument("--num-harmonics", type=int, help="ddsp vocoder: harmonics of f0 in the oscillator bank")
+    g.add_argument("--f0-weight", type=float, help="ddsp vocoder: weight of the f0 loss (octaves, voiced frames)")
     g = p.add_argument_group("diffusion")
     add_flow_argument(g)
     g.add_argument("--schedule", choices=("linear", "cosine", "flow"),
@@ -195,28 +219,42 @@ def resolve_settings(args: argparse.Namespace, parser: _Parser) -> dict[str, Any
         if s.get(key) is not None and s[key] < 1:
             parser.fail(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
     for key in ("residual_channels", "num_layers", "dilation_cycle", "mel_channels", "mel_blocks", "max_clips",
-                "num_classes"):
+                "num_classes", "ddsp_channels", "ddsp_layers", "num_harmonics"):
         if s.get(key) is not None and s[key] < 1:
             parser.fail(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
     if not 0 <= s["peak"] <= 1:
         parser.fail(f"--peak must lie in [0, 1] (0 = keep levels), got {s['peak']}")
-    if s["schedule"] != "linear" and (args.beta_start is not None or args.beta_end is not None):
+    if (s["model"] == "ddsp") != (PRESETS[args.preset]["model"] == "ddsp"):
+        parser.fail(f"--model {s['model']} and --preset {args.preset} do not go together: the harmonic vocoder "
+                    "trains with --preset ddsp or ddsp-gpu, the diffusion models with the others")
+    if s["model"] == "ddsp":
+        diffusion_flags = [f for f in ("flow", "schedule", "prediction", "num_timesteps", "beta_start", "beta_end")
+                           if getattr(args, f, None) not in (None, False)]
+        if diffusion_flags:
+            parser.fail(f"--model ddsp trains no diffusion; drop --{', --'.join(f.replace('_', '-') for f in diffusion_flags)}")
+        s.setdefault("schedule", None)
+    elif s["schedule"] != "linear" and (args.beta_start is not None or args.beta_end is not None):
         parser.fail(f"--beta-start and --beta-end set the linear schedule; this run uses --schedule {s['schedule']}")
     if s["schedule"] == "linear" and not 0 < s.get("beta_start", 0) <= s.get("beta_end", 0) < 1:
         parser.fail(f"need 0 < --beta-start <= --beta-end < 1, got {s['beta_start']} and {s['beta_end']}")
     if not 0 <= s["cond_drop_prob"] < 1:
         parser.fail(f"--cond-drop-prob must lie in [0, 1), got {s['cond_drop_prob']}")
-    if s["model"] in ("vocoder", "mel") and s["length"] % 64:
+    if s["model"] == "ddsp" and s["ddsp_channels"] % 8:
+        parser.fail(f"--ddsp-channels must be a multiple of 8 (GroupNorm groups), got {s['ddsp_channels']}")
+    if s["model"] == "ddsp" and s["f0_weight"] < 0:
+        parser.fail(f"--f0-weight must be >= 0, got {s['f0_weight']}")
+    if s["model"] in ("vocoder", "mel", "ddsp") and s["length"] % 64:
         parser.fail(f"--length must be a multiple of the mel hop (64) for --model {s['model']}, got {s['length']}")
     if s["model"] == "mel" and (s["length"] // 64) % 4:
         parser.fail("--model mel needs a number of mel frames divisible by 4: --length a multiple of 256")
-    if s.get("crop_frames") and s["model"] != "vocoder":
-        parser.fail("--crop-frames is for --model vocoder (its receptive field is local; the others see whole clips)")
+    if s.get("crop_frames") and s["model"] not in ("vocoder", "ddsp"):
+        parser.fail("--crop-frames is for --model vocoder or ddsp (their receptive field is local; the others see "
+                    "whole clips)")
     if args.crop_frames is None and s.get("crop_frames", 0) > s["length"] // 64:
         s["crop_frames"] = 0  # the preset's crop is longer than these clips: train on whole clips
     if s.get("crop_frames") is not None and not 0 <= s["crop_frames"] <= s["length"] // 64:
         parser.fail(f"--crop-frames must lie in [0, {s['length'] // 64}] (the clip's frames), got {s['crop_frames']}")
-    if s["model"] == "vocoder" and s["conditioning"] == "class":
+    if s["model"] in ("vocoder", "ddsp") and s["conditioning"] == "class":
         parser.fail("the vocoder is conditioned on mel frames, not on classes: use --conditioning none")
     if s["data"] == "fsdd" and s.get("label_pattern"):
         parser.fail("--label-pattern is for folders of your own; FSDD's digits come from its file names")
@@ -251,11 +289,13 @@ def build(s: dict[str, Any], data):
     """Network, its config, the diffusion and the checkpoint's modality_config for the settings."""
     conditioning = s["conditioning"]
     if conditioning == "auto":
-        conditioning = "class" if data.labels is not None and s["model"] != "vocoder" else "none"
+        conditioning = "class" if data.labels is not None and s["model"] not in ("vocoder", "ddsp") else "none"
     if conditioning == "class" and data.labels is None:
         raise ValueError("--conditioning class needs labels: use --label-pattern or a CSV for --data")
     num_classes = data.num_classes if conditioning == "class" else None
-    mel_cfg = MelConfig(sample_rate=s["sample_rate"]) if s["model"] in ("vocoder", "mel") else None
+    mel_cfg = MelConfig(sample_rate=s["sample_rate"]) if s["model"] in ("vocoder", "mel", "ddsp") else None
+    if s["model"] == "ddsp":
+        return build_ddsp(s, data, mel_cfg)
     if s["model"] == "mel":
         kwargs = dict(n_mels=mel_cfg.n_mels, channels=s["mel_channels"], blocks=s["mel_blocks"],
                       num_classes=num_classes)
@@ -289,11 +329,38 @@ def build(s: dict[str, Any], data):
     return net, {"class": cls, "kwargs": kwargs}, diffusion, modality_config, conditioning, mel_cfg
 
 
+def build_ddsp(s: dict[str, Any], data, mel_cfg: MelConfig):
+    """build() for the harmonic-plus-noise vocoder: no diffusion (its checkpoints record null)."""
+    dilations = [(1, 2, 4, 8)[i % 4] for i in range(s["ddsp_layers"])]
+    kwargs = dict(n_mels=mel_cfg.n_mels, sample_rate=mel_cfg.sample_rate, hop_length=mel_cfg.hop_length,
+                  n_fft=mel_cfg.n_fft, f_min=mel_cfg.f_min, f_max=mel_cfg.f_max, channels=s["ddsp_channels"], dilations=dilations, num_harmonics=s["num_harmonics"])
+    net = HarmonicVocoder(**kwargs)
+    modality_config = {
+        "kind": "ddsp-vocoder",
+        "sample_rate": s["sample_rate"],
+        "length": s["length"],
+        "class_names": None,
+        "data": str(s["data"]),
+        "peak": s["peak"] or None,
+        "mel": mel_cfg.to_dict(),
+        "crop_frames": s.get("crop_frames") or 0,
+        "f0_weight": s["f0_weight"],
+    }
+    return net, {"class": "modalities.audio.vocoder.HarmonicVocoder", "kwargs": kwargs}, None, modality_config, \
+        "none", mel_cfg
+
+
 def make_dataset(s, data, conditioning: str, mel_cfg: MelConfig | None):
     labels = data.labels if conditioning == "class" else None
     if s["model"] == "waveform":
         return AudioDataset(data.audio, labels)
     mel = torch.cat([log_mel(data.audio[i : i + 256], mel_cfg) for i in range(0, len(data), 256)])
+    if s["model"] == "ddsp":
+        tracks = [pitch_track(data.audio[i : i + 256], mel_cfg.sample_rate, mel_cfg.hop_length)
+                  for i in range(0, len(data), 256)]
+        f0 = torch.cat([t[0] for t in tracks])
+        voiced = torch.cat([t[1] for t in tracks]).float()
+        return _DDSPDataset(data.audio, mel, f0, voiced)
     if s["model"] == "vocoder":
         return _VocoderDataset(data.audio, mel)
     return _MelDataset(mel, labels)
@@ -324,6 +391,65 @@ def cropped_vocoder_loss(diffusion, crop_frames: int, hop: int = 64, floor: floa
         return diffusion.loss(model, audio_crop, mel=mel_crop)
 
     return loss_fn
+
+
+def _loud_crop_starts(mel: torch.Tensor, crop_frames: int, floor: float = -0.3) -> torch.Tensor:
+    """One random start frame per clip whose ``crop_frames`` frames hold a frame louder than
+    ``floor`` (about -58 dB on the [-1, 1] log-mel scale); any start for silent clips. Drawn from
+    torch's global generator, which the Trainer reseeds every step."""
+    loud = (mel.amax(dim=1) > floor).float()  # (B, frames)
+    windows = torch.nn.functional.avg_pool1d(loud[:, None], crop_frames, stride=1)[:, 0] > 0
+    return torch.multinomial(windows.float() + 1e-6, 1)[:, 0].to(mel.device)
+
+
+def ddsp_loss(crop_frames: int, mel_cfg: MelConfig, f0_weight: float = 1.0):
+    """The harmonic vocoder's loss on one random loud crop per clip (whole clips for 0): the
+    multi-resolution STFT loss of the synthesised crop (voiced frames at the pitch track's f0,
+    teacher forcing) against the recording, plus ``f0_weight`` x the mean |log2 f0 - log2
+    f0_track| (octaves) over the frames the pitch tracker calls voiced, plus 0.1 x the
+    voicing's binary cross-entropy against the tracker. The noise of the filtered-noise branch
+    comes from the global generator (reseeded per step)."""
+
+    hop = mel_cfg.hop_length
+
+    def loss_fn(model, batch):
+        audio, mel, f0, voiced = batch["x"], batch["mel"], batch["f0"], batch["voiced"]
+        if crop_frames and crop_frames < mel.shape[-1]:
+            starts = _loud_crop_starts(mel, crop_frames)
+            frame_index = starts[:, None] + torch.arange(crop_frames, device=mel.device)
+            sample_index = starts[:, None] * hop + torch.arange(crop_frames * hop, device=mel.device)
+            mel = torch.gather(mel, 2, frame_index[:, None].expand(-1, mel.shape[1], -1))
+            audio = torch.gather(audio, 2, sample_index[:, None].expand(-1, audio.shape[1], -1))
+            f0, voiced = torch.gather(f0, 1, frame_index), torch.gather(voiced, 1, frame_index)
+        # Teacher forcing: the track's f0 on voiced frames; elsewhere the prediction, detached, so
+        # that the STFT loss cannot move the f0 head to silence harmonics (it learns from the track).
+        controls = model(mel, f0=f0 * voiced)
+        pred = inner_net(model).synthesise(controls)
+        stft = multi_resolution_stft_loss(pred, audio)
+        log_f0 = torch.log2(controls["f0_predicted"])
+        pitch = ((log_f0 - torch.log2(f0.clamp(min=1.0))).abs() * voiced).sum() / voiced.sum().clamp(min=1.0)
+        voicing = torch.nn.functional.binary_cross_entropy_with_logits(controls["voicing"], voiced)
+        return stft + f0_weight * pitch + 0.1 * voicing, {"stft": stft.detach(), "f0_octaves": pitch.detach()}
+
+    return loss_fn
+
+
+def inner_net(model):
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+class _DDSPDataset(torch.utils.data.Dataset):
+    """{"x": clip (1, T), "mel": (n_mels, frames), "f0": (frames,) Hz, "voiced": (frames,) 0/1}."""
+
+    def __init__(self, audio, mel, f0, voiced):
+        self.audio, self.mel, self.f0, self.voiced = audio, mel, f0, voiced
+
+    def __len__(self):
+        return len(self.audio)
+
+    def __getitem__(self, i):
+        return {"x": self.audio[i], "mel": self.mel[i], "f0": self.f0[i], "voiced": self.voiced[i]}
 
 
 class _VocoderDataset(torch.utils.data.Dataset):
@@ -362,13 +488,20 @@ def make_sample_fn(s, diffusion, dataset, conditioning: str, mel_cfg, class_name
     fixed: dict[str, torch.Tensor] = {}
     if conditioning == "class":
         fixed["labels"] = torch.arange(num) % len(class_names)
-    if s["model"] == "vocoder":
-        fixed["mel"] = torch.stack([dataset[i]["mel"] for i in range(num)])  # real clips' frames
+    if s["model"] in ("vocoder", "ddsp"):
+        # real clips' frames, spread over the data (FSDD's first clips are all one digit)
+        pick = torch.linspace(0, len(dataset) - 1, num).round().long().tolist() if s["model"] == "ddsp" \
+            else range(num)
+        fixed["mel"] = torch.stack([dataset[i]["mel"] for i in pick])
 
     def sample_fn(trainer: Trainer, step: int) -> None:
         dev = trainer.device
         net = trainer.ema_model
         g = seeded_generator(s["seed"])
+        if s["model"] == "ddsp":
+            x = net.vocode(fixed["mel"].to(dev), generator=torch.Generator(device=dev).manual_seed(s["seed"]))
+            _write_samples(trainer, AudioSamples(x.float().cpu(), s["sample_rate"]), out, step, num)
+            return
         cond = {k: v.to(dev) for k, v in fixed.items()}
         if "mel" in cond:
             cond = {"mel_features": net.upsample_mel(cond["mel"])}  # once, not at every step
@@ -383,15 +516,19 @@ def make_sample_fn(s, diffusion, dataset, conditioning: str, mel_cfg, class_name
         x = x.float().cpu().clamp(-1, 1)
         if s["model"] == "mel":
             x = griffin_lim(x, mel_cfg, length=s["length"], n_iter=32)
-        samples = AudioSamples(x, s["sample_rate"], fixed.get("labels"), class_names)
-        save_audio(samples, out / f"step_{step:06d}")
-        log = trainer.writer  # the Trainer's own TensorBoard writer (None without tensorboard)
-        if log is not None:
-            for i in range(min(num, 10)):
-                log.add_audio(f"samples/{i}", x[i, 0], step, sample_rate=s["sample_rate"])
-            log.flush()
+        _write_samples(trainer, AudioSamples(x, s["sample_rate"], fixed.get("labels"), class_names), out, step, num)
 
     return sample_fn
+
+
+def _write_samples(trainer: Trainer, samples: AudioSamples, out: Path, step: int, num: int) -> None:
+    """WAVs + spectrogram PNG under out/step_N, and the clips as audio in TensorBoard."""
+    save_audio(samples, out / f"step_{step:06d}")
+    log = trainer.writer  # the Trainer's own TensorBoard writer (None without tensorboard)
+    if log is not None:
+        for i in range(min(num, 10)):
+            log.add_audio(f"samples/{i}", samples.audio[i, 0], step, sample_rate=samples.sample_rate)
+        log.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,12 +547,15 @@ def main(argv: list[str] | None = None) -> int:
         config = train_config(s)
         cond_drop = s["cond_drop_prob"] if conditioning == "class" else 0.0
         crop = s.get("crop_frames") or 0
+        if s["model"] == "ddsp":
+            loss_fn = ddsp_loss(crop, mel_cfg, s["f0_weight"])
+        else:
+            loss_fn = cropped_vocoder_loss(diffusion, crop) if s["model"] == "vocoder" and crop else None
         trainer = Trainer(net, diffusion, dataset, config, modality="audio", model_config=model_config,
-                          modality_config=modality_config,
-                          loss_fn=cropped_vocoder_loss(diffusion, crop) if s["model"] == "vocoder" and crop else None,
+                          modality_config=modality_config, loss_fn=loss_fn,
                           sample_fn=make_sample_fn(s, diffusion, dataset, conditioning, mel_cfg,
                                                    modality_config["class_names"],
-                                                   modality_config["fast_schedules"]),
+                                                   modality_config.get("fast_schedules")),
                           loss_kwargs={"cond_drop_prob": cond_drop} if cond_drop else None)
         # A --output-dir holding another kind of checkpoint, or one of another network, is a usage error.
         trainer.resume()
@@ -424,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         resampled = f", {data.num_resampled} resampled to {s['sample_rate']} Hz" if data.num_resampled else ""
         print(f"preset {args.preset}: {len(data)} clips of {s['length']} samples at {s['sample_rate']} Hz "
               f"({data.num_skipped} unreadable or empty skipped{resampled}); {s['model']} model, "
-              f"{conditioning} conditioning, {n_params / 1e6:.2f}M parameters; {diffusion!r}")
+              f"{conditioning} conditioning, {n_params / 1e6:.2f}M parameters; "
+              + (repr(diffusion) if diffusion is not None else "no diffusion (a harmonic-plus-noise vocoder)"))
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -433,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export and main_process:
         path = export_checkpoint(trainer.checkpoint_dir, args.export, modality="audio",
                                  command=[f"recipes/{PROG}", *argv], seed=s["seed"], wall_time_s=wall,
-                                 device=trainer.device, defaults=modality_config["defaults"],
+                                 device=trainer.device, defaults=modality_config.get("defaults"),
                                  final_loss=trainer.history[-1]["loss"] if trainer.history else None,
                                  extra={"preset": args.preset})
         for file in Path(path).iterdir():
@@ -442,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {path}")
         if modality_config["kind"] == "vocoder":
             print("a vocoder samples on its own fast schedules, given frames: it is not calibrated")
+        elif modality_config["kind"] == "ddsp-vocoder":
+            pass  # no diffusion: nothing to calibrate
         else:
             calibrate_export(path, args, trainer.device)
     return 0

@@ -29,3 +29,24 @@ def test_the_classifier_takes_any_loudness_and_length():
         assert torch.allclose(net.features(clip), net.features(clip * 0.05), atol=1e-4)  # peak-normalised
         assert net(torch.randn(2, 1, 4000) * 0.1).shape == (2, 10)                       # padded to the hop
         assert net.embed(clip).shape == (3, 64)
+
+
+def test_voicing_clarity_tells_a_harmonic_voice_from_noise():
+    import math
+
+    from modalities.audio.metrics import voicing_clarity
+
+    sr, t = 8000, torch.arange(8192) / 8000
+    gen = torch.Generator().manual_seed(0)
+    voice = sum(0.5 / k * torch.sin(2 * math.pi * 120 * k * t) for k in range(1, 15))     # f0 120 Hz
+    high = sum(0.3 / k * torch.sin(2 * math.pi * 380 * k * t + k) for k in range(1, 6))  # f0 380 Hz
+    noise = torch.randn(8192, generator=gen) * 0.3
+    # A voice that starts after silence: only its loud frames count.
+    padded = torch.cat([torch.zeros(4096), voice[:4096]])
+    clarity = voicing_clarity(torch.stack([voice, high, noise, padded])[:, None], sr)
+    assert clarity.shape == (4,)
+    assert clarity[0] > 0.95 and clarity[1] > 0.95 and clarity[3] > 0.9, clarity
+    assert clarity[2] < 0.35, clarity
+    # The same voice under noise of equal power is less clear.
+    mixed = voice + torch.randn(8192, generator=gen) * voice.std()
+    assert voicing_clarity(mixed[None, None], sr)[0] < clarity[0] - 0.2

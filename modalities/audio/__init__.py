@@ -6,8 +6,9 @@
 
 See :mod:`modalities.audio.modality` for generation, likelihood and saving,
 :mod:`modalities.audio.model` for the networks, :mod:`modalities.audio.data` for the data,
-:mod:`modalities.audio.mel` for the spectrogram route and ``recipes/audio_train.py`` for
-training.
+:mod:`modalities.audio.mel` for the spectrogram route, :mod:`modalities.audio.vocoder` for the
+learned harmonic-plus-noise vocoder that turns its frames into sound, and
+``recipes/audio_train.py`` for training.
 """
 
 from .data import (
@@ -35,12 +36,14 @@ from .modality import (
     bits_per_sample_of,
     generate_audio,
     load_audio_model,
+    load_vocoder,
     sampling_grid,
     save_audio,
     spectrogram_image,
     vocode,
 )
 from .model import DiffWave, MelDenoiser
+from .vocoder import HarmonicVocoder
 
 __all__ = [
     "BIN_WIDTH_16BIT",
@@ -55,6 +58,7 @@ __all__ = [
     "AudioModel",
     "AudioSamples",
     "DiffWave",
+    "HarmonicVocoder",
     "MelConfig",
     "MelDenoiser",
     "bits_per_sample",
@@ -65,6 +69,7 @@ __all__ = [
     "load_audio_folder",
     "load_audio_model",
     "load_fsdd",
+    "load_vocoder",
     "log_mel",
     "read_clip",
     "resample",

@@ -6,12 +6,17 @@
     out.sample_rate      # 8000 for the digits model
     diffkit.generate(modality="audio", labels=[7] * 8, num_samples=8, save="samples/")   # WAVs + spectrogram PNG
 
-Three kinds of checkpoint, told apart by ``modality_config["kind"]``:
+Four kinds of checkpoint, told apart by ``modality_config["kind"]``:
 - ``waveform``: DiffWave over raw samples, optionally class-conditional;
 - ``vocoder``: DiffWave conditioned on log-mel frames (``generate(mel=...)`` / :func:`vocode`);
+- ``ddsp-vocoder``: the learned harmonic-plus-noise vocoder (:mod:`modalities.audio.vocoder`),
+  no diffusion: one network call per clip (``generate(mel=...)`` / :func:`vocode`). The
+  shipped ``checkpoints/digits-vocoder`` is one, and the spectrogram route's default;
 - ``mel``: a :class:`~modalities.audio.model.MelDenoiser` over log-mel frames, whose frames
   become audio through a vocoder checkpoint or Griffin-Lim (the spectrogram route). The
-  shipped ``checkpoints/digits`` is one: generate without a checkpoint takes this route.
+  shipped ``checkpoints/digits`` is one: generate without a checkpoint takes this route and
+  turns its frames into sound with ``checkpoints/digits-vocoder`` (``vocoder="griffin-lim"``
+  selects Griffin-Lim).
 
 All networks take the continuous noise level sqrt(alpha_bar) as their time input, so a
 checkpoint samples on any grid: a step count listed in the checkpoint's ``fast_schedules``
@@ -25,6 +30,8 @@ DPM-Solver++(2M) for the mel model); this module only chooses grids and conditio
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -45,6 +52,7 @@ from diffkit.utils import module_device
 from .data import window_mask
 from .mel import MelConfig, griffin_lim, log_mel
 from .model import DiffWave, MelDenoiser
+from .vocoder import HarmonicVocoder
 
 __all__ = [
     "AudioModality",
@@ -58,6 +66,8 @@ __all__ = [
     "bits_per_sample_of",
     "generate_audio",
     "load_audio_model",
+    "load_vocoder",
+    "LearnedVocoder",
     "sampling_grid",
     "save_audio",
     "spectrogram_image",
@@ -172,6 +182,88 @@ def _audio_model(loaded) -> AudioModel:
 
 
 _load = cached_loader("audio", NETWORKS, _audio_model)
+
+
+# ---------------------------------------------------------------------------------- learned vocoder
+LEARNED_VOCODER_KIND = "ddsp-vocoder"
+VOCODER_NETWORKS = {"modalities.audio.vocoder.HarmonicVocoder": HarmonicVocoder}
+
+
+@dataclass
+class LearnedVocoder:
+    """A loaded harmonic-plus-noise vocoder checkpoint: the network (EMA weights) and its metadata."""
+
+    path: Path
+    net: HarmonicVocoder
+    info: dict[str, Any]
+    kind: ClassVar[str] = LEARNED_VOCODER_KIND
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.info["sample_rate"])
+
+    @property
+    def mel_config(self) -> MelConfig:
+        return MelConfig.from_dict(self.info["mel"])
+
+    @torch.no_grad()
+    def __call__(self, frames: torch.Tensor, seed: int | None = 0, batch_size: int = 64) -> torch.Tensor:
+        """(N, n_mels, frames) log-mel -> (N, 1, frames * hop) audio in [-1, 1]; ``seed`` fixes the noise."""
+        dev = module_device(self.net)
+        gen = seeded_generator(seed)  # on the CPU: the same noise on every device
+        out = []
+        for start in range(0, frames.shape[0], batch_size):
+            part = frames[start : start + batch_size].to(dev).float()
+            controls = self.net(part)
+            noise_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            out.append(self.net.synthesise(controls, noise_gen).clamp(-1.0, 1.0).float().cpu())
+        return torch.cat(out)
+
+
+def checkpoint_kind(checkpoint: str | os.PathLike) -> str | None:
+    """``modality_config["kind"]`` of a checkpoint directory, without loading it (None when unreadable)."""
+    try:
+        config = json.loads((Path(checkpoint).expanduser() / "config.json").read_text())
+        return (config.get("modality_config") or {}).get("kind", "waveform")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vocoder_cached(path: str, _stamp: int, device: str) -> LearnedVocoder:
+    loaded = diffkit.load_network(path, VOCODER_NETWORKS, modality="audio", device=device)
+    info = dict(loaded.modality_config)
+    if info.get("kind") != LEARNED_VOCODER_KIND or not info.get("mel") or "sample_rate" not in info:
+        raise diffkit.CheckpointError(f"checkpoint {path} is not a learned vocoder (modality_config kind "
+                                      f"{info.get('kind')!r}); train one with `python recipes/audio_train.py "
+                                      "--preset ddsp`")
+    return LearnedVocoder(Path(path), loaded.net.float().eval(), info)
+
+
+def load_vocoder(checkpoint: str | os.PathLike | None = None, device: str | torch.device = "auto") -> LearnedVocoder:
+    """Load a learned (harmonic-plus-noise) vocoder checkpoint; default: the shipped ``digits-vocoder``."""
+    if checkpoint is None:
+        checkpoint = VOCODER_CHECKPOINT
+    path = Path(checkpoint).expanduser().resolve()
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"no vocoder checkpoint at {path}; train one with `python recipes/audio_train.py --preset "
+                         "ddsp --export DIR`")
+    return _load_vocoder_cached(str(path), config_file.stat().st_mtime_ns, str(diffkit.resolve_device(device)))
+
+
+def mel_mismatch(vocoder_cfg: MelConfig, model_cfg: MelConfig) -> str:
+    """The mel settings that differ, e.g. ``hop_length 64 vs 128, n_mels 64 vs 80`` ('' when none)."""
+    a, b = vocoder_cfg.to_dict(), model_cfg.to_dict()
+    return ", ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b.get(k))
+
+
+def _check_vocoder_mel(voc_path, voc_cfg: MelConfig, model_path, model_cfg: MelConfig) -> None:
+    diff = mel_mismatch(voc_cfg, model_cfg)
+    if diff:
+        raise ValueError(f"vocoder {voc_path} was trained on other mel settings than mel model {model_path} "
+                         f"(vocoder vs mel model: {diff}); use a vocoder trained with the mel model's settings, "
+                         "or vocoder='griffin-lim'")
 
 
 # ---------------------------------------------------------------------------------- grids
@@ -333,6 +425,19 @@ def generate_audio(
         raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     if route == "waveform" and vocoder is not None:
         raise ValueError("vocoder= belongs to route='mel' (spectrogram, then vocoder)")
+    if checkpoint is not None and checkpoint_kind(checkpoint) == LEARNED_VOCODER_KIND:
+        given = [name for name, value in (("labels", labels), ("guidance_scale", guidance_scale),
+                                          ("guidance_interval", guidance_interval), ("route", route),
+                                          ("vocoder", vocoder), ("sampler", sampler), ("steps", steps))
+                 if value is not None]
+        if given:
+            raise ValueError(f"checkpoint {checkpoint} is a learned vocoder: it takes mel= frames only, not "
+                             f"{', '.join(given)}")
+        if mel is None:
+            raise ValueError(f"checkpoint {checkpoint} is a vocoder: pass mel= log-mel frames (N, n_mels, frames)")
+        voc = load_vocoder(checkpoint, device)
+        frames = _check_frames(mel, voc.mel_config, checkpoint, num_samples)
+        return AudioSamples(audio=voc(frames, seed=seed, batch_size=batch_size), sample_rate=voc.sample_rate)
     if checkpoint is None:
         checkpoint = _default_checkpoint(route)
     model = load_audio_model(checkpoint, device)
@@ -417,17 +522,40 @@ def _count(labels, mel) -> int:
     return 16
 
 
+def _check_frames(mel: Any, cfg: MelConfig, path, n: int | None) -> torch.Tensor:
+    """Log-mel frames (N, n_mels, frames) for a learned vocoder (any number of frames)."""
+    m = torch.as_tensor(mel).float()
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3 or m.shape[1] != cfg.n_mels or m.shape[-1] < 1:
+        raise ValueError(f"mel must be (N, {cfg.n_mels}, frames) log-mel frames (modalities.audio.mel.log_mel) for "
+                         f"vocoder {path}; got shape {tuple(m.shape)}")
+    if not torch.isfinite(m).all():
+        raise ValueError("mel contains NaN or Inf")
+    if n is not None and m.shape[0] not in (1, n):
+        raise ValueError(f"mel holds {m.shape[0]} spectrograms for {n} samples; pass 1 or {n}")
+    return m if n is None else m.expand(n, -1, -1)
+
+
+def default_vocoder() -> str | Path:
+    """The spectrogram route's default second stage: the shipped learned vocoder, else Griffin-Lim."""
+    return VOCODER_CHECKPOINT if (VOCODER_CHECKPOINT / "config.json").is_file() else "griffin-lim"
+
+
 def _frames_to_audio(frames, model: AudioModel, vocoder, seed, device, progress, batch_size) -> torch.Tensor:
     if vocoder is None:
-        vocoder = VOCODER_CHECKPOINT if (VOCODER_CHECKPOINT / "config.json").is_file() else "griffin-lim"
+        vocoder = default_vocoder()
     if str(vocoder) == "griffin-lim":
         return griffin_lim(frames, model.mel_config, length=model.length, generator_seed=seed)
+    if checkpoint_kind(vocoder) == LEARNED_VOCODER_KIND:
+        voc = load_vocoder(vocoder, device)
+        _check_vocoder_mel(voc.path, voc.mel_config, model.path, model.mel_config)
+        audio = voc(frames, seed=seed, batch_size=batch_size)
+        return audio[..., : model.length]
     voc = load_audio_model(vocoder, device)
     if voc.kind != "vocoder":
         raise ValueError(f"vocoder {voc.path} is a {voc.kind} model, not a vocoder")
-    if voc.mel_config != model.mel_config:
-        raise ValueError(f"vocoder {voc.path} was trained on other mel settings ({voc.mel_config}) than "
-                         f"{model.path} ({model.mel_config})")
+    _check_vocoder_mel(voc.path, voc.mel_config, model.path, model.mel_config)
     return vocode(frames, checkpoint=voc.path, seed=seed, device=device, progress=progress,
                   batch_size=batch_size).audio
 
@@ -435,11 +563,14 @@ def _frames_to_audio(frames, model: AudioModel, vocoder, seed, device, progress,
 def vocode(mel: Any, *, checkpoint: str | os.PathLike | None = None, seed: int | None = 0,
            device: str | torch.device = "auto", sampler: str | None = None, steps: int | None = None,
            progress: bool = False, batch_size: int = 64) -> AudioSamples:
-    """Log-mel frames (N, n_mels, frames) -> audio, with a vocoder checkpoint (default: the shipped one)."""
+    """Log-mel frames (N, n_mels, frames) -> audio, with a vocoder checkpoint (default: the shipped one).
+
+    A learned (harmonic-plus-noise) vocoder takes no ``sampler`` or ``steps``; a DiffWave
+    vocoder samples with them (default: its own)."""
     if checkpoint is None:
         if not (VOCODER_CHECKPOINT / "config.json").is_file():
             raise ValueError(f"no vocoder checkpoint is shipped yet (expected {VOCODER_CHECKPOINT}); train one "
-                             "with `python recipes/audio_train.py --model vocoder` and pass checkpoint=")
+                             "with `python recipes/audio_train.py --preset ddsp` and pass checkpoint=")
         checkpoint = VOCODER_CHECKPOINT
     return generate_audio(checkpoint=checkpoint, num_samples=None, seed=seed, device=device, sampler=sampler,
                           steps=steps, progress=progress, mel=mel, batch_size=batch_size)
@@ -484,6 +615,9 @@ def bits_per_sample(
     ``AudioData.lengths``) restrict the count to real samples, leaving out the zero padding
     (which a model finds easy). Returns (N,) float tensor.
     """
+    if checkpoint is not None and checkpoint_kind(checkpoint) == LEARNED_VOCODER_KIND:
+        raise ValueError(f"checkpoint {checkpoint} is a learned harmonic-plus-noise vocoder: it is not a density "
+                         "over waveforms; bits_per_sample needs a waveform model or a DiffWave vocoder")
     model = load_audio_model(checkpoint, device)
     if model.kind not in ("waveform", "vocoder"):
         raise ValueError(f"checkpoint {model.path} is a {model.kind} model; bits_per_sample needs a waveform model "
@@ -678,7 +812,7 @@ class AudioModality:
         group = parser.add_argument_group(
             "audio options",
             "--out is a folder: one 16-bit WAV per sample and spectrograms.png. With no --checkpoint "
-            "the shipped spoken-digits model is used (log-mel diffusion, then Griffin-Lim).",
+            "the shipped spoken-digits model is used (log-mel diffusion, then the shipped learned vocoder).",
         )
         group.add_argument("--labels", "--label", dest="labels", type=int, nargs="+", metavar="Y",
                            help="class label(s), e.g. the digit to say: one for all samples or one per sample")
@@ -690,6 +824,6 @@ class AudioModality:
                                 "(default: the checkpoint's own; the shipped digits model is a mel model)")
         group.add_argument("--vocoder", metavar="DIR",
                            help="route mel: a vocoder checkpoint directory, or griffin-lim "
-                                "(default: the shipped vocoder, else griffin-lim)")
+                                "(default: the shipped learned vocoder, checkpoints/digits-vocoder)")
         group.add_argument("--batch-size", type=int, default=64, metavar="B",
                            help="clips per sampling batch (default: 64)")

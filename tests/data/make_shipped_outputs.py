@@ -19,7 +19,8 @@ import diffkit
 CASES = {
     "image_digits": dict(modality="image", labels=[3, 7], steps=5, seed=0, device="cpu"),
     "image_digits_unipc": dict(modality="image", labels=[1, 2], steps=5, sampler="unipc", seed=1, device="cpu"),
-    "audio_digits": dict(modality="audio", labels=[7, 2], steps=6, seed=0, device="cpu"),
+    # Griffin-Lim, named: it was the default second stage when the reference was made.
+    "audio_digits": dict(modality="audio", labels=[7, 2], steps=6, seed=0, device="cpu", vocoder="griffin-lim"),
     # The embedding model, named: it was the default text model when the reference was made.
     "text_e2e": dict(modality="text", checkpoint=str(Path(__file__).resolve().parents[2] / "modalities" / "text" /
                                                      "checkpoints" / "e2e"), num_samples=4, steps=10, seed=0,
