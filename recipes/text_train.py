@@ -158,23 +158,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (one word a step; fewer steps write two words at once and lose fluency), words drawn at
 # temperature 1.25 (the confidence order alone is mode-seeking and narrows the text; 1.25
 # trades some of that back) and every word drawn with probability >= 0.9 written at once.
+# What both masked presets share: the data, the block, the conditioning and the sampling defaults.
+_MASKED_COMMON = dict(
+    data="e2e", conditional=True, min_count=3, dropout=0.1, block_size=4, plain_share=0.2, heads=4,
+    batch_size=64, lr_decay="cosine", cond_drop_prob=0.1, slot_drop_prob=0.3,
+    sampler="confidence", sample_steps=4, guidance_scale=2.0, sample_temperature=1.25, top_p=1.0, threshold=0.9,
+)
 MASKED_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(
-        data="e2e", conditional=True, min_count=3, max_length=48,
-        hidden=128, depth=4, heads=4, dropout=0.1, block_size=4, plain_share=0.2,
-        max_steps=2400, batch_size=64, lr=1e-3, warmup_steps=100, lr_decay="cosine", ema_decay=0.999,
-        cond_drop_prob=0.1, slot_drop_prob=0.3,
-        sampler="confidence", sample_steps=4, guidance_scale=2.0, sample_temperature=1.25, top_p=1.0, threshold=0.9,
-        sample_every=500, save_every=250,
-    ),
-    "gpu": dict(
-        data="e2e", conditional=True, min_count=3, max_length=64,
-        hidden=768, depth=12, heads=12, dropout=0.1, block_size=4, plain_share=0.2,
-        max_steps=100_000, batch_size=64, lr=1e-4, warmup_steps=2000, lr_decay="cosine", ema_decay=0.9999,
-        cond_drop_prob=0.1, slot_drop_prob=0.3,
-        sampler="confidence", sample_steps=4, guidance_scale=2.0, sample_temperature=1.25, top_p=1.0, threshold=0.9,
-        sample_every=5000, save_every=5000,
-    ),
+    "cpu": dict(_MASKED_COMMON, max_length=48, hidden=128, depth=4, max_steps=2400, lr=1e-3, warmup_steps=100,
+                ema_decay=0.999, sample_every=500, save_every=250),
+    "gpu": dict(_MASKED_COMMON, max_length=64, hidden=768, depth=12, heads=12, max_steps=100_000, lr=1e-4,
+                warmup_steps=2000, ema_decay=0.9999, sample_every=5000, save_every=5000),
 }
 
 

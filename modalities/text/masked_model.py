@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import add_mr_slots, mr_slot_tokens
+
 __all__ = ["MaskedTextDenoiser", "TextBlockCache"]
 
 
@@ -65,13 +67,7 @@ class MaskedTextDenoiser(nn.Module):
         # of sqrt(hidden), a cross-entropy of tens of nats that the first hundreds of steps undo.
         nn.init.normal_(self.tokens.weight, std=0.02)
         self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
-        self.mr_sizes = list(mr_sizes) if mr_sizes else None
-        if self.mr_sizes:
-            # One table for every slot's codes; offsets pick each slot's rows (code 0: unspecified).
-            self.mr_values = nn.Embedding(sum(self.mr_sizes), hidden)
-            self.mr_slots = nn.Parameter(torch.randn(len(self.mr_sizes), hidden) * 0.02)
-            self.register_buffer("mr_offsets", torch.tensor([0, *self.mr_sizes[:-1]]).cumsum(0), persistent=False)
-            self.register_buffer("mr_limits", torch.tensor(self.mr_sizes), persistent=False)
+        add_mr_slots(self, mr_sizes, hidden)
         self.layers = nn.ModuleList([_Layer(hidden, heads, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(hidden)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
@@ -94,16 +90,7 @@ class MaskedTextDenoiser(nn.Module):
             if mr is not None:
                 raise ValueError("this text model is unconditional; it takes no mr (meaning representation)")
             return torch.zeros(batch, 0, self.positions.shape[1], device=device)
-        if mr is None:
-            mr = torch.zeros(batch, len(self.mr_sizes), dtype=torch.long, device=device)
-        if mr.shape != (batch, len(self.mr_sizes)):
-            raise ValueError(f"mr must be (B, {len(self.mr_sizes)}) slot codes, got {tuple(mr.shape)}")
-        if bool(((mr < 0) | (mr >= self.mr_limits)).any()):
-            raise ValueError(f"mr codes must lie in [0, size) per slot, sizes {self.mr_sizes}; "
-                             "encode MRs with MRVocabulary.encode")
-        if drop_cond is not None:
-            mr = torch.where(drop_cond.to(torch.bool)[:, None], torch.zeros_like(mr), mr)
-        return self.mr_values(mr + self.mr_offsets) + self.mr_slots
+        return mr_slot_tokens(self, batch, mr, drop_cond, device)
 
     def _embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.tokens(ids) + self.positions[start: start + ids.shape[1]]

@@ -84,15 +84,7 @@ class TextDenoiser(nn.Module):
         self.up = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
         self.time = TimeEmbedding(hidden, out_dim=hidden)
         self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
-        self.mr_sizes = list(mr_sizes) if mr_sizes else None
-        if self.mr_sizes:
-            # One table for every slot's codes; offsets pick each slot's rows. Code 0 of each
-            # slot ("unspecified") is its learned null embedding.
-            self.mr_values = nn.Embedding(sum(self.mr_sizes), hidden)
-            self.mr_slots = nn.Parameter(torch.randn(len(self.mr_sizes), hidden) * 0.02)
-            offsets = torch.tensor([0, *self.mr_sizes[:-1]]).cumsum(0)
-            self.register_buffer("mr_offsets", offsets, persistent=False)
-            self.register_buffer("mr_limits", torch.tensor(self.mr_sizes), persistent=False)
+        add_mr_slots(self, mr_sizes, hidden)
         layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
@@ -179,19 +171,10 @@ class TextDenoiser(nn.Module):
         h = h + time
         keep = attention_mask
         if self.mr_sizes:
-            if mr is None:
-                # No MR given: every slot unspecified, i.e. the unconditional model.
-                mr = torch.zeros(batch, len(self.mr_sizes), dtype=torch.long, device=x.device)
-            if mr.shape != (batch, len(self.mr_sizes)):
-                raise ValueError(f"mr must be (B, {len(self.mr_sizes)}) slot codes, got {tuple(mr.shape)}")
-            if bool(((mr < 0) | (mr >= self.mr_limits)).any()):
-                raise ValueError(f"mr codes must lie in [0, size) per slot, sizes {self.mr_sizes}; "
-                                 "encode MRs with MRVocabulary.encode")
-            if drop_cond is not None:
-                mr = torch.where(drop_cond.to(torch.bool)[:, None], torch.zeros_like(mr), mr)
-            cond = self.mr_values(mr + self.mr_offsets) + self.mr_slots + time
+            cond = mr_slot_tokens(self, batch, mr, drop_cond, x.device) + time
             h = torch.cat([cond, h], dim=1)
-            keep = torch.cat([torch.ones_like(mr, dtype=torch.bool), attention_mask], dim=1)
+            keep = torch.cat([torch.ones(batch, cond.shape[1], dtype=torch.bool, device=x.device), attention_mask],
+                             dim=1)
         elif mr is not None:
             raise ValueError("this text model is unconditional; it takes no mr (meaning representation)")
         elif not bool(attention_mask.any(1).all()):
@@ -246,6 +229,34 @@ class TextDenoiser(nn.Module):
     @property
     def conditional(self) -> bool:
         return bool(self.mr_sizes)
+
+
+def add_mr_slots(module: nn.Module, mr_sizes: Sequence[int] | None, hidden: int) -> None:
+    """Give a network MR slot tokens (``mr_sizes``: codes per slot; None: unconditional): one
+    embedding table for every slot's codes, offsets picking each slot's rows, and a learned
+    embedding per slot. Code 0 of each slot ("unspecified") is its null embedding."""
+    module.mr_sizes = list(mr_sizes) if mr_sizes else None
+    if module.mr_sizes:
+        module.mr_values = nn.Embedding(sum(module.mr_sizes), hidden)
+        module.mr_slots = nn.Parameter(torch.randn(len(module.mr_sizes), hidden) * 0.02)
+        module.register_buffer("mr_offsets", torch.tensor([0, *module.mr_sizes[:-1]]).cumsum(0), persistent=False)
+        module.register_buffer("mr_limits", torch.tensor(module.mr_sizes), persistent=False)
+
+
+def mr_slot_tokens(module: nn.Module, batch: int, mr: torch.Tensor | None, drop_cond: torch.Tensor | None,
+                   device) -> torch.Tensor:
+    """(B, S, hidden) slot tokens of a network made with :func:`add_mr_slots`; ``mr`` None means
+    every slot unspecified (the unconditional model), ``drop_cond`` turns a row's slots to that."""
+    if mr is None:
+        mr = torch.zeros(batch, len(module.mr_sizes), dtype=torch.long, device=device)
+    if mr.shape != (batch, len(module.mr_sizes)):
+        raise ValueError(f"mr must be (B, {len(module.mr_sizes)}) slot codes, got {tuple(mr.shape)}")
+    if bool(((mr < 0) | (mr >= module.mr_limits)).any()):
+        raise ValueError(f"mr codes must lie in [0, size) per slot, sizes {module.mr_sizes}; "
+                         "encode MRs with MRVocabulary.encode")
+    if drop_cond is not None:
+        mr = torch.where(drop_cond.to(torch.bool)[:, None], torch.zeros_like(mr), mr)
+    return module.mr_values(mr + module.mr_offsets) + module.mr_slots
 
 
 def _word_distribution(scores: torch.Tensor, attention_mask: torch.Tensor, repeat_penalty: float) -> torch.Tensor:
