@@ -656,6 +656,21 @@ def recorded_grids(config: dict, steps: Sequence[int]) -> tuple[list[tuple[str, 
     return [(sampler, k) for k in counts], None
 
 
+def calibratable_config(checkpoint) -> dict:
+    """The config of a checkpoint that ``diffkit calibrate`` can calibrate; a one-line error for one it cannot."""
+    from .checkpoint import checkpoint_directory, read_config
+
+    directory = checkpoint_directory(checkpoint)
+    config = read_config(directory)
+    if not config.get("diffusion"):
+        raise ValueError(f"checkpoint {directory} holds no diffusion (a classifier or value network?); "
+                         "only diffusion checkpoints are calibrated")
+    if config["diffusion"].get("class") == "MaskedDiffusion":
+        raise ValueError(f"checkpoint {directory} holds a masked-diffusion model; its samplers reveal tokens on a "
+                         "fixed schedule and have no time grid or statistics to calibrate")
+    return config
+
+
 def calibrate_checkpoint(
     checkpoint,
     *,
@@ -686,15 +701,12 @@ def calibrate_checkpoint(
     sample, which for large samples make the config large). The config is rewritten atomically (the old file or the whole new one, never a torn one);
     everything else in the checkpoint is left as it is. Returns the calibrated diffusion.
     """
-    from .checkpoint import CONFIG_FILE, checkpoint_directory, config_text, read_config
+    from .checkpoint import CONFIG_FILE, checkpoint_directory, config_text
     from .registry import get_modality
     from .utils import replaced_atomically
 
     directory = checkpoint_directory(checkpoint)
-    config = read_config(directory)
-    if not config.get("diffusion"):
-        raise ValueError(f"checkpoint {directory} holds no diffusion (a classifier or value network?); "
-                         "only diffusion checkpoints are calibrated")
+    config = calibratable_config(directory)
     modality = get_modality(config.get("modality") or "")
     hook = getattr(modality, "calibration_inputs", None)
     if hook is None:

@@ -314,11 +314,12 @@ def _modalities(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from diffkit.calibration import calibrate_checkpoint, recorded_grids
+    from diffkit.calibration import calibratable_config, calibrate_checkpoint, recorded_grids
     from diffkit.utils import resolve_device
 
+    config = calibratable_config(args.checkpoint)
     if args.samplers is None:
-        _, why_none = recorded_grids(read_config(args.checkpoint), args.steps)
+        _, why_none = recorded_grids(config, args.steps)
         if why_none:
             print(why_none)
     calibrated = calibrate_checkpoint(

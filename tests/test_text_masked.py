@@ -180,3 +180,10 @@ def test_the_cache_reads_a_subset_of_rows_as_the_whole_batch_does():
         some = cache.logits(block[rows], None, rows)
         every = cache.logits(block)
     assert torch.allclose(some, every[rows], atol=1e-5)
+
+
+def test_diffkit_calibrate_refuses_a_masked_checkpoint(masked_export):
+    from diffkit.calibration import calibrate_checkpoint
+
+    with pytest.raises(ValueError, match="masked-diffusion model; its samplers .* no time grid"):
+        calibrate_checkpoint(masked_export / "export", write=False)
