@@ -638,8 +638,8 @@ def recorded_sampling(config: dict) -> tuple[Optional[str], Optional[int]]:
 def recorded_grids(config: dict, steps: Sequence[int]) -> tuple[list[tuple[str, int]], Optional[str]]:
     """The grids :func:`calibrate_checkpoint` fits for a checkpoint's recorded sampler: (sampler,
     K) for K in ``steps`` and the recorded step count, when the recorded sampler is deterministic
-    (a grid is fitted to a reference only then); else none. Returns them and a line saying why
-    none, or None."""
+    (a grid is fitted to a reference only then) and the checkpoint does not hold that grid
+    already. Returns them and a line saying why some or all are not fitted, or None."""
     sampler, recorded_steps = recorded_sampling(config)
     if sampler is None:
         return [], None
@@ -653,7 +653,14 @@ def recorded_grids(config: dict, steps: Sequence[int]) -> tuple[list[tuple[str, 
     counts = [int(k) for k in steps]
     if recorded_steps is not None and recorded_steps not in counts:
         counts.append(recorded_steps)
-    return [(sampler, k) for k in counts], None
+    # A grid the checkpoint already holds is kept: fitted before, or the grid a distilled student
+    # was trained for, which no fit may move (``--samplers`` refits on purpose).
+    held = ((config.get("diffusion") or {}).get("calibration") or {}).get("grids") or {}
+    kept = [k for k in counts if f"{sampler}/{k}" in held]
+    jobs = [(sampler, k) for k in counts if k not in kept]
+    why = (f"the checkpoint already holds the recorded sampler's grids {', '.join(f'{sampler}/{k}' for k in kept)}: "
+           "kept (name it with --samplers to refit)") if kept else None
+    return jobs, why
 
 
 def calibratable_config(checkpoint) -> dict:

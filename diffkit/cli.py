@@ -319,9 +319,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     config = calibratable_config(args.checkpoint)
     if args.samplers is None:
-        _, why_none = recorded_grids(config, args.steps)
-        if why_none:
-            print(why_none)
+        _, why_not = recorded_grids(config, args.steps)
+        if why_not:
+            print(why_not)
     calibrated = calibrate_checkpoint(
         args.checkpoint, steps=args.steps, batch=args.batch, data=args.data, samplers=args.samplers,
         max_evals=args.max_evals, reference_steps=args.reference_steps, seed=args.seed,

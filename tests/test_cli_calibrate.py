@@ -165,6 +165,15 @@ def test_the_recorded_sampler_gets_its_grids_too(gauss, tmp_path, capsys):
     assert "'ddpm' is stochastic: no grid is fitted" in capsys.readouterr().out
     assert set(json.loads((stochastic / "config.json").read_text())["diffusion"]["calibration"]["grids"]) == {
         "dpm-v3/4"}
+    # A grid the checkpoint holds (a distilled student's own) is kept, not refitted.
+    held = _with_defaults(_checkpoint(tmp_path / "held"), sampler="ddim", steps=3)
+    config = json.loads((held / "config.json").read_text())
+    config["diffusion"]["calibration"] = {"grids": {"ddim/3": {"times": [99.0, 49.0, 0.0]}}}
+    (held / "config.json").write_text(json.dumps(config))
+    assert main(["calibrate", str(held), *ARGS, "--data", "0"]) == 0
+    assert "already holds the recorded sampler's grids ddim/3: kept" in capsys.readouterr().out
+    grids = json.loads((held / "config.json").read_text())["diffusion"]["calibration"]["grids"]
+    assert grids["ddim/3"]["times"] == [99.0, 49.0, 0.0] and set(grids) == {"dpm-v3/4", "ddim/4", "ddim/3"}
     named = _with_defaults(_checkpoint(tmp_path / "named"), sampler="ddim", steps=4)
     assert main(["calibrate", str(named), *ARGS, "--data", "0", "--samplers", "heun"]) == 0  # as asked, no more
     assert set(json.loads((named / "config.json").read_text())["diffusion"]["calibration"]["grids"]) == {"heun/4"}
