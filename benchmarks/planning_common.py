@@ -7,7 +7,6 @@ Not a benchmark itself; ``planning_maze.py``, ``planning_value_guidance.py`` and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -27,29 +26,6 @@ import planner_train  # noqa: E402  (the recipe trains the --quick models and th
 from benchmark_stats import mean_se  # noqa: E402,F401  (re-exported for the planning benchmarks)
 from diffkit.runs import hardware_summary  # noqa: E402
 from modalities.planning.data import Trajectories, flatten_observation  # noqa: E402
-
-
-@contextlib.contextmanager
-def hidden_map():
-    """The map hidden as an outside judge hides it: every ``MazeGrid`` built inside has its inner
-    walls cleared (the border stays; the environment's physics keep their walls). A planner that
-    reads the walls then sees an open field; one that plans from observations and the goal alone
-    acts exactly as with the map."""
-    from modalities.planning.maze import MazeGrid
-
-    original = MazeGrid.__post_init__
-
-    def cleared(self):
-        original(self)
-        walls = self.walls.copy()
-        walls[1:-1, 1:-1] = False
-        object.__setattr__(self, "walls", walls)
-
-    MazeGrid.__post_init__ = cleared
-    try:
-        yield
-    finally:
-        MazeGrid.__post_init__ = original
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:

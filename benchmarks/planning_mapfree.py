@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from planning_common import RESULTS, RandomPolicy, hidden_map, mean_se, record  # noqa: E402
+from planning_common import RESULTS, RandomPolicy, mean_se, record  # noqa: E402
 
-from modalities.planning.maze import GOAL_RADIUS, MazeGrid, WaypointExpert, make_env  # noqa: E402
+from modalities.planning.maze import GOAL_RADIUS, MazeGrid, WaypointExpert, hidden_inner_walls, make_env  # noqa: E402
 from modalities.planning.modality import plot_episode  # noqa: E402
 from modalities.planning.planner import DiffusionPlanner, evaluate  # noqa: E402
 
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         r_rand, r_exp = random["mean_return"], float(np.mean(expert_returns))
         entry = payload["envs"].setdefault(env_id, {"expert_return": r_exp, "random_return": r_rand, "variants": {}})
         for name, overrides in variants.items():
-            hide = contextlib.nullcontext() if name in MAP_HIDDEN_EXEMPT else hidden_map()
+            hide = contextlib.nullcontext() if name in MAP_HIDDEN_EXEMPT else hidden_inner_walls()
             t0 = time.perf_counter()
             with hide:
                 planner = DiffusionPlanner.load(env_id, env=env_id, device="cpu", seed=args.seed, **overrides)

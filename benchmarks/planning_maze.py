@@ -52,7 +52,6 @@ from planning_common import (  # noqa: E402
     RESULTS,
     BehaviourCloning,
     RandomPolicy,
-    hidden_map,
     normalised,
     quick_planner,
     record,
@@ -61,7 +60,7 @@ from planning_common import (  # noqa: E402
 
 from diffkit.runs import hardware_summary  # noqa: E402
 from modalities.planning.data import collect, load_d4rl_hdf5  # noqa: E402
-from modalities.planning.maze import MazeGrid, WaypointExpert, make_env  # noqa: E402
+from modalities.planning.maze import MazeGrid, WaypointExpert, hidden_inner_walls, make_env  # noqa: E402
 from modalities.planning.modality import plot_episode  # noqa: E402
 from modalities.planning.planner import DiffusionPlanner, evaluate  # noqa: E402
 
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
         probe = make_env(env_id)
         maze, space = MazeGrid.from_env(probe), probe.action_space  # the real walls: the expert's
         probe.close()
-        with hidden_map():
+        with hidden_inner_walls():
             planner = DiffusionPlanner.load(source, env=env_id, seed=args.seed, **overrides)
         known = DiffusionPlanner.load(source, env=env_id, seed=args.seed, known_map=True, **overrides)
         diffuser_style = DiffusionPlanner.load(source, env=env_id, seed=args.seed, action_source="tracking",
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
             policies["bc"] = bc
         stats, first_episode = {}, None
         for name, policy in policies.items():
-            hide = hidden_map() if name == PLANNER else contextlib.nullcontext()
+            hide = hidden_inner_walls() if name == PLANNER else contextlib.nullcontext()
             with hide:
                 results = evaluate(policy, env_id, episodes=args.episodes, seed=args.seed, record=name == PLANNER,
                                    continuing_task=True)

@@ -159,19 +159,3 @@ def tiny_text_checkpoint(out: Path, *options: str) -> Path:
                          "--sample-every", "0", "--num-timesteps", "100", "--no-progress", "--no-calibrate", *options,
                          "--output-dir", str(out / "run"), "--export", str(out / "export")])
     return out / "export"
-
-
-def hide_inner_walls(monkeypatch) -> None:
-    """As an outside judge hides the map: every MazeGrid built from here on has its inner walls cleared
-    (the physics keep theirs)."""
-    from modalities.planning.maze import MazeGrid
-
-    original = MazeGrid.__post_init__
-
-    def cleared(self):
-        original(self)
-        walls = self.walls.copy()
-        walls[1:-1, 1:-1] = False
-        object.__setattr__(self, "walls", walls)
-
-    monkeypatch.setattr(MazeGrid, "__post_init__", cleared)

@@ -14,8 +14,7 @@ pytest.importorskip("gymnasium_robotics")
 
 import diffkit  # noqa: E402
 from modalities.planning import DiffusionPlanner, PlannerWrapper, PlanningModality  # noqa: E402
-from modalities.planning.maze import make_env  # noqa: E402
-from _toys import hide_inner_walls  # noqa: E402
+from modalities.planning.maze import hidden_inner_walls, make_env  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import planner_train  # noqa: E402
@@ -512,10 +511,6 @@ def _follow_out_and_back(planner, env, obs, via, steps: int = 300) -> float:
     return total
 
 
-def _hide_inner_walls(monkeypatch):
-    hide_inner_walls(monkeypatch)
-
-
 def _episode_actions(planner, steps=60, seed=5):
     env = make_env(ENV, continuing_task=True)
     obs, _ = env.reset(seed=seed)
@@ -541,8 +536,7 @@ def test_defaults_read_no_walls(sparse, monkeypatch):
     assert not default.known_map and default.shortcut_margin is None and default.candidate_score != "free_space"
     assert (default.stall_steps, default.loop_radius) == (20, 0.5)  # the maze preset's map-free defaults
     real_default = _episode_actions(default)
-    with monkeypatch.context() as patch:
-        _hide_inner_walls(patch)
+    with monkeypatch.context() as patch, hidden_inner_walls():
 
         def broken(*args, **kwargs):
             raise AssertionError("the default planner read the maze's walls")

@@ -11,9 +11,8 @@ import pytest
 
 pytest.importorskip("gymnasium_robotics")
 
-from modalities.planning.maze import make_env  # noqa: E402
+from modalities.planning.maze import hidden_inner_walls, make_env  # noqa: E402
 from modalities.planning.planner import CHECKPOINTS_DIR, DiffusionPlanner, evaluate  # noqa: E402
-from _toys import hide_inner_walls  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from planner_train import PRESETS  # noqa: E402
@@ -22,7 +21,7 @@ MAZES = ("PointMaze_UMaze-v3", "PointMaze_Medium-v3", "PointMaze_Large-v3")
 
 
 @pytest.mark.parametrize("env_id", MAZES)
-def test_shipped_planner(env_id, monkeypatch):
+def test_shipped_planner(env_id):
     directory = CHECKPOINTS_DIR / env_id
     if not (directory / "config.json").is_file():
         pytest.skip(f"no shipped planner for {env_id} yet (recipes/planner_train.py --env {env_id} --export {directory})")
@@ -52,8 +51,7 @@ def test_shipped_planner(env_id, monkeypatch):
     env.close()
     # Reaching the goal with the defaults it ships with, the map hidden as an outside judge hides
     # it (benchmarks/planning_maze.py scores it at length).
-    with monkeypatch.context() as patch:
-        hide_inner_walls(patch)
+    with hidden_inner_walls():
         hidden = DiffusionPlanner.load(env_id, env=env_id, device="cpu", seed=0)
         assert not hidden.maze.walls[1:-1, 1:-1].any()
         results = evaluate(hidden, env_id, episodes=2, seed=1000, continuing_task=True)

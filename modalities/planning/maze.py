@@ -15,15 +15,17 @@ goal cell changes, so it reaches every goal.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 __all__ = [
     "MAZE_ENVS",
     "MazeGrid",
+    "hidden_inner_walls",
     "WaypointExpert",
     "is_maze_env",
     "make_env",
@@ -311,3 +313,24 @@ def plot_maze(ax, grid: MazeGrid, *, color: str = "0.35") -> None:
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+@contextlib.contextmanager
+def hidden_inner_walls() -> Iterator[None]:
+    """The map hidden as an outside judge hides it: every :class:`MazeGrid` built inside has its
+    inner walls cleared (the border stays; the environment's physics keep their walls). A planner
+    that reads the walls then sees an open field; one that plans from observations and the goal
+    alone acts exactly as with the map."""
+    original = MazeGrid.__post_init__
+
+    def cleared(self):
+        original(self)
+        walls = self.walls.copy()
+        walls[1:-1, 1:-1] = False
+        object.__setattr__(self, "walls", walls)
+
+    MazeGrid.__post_init__ = cleared
+    try:
+        yield
+    finally:
+        MazeGrid.__post_init__ = original
