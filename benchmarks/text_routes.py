@@ -54,6 +54,7 @@ from modalities.text.masked_route import (  # noqa: E402
     fill_masked_ids,
     masked_bits_per_token,
     request_settings,
+    sample_masked_ids,
 )
 from modalities.text.modality import (  # noqa: E402
     DEFAULT_CHECKPOINT,
@@ -112,8 +113,6 @@ class _Counted:
 def masked_samples(model, n: int, settings: MaskedTextSampling, *, reading: str, seed: int, mr=None, repeats: int = 1):
     """(texts, seconds for the batch: the fastest of ``repeats`` identical runs, network calls)
     of ``n`` texts in one batch."""
-    from modalities.text.masked_route import sample_masked_ids
-
     tok, best = model.tokenizer, math.inf
     for _ in range(repeats):
         gen = seeded_generator(seed)

@@ -228,10 +228,10 @@ class MaskedTextObjective:
         block = self.diffusion.block_size
         ends = (lengths + block) // block * block  # the block holding the end token, included
         length = int(ends.max())
-        if ids.shape[1] < length:
-            ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=self.end_id)
-        ids = torch.where(mask[:, :length] if mask.shape[1] >= length else
-                          torch.nn.functional.pad(mask, (0, length - mask.shape[1])), ids[:, :length], self.end_id)
+        if ids.shape[1] < length:  # the end token's block reaches past the encoded width
+            ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]))
+            mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
+        ids = torch.where(mask[:, :length], ids[:, :length], self.end_id)
         return ids, torch.arange(length, device=ids.device)[None] < ends[:, None], False
 
 
