@@ -1,15 +1,20 @@
 """Flow matching against the preset's diffusion, per modality, at equal training compute.
 
-    python benchmarks/flow_vs_diffusion.py --modality image --max-steps 2000 --seed 0 \\
+    python benchmarks/flow_vs_diffusion.py --modality image --max-steps 500 --ema-decay 0.99 \\
         --out benchmarks/results/flow_vs_diffusion_image.md
-    python benchmarks/flow_vs_diffusion.py --quick          # a smoke run, not a measurement (seconds)
+    python benchmarks/flow_vs_diffusion.py --modality audio --max-steps 1500 \\
+        --out benchmarks/results/flow_vs_diffusion_audio.md
+    python benchmarks/flow_vs_diffusion.py --modality planning --max-steps 8000 \\
+        --out benchmarks/results/flow_vs_diffusion_planning.md
+    python benchmarks/flow_vs_diffusion.py --quick          # a smoke run, not a measurement
 
-For one modality it trains the same network on the same data twice with the modality's recipe,
-same preset, steps, batch and seed: once as the preset has it (image: v-prediction on the
-cosine schedule) and once with ``--flow`` (x_s = (1 - s) x0 + s eps, the network predicting
-eps - x0). Both exports are kept uncalibrated and calibrated (a copy each, calibrated as
-``diffkit calibrate CHECKPOINT --steps 5 10 20`` does), and every one is scored with the
-modality's own quality measure at 5, 10 and 20 model calls:
+For one modality it trains the same network on the same data with the modality's recipe, same
+preset, steps, batch and seed, once per variant: as the preset has it (diffusion), with
+``--flow`` (x_s = (1 - s) x0 + s eps, the network predicting the velocity eps - x0) and, for
+audio and planning, whose presets predict x0, with ``--flow --prediction x0`` (the same path,
+the network predicting x0). Each export is kept uncalibrated and calibrated (a copy each,
+calibrated as ``diffkit calibrate CHECKPOINT --steps 5 10 20`` does), and every one is scored
+with the modality's own quality measure at 5, 10 and 20 model calls:
 
 - uncalibrated: the sampler the checkpoint records as its default (the recipe's preset);
 - calibrated: the sampler the calibration fitted (the calibrated diffusion's
@@ -21,14 +26,23 @@ modality's own quality measure at 5, 10 and 20 model calls:
 (without guidance: classifier-free guidance evaluates the conditional and the unconditional
 branch in each of them).
 
-Image: the measures of ``benchmarks/image_quality.py`` (imported from it): the digit
-classifier's accuracy on class-conditional samples (labels 0..9 in turn, the checkpoint's
-guidance) and the Frechet distance of the classifier's features to the held-out digits, with
-the real-data floor for as many samples as a reference.
+Measures:
+
+- image (``benchmarks/image_quality.py``): the digit classifier's accuracy on class-conditional
+  samples (labels 0..9 in turn, the checkpoint's guidance) and the Frechet distance of its
+  features to the held-out digits, with the real-data floor for as many samples;
+- audio (``benchmarks/audio_quality.py``): the spoken-digit classifier's accuracy on
+  class-conditional clips (mel frames through the shipped learned vocoder), the Frechet distance
+  of its features to FSDD's held-out clips and voicing clarity, with real training clips for
+  as many clips as the floor;
+- planning (``benchmarks/planning_maze.py``'s protocol, one maze): the default planner (map
+  hidden) scored against a random policy and the waypoint expert measured in the same run,
+  success rate and actions per second, over seeded episodes.
 
 Training wall time is measured on whatever machine runs it; on a shared, loaded machine it is
 noisy, and equal compute is equal steps x batch on the same network, not equal seconds.
-Adding a modality: write a ``Modality`` (train arguments, a scorer) and add it to ``MODALITIES``.
+Adding a modality: write a ``Modality`` (train arguments, variants, a scorer) and add it to
+``MODALITIES``.
 """
 
 from __future__ import annotations
@@ -60,7 +74,6 @@ from diffkit.checkpoint import read_config  # noqa: E402
 from diffkit.runs import hardware_summary  # noqa: E402
 
 CALLS = (5, 10, 20)
-MODELS = ("diffusion", "flow")
 
 
 def _recipe(name: str):
@@ -81,6 +94,19 @@ def steps_for_calls(sampler: str, calls: int) -> int:
 
 
 # ------------------------------------------------------------------------------ modalities
+@dataclass(frozen=True)
+class Variant:
+    """One model of the comparison: the recipe's preset with ``flags`` added."""
+
+    key: str
+    label: str
+    flags: tuple[str, ...] = ()
+
+    @property
+    def is_flow(self) -> bool:
+        return "--flow" in self.flags
+
+
 @dataclass
 class Modality:
     """What the benchmark needs from one modality."""
@@ -88,9 +114,12 @@ class Modality:
     name: str
     recipe: str  # recipes/<recipe>.py
     train_args: Callable[[argparse.Namespace], list[str]]  # preset and sizes, without --flow/--export/...
-    diffusion_label: str  # what the recipe's preset trains without --flow
+    variants: tuple[Variant, ...]  # the first is the preset's diffusion, the reference of the verdict
     make_scorer: Callable[[argparse.Namespace], "Scorer"]
     measures: list[tuple[str, str, str]]  # (key, column title, format)
+    primary: tuple[str, bool]  # (measure, higher is better): the verdict's measure
+    samples_note: Callable[[argparse.Namespace], str]  # what one row is scored on
+    shared_files: tuple[str, ...] = ()  # run-directory files the first variant writes and the rest reuse
 
 
 class Scorer:
@@ -100,6 +129,9 @@ class Scorer:
 
     def score(self, checkpoint: str, sampler: str, steps: int) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def reference_lines(self) -> list[str]:
+        return [f"- {name}: " + ", ".join(f"{k} {v}" for k, v in ref.items()) for name, ref in self.references.items()]
 
 
 class ImageScorer(Scorer):
@@ -127,18 +159,127 @@ class ImageScorer(Scorer):
         row = self.sample_scores(self.clf, x, self.test, self.train, self.held_nn, target)
         return {"acc": row["acc"], "fd": row["fd"], "nn_ratio": row["nn_ratio"], "seconds": round(seconds, 2)}
 
+    def reference_lines(self):
+        return [f"- {name} (real digits): FD {ref['fd']:.2f}" + (f" ± {ref['fd_std']:.2f}" if "fd_std" in ref else "")
+                for name, ref in self.references.items()]
+
+
+class AudioScorer(Scorer):
+    """Class-conditional clips (digits 0..9 in turn, the checkpoint's guidance) through the shipped vocoder."""
+
+    def __init__(self, args):
+        from audio_quality import score  # benchmarks/audio_quality.py
+        from modalities.audio.data import DEFAULT_WINDOW, FSDD_SAMPLE_RATE, load_fsdd
+        from modalities.audio.metrics import load_digit_classifier
+
+        self.audio_score = score
+        self.clf = load_digit_classifier()
+        train = load_fsdd("train", FSDD_SAMPLE_RATE, DEFAULT_WINDOW, peak=0.9)
+        test = load_fsdd("test", FSDD_SAMPLE_RATE, DEFAULT_WINDOW, peak=0.9)
+        self.ref = self.clf.embed(test.audio).numpy()
+        self.n, self.seed, self.batch_size = args.num_samples, args.seed, args.batch_size
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: self.n]
+        self.references = {
+            "real training clips, as many as a row (the floor)": self._row(train.audio[pick], train.labels[pick]),
+            "real held-out clips (the reference set itself)": self._row(test.audio, test.labels)}
+
+    def _row(self, audio, labels):
+        row = self.audio_score(self.clf, audio, labels, self.ref)
+        return {"acc": row["acc"], "fd": row["fd"], "voicing": row["voicing"]}
+
+    def score(self, checkpoint, sampler, steps):
+        from modalities.audio.modality import generate_audio
+
+        labels = torch.arange(self.n) % 10
+        start = time.perf_counter()
+        out = generate_audio(checkpoint=checkpoint, labels=labels, steps=steps, seed=self.seed, sampler=sampler,
+                             batch_size=self.batch_size, device="cpu")
+        return {**self._row(out.audio, labels), "seconds": round(time.perf_counter() - start, 2)}
+
+
+class PlanningScorer(Scorer):
+    """The default planner with the maze's inner walls hidden, normalised by random and expert returns."""
+
+    def __init__(self, args):
+        from planning_common import RandomPolicy, normalised, summarize  # benchmarks/planning_common.py
+        from modalities.planning.maze import MazeGrid, WaypointExpert, make_env
+        from modalities.planning.planner import evaluate
+
+        self.env_id, self.episodes, self.seed = args.env, args.episodes, args.seed
+        self.evaluate, self.summarize, self.normalised = evaluate, summarize, normalised
+        probe = make_env(self.env_id)
+        maze, space = MazeGrid.from_env(probe), probe.action_space
+        probe.close()
+        self.references = {}
+        for name, policy in (("random", RandomPolicy(space, args.seed)), ("expert", WaypointExpert(maze))):
+            stats = self._stats(policy)
+            self.references[name] = {"return": round(stats["mean_return"], 2), "success": stats["success_rate"]}
+        self.r_random, self.r_expert = self.references["random"]["return"], self.references["expert"]["return"]
+
+    def _stats(self, policy):
+        return self.summarize(self.evaluate(policy, self.env_id, episodes=self.episodes, seed=self.seed,
+                                            continuing_task=True))
+
+    def score(self, checkpoint, sampler, steps):
+        from modalities.planning.maze import hidden_inner_walls
+        from modalities.planning.planner import DiffusionPlanner
+
+        start = time.perf_counter()
+        with hidden_inner_walls():
+            planner = DiffusionPlanner.load(checkpoint, env=self.env_id, seed=self.seed, device="cpu",
+                                            sampler=sampler, steps=steps)
+            stats = self._stats(planner)
+        score, se = self.normalised(stats, self.r_random, self.r_expert)
+        return {"score": round(score, 2), "score_se": round(se, 2), "success": stats["success_rate"],
+                "actions_per_s": round(stats["actions_per_second"], 1), "seconds": round(time.perf_counter() - start, 2)}
+
+    def reference_lines(self):
+        return [f"- {name} policy: return {ref['return']:.1f}, success {100 * ref['success']:.0f}%"
+                for name, ref in self.references.items()]
+
 
 def _image_train_args(args) -> list[str]:
-    return ["--preset", "digits", "--max-steps", str(args.max_steps), "--seed", str(args.seed)]
+    return ["--preset", "digits", "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--sample-every", "0"]
 
 
+def _audio_train_args(args) -> list[str]:
+    return ["--preset", "mel", "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--sample-every", "0"]
+
+
+def _planning_train_args(args) -> list[str]:
+    flags = ["--env", args.env, "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--eval-episodes", "0"]
+    return flags + (["--collect-steps", "3000", "--horizon", "16", "--dim", "8", "--dim-mults", "1,2",
+                     "--diffusion-steps", "32"] if args.quick else [])
+
+
+FLOW = Variant("flow", "flow (rectified, v = eps - x0)", ("--flow",))
+FLOW_X0 = Variant("flow-x0", "flow, x0-prediction", ("--flow", "--prediction", "x0"))
 MODALITIES: dict[str, Modality] = {
     "image": Modality(
         name="image", recipe="image_train", train_args=_image_train_args,
-        diffusion_label="diffusion (v-pred, cosine)", make_scorer=ImageScorer,
+        variants=(Variant("diffusion", "diffusion (v-pred, cosine)"), FLOW), make_scorer=ImageScorer,
         measures=[("acc", "classifier acc", "{:.3f}"), ("fd", "FD", "{:.2f}"), ("nn_ratio", "NN ratio", "{:.2f}"),
                   ("seconds", "sampling s", "{:.1f}")],
-    ),
+        primary=("fd", False),
+        samples_note=lambda a: f"{a.num_samples} class-conditional digits (labels 0..9 in turn, the checkpoint's "
+                               "guidance)"),
+    "audio": Modality(
+        name="audio", recipe="audio_train", train_args=_audio_train_args,
+        variants=(Variant("diffusion", "diffusion (x0-pred, cosine)"), FLOW, FLOW_X0), make_scorer=AudioScorer,
+        measures=[("acc", "digit acc", "{:.3f}"), ("fd", "FD", "{:.2f}"), ("voicing", "voicing", "{:.3f}"),
+                  ("seconds", "sampling s", "{:.1f}")],
+        primary=("fd", False),
+        samples_note=lambda a: f"{a.num_samples} class-conditional clips (digits 0..9 in turn, the checkpoint's "
+                               "guidance), mel frames through the shipped learned vocoder"),
+    "planning": Modality(
+        name="planning", recipe="planner_train", train_args=_planning_train_args,
+        variants=(Variant("diffusion", "diffusion (x0-pred, cosine)"), FLOW, FLOW_X0), make_scorer=PlanningScorer,
+        measures=[("score", "score", "{:.1f}"), ("score_se", "± se", "{:.1f}"), ("success", "success", "{:.2f}"),
+                  ("actions_per_s", "actions/s", "{:.0f}")],
+        primary=("score", True), shared_files=("data.hdf5",),
+        samples_note=lambda a: f"{a.episodes} seeded episodes of {a.env} (seeds {a.seed}..{a.seed + a.episodes - 1}, "
+                               "sparse reward, continuing task), the checkpoint's planner defaults with the maze's "
+                               "inner walls hidden; score = 100 (R - R_random) / (R_expert - R_random)"),
 }
 
 
@@ -154,22 +295,25 @@ def _describe(diffusion_config: dict) -> dict:
     return out
 
 
-def train(modality: Modality, model: str, args, work: Path) -> dict:
+def train(modality: Modality, variant: Variant, args, work: Path) -> dict:
     """Train one model with the recipe, export it, keep an uncalibrated and a calibrated copy."""
     recipe = _recipe(modality.recipe)
+    model = variant.key
     run_dir, export = work / f"{model}-run", work / f"{model}-uncalibrated"
-    argv = [*modality.train_args(args), "--no-progress", "--sample-every", "0",
+    argv = [*modality.train_args(args), *variant.flags, "--no-progress",
             "--save-every", str(10 * args.max_steps), "--output-dir", str(run_dir),
             "--export", str(export), "--no-calibrate"]
     if args.batch_size_train is not None:
         argv += ["--batch-size", str(args.batch_size_train)]
     if args.ema_decay is not None:
         argv += ["--ema-decay", str(args.ema_decay)]
-    if model == "flow":
-        argv.append("--flow")
     for stale in (run_dir, export):  # a reused --work-dir: the recipe would resume the finished run
         if stale.exists():
             shutil.rmtree(stale)
+    run_dir.mkdir(parents=True)
+    for name in modality.shared_files:  # e.g. the planner's recorded data: the same for every variant
+        if (work / name).is_file():
+            shutil.copy2(work / name, run_dir / name)
     print(f"[{model}] recipes/{modality.recipe}.py {' '.join(argv)}", flush=True)
     log = io.StringIO()
     start = time.perf_counter()
@@ -178,6 +322,9 @@ def train(modality: Modality, model: str, args, work: Path) -> dict:
     wall = time.perf_counter() - start
     if code:
         raise SystemExit(f"training the {model} model failed ({code}):\n{log.getvalue()[-3000:]}")
+    for name in modality.shared_files:
+        if (run_dir / name).is_file() and not (work / name).is_file():
+            shutil.copy2(run_dir / name, work / name)
     config = read_config(export)
     record = config.get("extra") or {}  # what runs.export_checkpoint recorded
     info = {"train_argv": argv, "train_wall_s": round(wall, 1), "recipe_train_seconds": record.get("train_seconds"),
@@ -202,8 +349,8 @@ def train(modality: Modality, model: str, args, work: Path) -> dict:
 
 def evaluate(modality: Modality, trained: dict, scorer: Scorer) -> list[dict]:
     rows = []
-    for model in MODELS:
-        t = trained[model]
+    for variant in modality.variants:
+        t = trained[variant.key]
         recorded = (read_config(t["uncalibrated"]).get("modality_config") or {}).get("defaults", {}).get("sampler")
         recorded = recorded or "dpm++2m"
         variants = [(False, t["uncalibrated"], recorded), (True, t["calibrated"], t["calibrated_sampler"])]
@@ -212,64 +359,72 @@ def evaluate(modality: Modality, trained: dict, scorer: Scorer) -> list[dict]:
         for calibrated, path, sampler in variants:
             for calls in CALLS:
                 steps = steps_for_calls(sampler, calls)
-                row = {"model": modality.diffusion_label if model == "diffusion" else "flow (rectified, v = eps - x0)",
-                       "kind": model, "calibrated": calibrated, "sampler": sampler, "calls": calls, "steps": steps,
+                row = {"model": variant.label, "kind": variant.key, "calibrated": calibrated, "sampler": sampler,
+                       "calls": calls, "steps": steps,
                        "grid": "fitted" if calibrated and f"{sampler}/{steps}" in t["grids"] else "default"}
                 row.update(scorer.score(path, sampler, steps))
                 rows.append(row)
-                print(f"[{model}] calibrated={calibrated!s:5} {sampler:8s} {calls:2d} calls  " + "  ".join(
+                print(f"[{variant.key}] calibrated={calibrated!s:5} {sampler:8s} {calls:2d} calls  " + "  ".join(
                     f"{k} {row[k]:.3f}" for k, _, _ in modality.measures), flush=True)
     return rows
 
 
-def markdown(modality: Modality, result: dict) -> str:
+def markdown(modality: Modality, result: dict, references: list[str]) -> str:
     s = result["setup"]
+    keys = [v.key for v in modality.variants]
     lines = [f"# Flow matching vs diffusion: {modality.name}", "",
              f"- command: `{s['command']}`",
-             f"- seed {s['seed']}; hardware: {s['hardware']}",
+             f"- seed {s['seed']}; hardware: {s['hardware']}; wall time {s['wall_time_s']:.0f} s",
              f"- calibration: `calibrate_checkpoint(steps=(5, 10, 20), seed={s['seed']}, "
              + ", ".join(f"{k}={v}" for k, v in s["calibrate_options"].items()) + ")` on a copy of each export",
              f"- training: recipe flags `{s['train_flags']}`, {s['max_steps']} steps each, same network, batch, "
-             "seed and EMA; "
-             "wall time on a shared machine (noisy): " + ", ".join(
+             "seed and EMA; per model: " + "; ".join(
+                 f"{v.key} `{' '.join(v.flags) or '(the preset)'}`" for v in modality.variants),
+             "- training wall time on a shared machine (noisy): " + ", ".join(
                  f"{m} {result['models'][m]['train_wall_s']:.0f} s (calibration {result['models'][m]['calibrate_wall_s']:.0f} s)"
-                 for m in MODELS),
-             "- final training loss (not comparable across the two objectives): " + ", ".join(
-                 f"{m} {result['models'][m]['final_loss']:.4f}" for m in MODELS
+                 for m in keys),
+             "- final training loss (not comparable across objectives): " + ", ".join(
+                 f"{m} {result['models'][m]['final_loss']:.4f}" for m in keys
                  if result["models"][m]["final_loss"] is not None),
-             f"- samples per row: {s['num_samples']} (class-conditional, labels 0..9 in turn, the checkpoint's "
-             "guidance); calls = sampler network evaluations per sample (guidance evaluates both branches in each)",
+             f"- each row: {s['samples_note']}; calls = sampler network evaluations per sample (guidance "
+             "evaluates both branches in each)",
              ""]
     cols = modality.measures
+    order = {k: i for i, k in enumerate(keys)}
     lines += ["| model | calibrated | sampler | calls | " + " | ".join(t for _, t, _ in cols) + " |",
               "|---" * (4 + len(cols)) + "|"]
-    for r in sorted(result["rows"], key=lambda r: (r["calls"], r["kind"], r["calibrated"], r["sampler"])):
+    for r in sorted(result["rows"], key=lambda r: (r["calls"], order[r["kind"]], r["calibrated"], r["sampler"])):
         cal = ("yes" + (" (fitted grid)" if r["grid"] == "fitted" else " (default grid)")) if r["calibrated"] else "no"
         lines.append(f"| {r['model']} | {cal} | {r['sampler']} | {r['calls']} | "
                      + " | ".join(f.format(r[k]) for k, _, f in cols) + " |")
-    if result["references"]:
-        lines += ["", "References (real digits, same number of samples):", ""]
-        for name, ref in result["references"].items():
-            lines.append(f"- {name}: FD {ref['fd']:.2f}" + (f" ± {ref['fd_std']:.2f}" if "fd_std" in ref else ""))
+    if references:
+        lines += ["", "References (real data, or reference policies, scored the same way):", "", *references]
     verdict = result.get("verdict")
     if verdict:
-        lines += ["", "Flow against diffusion, same calibration state and sampler (FD lower is better, acc higher):", ""]
+        key, higher = modality.primary
+        lines += ["", f"Each flow model against the diffusion model, same calibration state and sampler ({key}, "
+                      f"{'higher' if higher else 'lower'} is better):", ""]
         lines += [f"- {v}" for v in verdict]
     return "\n".join(lines) + "\n"
 
 
-def compare(rows: list[dict]) -> list[str]:
-    """One line per (calibrated, sampler, calls) that both models have."""
-    out = []
+def compare(modality: Modality, rows: list[dict]) -> list[str]:
+    """One line per flow variant and (calibrated, sampler, calls) that the diffusion model has too."""
+    key, higher = modality.primary
+    reference = modality.variants[0].key
     by = {(r["kind"], r["calibrated"], r["sampler"], r["calls"]): r for r in rows}
+    out = []
     for (kind, cal, sampler, calls), d in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
-        if kind != "diffusion" or ("flow", cal, sampler, calls) not in by:
+        if kind != reference:
             continue
-        f = by[("flow", cal, sampler, calls)]
-        better = "flow" if f["fd"] < d["fd"] else "diffusion"
-        out.append(f"{'calibrated' if cal else 'uncalibrated'} {sampler} {calls} calls: FD {d['fd']:.2f} -> "
-                   f"{f['fd']:.2f} ({(f['fd'] - d['fd']) / d['fd']:+.0%}), acc {d['acc']:.3f} -> {f['acc']:.3f}; "
-                   f"lower FD: {better}")
+        for variant in modality.variants[1:]:
+            f = by.get((variant.key, cal, sampler, calls))
+            if f is None:
+                continue
+            better = "tie" if f[key] == d[key] else variant.key if (f[key] > d[key]) == higher else reference
+            change = f" ({(f[key] - d[key]) / abs(d[key]):+.0%})" if d[key] else ""
+            out.append(f"{'calibrated' if cal else 'uncalibrated'} {sampler} {calls} calls, {variant.key}: "
+                       f"{key} {d[key]:.2f} -> {f[key]:.2f}{change}; better: {better}")
     return out
 
 
@@ -286,8 +441,10 @@ def main(argv=None) -> int:
     p.add_argument("--modality", choices=sorted(MODALITIES), default="image")
     p.add_argument("--max-steps", type=int, default=2000, help="training steps of each model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=500, help="samples per table row")
-    p.add_argument("--batch-size", type=int, default=500, help="sampling batch")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per table row (image, audio)")
+    p.add_argument("--batch-size", type=int, default=500, help="sampling batch (image, audio)")
+    p.add_argument("--env", default="PointMaze_UMaze-v3", help="planning: the maze (default: PointMaze_UMaze-v3)")
+    p.add_argument("--episodes", type=int, default=20, help="planning: seeded episodes per table row (default: 20)")
     p.add_argument("--batch-size-train", type=int, help="training batch (default: the preset's)")
     p.add_argument("--ema-decay", type=float,
                    help="EMA decay of the exported weights (default: the preset's). The digits preset's 0.999 "
@@ -305,7 +462,7 @@ def main(argv=None) -> int:
                               ("batch", "data", "max_evals", "reference_steps")
                               if getattr(args, f"calibrate_{key}") is not None}
     if args.quick:
-        args.max_steps, args.num_samples, args.batch_size, args.batch_size_train = 3, 10, 10, 8
+        args.max_steps, args.num_samples, args.batch_size, args.batch_size_train, args.episodes = 3, 10, 10, 8, 1
         args.calibrate_options = dict(batch=2, data=4, max_evals=1, reference_steps=5)
     modality = MODALITIES[args.modality]
     scratch = None
@@ -318,7 +475,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     try:
-        trained = {model: train(modality, model, args, work) for model in MODELS}
+        trained = {variant.key: train(modality, variant, args, work) for variant in modality.variants}
         scorer = modality.make_scorer(args)
         rows = evaluate(modality, trained, scorer)
     finally:
@@ -328,17 +485,17 @@ def main(argv=None) -> int:
         "setup": {"command": "python benchmarks/flow_vs_diffusion.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   "modality": modality.name, "seed": args.seed, "max_steps": args.max_steps,
                   "train_flags": " ".join(result_flags(modality, args)), "num_samples": args.num_samples,
-                  "hardware": hardware_summary(), "torch": torch.__version__, "quick": args.quick,
+                  "samples_note": modality.samples_note(args), "hardware": hardware_summary(), "torch": torch.__version__, "quick": args.quick,
                   "calibrate_options": args.calibrate_options,
                   "wall_time_s": round(time.perf_counter() - started, 1)},
         "models": {m: {k: v for k, v in t.items() if k not in ("uncalibrated", "calibrated")} for m, t in trained.items()},
-        "references": scorer.references, "rows": rows, "verdict": compare(rows),
+        "references": scorer.references, "rows": rows, "verdict": compare(modality, rows),
     }
     for row in rows:
         for key, _, _ in modality.measures:
             if not math.isfinite(row[key]):
                 print(f"warning: non-finite {key} in {row}", flush=True)
-    text = markdown(modality, result)
+    text = markdown(modality, result, scorer.reference_lines())
     print(text)
     if args.out:
         out = Path(args.out)

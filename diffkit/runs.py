@@ -215,14 +215,19 @@ def add_flow_argument(group) -> None:
     group.add_argument("--flow", action="store_true", default=None,
                        help="train a flow-matching (rectified-flow) model: the path x_s = (1 - s) x0 + s eps, "
                             "s in [0, 1], with the network predicting the velocity eps - x0 (the same as "
-                            "--schedule flow --prediction flow); sampling, calibration and likelihoods work as for "
-                            "diffusion")
+                            "--schedule flow --prediction flow); with --prediction given too, the network "
+                            "predicts that instead (e.g. --flow --prediction x0). Sampling, calibration and "
+                            "likelihoods work as for diffusion")
 
 
-def apply_flow(settings: dict) -> dict:
-    """``settings`` with the flow path's schedule and prediction when ``settings["flow"]`` is set."""
+def apply_flow(settings: dict, prediction: str | None = None) -> dict:
+    """``settings`` with the flow path's schedule when ``settings["flow"]`` is set.
+
+    The network then predicts the velocity, unless ``prediction`` (the command line's own
+    ``--prediction``, not the preset's) names another target for the same path.
+    """
     if settings.get("flow"):
-        settings.update(schedule="flow", prediction="flow")
+        settings.update(schedule="flow", prediction=prediction or "flow")
     return settings
 
 

@@ -208,7 +208,7 @@ def resolve_settings(args: argparse.Namespace, parser: _Parser) -> dict[str, Any
     for key, value in vars(args).items():
         if value is not None and key != "preset":
             s[key] = value
-    apply_flow(s)
+    apply_flow(s, args.prediction)
     s.setdefault("output_dir", f"runs/audio-{args.preset}")
     s.setdefault("sample_rate", FSDD_SAMPLE_RATE)
     if "length" not in s:

@@ -157,7 +157,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if settings.get("flow") and settings.get("learn_sigma"):
         raise ValueError("--flow trains with the simple loss; the preset's learned variance (hybrid loss) does not "
                          "apply to it")
-    return apply_flow(settings)
+    return apply_flow(settings, args.prediction)
 
 
 def load_data(s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None, float]:

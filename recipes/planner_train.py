@@ -192,7 +192,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if value is not None:
             s[key] = value
-    apply_flow(s)
+    apply_flow(s, args.prediction)
     if s["replan_every"] == 0:
         s["replan_every"] = None
     for key in ("shortcut_margin", "loop_radius"):

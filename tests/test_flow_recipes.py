@@ -37,3 +37,13 @@ def test_audio_recipe_trains_a_flow_model(tmp_path):
     assert diffusion["schedule"]["name"] == "flow" and diffusion["prediction"] == "flow"
     clips = diffkit.generate(modality="audio", checkpoint=export, labels=[3], steps=6, seed=0, device="cpu")
     assert clips.audio.shape == (1, 1, 1024) and bool(clips.audio.abs().max() <= 1)
+
+
+def test_flow_keeps_a_prediction_given_on_the_command_line():
+    parser = audio_train.build_parser()
+    for argv, expected in ((["--flow"], ("flow", "flow")), (["--flow", "--prediction", "x0"], ("flow", "x0")),
+                           ([], ("cosine", "x0"))):
+        s = audio_train.resolve_settings(parser.parse_args(argv), parser)
+        assert (s["schedule"], s["prediction"]) == expected, argv
+    s = image_train.resolve_settings(image_train.build_parser().parse_args(["--flow", "--prediction", "x0"]))
+    assert (s["schedule"], s["prediction"]) == ("flow", "x0")

@@ -1,5 +1,5 @@
-"""benchmarks/flow_vs_diffusion.py: its --quick run trains, calibrates and scores both models and
-writes a table with a row per model at each call count, all values finite."""
+"""benchmarks/flow_vs_diffusion.py: its --quick run trains, calibrates and scores every model of a
+modality and writes a table with a row per model at each call count, all values finite."""
 
 import importlib.util
 import json
@@ -15,19 +15,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_run_writes_both_models_at_every_call_count(tmp_path):
-    if importlib.util.find_spec("sklearn") is None:  # the digits loader of the image modality
-        pytest.skip("the image benchmark needs scikit-learn")
+def _quick(tmp_path, *flags) -> dict:
     out = tmp_path / "table.md"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flow_vs_diffusion.py"), "--quick",
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flow_vs_diffusion.py"), "--quick", *flags,
                              "--out", str(out), "--work-dir", str(tmp_path / "work")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - start
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"exited {result.returncode} after {wall:.0f} s:\n{output[-3000:]}"
-    data = json.loads(out.with_suffix(".json").read_text())
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_quick_run_writes_both_models_at_every_call_count(tmp_path):
+    if importlib.util.find_spec("sklearn") is None:  # the digits loader of the image modality
+        pytest.skip("the image benchmark needs scikit-learn")
+    out = tmp_path / "table.md"
+    data = _quick(tmp_path)
     rows = data["rows"]
     for kind in ("diffusion", "flow"):
         assert data["models"][kind]["train_wall_s"] > 0
@@ -47,3 +52,21 @@ def test_quick_run_writes_both_models_at_every_call_count(tmp_path):
         assert f"| {calls} |" in table
     # Nothing is written beside the table but its JSON (the work dir was given explicitly).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.json", "table.md", "work"]
+
+
+def test_quick_planning_run_scores_flow_planners_with_the_map_hidden(tmp_path):
+    """The planner ranks its candidates by re-noising them at table steps: on the flow path those
+    are times in [0, 1], so a flow planner that acts at all got them right."""
+    data = _quick(tmp_path, "--modality", "planning")
+    described = {kind: model["diffusion"] for kind, model in data["models"].items()}
+    assert {k: (d["schedule"], d["prediction"]) for k, d in described.items()} == {
+        "diffusion": ("cosine", "x0"), "flow": ("flow", "flow"), "flow-x0": ("flow", "x0")}
+    assert data["references"]["expert"]["return"] > data["references"]["random"]["return"]
+    rows = data["rows"]
+    for kind in described:
+        for calibrated in (False, True):
+            calls = {r["calls"] for r in rows if r["kind"] == kind and r["calibrated"] == calibrated}
+            assert calls == {5, 10, 20}, (kind, calibrated, calls)
+    for r in rows:
+        assert math.isfinite(r["score"]) and 0.0 <= r["success"] <= 1.0 and r["actions_per_s"] > 0, r
+    assert len(data["verdict"]) == 2 * len([r for r in rows if r["kind"] == "diffusion"])

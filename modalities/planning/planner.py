@@ -477,7 +477,8 @@ class DiffusionPlanner:
         total = torch.zeros(len(x), dtype=torch.float64)
         for level in levels:
             noise = torch.randn((1, *x.shape[1:]), generator=generator).expand_as(x).to(x.device, x.dtype)
-            t = torch.full((len(x),), float(level), dtype=torch.float64)
+            # A table step in the schedule's own time units (the step itself; s on the flow path).
+            t = self.diffusion.schedule.time_of_step(torch.full((len(x),), float(level), dtype=torch.float64))
             _, terms = self.diffusion.loss(self.net, x, t=t, noise=noise, known_mask=mask, return_terms=True)
             total += terms["mse"].detach().double().cpu()
         return (total / len(levels)).to(x.device)
