@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-nll", action="store_true", help="skip bits/dim")
     p.add_argument("--out-dir", help="where JSON/Markdown/PNG go (default: benchmarks/results; a temporary folder "
                                      "with --quick)")
-    p.add_argument("--name", help="file name stem (default: the checkpoint's directory name)")
+    p.add_argument("--name", help="file name stem (default: image_quality_<the checkpoint's directory name>)")
     p.add_argument("--progress", action="store_true", help="progress bars while sampling")
     p.add_argument("--train-classifier", action="store_true",
                    help=f"train the digit classifier and write it to {CLASSIFIER_DIR}, then exit")
