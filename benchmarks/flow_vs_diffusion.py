@@ -421,7 +421,13 @@ def compare(modality: Modality, rows: list[dict]) -> list[str]:
             f = by.get((variant.key, cal, sampler, calls))
             if f is None:
                 continue
-            better = "tie" if f[key] == d[key] else variant.key if (f[key] > d[key]) == higher else reference
+            # A measure with a standard error (planning's score over episodes) calls a difference
+            # inside the two errors combined a tie.
+            noise = math.hypot(f.get(f"{key}_se", 0.0), d.get(f"{key}_se", 0.0))
+            if abs(f[key] - d[key]) <= noise:
+                better = f"neither (within {noise:.2f}, one standard error of the difference)" if noise else "tie"
+            else:
+                better = variant.key if (f[key] > d[key]) == higher else reference
             change = f" ({(f[key] - d[key]) / abs(d[key]):+.0%})" if d[key] else ""
             out.append(f"{'calibrated' if cal else 'uncalibrated'} {sampler} {calls} calls, {variant.key}: "
                        f"{key} {d[key]:.2f} -> {f[key]:.2f}{change}; better: {better}")
