@@ -23,14 +23,16 @@ again), samples/step_XXXXXX/ (WAV files and a spectrogram PNG) every --sample-ev
 tensorboard/ logs (losses, and the samples as audio). --export DIR finally writes a compact copy
 (EMA weights only, float16) that records the command, seed, hardware and wall time: the form of
 the shipped checkpoints in modalities/audio/checkpoints. The export is then calibrated as
-`diffkit calibrate` does (sampler grids for --calibrate-steps, the model's statistics); --no-calibrate
-skips it.
+`diffkit calibrate DIR --batch 16 --data 64 --max-evals 15 --reference-steps 50 --no-statistics`
+does (sampler grids for --calibrate-steps and for the recorded sampler, the reverse variances; a
+few minutes on one thread); --no-calibrate skips it.
 
 The waveform presets use DiffWave's diffusion (T=50, linear betas 1e-4..0.05, eps prediction), the
-mel preset a cosine schedule (T=1000, x0 prediction); all are trained the WaveGrad way: the
-network sees the continuous noise level sqrt(alpha_bar), drawn uniformly between two
-neighbouring schedule points, so one model samples on any grid (6 steps: DiffWave's fast
-schedule for DiffWave's diffusion; 50: the training grid; 1000: fractional times).
+mel preset the flow-matching path (x_s = (1 - s) x0 + s eps, a 1000-point table, x0 prediction;
+`--schedule cosine` gives the cosine-schedule diffusion it replaced); all are trained the
+WaveGrad way: the network sees the continuous noise level sqrt(alpha_bar), drawn uniformly
+between two neighbouring schedule points, so one model samples on any grid (6 steps: DiffWave's
+fast schedule for DiffWave's diffusion; 50: the training grid; 1000: fractional times).
 """
 
 from __future__ import annotations
@@ -74,20 +76,23 @@ PROG = "audio_train.py"
 # the development machine a step of 32 clips takes 0.39 s against 2.46 s for a step of 8 clips
 # of the `cpu` waveform DiffWave: 25x more clips per second, which is what makes recognisable
 # digits possible in well under an hour on a CPU (modalities/audio/README.md has the numbers).
-# Log-mel frames sit far from zero (silence is -1), so the mel model uses a schedule that ends
-# in pure noise (cosine, T=1000) rather than DiffWave's T=50 one, which keeps 53% of the signal
-# at its last step. It predicts x0: the U-Net carries the 64 mel bins as 64 channels, and
-# predicting v (or eps) makes it copy the noise of every bin through that bottleneck. Measured
-# (x0 error of held-out frames at t=400, raw weights): v after 2,000 steps 0.043, x0 after 400
-# steps 0.0077; digits recognised by the classifier 13-23% (v, 2,000 steps) against 83% (x0,
-# 400 steps).
+# Log-mel frames sit far from zero (silence is -1), so the mel model uses a path that ends in
+# pure noise rather than DiffWave's T=50 schedule, which keeps 53% of the signal at its last
+# step: the flow-matching path x_s = (1 - s) x0 + s eps (a 1000-point table for the sampler
+# grids). It predicts x0: the U-Net carries the 64 mel bins as 64 channels, and predicting v,
+# eps or the flow velocity makes it copy the noise of every bin through that bottleneck.
+# Measured (x0 error of held-out frames at t=400, raw weights): v after 2,000 steps 0.043, x0
+# after 400 steps 0.0077; digits recognised by the classifier 13-23% (v, 2,000 steps) against
+# 83% (x0, 400 steps); on the flow path, velocity 16-20% against x0 97-100% (2,000 steps).
+# Flow with x0 prediction beat the cosine-schedule diffusion with x0 prediction at every call
+# count, calibrated or not (benchmarks/results/flow_vs_diffusion_audio.md), hence the preset.
 # cpu: 12 layers with a dilation cycle of 12 (dilations 1..2048) see 8,191 samples, the whole
 # 1.02 s window, at the cost of 12 narrow layers (0.63M parameters): the waveform route on a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "mel": dict(
         model="mel", data="fsdd", conditioning="auto", peak=0.9,
         mel_channels=64, mel_blocks=2,
-        schedule="cosine", num_timesteps=1000, prediction="x0",
+        schedule="flow", num_timesteps=1000, prediction="x0",
         max_steps=4000, batch_size=32, lr=1e-3, warmup_steps=200, lr_decay="cosine", ema_decay=0.999,
         cond_drop_prob=0.1, sampler="dpm++2m", sample_steps=20, guidance_scale=1.5,
         sample_every=1000, save_every=500,
@@ -135,6 +140,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 DEFAULT_PRESET = "mel"
+# The export's calibration, lighter than `diffkit calibrate`'s defaults: an audio sample holds
+# thousands of values (64 x 64 log-mel frames, 8,192 waveform samples), so dpm-v3's per-element
+# statistics would add megabytes to config.json, and 16 noise draws fit a grid in minutes on a
+# CPU thread where 128 take the better part of an hour.
+EXPORT_CALIBRATION = dict(batch=16, data=64, max_evals=15, reference_steps=50, model_statistics=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,7 +197,8 @@ def build_parser() -> _Parser:
     g = p.add_argument_group("diffusion")
     add_flow_argument(g)
     g.add_argument("--schedule", choices=("linear", "cosine", "flow"),
-                   help="noise schedule: linear betas (DiffWave's, with --beta-start/--beta-end) or cosine")
+                   help="noise schedule: linear betas (DiffWave's, with --beta-start/--beta-end), cosine, or "
+                        "the flow-matching path (the mel preset's)")
     g.add_argument("--prediction", choices=("eps", "v", "x0", "flow"),
                    help="what the network predicts (DiffWave: eps)")
     g.add_argument("--num-timesteps", type=int, help="training schedule length T (50 in DiffWave)")
@@ -586,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         elif modality_config["kind"] == "ddsp-vocoder":
             pass  # no diffusion: nothing to calibrate
         else:
-            calibrate_export(path, args, trainer.device)
+            calibrate_export(path, args, trainer.device, **EXPORT_CALIBRATION)
     return 0
 
 

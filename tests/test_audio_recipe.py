@@ -162,7 +162,7 @@ def test_class_conditioning_without_labels_is_an_error(tmp_path, capsys):
 def test_the_default_preset_is_the_spectrogram_route_on_a_schedule_that_ends_in_noise():
     parser = audio_train.build_parser()
     s = audio_train.resolve_settings(parser.parse_args([]), parser)
-    assert (s["model"], s["schedule"], s["prediction"], s["output_dir"]) == ("mel", "cosine", "x0", "runs/audio-mel")
+    assert (s["model"], s["schedule"], s["prediction"], s["output_dir"]) == ("mel", "flow", "x0", "runs/audio-mel")
     data = audio_train.load_data({**s, "max_clips": 4})
     net, model_config, diffusion, modality_config, conditioning, _ = audio_train.build(s, data)
     assert model_config["class"].endswith("MelDenoiser") and conditioning == "class"

@@ -42,7 +42,7 @@ def test_audio_recipe_trains_a_flow_model(tmp_path):
 def test_flow_keeps_a_prediction_given_on_the_command_line():
     parser = audio_train.build_parser()
     for argv, expected in ((["--flow"], ("flow", "flow")), (["--flow", "--prediction", "x0"], ("flow", "x0")),
-                           ([], ("cosine", "x0"))):
+                           ([], ("flow", "x0")), (["--schedule", "cosine"], ("cosine", "x0"))):
         s = audio_train.resolve_settings(parser.parse_args(argv), parser)
         assert (s["schedule"], s["prediction"]) == expected, argv
     s = image_train.resolve_settings(image_train.build_parser().parse_args(["--flow", "--prediction", "x0"]))
