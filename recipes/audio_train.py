@@ -23,7 +23,7 @@ again), samples/step_XXXXXX/ (WAV files and a spectrogram PNG) every --sample-ev
 tensorboard/ logs (losses, and the samples as audio). --export DIR finally writes a compact copy
 (EMA weights only, float16) that records the command, seed, hardware and wall time: the form of
 the shipped checkpoints in modalities/audio/checkpoints. The export is then calibrated as
-`diffkit calibrate DIR --batch 16 --data 64 --max-evals 15 --reference-steps 50 --no-statistics`
+`diffkit calibrate DIR --batch 16 --data 0 --max-evals 15 --reference-steps 50 --no-statistics`
 does (sampler grids for --calibrate-steps, for the default and the recorded sampler; a few
 minutes on one thread); --no-calibrate skips it.
 
@@ -145,7 +145,8 @@ DEFAULT_PRESET = "mel"
 # statistics would add megabytes to config.json; 16 noise draws and 15 sampler runs per grid fit
 # the six grids of the shipped model in 3.5 minutes on one CPU thread, where the defaults (128
 # draws, up to 200 runs) would cost roughly a hundred times more.
-EXPORT_CALIBRATION = dict(batch=16, data=64, max_evals=15, reference_steps=50, model_statistics=False)
+# No training clips: the audio modality measures no reverse variances (calibration_inputs).
+EXPORT_CALIBRATION = dict(batch=16, data=0, max_evals=15, reference_steps=50, model_statistics=False)
 
 
 class _Parser(argparse.ArgumentParser):

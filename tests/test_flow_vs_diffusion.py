@@ -1,6 +1,7 @@
 """benchmarks/flow_vs_diffusion.py: its --quick run trains, calibrates and scores every model of a
 modality and writes a table with a row per model at each call count, all values finite."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -70,3 +71,20 @@ def test_quick_planning_run_scores_flow_planners_with_the_map_hidden(tmp_path):
     for r in rows:
         assert math.isfinite(r["score"]) and 0.0 <= r["success"] <= 1.0 and r["actions_per_s"] > 0, r
     assert len(data["verdict"]) == 2 * len([r for r in rows if r["kind"] == "diffusion"])
+
+
+def test_every_audio_variant_trains_what_its_label_says():
+    """The mel preset is flow with x0 prediction, so the diffusion row must ask for its schedule."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import audio_train
+    import flow_vs_diffusion
+
+    parser = audio_train.build_parser()
+    modality = flow_vs_diffusion.MODALITIES["audio"]
+    trained = {}
+    for variant in modality.variants:
+        args = parser.parse_args([*modality.train_args(argparse.Namespace(max_steps=3, seed=0)), *variant.flags])
+        s = audio_train.resolve_settings(args, parser)
+        trained[variant.key] = (s["schedule"], s["prediction"])
+    assert trained == {"diffusion": ("cosine", "x0"), "flow": ("flow", "flow"), "flow-x0": ("flow", "x0")}
