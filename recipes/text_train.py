@@ -6,6 +6,7 @@ restaurant descriptions shipped in data/e2e, on the CPU or GPU. Presets and flag
 
     python recipes/text_train.py                                  # E2E, the cpu preset
     python recipes/text_train.py --preset gpu                     # BERT-base-sized, GPU
+    python recipes/text_train.py --flow                           # flow matching instead of diffusion
     python recipes/text_train.py --data my_sentences.txt          # any text, one per line
     python recipes/text_train.py --tokenizer path/to/tokenizer.json   # a local pretrained tokenizer
     python recipes/text_train.py --export runs/text-cpu/export     # + a compact shipping copy
@@ -47,8 +48,10 @@ import diffkit
 from diffkit.checkpoint import checkpoint_exists, load_checkpoint, read_config, save_checkpoint
 from diffkit.runs import (
     add_calibrate_arguments,
+    add_flow_argument,
     add_sampling_default_arguments,
     add_training_arguments,
+    apply_flow,
     calibrate_export,
     export_checkpoint,
     is_main_process,
@@ -85,13 +88,13 @@ DISTILL_FLAGS = ("student_steps", "teacher_steps", "trajectories", "guided_share
 TRAJECTORIES_FILE = "trajectories.safetensors"
 # What a student takes from its teacher, so these flags have no say with --task distill.
 TEACHER_FLAGS = ("data", "conditional", "tokenizer", "min_count", "max_length", "embed_dim", "hidden", "depth", "heads",
-                 "dropout", "head", "self_conditioning", "schedule", "num_timesteps", "cond_drop_prob",
+                 "dropout", "head", "self_conditioning", "flow", "schedule", "num_timesteps", "cond_drop_prob",
                  "slot_drop_prob", "t0_fraction", "self_condition_prob")
 MODEL_CLASS = "modalities.text.model.TextDenoiser"
 MASKED_CLASS = "modalities.text.masked_model.MaskedTextDenoiser"
 ROUTES = ("embedding", "masked")
 # The embedding route's flags that mean nothing to a masked model.
-EMBEDDING_FLAGS = ("embed_dim", "head", "self_conditioning", "schedule", "num_timesteps", "t0_fraction",
+EMBEDDING_FLAGS = ("embed_dim", "head", "self_conditioning", "flow", "schedule", "num_timesteps", "t0_fraction",
                    "self_condition_prob", "guidance_mix", "guidance_interval", "export_weights")
 # The masked route's flags that mean nothing to the embedding route.
 MASKED_FLAGS = ("block_size", "plain_share", "top_p", "threshold")
@@ -227,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--self-conditioning", action=argparse.BooleanOptionalAction, default=None,
                    help="feed the network its own previous x0 estimate (Chen et al., 2022)")
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", help="noise schedule (default sqrt, Diffusion-LM's)")
+    add_flow_argument(g)
+    next(a for a in g._group_actions if a.dest == "flow").help = (
+        "train on the flow-matching (rectified-flow) path x_s = (1 - s) x0 + s eps, s in [0, 1], instead of the "
+        "preset's diffusion; the network still predicts x0, which the rounding and embedding terms act on (the "
+        "same as --schedule flow)")
+    g.add_argument("--schedule", help="noise schedule (default sqrt, Diffusion-LM's; flow is the same as --flow)")
     g.add_argument("--num-timesteps", type=int, help="T, training timesteps (Diffusion-LM: 2000)")
     g.add_argument("--cond-drop-prob", type=float, help="probability of dropping the whole MR (guidance)")
     g.add_argument("--slot-drop-prob", type=float, help="probability of dropping each MR slot on its own")
@@ -330,6 +338,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if value is not None and key != "preset":
             s[key] = value
+    apply_flow(s, "x0")  # the text objective's clamping and embedding terms act on x0
     if args.conditional is None and not is_e2e(s["data"]):
         s["conditional"] = False  # a plain text file has no meaning representations
     if s["conditional"] and not is_e2e(s["data"]):
@@ -417,7 +426,7 @@ def build(s: dict[str, Any], tokenizer: TextTokenizer, mr_vocab: MRVocabulary | 
     kwargs = dict(vocab_size=tokenizer.vocab_size, embed_dim=s["embed_dim"], hidden=s["hidden"],
                   depth=s["depth"], heads=s["heads"], max_length=s["max_length"],
                   mr_sizes=mr_vocab.sizes if mr_vocab else None, dropout=s["dropout"], head=s["head"],
-                  self_conditioning=s["self_conditioning"])
+                  self_conditioning=s["self_conditioning"], **flow_time_scale(s["schedule"]))
     # Seeded right before the weights are drawn, so the same --seed gives the same network.
     diffkit.seed_everything(s["seed"])
     net = TextDenoiser(**kwargs)
@@ -426,6 +435,11 @@ def build(s: dict[str, Any], tokenizer: TextTokenizer, mr_vocab: MRVocabulary | 
                               cond_drop_prob=s["cond_drop_prob"] if mr_vocab else 0.0,
                               slot_drop_prob=s["slot_drop_prob"] if mr_vocab else 0.0)
     return net, {"class": MODEL_CLASS, "kwargs": kwargs}, diffusion, objective
+
+
+def flow_time_scale(schedule: str) -> dict[str, float]:
+    """The networks' time scale on the flow path, whose times s lie in [0, 1] (none for a table's steps)."""
+    return {"time_scale": 1000.0} if schedule == "flow" else {}
 
 
 def diffusion_arguments(s: dict[str, Any]) -> dict[str, Any]:
@@ -561,7 +575,7 @@ def run_classifier(args: argparse.Namespace, s: dict[str, Any], argv: list[str])
     dataset = encode_corpus(corpus, tokenizer, denoiser.max_length, mr_vocab)
     kwargs = dict(vocab_size=denoiser.net.vocab_size, embed_dim=denoiser.net.embed_dim, mr_sizes=mr_vocab.sizes,
                   hidden=s["hidden"], depth=s["depth"], heads=s["heads"], max_length=denoiser.max_length,
-                  dropout=s["dropout"])
+                  dropout=s["dropout"], **flow_time_scale(denoiser.diffusion.config["schedule"].get("name")))
     diffkit.seed_everything(s["seed"])
     net = NoisyMRClassifier(**kwargs)
     with torch.no_grad():

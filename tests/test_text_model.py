@@ -7,7 +7,7 @@ import torch
 import diffkit
 from modalities.text.modality import snap_to_embeddings
 from modalities.text.model import TextDenoiser
-from modalities.text.objective import TextObjective
+from modalities.text.objective import TextObjective, scales_at_step
 
 
 def tiny_net(mr_sizes=None, seed=0, **kw):
@@ -131,12 +131,14 @@ def test_model_bad_input_errors():
         TextObjective(diffkit.Diffusion("sqrt", 50, "eps"))
 
 
-def test_objective_trains_embeddings_apart():
+@pytest.mark.parametrize("path", ["sqrt", "flow"])
+def test_objective_trains_embeddings_apart(path):
     """A few dozen steps on four sentences: the loss falls and the tied head recovers the
-    words from their embeddings, i.e. the embeddings did not collapse."""
-    net = tiny_net(vocab_size=10, embed_dim=8, hidden=32, max_length=6)
+    words from their embeddings, i.e. the embeddings did not collapse; on the diffusion path
+    and on the flow path, whose times s lie in [0, 1]."""
+    net = tiny_net(vocab_size=10, embed_dim=8, hidden=32, max_length=6, time_scale=1000.0 if path == "flow" else 1.0)
     net.train()
-    objective = TextObjective(diffusion())
+    objective = TextObjective(diffkit.Diffusion(path, 50, "x0"))
     ids = torch.tensor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 0, 0], [7, 8, 9, 1, 2, 0], [3, 3, 4, 4, 0, 0]])
     batch = {"ids": ids, "mask": ids != 0}
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -154,6 +156,16 @@ def test_objective_trains_embeddings_apart():
     assert torch.equal(recovered[ids != 0], ids[ids != 0])
     weight = net.embedding.weight.detach()
     assert torch.pdist(weight[1:]).min() > 0.1
+
+
+def test_the_least_noisy_step_is_the_tables_first_point_on_either_path():
+    sqrt = diffusion()
+    assert scales_at_step(sqrt, 0) == (float(sqrt.schedule.alpha_at(0)), float(sqrt.schedule.sigma_at(0)))
+    assert scales_at_step(sqrt, 49) == (float(sqrt.schedule.alpha_at(49)), float(sqrt.schedule.sigma_at(49)))
+    # Flow step k is the time s = (k + 1) / T: never clean data, and pure noise at the last.
+    flow = diffkit.Diffusion("flow", 50, "x0")
+    assert scales_at_step(flow, 0) == pytest.approx((0.98, 0.02), abs=1e-12)
+    assert scales_at_step(flow, 49) == pytest.approx((0.0, 1.0), abs=1e-12)
 
 
 def test_classifier_objective_learns_slots_from_noisy_embeddings():

@@ -189,3 +189,20 @@ def test_a_run_directory_resumes_only_its_own_run(tmp_path, capsys):
             text_train.main([*args, "--output-dir", str(out), "--max-steps", "2", *TINY])
         assert info.value.code == 2 and message in capsys.readouterr().err
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.filterwarnings("ignore:.*(truncated|vocabulary).*:UserWarning")
+def test_flow_trains_the_flow_path_with_x0_prediction_and_its_classifier_follows(tmp_path):
+    export, clf = tmp_path / "export", tmp_path / "clf"
+    assert text_train.main(["--flow", "--max-steps", "2", "--output-dir", str(tmp_path / "run"), "--export",
+                            str(export), *TINY, "--sample-every", "0"]) == 0
+    config = diffkit.load_checkpoint(export, modality="text").config
+    assert config["diffusion"]["schedule"]["name"] == "flow" and config["diffusion"]["prediction"] == "x0"
+    # Times s in [0, 1] are spread over the sinusoids as a table's integer steps would be.
+    assert config["model"]["kwargs"]["time_scale"] == 1000.0
+    texts = TextModality().generate(checkpoint=export, num_samples=2, steps=3, seed=0)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert text_train.main(["--task", "classifier", "--denoiser", str(export), "--max-steps", "1", "--output-dir",
+                            str(tmp_path / "clf-run"), "--export", str(clf), "--hidden", "16", "--depth", "1",
+                            "--heads", "2", "--batch-size", "8", "--no-progress", "--no-calibrate"]) == 0
+    assert diffkit.load_checkpoint(clf).config["model"]["kwargs"]["time_scale"] == 1000.0

@@ -55,6 +55,7 @@ from .model import (
     check_guidance_mix,
     rounding_loss,
 )
+from .objective import scales_at_step
 from .ranking import RANKINGS, SELECT_AT, CandidateChoice, choose_candidates
 from .tokenizer import MASK, TOKENIZER_FILE, TextTokenizer
 
@@ -960,8 +961,7 @@ def nll_per_token(texts: Sequence[str], *, checkpoint: str | os.PathLike | None 
     if steps is not None:
         steps = resolve_steps(steps, model.diffusion.num_timesteps)
     gen = seeded_generator(seed)
-    alpha0 = float(diff.schedule.alpha_at(torch.tensor(0)))
-    sigma0 = float(diff.schedule.sigma_at(torch.tensor(0)))
+    alpha0, sigma0 = scales_at_step(diff, 0)
     out = []
     for start in range(0, len(texts), batch_size):
         part = slice(start, start + batch_size)

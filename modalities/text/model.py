@@ -59,11 +59,14 @@ class TextDenoiser(nn.Module):
         head: ``"regression"`` (Diffusion-LM: an MLP down to the embedding width outputs x0_hat)
             or ``"softmax"`` (logits over the vocabulary; x0_hat is the mean embedding).
         self_conditioning: the network also takes its previous x0 estimate (``x0_previous``).
+        time_scale: multiplies the time before its sinusoidal features: 1 for a table's integer
+            steps, 1000 for the flow path's times s in [0, 1] (so neighbouring times stay apart).
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 16, hidden: int = 128, depth: int = 4,
                  heads: int = 4, max_length: int = 64, mr_sizes: Sequence[int] | None = None,
-                 dropout: float = 0.1, head: str = "regression", self_conditioning: bool = False):
+                 dropout: float = 0.1, head: str = "regression", self_conditioning: bool = False,
+                 time_scale: float = 1.0):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
@@ -82,7 +85,7 @@ class TextDenoiser(nn.Module):
         # its previous estimate side by side.
         inputs = embed_dim * (2 if self.self_conditioning else 1)
         self.up = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
-        self.time = TimeEmbedding(hidden, out_dim=hidden)
+        self.time = TimeEmbedding(hidden, out_dim=hidden, scale=time_scale)
         self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
         add_mr_slots(self, mr_sizes, hidden)
         layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, activation="gelu",
@@ -381,14 +384,15 @@ class NoisyMRClassifier(nn.Module):
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, mr_sizes: Sequence[int], hidden: int = 128,
-                 depth: int = 2, heads: int = 4, max_length: int = 64, dropout: float = 0.1):
+                 depth: int = 2, heads: int = 4, max_length: int = 64, dropout: float = 0.1,
+                 time_scale: float = 1.0):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden width {hidden} must be divisible by the number of heads {heads}")
         self.embed_dim, self.max_length, self.mr_sizes = embed_dim, max_length, list(mr_sizes)
         self.register_buffer("embedding", torch.zeros(vocab_size, embed_dim))
         self.up = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
-        self.time = TimeEmbedding(hidden, out_dim=hidden)
+        self.time = TimeEmbedding(hidden, out_dim=hidden, scale=time_scale)
         self.positions = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
         layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)

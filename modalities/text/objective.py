@@ -127,20 +127,19 @@ class TextObjective:
         embedding = torch.zeros((), device=x0.device)
         if k:
             part = {key: value[:k] for key, value in cond.items()}
-            t0 = torch.zeros(k, dtype=torch.long, device=x0.device)
+            t0 = diff.schedule.time_of_step(torch.zeros(k, dtype=torch.float64))
             embedding, _ = diff.loss(_NetworkCall(model, net, 0.0, generator), x0[:k], mask=loss_mask[:k],
                                      return_terms=True, t=t0, generator=generator, **part)
 
         # Rounding: the tied head must recover each word from its embedding noised to the
         # level of the last sampling step, which is what it rounds at the end of sampling.
-        sigma0 = float(diff.schedule.sigma_at(torch.tensor(0)))
-        alpha0 = float(diff.schedule.alpha_at(torch.tensor(0)))
+        alpha0, sigma0 = scales_at_step(diff, 0)
         eps = (torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
                if generator is not None else torch.randn_like(x0))
         rounding = rounding_loss(net, alpha0 * x0 + sigma0 * eps, ids, mask).mean()
 
         # Prior: q(x_T | x0) should be N(0, I); its mean alpha_{T-1} EMB(w) must stay near 0.
-        alpha_last = float(diff.schedule.alpha_at(torch.tensor(diff.num_timesteps - 1)))
+        alpha_last, _ = scales_at_step(diff, diff.num_timesteps - 1)
         real = mask[:, None, :].to(x0.dtype)
         prior = ((alpha_last * x0) ** 2 * real).sum((1, 2)) / (real.sum((1, 2)) * x0.shape[1])
         prior = prior.mean()
@@ -156,6 +155,13 @@ class TextObjective:
 
     def _drop_slots(self, mr: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return drop_slots(mr, self.slot_drop_prob, generator)
+
+
+def scales_at_step(diffusion: diffkit.Diffusion, step: int) -> tuple[float, float]:
+    """(alpha, sigma) at the table's ``step`` (0 is the least noisy), on any path: a table step
+    is its own time, and the flow path's step k is the time s = (k + 1) / T."""
+    t = diffusion.schedule.time_of_step(torch.tensor(float(step), dtype=torch.float64))
+    return float(diffusion.schedule.alpha_at(t)), float(diffusion.schedule.sigma_at(t))
 
 
 def drop_slots(mr: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -285,7 +291,7 @@ class ClassifierObjective:
         length = max(int(mask.sum(1).max()), 1)
         ids, mask = ids[:, :length], mask[:, :length]
         diff = self.diffusion
-        t = torch.randint(0, diff.num_timesteps, (ids.shape[0],)).to(torch.float64)
+        t = diff.draw_times(ids.shape[0])
         x0 = clf.embed(ids)
         alpha = diff.schedule.alpha_at(t).to(x0)[:, None, None]
         sigma = diff.schedule.sigma_at(t).to(x0)[:, None, None]

@@ -83,9 +83,10 @@ def denoising_log_likelihood(net, diffusion, ids: torch.Tensor, attention_mask: 
     total = torch.zeros(ids.shape[0], device=device)
     x0 = net.embed(ids)
     for level in levels:
-        t = torch.full((ids.shape[0],), int(level * diffusion.num_timesteps), device=device)
+        step = torch.full((ids.shape[0],), float(int(level * diffusion.num_timesteps)), dtype=torch.float64)
+        t = diffusion.schedule.time_of_step(step)
         x_t = diffusion.q_sample(x0, t, generator=generator)
-        x0_hat, logits = net(x_t, t, attention_mask, return_logits=True, **cond)
+        x0_hat, logits = net(x_t, diffusion.model_time(t).to(device), attention_mask, return_logits=True, **cond)
         if logits is None:  # a regression head: the tied rounding head read on its x0 estimate
             logits = net.logits(x0_hat)
         log_p = logits.float().log_softmax(-1).gather(-1, ids[..., None])[..., 0]
