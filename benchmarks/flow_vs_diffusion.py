@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -238,6 +239,56 @@ class PlanningScorer(Scorer):
                 for name, ref in self.references.items()]
 
 
+class TextScorer(Scorer):
+    """Unconditional texts of the embedding route, scored by the AR judge of
+    ``benchmarks/text_quality.py`` (trained on E2E's training split, cached in ``runs/text-ar``)."""
+
+    def __init__(self, args):
+        from text_quality import ar_scores, distinct, judge, normalise, repeat_share  # benchmarks/text_quality.py
+        from text_routes import unigram_entropy  # benchmarks/text_routes.py
+        from modalities.text.data import load_corpus
+        from modalities.text.modality import EMBEDDING_CHECKPOINT, load_text_model
+
+        # Every variant's recipe builds its vocabulary from the same data and settings as the
+        # shipped embedding model, so the judge trained with that tokenizer reads them all.
+        shipped = load_text_model(EMBEDDING_CHECKPOINT, "cpu")
+        self.tokenizer, self.max_length = shipped.tokenizer, int(shipped.info.get("max_length", shipped.max_length))
+        train, held = load_corpus("e2e", "train"), load_corpus("e2e", "eval")
+        if args.quick:
+            train = dataclasses.replace(train, texts=train.texts[:64], mrs=None)
+        enc = self.tokenizer.encode(train.texts, self.max_length, warn=False)
+        self.judge, _ = judge(self.tokenizer, enc, self.max_length, args.ar_steps, args.seed, args.ar_cache,
+                              lambda *a: print(*a, flush=True))
+        self.train_set = {normalise(t) for t in train.texts}
+        self.ar_scores, self.distinct, self.repeat_share, self.normalise = ar_scores, distinct, repeat_share, normalise
+        self.entropy, self.load = unigram_entropy, load_text_model
+        self.n, self.seed = args.num_samples, args.seed
+        pick = torch.randperm(len(held.texts), generator=torch.Generator().manual_seed(args.seed))[: self.n]
+        self.references = {"held-out human descriptions, as many as a row": self._row([held.texts[i] for i in pick])}
+
+    def _row(self, texts):
+        return {"perplexity": round(self.ar_scores(self.judge, self.tokenizer, [t if t.strip() else "." for t in texts],
+                                                   self.max_length)["perplexity"], 3),
+                "distinct_2": round(self.distinct(texts, 2), 4), "entropy": round(self.entropy(texts), 3),
+                "repeats": round(self.repeat_share(texts), 4),
+                "copies": round(sum(self.normalise(t) in self.train_set for t in texts) / len(texts), 4)}
+
+    def score(self, checkpoint, sampler, steps):
+        from text_quality import diffusion_samples
+
+        model = self.load(checkpoint, "cpu")
+        if model.tokenizer.to_str() != self.tokenizer.to_str():
+            raise SystemExit(f"{checkpoint} has another vocabulary than the judge's; train it on E2E with the preset's "
+                             "--min-count")
+        texts, seconds = diffusion_samples(model, self.n, steps=steps, seed=self.seed, sampler=sampler)
+        return {**self._row(texts), "seconds": round(seconds, 2)}
+
+    def reference_lines(self):
+        return [f"- {name}: judge perplexity {ref['perplexity']:.2f}, distinct-2 {ref['distinct_2']:.3f}, "
+                f"unigram entropy {ref['entropy']:.2f} bits, adjacent repeats {ref['repeats']:.3f}"
+                for name, ref in self.references.items()]
+
+
 def _image_train_args(args) -> list[str]:
     return ["--preset", "digits", "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--sample-every", "0"]
 
@@ -250,6 +301,12 @@ def _planning_train_args(args) -> list[str]:
     flags = ["--env", args.env, "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--eval-episodes", "0"]
     return flags + (["--collect-steps", "3000", "--horizon", "16", "--dim", "8", "--dim-mults", "1,2",
                      "--diffusion-steps", "32"] if args.quick else [])
+
+
+def _text_train_args(args) -> list[str]:
+    flags = ["--preset", "cpu", "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--sample-every", "0"]
+    return flags + (["--hidden", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--num-timesteps", "100"]
+                    if args.quick else [])
 
 
 FLOW = Variant("flow", "flow (rectified, v = eps - x0)", ("--flow",))
@@ -283,6 +340,19 @@ MODALITIES: dict[str, Modality] = {
         samples_note=lambda a: f"{a.episodes} seeded episodes of {a.env} (seeds {a.seed}..{a.seed + a.episodes - 1}, "
                                "sparse reward, continuing task), the checkpoint's planner defaults with the maze's "
                                "inner walls hidden; score = 100 (R - R_random) / (R_expert - R_random)"),
+    "text": Modality(
+        name="text", recipe="text_train", train_args=_text_train_args,
+        # The text objective's rounding and embedding terms act on x0, so --flow predicts x0 there.
+        variants=(Variant("diffusion", "diffusion (x0-pred, sqrt)"),
+                  Variant("flow-x0", "flow, x0-prediction", ("--flow",))),
+        make_scorer=TextScorer,
+        measures=[("perplexity", "judge perplexity", "{:.2f}"), ("distinct_2", "distinct-2", "{:.3f}"),
+                  ("entropy", "entropy (bits)", "{:.2f}"), ("repeats", "repeats", "{:.3f}"),
+                  ("seconds", "sampling s", "{:.1f}")],
+        primary=("perplexity", False),
+        samples_note=lambda a: f"{a.num_samples} unconditional texts of the embedding route (lengths drawn from the "
+                               "training lengths, the checkpoint's word temperature and clamping), scored by the AR "
+                               "judge of benchmarks/text_quality.py"),
 }
 
 
@@ -454,6 +524,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=500, help="sampling batch (image, audio)")
     p.add_argument("--env", default="PointMaze_UMaze-v3", help="planning: the maze (default: PointMaze_UMaze-v3)")
     p.add_argument("--episodes", type=int, default=20, help="planning: seeded episodes per table row (default: 20)")
+    p.add_argument("--ar-steps", type=int, default=1000, help="text: training steps of the AR judge (default: 1000)")
+    p.add_argument("--ar-cache", default="runs/text-ar/ar_lm.safetensors", help="text: where the AR judge is cached")
     p.add_argument("--batch-size-train", type=int, help="training batch (default: the preset's)")
     p.add_argument("--ema-decay", type=float,
                    help="EMA decay of the exported weights (default: the preset's). The digits preset's 0.999 "
@@ -473,6 +545,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.max_steps, args.num_samples, args.batch_size, args.batch_size_train, args.episodes = 3, 10, 10, 8, 1
         args.calibrate_options = dict(batch=2, data=4, max_evals=1, reference_steps=5)
+        args.ar_steps = 2
     modality = MODALITIES[args.modality]
     scratch = None
     if args.work_dir is None:
@@ -481,6 +554,8 @@ def main(argv=None) -> int:
     else:
         work = Path(args.work_dir)
         work.mkdir(parents=True, exist_ok=True)
+    if args.quick:  # the smoke run's two-step judge must not take the place of the real one
+        args.ar_cache = str(work / "ar_lm-quick.safetensors")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     try:

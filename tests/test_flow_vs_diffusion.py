@@ -73,6 +73,23 @@ def test_quick_planning_run_scores_flow_planners_with_the_map_hidden(tmp_path):
     assert len(data["verdict"]) == 2 * len([r for r in rows if r["kind"] == "diffusion"])
 
 
+def test_quick_text_run_trains_flow_with_x0_prediction_and_scores_both_models(tmp_path):
+    data = _quick(tmp_path, "--modality", "text")
+    described = {kind: (model["diffusion"]["schedule"], model["diffusion"]["prediction"])
+                 for kind, model in data["models"].items()}
+    assert described == {"diffusion": ("sqrt", "x0"), "flow-x0": ("flow", "x0")}
+    human = data["references"]["held-out human descriptions, as many as a row"]
+    assert human["perplexity"] > 1 and 0 < human["distinct_2"] <= 1
+    for kind in described:
+        for calibrated in (False, True):
+            calls = {r["calls"] for r in data["rows"] if r["kind"] == kind and r["calibrated"] == calibrated}
+            assert calls == {5, 10, 20}, (kind, calibrated, calls)
+    for r in data["rows"]:
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and 0 <= r["repeats"] <= 1, r
+    # The smoke run's judge stays in its work folder.
+    assert (tmp_path / "work" / "ar_lm-quick.safetensors").is_file()
+
+
 def test_every_audio_variant_trains_what_its_label_says():
     """The mel preset is flow with x0 prediction, so the diffusion row must ask for its schedule."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
