@@ -1,11 +1,13 @@
-"""Where the steps go on the flow path: default spacings on the trained 2-D mixture of mixture_samplers.py.
+"""Where the steps go: default spacings on the trained 2-D mixture of mixture_samplers.py and on Gaussian data.
 
-The flow path's uncalibrated grid decides how few-step sampling goes. This trains (or reuses the
+The uncalibrated grid decides how few-step sampling goes. This trains (or reuses the
 cached weights of) ``benchmarks/mixture_samplers.py``'s flow and eps models and scores every
 sampler of interest on the log-SNR grid (full, and narrowed to a log-SNR range as
 ``sampling_grid(..., log_snr_range=...)`` does) and on the grid uniform in s (the flow path's
 default), by the same energy distance to fresh data (x 1e-3; the floor of two data draws is about
-0.2 +- 0.45).
+0.2 +- 0.45). A second table puts the eps path's log-SNR, uniform (trailing) and Karras grids on
+``benchmarks/samplers.py``'s Gaussian data sets, whose exact model leaves only the sampler's error:
+a spacing chosen for one kind of data can be read against the other.
 
     python benchmarks/mixture_spacing.py            # writes benchmarks/results/mixture_spacing.md
     python benchmarks/mixture_spacing.py --quick    # seconds; prints only
@@ -31,6 +33,36 @@ from diffkit.runs import hardware_summary  # noqa: E402
 ROWS = (("unipc", "logsnr", None), ("unipc", "logsnr", (-4.0, 8.0)), ("unipc", "logsnr", (-3.0, 6.0)),
         ("unipc", "logsnr", (-5.0, 10.0)), ("dpm++2m", "logsnr", (-4.0, 8.0)), ("unipc", "trailing", None),
         ("dpm++2m", "trailing", None), ("dpm++3m", "trailing", None), ("ddim", "trailing", None))
+
+
+# The eps path's uncalibrated grid against the alternatives on data whose model is exact.
+GAUSSIAN_ROWS = (("unipc", "logsnr"), ("unipc", "trailing"), ("unipc", "karras"), ("dpm++2m", "logsnr"),
+                 ("dpm++2m", "trailing"))
+
+
+def gaussian_rows(seed: int, n: int, calls) -> list[str]:
+    """The same spacings on ``benchmarks/samplers.py``'s Gaussian data sets, exact eps-model, linear
+    schedule: KL(samples || data) per dimension, nats (the scale there differs from the mixture's)."""
+    from samplers import DATA_SETS  # benchmarks/samplers.py
+
+    from diffkit.analytic import standardized_noise
+
+    diff = diffkit.Diffusion("linear", 1000, prediction="eps")
+    noise = standardized_noise(n, 16, seed)
+    lines = ["", f"The eps path's grids on Gaussian data (data sets A-E of `benchmarks/samplers.py`, exact eps-model, "
+                 f"linear schedule, {n} samples): KL(samples || data) per dimension, nats, lower is better.", "",
+             "| data | sampler | spacing | " + " | ".join(f"{k} calls" for k in calls) + " |",
+             "|---|---|---|" + "---|" * len(calls)]
+    for name, data in DATA_SETS.items():
+        model = data.model(diff.schedule)
+        for sampler, spacing in GAUSSIAN_ROWS:
+            cells = []
+            for k in calls:
+                grid = diff.sampling_grid(k, spacing, sampler=sampler)
+                x = diff.sample(model, noise.shape, sampler=sampler, grid=grid, noise=noise, dtype=torch.float64)
+                cells.append(f"{data.kl_per_dim(x):.1e}")
+            lines.append(f"| {name} | {sampler} | {spacing} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -62,6 +94,7 @@ def main(argv=None) -> int:
                 cells.append(f"{score(x)['energy'] * 1e3:.2f}")
             narrowed = "" if log_snr_range is None else " {:g}..{:g}".format(*log_snr_range)
             lines.append(f"| {name} | {sampler} | {spacing}{narrowed} | " + " | ".join(cells) + " |")
+    lines += gaussian_rows(args.seed, 2000 if args.quick else 20000, calls[:3])
     lines += ["", f"Wall time {time.time() - started:.0f} s. The flow path's default is uniform in s for every "
               "sampler; the table schedules keep each sampler's own spacing. 'logsnr a..b': the log-SNR grid with "
               "its points after the first placed between log-SNR a and b."]

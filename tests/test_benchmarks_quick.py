@@ -31,7 +31,7 @@ QUICK = {
     "image_samplers.py": ("half the calls", ("sklearn", "diffusers")),
     "image_speed.py": ("diffkit image UNet", ("sklearn", "diffusers")),
     "likelihood_gain.py": ("wrote ", ("sklearn",)),
-    "mixture_spacing.py": ("| flow | unipc | trailing |", ()),
+    "mixture_spacing.py": ("| E | unipc | trailing |", ()),
     "ode_likelihood.py": ("| flow, velocity |", ()),
     "sampler_overhead.py": ("| dpm-v3, per-element statistics |", ()),
     "samplers.py": ("calibrated defaults at 5 calls", ("diffusers",)),

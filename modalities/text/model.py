@@ -381,6 +381,7 @@ class NoisyMRClassifier(nn.Module):
 
     ``forward(x_t (B, D, L), t (B,), attention_mask (B, L)) -> logits (B, sum(mr_sizes))``,
     one block of logits per slot (codes as in :class:`modalities.text.data.MRVocabulary`).
+    ``time_scale`` is its denoiser's (the times it is told are the denoiser's).
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, mr_sizes: Sequence[int], hidden: int = 128,
