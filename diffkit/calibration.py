@@ -220,8 +220,9 @@ def analytic_variances(grid: SamplingGrid, eps_norm_sq: Optional[torch.Tensor] =
     Theorem 2) and v_i <= ((high - low) / 2)^2 when ``data_range`` bounds the data. It fails
     where a network's x0 is worse than the posterior mean: at low noise Gamma then exceeds 1,
     v_i becomes 0 and the decoder's variance collapses (benchmarks/results/likelihood_gain.md
-    measured this on x0-predicting audio and planning models). Points with NaN times (outside
-    the schedule) are not supported. One of ``eps_norm_sq`` and ``x0_mse`` is needed.
+    measured this on x0-predicting audio and planning models). A point without signal
+    (alpha = 0) takes the upper bound beta_i. Points with NaN times (outside the schedule) are
+    not supported. One of ``eps_norm_sq`` and ``x0_mse`` is needed.
     """
     if eps_norm_sq is None and x0_mse is None:
         raise ValueError("analytic variances need the model's x0 error (x0_mse) or its eps norms (eps_norm_sq)")
@@ -241,7 +242,9 @@ def analytic_variances(grid: SamplingGrid, eps_norm_sq: Optional[torch.Tensor] =
         x0_var = x0_var.clamp(max=((data_range[1] - data_range[0]) / 2.0) ** 2)
     var = tilde + c_x0**2 * x0_var
     beta = transition_variance(a_t, s_t, a_s, s_s)
-    var = torch.minimum(torch.maximum(var, tilde), beta)
+    # With no signal left (alpha_t = 0: the flow path's or a zero-terminal-SNR schedule's top
+    # point) Gamma says nothing of x0's uncertainty (infinity times zero): Theorem 2's upper bound.
+    var = torch.where(a_t > 0, torch.minimum(torch.maximum(var, tilde), beta), beta)
     # The decoder step: x0 itself, whose uncertainty is v at the last point (kept above a tiny floor).
     var[-1] = x0_var[-1].clamp(min=1e-12)
     return var

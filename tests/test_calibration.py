@@ -206,6 +206,23 @@ def test_analytic_variances_lie_between_the_bounds():
         analytic_variances(grid)
 
 
+@pytest.mark.parametrize("schedule", ["flow", "zero-snr"])
+def test_analytic_dpm_variances_are_finite_where_no_signal_is_left(schedule):
+    """At a top point with alpha = 0, (sigma / alpha)^2 (1 - Gamma) is infinity times zero:
+    the step takes its upper bound instead of a NaN that would poison the whole bound."""
+    diff = (Diffusion("flow", 200, "x0") if schedule == "flow"
+            else Diffusion("cosine", 200, "v", zero_terminal_snr=True))
+    grid = diff.sampling_grid(10, "linspace")
+    assert float(grid.alphas[0]) == 0.0
+    for gamma in (torch.ones(200), torch.linspace(0.5, 1.0, 200)):
+        var = analytic_variances(grid, gamma)
+        assert torch.isfinite(var).all()
+        assert float(var[0]) == pytest.approx(transition_variance(*grid.step_scales(0)), rel=1e-12)
+        for i in range(1, len(grid) - 1):
+            tilde = posterior_coefficients(*grid.step_scales(i))[2]
+            assert tilde * (1 - 1e-9) <= float(var[i]) <= transition_variance(*grid.step_scales(i)) * (1 + 1e-9)
+
+
 def test_optimize_grid_is_never_worse_than_its_start_and_works_on_any_shape():
     data = GaussianData(torch.zeros(2, 2, 2), torch.full((2, 2, 2), 0.3))
     diff = Diffusion("cosine", 200, prediction="v")
