@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     started = time.time()
     train_steps, n, calls = (200, 512, (5, 10)) if args.quick else (4000, 10000, (5, 10, 20, 40))
     cache = None if args.quick else ms.cache_dir(args.seed, train_steps)
-    lines = ["# Flow path: uniform-in-s against log-SNR grids on a trained network", "",
+    lines = ["# Grid spacing: uniform against log-SNR grids on a trained network and on Gaussian data", "",
              f"Command: `python benchmarks/mixture_spacing.py{' --quick' if args.quick else ''}` (seed {args.seed}); "
              f"{hardware_summary()}; models of `benchmarks/mixture_samplers.py` ({train_steps} training steps); "
              f"{n} samples against {n} fresh data points; energy distance x 1e-3, lower is better.", "",
