@@ -6,13 +6,16 @@
         --out benchmarks/results/flow_vs_diffusion_audio.md
     python benchmarks/flow_vs_diffusion.py --modality planning --max-steps 8000 \\
         --out benchmarks/results/flow_vs_diffusion_planning.md
+    python benchmarks/flow_vs_diffusion.py --modality text --max-steps 2000 --num-samples 200 \\
+        --out benchmarks/results/flow_vs_diffusion_text.md
     python benchmarks/flow_vs_diffusion.py --quick          # a smoke run, not a measurement
 
 For one modality it trains the same network on the same data with the modality's recipe, same
 preset, steps, batch and seed, once per variant: as the preset has it (diffusion), with
 ``--flow`` (x_s = (1 - s) x0 + s eps, the network predicting the velocity eps - x0) and, for
 audio and planning, whose presets predict x0, with ``--flow --prediction x0`` (the same path,
-the network predicting x0). Each export is kept uncalibrated and calibrated (a copy each,
+the network predicting x0). Text's embedding route predicts x0 on either path (its rounding
+and embedding terms act on x0), so there ``--flow`` alone is the flow model. Each export is kept uncalibrated and calibrated (a copy each,
 calibrated as ``diffkit calibrate CHECKPOINT --steps 5 10 20`` does), and every one is scored
 with the modality's own quality measure at 5, 10 and 20 model calls:
 
@@ -37,7 +40,11 @@ Measures:
   as many clips as the floor;
 - planning (``benchmarks/planning_maze.py``'s protocol, one maze): the default planner (map
   hidden) scored against a random policy and the waypoint expert measured in the same run,
-  success rate and actions per second, over seeded episodes.
+  success rate and actions per second, over seeded episodes;
+- text (``benchmarks/text_quality.py``'s judge): unconditional texts of the embedding route at
+  the checkpoint's word temperature, their perplexity under the small autoregressive judge
+  trained on E2E's training split (cached in ``runs/text-ar``), distinct-2, unigram entropy and
+  the share of adjacent repeated words, beside as many held-out human descriptions.
 
 Training wall time is measured on whatever machine runs it; on a shared, loaded machine it is
 noisy, and equal compute is equal steps x batch on the same network, not equal seconds.
@@ -520,7 +527,7 @@ def main(argv=None) -> int:
     p.add_argument("--modality", choices=sorted(MODALITIES), default="image")
     p.add_argument("--max-steps", type=int, default=2000, help="training steps of each model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=500, help="samples per table row (image, audio)")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per table row (image, audio, text)")
     p.add_argument("--batch-size", type=int, default=500, help="sampling batch (image, audio)")
     p.add_argument("--env", default="PointMaze_UMaze-v3", help="planning: the maze (default: PointMaze_UMaze-v3)")
     p.add_argument("--episodes", type=int, default=20, help="planning: seeded episodes per table row (default: 20)")
