@@ -231,6 +231,13 @@ def apply_flow(settings: dict, prediction: str | None = None) -> dict:
     return settings
 
 
+def flow_time_scale(schedule: str) -> dict[str, float]:
+    """Network keyword arguments for a schedule: ``time_scale=1000`` on the flow path, whose times
+    s lie in [0, 1], so that they spread over the time embedding's sinusoids as a table's integer
+    steps do; nothing for a table's steps (the networks' default scale of 1)."""
+    return {"time_scale": 1000.0} if schedule == "flow" else {}
+
+
 def add_calibrate_arguments(group) -> None:
     """``--no-calibrate`` and ``--calibrate-steps``: what a recipe's ``--export`` calibrates."""
     group.add_argument("--no-calibrate", action="store_true",

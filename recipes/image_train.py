@@ -38,6 +38,7 @@ from diffkit.runs import (
     add_sampling_default_arguments,
     add_training_arguments,
     apply_flow,
+    flow_time_scale,
     calibrate_export,
     export_checkpoint,
     is_main_process,
@@ -213,7 +214,7 @@ def build(s: dict[str, Any], labels: torch.Tensor | None, class_names, bin_width
         attention_levels=list(s["attention_levels"]), num_classes=num_classes,
         context_dim=context_dim, low_res_channels=s["channels"] if cond == "low_res" else 0,
         learn_sigma=bool(s["learn_sigma"]), dropout=s.get("dropout", 0.0),
-        **({"time_scale": 1000.0} if s["schedule"] == "flow" else {}),
+        **flow_time_scale(s["schedule"]),
     )
     # The initial weights are drawn here, before the Trainer seeds anything: without this the
     # same --seed would start (and so end) from different weights.

@@ -43,6 +43,7 @@ from diffkit.runs import (
     add_flow_argument,
     add_training_arguments,
     apply_flow,
+    flow_time_scale,
     calibrate_export,
     export_checkpoint,
     hardware_summary,
@@ -349,7 +350,7 @@ def _main(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Names
         value_normalizer=value_normalizer, inverse_dynamics=bool(s.get("inverse_dynamics")),
         data=s.get("dataset") or f"waypoint expert, {len(traj)} steps, seed {s['seed']}", every=s["every"])
     kwargs = dict(transition_dim=windows.transition_dim, dim=s["dim"], dim_mults=list(s["dim_mults"]),
-                  **({"time_scale": 1000.0} if s["schedule"] == "flow" else {}))
+                  **flow_time_scale(s["schedule"]))
     loss_kwargs = None
     if s["action_weight"] != 1.0:
         weight = torch.ones(windows.transition_dim, s["horizon"])

@@ -54,6 +54,7 @@ from diffkit.runs import (
     apply_flow,
     calibrate_export,
     export_checkpoint,
+    flow_time_scale,
     is_main_process,
     positive_int,
     sampling_defaults,
@@ -435,11 +436,6 @@ def build(s: dict[str, Any], tokenizer: TextTokenizer, mr_vocab: MRVocabulary | 
                               cond_drop_prob=s["cond_drop_prob"] if mr_vocab else 0.0,
                               slot_drop_prob=s["slot_drop_prob"] if mr_vocab else 0.0)
     return net, {"class": MODEL_CLASS, "kwargs": kwargs}, diffusion, objective
-
-
-def flow_time_scale(schedule: str) -> dict[str, float]:
-    """The networks' time scale on the flow path, whose times s lie in [0, 1] (none for a table's steps)."""
-    return {"time_scale": 1000.0} if schedule == "flow" else {}
 
 
 def diffusion_arguments(s: dict[str, Any]) -> dict[str, Any]:
