@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import io
 import json
@@ -251,8 +252,8 @@ class TextScorer(Scorer):
     ``benchmarks/text_quality.py`` (trained on E2E's training split, cached in ``runs/text-ar``)."""
 
     def __init__(self, args):
-        from text_quality import ar_scores, distinct, judge, normalise, repeat_share  # benchmarks/text_quality.py
-        from text_routes import unigram_entropy  # benchmarks/text_routes.py
+        from text_quality import judge, training_texts  # benchmarks/text_quality.py
+        from text_routes import text_scores  # benchmarks/text_routes.py
         from modalities.text.data import load_corpus
         from modalities.text.modality import EMBEDDING_CHECKPOINT, load_text_model
 
@@ -266,19 +267,15 @@ class TextScorer(Scorer):
         enc = self.tokenizer.encode(train.texts, self.max_length, warn=False)
         self.judge, _ = judge(self.tokenizer, enc, self.max_length, args.ar_steps, args.seed, args.ar_cache,
                               lambda *a: print(*a, flush=True))
-        self.train_set = {normalise(t) for t in train.texts}
-        self.ar_scores, self.distinct, self.repeat_share, self.normalise = ar_scores, distinct, repeat_share, normalise
-        self.entropy, self.load = unigram_entropy, load_text_model
+        self.text_scores = functools.partial(text_scores, self.judge, self.tokenizer, self.max_length,
+                                             training_texts(self.tokenizer, enc, train.texts))
+        self.load = load_text_model
         self.n, self.seed = args.num_samples, args.seed
         pick = torch.randperm(len(held.texts), generator=torch.Generator().manual_seed(args.seed))[: self.n]
         self.references = {"held-out human descriptions, as many as a row": self._row([held.texts[i] for i in pick])}
 
     def _row(self, texts):
-        return {"perplexity": round(self.ar_scores(self.judge, self.tokenizer, [t if t.strip() else "." for t in texts],
-                                                   self.max_length)["perplexity"], 3),
-                "distinct_2": round(self.distinct(texts, 2), 4), "entropy": round(self.entropy(texts), 3),
-                "repeats": round(self.repeat_share(texts), 4),
-                "copies": round(sum(self.normalise(t) in self.train_set for t in texts) / len(texts), 4)}
+        return {key: round(value, 4) for key, value in self.text_scores(texts).items()}
 
     def score(self, checkpoint, sampler, steps):
         from text_quality import diffusion_samples

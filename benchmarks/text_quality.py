@@ -214,6 +214,13 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def training_texts(tokenizer, encoded, texts: list[str]) -> set[str]:
+    """The training texts, normalised, as written and as the tokenizer gives them back (rare words
+    as [UNK], long texts truncated): a sample equal to either is a copy of a training text."""
+    decoded = {normalise(tokenizer.decode(row[: int(n)].tolist())) for row, n in zip(encoded.ids, encoded.lengths)}
+    return decoded | {normalise(t) for t in texts}
+
+
 def repeat_share(texts: list[str]) -> float:
     """The share of texts with the same word twice in a row ("Italian Italian")."""
     return sum(any(a == b for a, b in zip(t.split(), t.split()[1:])) for t in texts) / max(1, len(texts))
@@ -446,8 +453,7 @@ def main(argv=None) -> int:
     log(f"AR {ar_params / 1e6:.2f}M parameters; held-out human perplexity {human['perplexity']:.2f} "
         f"(training texts {train_fit['perplexity']:.2f})")
 
-    train_set = {normalise(tok.decode(row[: int(n)].tolist())) for row, n in zip(enc.ids, enc.lengths)}
-    train_set |= {normalise(t) for t in train.texts}
+    train_set = training_texts(tok, enc, train.texts)
 
     def quality(texts):
         return {"perplexity": ar_scores(ar, tok, texts, model.max_length)["perplexity"],

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -71,12 +72,24 @@ from text_quality import (  # noqa: E402
     judge,
     normalise,
     repeat_share,
+    training_texts,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MASKED = DEFAULT_CHECKPOINT
 DEFAULT_EMBEDDING = EMBEDDING_CHECKPOINT
 DEFAULT_DISTILLED = ROOT / "modalities" / "text" / "checkpoints" / "e2e-5step"
+
+
+def text_scores(judge_model, tokenizer, max_length: int, train_set: set[str], texts: list[str]) -> dict[str, float]:
+    """What a row of texts is scored by: the judge's perplexity (an empty text read as "."),
+    distinct-2, unigram entropy, the share of copies of ``train_set`` (:func:`training_texts`),
+    of adjacent repeated words and of distinct outputs."""
+    return {"perplexity": ar_scores(judge_model, tokenizer, [t if t.strip() else "." for t in texts],
+                                    max_length)["perplexity"],
+            "distinct_2": distinct(texts, 2), "entropy": unigram_entropy(texts),
+            "copies": sum(normalise(t) in train_set for t in texts) / len(texts),
+            "repeats": repeat_share(texts), "distinct_outputs": len({normalise(t) for t in texts}) / len(texts)}
 
 
 def unigram_entropy(texts: list[str]) -> float:
@@ -189,14 +202,8 @@ def main(argv=None) -> int:
                        for c, n in ((train, 64), (held, 16)))
     enc = tok.encode(train.texts, max_length, warn=False)
     ar, ar_train_s = judge(tok, enc, max_length, args.ar_steps, args.seed, args.ar_cache, log)
-    train_set = {normalise(tok.decode(row[: int(n)].tolist())) for row, n in zip(enc.ids, enc.lengths)}
-    train_set |= {normalise(t) for t in train.texts}
-
-    def quality(texts):
-        return {"perplexity": ar_scores(ar, tok, [t if t.strip() else "." for t in texts], max_length)["perplexity"],
-                "distinct_2": distinct(texts, 2), "entropy": unigram_entropy(texts),
-                "copies": sum(normalise(t) in train_set for t in texts) / len(texts),
-                "repeats": repeat_share(texts), "distinct_outputs": len({normalise(t) for t in texts}) / len(texts)}
+    train_set = training_texts(tok, enc, train.texts)
+    quality = functools.partial(text_scores, ar, tok, max_length, train_set)
 
     human_texts = [held.texts[i] for i in torch.randperm(len(held.texts), generator=seeded_generator(args.seed))
                    [: args.samples].tolist()]
